@@ -1,0 +1,31 @@
+# minillm — `make demo` runs the whole pipeline on the bundled sample world on CPU;
+# `make test` runs the test suite. Both create .venv on first use.
+PY      ?= python3
+VENV    ?= .venv
+# The CPU build of torch. GPU users: install the CUDA build of torch into $(VENV) first
+# (see README); pip then keeps it, because the project only asks for torch>=2.4.
+TORCH   ?= torch==2.13.0
+BIN      = $(VENV)/bin
+RUN     ?= runs/demo
+DATA    ?= data/sample
+
+.PHONY: setup test demo bench clean
+setup: $(VENV)/.installed
+$(VENV)/.installed: setup.cfg
+	$(PY) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/python -c "import torch" 2>/dev/null || $(BIN)/pip install -q "$(TORCH)"
+	$(BIN)/pip install -q -e ".[test,eval]"
+	touch $@
+
+test: setup
+	$(BIN)/python -m pytest -q tests
+
+demo: setup
+	bash scripts/demo.sh $(BIN)/python $(DATA) $(RUN)
+
+bench: setup
+	$(BIN)/python bench/bench_train_step.py --preset small --seq-len 512 --batch-size 2
+
+clean:
+	rm -rf $(RUN) $(DATA)

@@ -1,0 +1,116 @@
+"""Training-step benchmark: minillm vs Hugging Face transformers' LlamaForCausalLM, same config, same run.
+
+Reports tokens/s, MFU (6N + attention FLOPs per token over the device's peak) and peak memory of
+one optimizer step (forward + backward + AdamW) on random tokens. Each implementation runs in its
+own subprocess so peak memory (CPU: the process's resident high-water mark) is not shared.
+
+    python bench/bench_train_step.py --preset small --seq-len 512 --batch-size 2          # CPU, fp32
+    python bench/bench_train_step.py --preset 1b --seq-len 4096 --batch-size 1 --dtype bf16  # one GPU
+    python bench/bench_train_step.py --preset tiny --vocab-size 128256 --seq-len 1024 --batch-size 2
+Needs `transformers` (the test extra) for the peer column; `--only minillm` skips it.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import time
+
+
+def run_one(impl: str, args) -> dict:
+    import torch
+
+    from minillm.losses import cross_entropy_sum
+    from minillm.model import Llama, LlamaConfig, flops_per_token
+    from minillm.training import peak_flops, peak_memory_gb
+
+    torch.manual_seed(0)
+    device = torch.device(args.device)
+    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[args.dtype]
+    overrides = {"max_seq_len": max(args.seq_len, 256)}
+    if args.vocab_size:
+        overrides["vocab_size"] = args.vocab_size
+    config = LlamaConfig.from_preset(args.preset, **overrides)
+    if impl == "minillm":
+        model = Llama(config).to(device=device, dtype=dtype)
+        model.activation_checkpointing = args.activation_checkpointing
+
+        def loss_fn(ids, labels):
+            total, n = cross_entropy_sum(model.hidden_states(ids), model.output.weight, labels)
+            return total / n
+    else:
+        from transformers import LlamaConfig as HFConfig
+        from transformers import LlamaForCausalLM
+        hf = HFConfig(vocab_size=config.vocab_size, hidden_size=config.dim, intermediate_size=config.hidden_dim,
+                      num_hidden_layers=config.n_layers, num_attention_heads=config.n_heads,
+                      num_key_value_heads=config.n_kv_heads, max_position_embeddings=config.max_seq_len,
+                      rms_norm_eps=config.norm_eps, rope_theta=config.rope_theta, tie_word_embeddings=False)
+        model = LlamaForCausalLM(hf).to(device=device, dtype=dtype)
+        if args.activation_checkpointing:
+            model.gradient_checkpointing_enable()
+        model.config.use_cache = False
+
+        def loss_fn(ids, labels):
+            # transformers shifts labels itself; hand it the unshifted ids as labels.
+            return model(input_ids=ids, labels=ids).loss
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=device.type == "cuda")
+    ids = torch.randint(0, config.vocab_size, (args.batch_size, args.seq_len), device=device)
+    labels = torch.cat([ids[:, 1:], torch.full_like(ids[:, :1], -100)], dim=1)
+    times = []
+    for i in range(args.warmup + args.steps):
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        loss = loss_fn(ids, labels)
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        if i >= args.warmup:
+            times.append(time.perf_counter() - t0)
+    dt = sorted(times)[len(times) // 2]
+    tokens = args.batch_size * args.seq_len
+    return {"impl": impl, "tok_s": tokens / dt, "step_s": dt,
+            "mfu": flops_per_token(config, args.seq_len) * tokens / dt / peak_flops(device),
+            "peak_mem_gb": peak_memory_gb(device), "loss": float(loss)}
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--preset", default="small")
+    p.add_argument("--vocab-size", type=int, default=0)
+    p.add_argument("--seq-len", type=int, default=512)
+    p.add_argument("--batch-size", type=int, default=2)
+    p.add_argument("--steps", type=int, default=5)
+    p.add_argument("--warmup", type=int, default=2)
+    p.add_argument("--dtype", default="fp32", choices=["fp32", "bf16"])
+    p.add_argument("--device", default="cuda" if __import__("torch").cuda.is_available() else "cpu")
+    p.add_argument("--activation-checkpointing", action="store_true")
+    p.add_argument("--only", choices=["minillm", "transformers"])
+    p.add_argument("--child", help=argparse.SUPPRESS)
+    args = p.parse_args()
+    if args.child:
+        print(json.dumps(run_one(args.child, args)))
+        return
+    impls = [args.only] if args.only else ["minillm", "transformers"]
+    rows = []
+    for impl in impls:
+        out = subprocess.run([sys.executable, *sys.argv, "--child", impl], capture_output=True, text=True)
+        if out.returncode:
+            print(f"{impl} failed:\n{out.stderr[-2000:]}", file=sys.stderr)
+            continue
+        rows.append(json.loads(out.stdout.strip().splitlines()[-1]))
+    print(f"preset={args.preset} vocab={args.vocab_size or 'preset'} seq={args.seq_len} batch={args.batch_size} "
+          f"dtype={args.dtype} device={args.device} steps={args.steps} (median step)")
+    print(f"| impl | tok/s | step s | MFU | peak mem GB |\n|---|---|---|---|---|")
+    for r in rows:
+        print(f"| {r['impl']} | {r['tok_s']:.0f} | {r['step_s']:.3f} | {100 * r['mfu']:.1f}% | {r['peak_mem_gb']:.2f} |")
+    if len(rows) == 2:
+        print(f"ratio minillm/transformers: tok/s {rows[0]['tok_s'] / rows[1]['tok_s']:.2f}x, "
+              f"peak memory {rows[0]['peak_mem_gb'] / rows[1]['peak_mem_gb']:.2f}x")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,408 @@
+"""Evaluate a model on a battery of local task files; write results JSON, predictions and a Markdown table.
+
+Task files (`<name>.task.json`, schemas in docs/evaluation.md) name a task type: perplexity,
+multiple_choice, qa, translation, gec or safety. Nothing is downloaded: benchmark data is read from disk.
+
+    python evaluate.py --model runs/demo/sft/model --tasks data/sample/eval/*.task.json --prompt-format chat
+    python evaluate.py --model llama-2-7b-hf --tasks data/sample/eval --prompt-format raw --batch-size 16
+    python evaluate.py --config configs/eval.json --max-new-tokens 64
+    python evaluate.py --compare results/base/results.json results/sft/results.json
+
+Options come from the EvalConfig defaults below, then `--config FILE.json`, then `--name value` flags
+(`--tasks` and `--compare` take several values). For each task every prompt template is scored; with
+several templates the table also gives best / median / worst, and when the task has dev_data the template
+that scores best on dev is the one reported (LLAMMAS section 5.6); otherwise the task's first template is.
+
+Output in --out: results.json (rewritten atomically after every task, so a crash loses nothing already
+done; a task that fails is logged and recorded as an error entry), predictions/<task>.jsonl (one line per
+example and template) and results.md (the table also printed at the end).
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import statistics
+import sys
+import time
+import traceback
+import typing
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import minillm
+from minillm.tasks import TASK_TYPES
+from minillm.tasks.common import EvalContext, load_task
+
+
+@dataclass
+class EvalConfig:
+    # what to evaluate
+    model: str = ""  # Hugging Face layout directory (a minillm export or any HF Llama checkpoint)
+    tokenizer: str = ""  # directory with tokenizer.model; '' = the model directory
+    tasks: list[str] = field(default_factory=lambda: ["data/sample/eval"])  # task files or directories of them
+    # how to prompt
+    prompt_format: str = "raw"  # 'chat' (the tokenizer's chat template), 'alpaca', or 'raw' for base models
+    system_prompt: str = ""  # chat format only: a system turn before every prompt
+    few_shot: int = -1  # demonstrations per prompt; -1 = each task file's own "few_shot"
+    mc_mode: str = ""  # multiple choice: 'loglik' or 'generate'; '' = each task file's "mode" (default loglik)
+    limit: int = 0  # score only the first N records of each split (0 = all): for quick checks
+    # generation (greedy by default; LLAMMAS samples with temperature 0.6, top_p 0.9, repetition_penalty 1.2)
+    max_new_tokens: int = 128
+    temperature: float = 0.0
+    top_k: int = 0
+    top_p: float = 1.0
+    repetition_penalty: float = 1.0
+    seed: int = 0
+    # hardware
+    batch_size: int = 8
+    device: str = "auto"  # auto = cuda when available, else cpu
+    dtype: str = "auto"  # auto = bfloat16 on GPUs that support it, float32 otherwise; or float32/bfloat16/float16
+    # output
+    out: str = "results"
+    progress: bool = True  # a tqdm bar per task
+    compare: list[str] = field(default_factory=list)  # two results.json files: print them side by side and exit
+
+
+LIST_OPTIONS = {"tasks", "compare"}
+
+
+# ----------------------------------------------------------------------------- options
+
+def parse_options(argv=None) -> EvalConfig:
+    """Defaults, then `--config file.json`, then flags. Names may use dashes or underscores; list
+    options take every value up to the next flag (so a shell glob works); unknown names are errors."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    types = typing.get_type_hints(EvalConfig)
+    names = {f.name for f in dataclasses.fields(EvalConfig)}
+    if "-h" in argv or "--help" in argv:
+        print(__doc__)
+        print("options (defaults shown):")
+        for f in dataclasses.fields(EvalConfig):
+            default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+            print(f"  --{f.name.replace('_', '-'):22s} {default!r}")
+        print("  --config FILE.json       options as a JSON object (flags override it)")
+        sys.exit(0)
+    pairs: list[tuple[str, list[str]]] = []
+    for arg in argv:
+        if arg.startswith("--"):
+            key, eq, value = arg[2:].partition("=")
+            pairs.append((key.replace("-", "_"), [value] if eq else []))
+        elif pairs:
+            pairs[-1][1].append(arg)
+        else:
+            raise SystemExit(f"error: unexpected argument {arg!r} (options look like --name value)")
+    values: dict = {}
+    for key, vals in pairs:  # the config file first, so that flags override it
+        if key != "config":
+            continue
+        if len(vals) != 1:
+            raise SystemExit("error: --config takes one file")
+        try:
+            file_values = json.loads(Path(vals[0]).read_text(encoding="utf-8"))
+        except (OSError, json.JSONDecodeError) as e:
+            raise SystemExit(f"error: {vals[0]}: cannot read config file: {e}")
+        if not isinstance(file_values, dict):
+            raise SystemExit(f"error: {vals[0]}: a config file must be a JSON object")
+        for k, v in file_values.items():
+            k = k.replace("-", "_")
+            if k not in names:
+                raise SystemExit(f"error: {vals[0]}: unknown option {k!r}")
+            if k in LIST_OPTIONS and isinstance(v, str):
+                v = [v]
+            values[k] = v
+    for key, vals in pairs:
+        if key == "config":
+            continue
+        if key not in names:
+            raise SystemExit(f"error: unknown option --{key.replace('_', '-')}; see --help")
+        if key in LIST_OPTIONS:
+            values[key] = vals
+        elif types[key] is bool and not vals:
+            values[key] = True
+        elif len(vals) != 1:
+            raise SystemExit(f"error: option --{key.replace('_', '-')} takes one value, got {len(vals)}")
+        else:
+            values[key] = _coerce(vals[0], types[key], key)
+    cfg = EvalConfig(**values)
+    check_options(cfg)
+    return cfg
+
+
+def _coerce(text: str, typ, key: str):
+    try:
+        if typ is bool:
+            if text.lower() in ("1", "true", "yes"):
+                return True
+            if text.lower() in ("0", "false", "no"):
+                return False
+            raise ValueError(text)
+        return typ(text)
+    except ValueError:
+        raise SystemExit(f"error: option --{key.replace('_', '-')}: cannot read {text!r} as {typ.__name__}")
+
+
+def check_options(cfg: EvalConfig):
+    if cfg.compare:
+        if len(cfg.compare) != 2:
+            raise SystemExit(f"error: --compare takes two results files, got {len(cfg.compare)}")
+        return
+    if not cfg.model:
+        raise SystemExit("error: --model is required (a Hugging Face layout directory)")
+    if cfg.prompt_format not in ("chat", "alpaca", "raw"):
+        raise SystemExit(f"error: --prompt-format must be chat, alpaca or raw, got {cfg.prompt_format!r}")
+    if cfg.mc_mode not in ("", "loglik", "generate"):
+        raise SystemExit(f"error: --mc-mode must be loglik or generate, got {cfg.mc_mode!r}")
+    if cfg.batch_size < 1 or cfg.max_new_tokens < 1:
+        raise SystemExit("error: --batch-size and --max-new-tokens must be at least 1")
+    if not cfg.tasks:
+        raise SystemExit("error: --tasks needs at least one task file or directory")
+
+
+def task_files(paths: list[str]) -> list[Path]:
+    """Task files named directly, plus every *.task.json inside named directories (sorted)."""
+    files = []
+    for p in map(Path, paths):
+        if p.is_dir():
+            found = sorted(p.glob("*.task.json"))
+            if not found:
+                raise SystemExit(f"error: {p}: no *.task.json files in this directory")
+            files += found
+        elif p.exists():
+            files.append(p)
+        else:
+            raise SystemExit(f"error: {p}: no such task file")
+    return files
+
+
+# ----------------------------------------------------------------------------- one task
+
+def metric_entries(metrics: dict, n_default: int) -> dict[str, dict]:
+    """{"name": value-or-dict} from a task module -> {"name": {"value", "n", ...extras}}."""
+    out = {}
+    for name, m in metrics.items():
+        entry = dict(m) if isinstance(m, dict) else {"value": m}
+        entry.setdefault("n", n_default)
+        value = entry["value"]
+        entry["value"] = None if value is None or (isinstance(value, float) and math.isnan(value)) else float(value)
+        out[name] = entry
+    return out
+
+
+def direction(module, metric: str) -> bool | None:
+    """True if higher is better, False if lower is, None if neither (verbosity)."""
+    return module.HIGHER_IS_BETTER.get(metric.split("[")[0])
+
+
+def pick_best(values: list[float | None], higher: bool) -> int:
+    """Index of the best value (the first on ties); None values never win unless all are None."""
+    candidates = [i for i, v in enumerate(values) if v is not None]
+    if not candidates:
+        return 0
+    return (max if higher else min)(candidates, key=lambda i: (values[i], -i) if higher else (values[i], i))
+
+
+def evaluate_task(ctx: EvalContext, spec: dict) -> tuple[list[dict], list[dict]]:
+    """Score every template of a task on its test data (and pick the reported one on dev data).
+    Returns (result rows, predictions)."""
+    module = TASK_TYPES[spec["type"]]
+    templates, name = spec["templates"], spec["name"]
+    tnames = [f"t{i}" for i in range(len(templates))]
+    per_template, predictions = [], []
+    for i, template in enumerate(templates):
+        metrics, preds = module.run(ctx, spec, template, "", f"{name} {tnames[i]}")
+        per_template.append(metric_entries(metrics, len(spec["records"])))
+        predictions += [{"task": name, "template": tnames[i], **p} for p in preds]
+
+    selected, dev_values = 0, None
+    if len(templates) > 1 and spec.get("dev_records"):
+        dev_values = []
+        for i, template in enumerate(templates):
+            metrics = metric_entries(module.run(ctx, spec, template, "dev_", f"{name} {tnames[i]} (dev)")[0], 0)
+            dev_values.append(metrics.get(module.PRIMARY, {}).get("value"))
+        selected = pick_best(dev_values, direction(module, module.PRIMARY) is not False)
+
+    base = {"task": name, "type": spec["type"], "language": spec.get("language")}
+    rows = []
+    for i, metrics in enumerate(per_template):
+        for metric, entry in metrics.items():
+            row = {**base, "metric": metric, **entry, "template": tnames[i], "headline": i == selected}
+            if i == selected and dev_values is not None:
+                row["selected_on"] = "dev"
+                if metric == module.PRIMARY:  # the dev scores the choice was made on
+                    row["dev_values"] = dict(zip(tnames, dev_values))
+            rows.append(row)
+    if len(templates) > 1:  # prompt robustness: the spread over templates
+        for metric in per_template[0]:
+            values = [m.get(metric, {}).get("value") for m in per_template]
+            present = [v for v in values if v is not None]
+            if not present:
+                continue
+            n = per_template[0][metric]["n"]
+            rows.append({**base, "metric": metric, "value": statistics.median(present), "n": n,
+                         "template": "median", "headline": False})
+            higher = direction(module, metric)
+            if higher is not None:
+                for label, best in (("best", higher), ("worst", not higher)):
+                    i = pick_best(values, best)
+                    rows.append({**base, "metric": metric, "value": values[i], "n": n, "template": label,
+                                 "of_template": tnames[i], "headline": False})
+    return rows, predictions
+
+
+# ----------------------------------------------------------------------------- output
+
+def write_atomic(path: Path, text: str):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "w", encoding="utf-8") as f:
+        f.write(text)
+    os.replace(tmp, path)
+
+
+def format_value(value) -> str:
+    if value is None:
+        return "-"
+    return f"{value:.4f}" if abs(value) < 10 else f"{value:.2f}"
+
+
+# Left out of the printed table to keep it short (results.json has them): mean lengths are shown.
+TABLE_SKIPS = ("median_tokens", "median_words")
+
+
+def markdown_table(results: dict) -> str:
+    """One line per task and metric: the reported (headline) value and, with several templates,
+    best / median / worst over templates. Failed tasks get an ERROR line."""
+    rows = results["results"]
+    spread = {(r["task"], r["metric"], r["template"]): r for r in rows if r.get("template") in ("best", "median", "worst")}
+    lines = ["| task | metric | value | n | template | best | median | worst |",
+             "|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        if "error" in r:
+            lines.append(f"| {r['task']} | ERROR | {r['error'].splitlines()[0][:100]} | | | | | |")
+            continue
+        if not r.get("headline") or r["metric"] in TABLE_SKIPS:
+            continue
+        template = r["template"] + (" (dev)" if r.get("selected_on") == "dev" else "")
+        cells = [format_value(spread[(r["task"], r["metric"], k)]["value"]) if (r["task"], r["metric"], k) in spread
+                 else "" for k in ("best", "median", "worst")]
+        lines.append(f"| {r['task']} | {r['metric']} | {format_value(r['value'])} | {r['n']} | {template} | "
+                     + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def compare_table(a: dict, b: dict, name_a: str, name_b: str) -> str:
+    """Headline values of two runs side by side, with the difference B - A."""
+    def headline(results):
+        out = {}
+        for r in results["results"]:
+            if "error" in r:
+                out[(r["task"], "ERROR")] = None
+            elif r.get("headline"):
+                out[(r["task"], r["metric"])] = r["value"]
+        return out
+    ha, hb = headline(a), headline(b)
+    keys = list(ha) + [k for k in hb if k not in ha]
+    lines = [f"A = {name_a} ({a.get('model', '?')})", f"B = {name_b} ({b.get('model', '?')})", "",
+             "| task | metric | A | B | B - A |", "|---|---|---|---|---|"]
+    for key in keys:
+        va, vb = ha.get(key), hb.get(key)
+        delta = f"{vb - va:+.4f}" if va is not None and vb is not None else ""
+        lines.append(f"| {key[0]} | {key[1]} | {format_value(va) if key in ha else 'missing'} | "
+                     f"{format_value(vb) if key in hb else 'missing'} | {delta} |")
+    return "\n".join(lines) + "\n"
+
+
+def read_results(path: str) -> dict:
+    try:
+        results = json.loads(Path(path).read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError) as e:
+        raise SystemExit(f"error: {path}: cannot read results file: {e}")
+    if not isinstance(results, dict) or not isinstance(results.get("results"), list):
+        raise SystemExit(f"error: {path}: not a results file written by evaluate.py (no 'results' list)")
+    return results
+
+
+# ----------------------------------------------------------------------------- main
+
+def load_model(cfg: EvalConfig):
+    import torch
+
+    from minillm.model import Llama
+    from minillm.tokenizer import Tokenizer, check_vocab_fits
+    device = torch.device(cfg.device if cfg.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu"))
+    if cfg.dtype == "auto":
+        bf16 = device.type == "cuda" and torch.cuda.is_bf16_supported()
+        dtype = torch.bfloat16 if bf16 else torch.float32
+    else:
+        dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}.get(cfg.dtype)
+        if dtype is None:
+            raise SystemExit(f"error: --dtype must be auto, float32, bfloat16 or float16, got {cfg.dtype!r}")
+    tokenizer = Tokenizer.from_pretrained(cfg.tokenizer or cfg.model)
+    model = Llama.from_pretrained(cfg.model, dtype=dtype, device=device)
+    check_vocab_fits(tokenizer, model.config.vocab_size)
+    model.eval()
+    return model, tokenizer
+
+
+def run(cfg: EvalConfig) -> dict:
+    """Evaluate every task; returns the results dict (also written to cfg.out)."""
+    # Read and check every task file before loading the model: a typo fails in a second, not an hour in.
+    specs = []
+    for path in task_files(cfg.tasks):
+        try:
+            specs.append(load_task(path, TASK_TYPES, mc_mode=cfg.mc_mode or None, limit=cfg.limit))
+        except ValueError as e:
+            raise SystemExit(f"error: {e}")
+    names = [s["name"] for s in specs]
+    for name in names:
+        if names.count(name) > 1:
+            raise SystemExit(f"error: two task files are named {name!r}: "
+                             + ", ".join(s["spec_path"] for s in specs if s["name"] == name))
+
+    model, tokenizer = load_model(cfg)
+    ctx = EvalContext(model=model, tokenizer=tokenizer, prompt_format=cfg.prompt_format, batch_size=cfg.batch_size,
+                      max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature, top_k=cfg.top_k,
+                      top_p=cfg.top_p, repetition_penalty=cfg.repetition_penalty, seed=cfg.seed,
+                      progress=cfg.progress, few_shot=None if cfg.few_shot < 0 else cfg.few_shot,
+                      system_prompt=cfg.system_prompt or None)
+    out = Path(cfg.out)
+    settings = {k: v for k, v in asdict(cfg).items() if k not in ("compare",)}
+    results = {"model": cfg.model, "minillm_version": minillm.__version__, "settings": settings,
+               "started": time.strftime("%Y-%m-%dT%H:%M:%S"), "results": []}
+    for spec in specs:
+        t0 = time.time()
+        try:
+            rows, predictions = evaluate_task(ctx, spec)
+        except Exception as e:  # one failing task must not cost the others their results
+            message = f"{type(e).__name__}: {e}"
+            print(f"[{spec['name']}] FAILED: {message}", file=sys.stderr)
+            traceback.print_exc()
+            results["results"].append({"task": spec["name"], "type": spec["type"], "error": message})
+        else:
+            results["results"] += rows
+            write_atomic(out / "predictions" / f"{spec['name']}.jsonl",
+                         "".join(json.dumps(p, ensure_ascii=False) + "\n" for p in predictions))
+            head = [r for r in rows if r["headline"]][:2]
+            print(f"[{spec['name']}] " + ", ".join(f"{r['metric']} {format_value(r['value'])}" for r in head)
+                  + f" ({time.time() - t0:.1f}s)", file=sys.stderr)
+        results["finished"] = time.strftime("%Y-%m-%dT%H:%M:%S")
+        write_atomic(out / "results.json", json.dumps(results, ensure_ascii=False, indent=1) + "\n")
+    table = markdown_table(results)
+    write_atomic(out / "results.md", table)
+    print(table)
+    return results
+
+
+def main(argv=None):
+    cfg = parse_options(argv)
+    if cfg.compare:
+        a, b = read_results(cfg.compare[0]), read_results(cfg.compare[1])
+        print(compare_table(a, b, cfg.compare[0], cfg.compare[1]))
+        return None
+    return run(cfg)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,370 @@
+"""Hugging Face checkpoint interop: read and write the `transformers` Llama directory layout.
+
+A Hugging Face Llama directory holds `config.json`, the weights as `model.safetensors` (or shards
+`model-00001-of-0000N.safetensors` listed in `model.safetensors.index.json`) and
+`generation_config.json`. This module maps both the config and the parameter names between that
+layout and minillm's (llama2.c-style names, see minillm/model.py).
+
+No q/k permutation happens here. Meta's original checkpoints rotate *interleaved* pairs of head
+dims (x0,x1), (x2,x3), ...; when Hugging Face converted them it permuted the rows of wq/wk once so
+that its "rotate half" code (pairs (x_i, x_{i+d/2})) computes the same attention. minillm's
+rotary uses that same rotate-half layout, so HF q_proj/k_proj weights are copied as they are, in
+both directions. (Loading Meta's original `consolidated.*.pth` files would need the permutation;
+those are pickles, which minillm never reads.)
+
+Loading is streamed: the model is built on the meta device (no memory, no random init), then
+storage for it is allocated once and every tensor is copied from the memory-mapped safetensors
+files one at a time, so peak RAM is about one model plus one tensor.
+
+Public API: load_pretrained(path, dtype=None, device='cpu') and save_pretrained(model, path, ...);
+`Llama.from_pretrained` / `model.save_pretrained` delegate here.
+"""
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
+
+from minillm.model import Llama, LlamaConfig, rope_inv_freq
+
+SINGLE_FILE = "model.safetensors"
+INDEX_FILE = "model.safetensors.index.json"
+
+# ----------------------------------------------------------------------------- parameter names
+
+# minillm name -> Hugging Face name. Per-layer entries are relative to `layers.{i}.` /
+# `model.layers.{i}.`. HF's gate_proj/up_proj/down_proj are llama2.c's w1/w3/w2.
+GLOBAL_NAMES = {
+    "tok_embeddings.weight": "model.embed_tokens.weight",
+    "norm.weight": "model.norm.weight",
+    "output.weight": "lm_head.weight",
+}
+LAYER_NAMES = {
+    "attention.wq.weight": "self_attn.q_proj.weight",
+    "attention.wk.weight": "self_attn.k_proj.weight",
+    "attention.wv.weight": "self_attn.v_proj.weight",
+    "attention.wo.weight": "self_attn.o_proj.weight",
+    "feed_forward.w1.weight": "mlp.gate_proj.weight",
+    "feed_forward.w2.weight": "mlp.down_proj.weight",
+    "feed_forward.w3.weight": "mlp.up_proj.weight",
+    "attention_norm.weight": "input_layernorm.weight",
+    "ffn_norm.weight": "post_attention_layernorm.weight",
+}
+# Tensors some HF checkpoints carry that are not weights (old conversions stored the rotary table).
+IGNORED_HF_NAMES = re.compile(r"model\.layers\.\d+\.self_attn\.rotary_emb\.inv_freq")
+
+
+def to_hf_name(name: str) -> str:
+    if name in GLOBAL_NAMES:
+        return GLOBAL_NAMES[name]
+    m = re.fullmatch(r"layers\.(\d+)\.(.+)", name)
+    if m and m.group(2) in LAYER_NAMES:
+        return f"model.layers.{m.group(1)}.{LAYER_NAMES[m.group(2)]}"
+    raise KeyError(f"no Hugging Face name for minillm parameter {name!r}")
+
+
+# ----------------------------------------------------------------------------- config
+
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16,
+          "fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+def _first(x):
+    """HF allows a list of eos ids (Llama-3 instruct); minillm keeps one, the first."""
+    return x[0] if isinstance(x, list) and x else x
+
+
+def config_from_hf(hf: dict, source: str = "config.json") -> LlamaConfig:
+    """LlamaConfig from a Hugging Face config.json dict; unsupported architectures are an error."""
+    if hf.get("model_type", "llama") != "llama":
+        raise ValueError(f"{source}: model_type {hf.get('model_type')!r} is not a Llama model")
+    for key, ok in (("hidden_act", "silu"), ("attention_bias", False), ("mlp_bias", False)):
+        if hf.get(key, ok) != ok:
+            raise ValueError(f"{source}: {key}={hf[key]!r} is not supported (minillm needs {ok!r})")
+    for key in ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads", "vocab_size"):
+        if key not in hf:
+            raise ValueError(f"{source}: missing field {key!r}")
+    n_heads = hf["num_attention_heads"]
+    if hf.get("head_dim") not in (None, hf["hidden_size"] // n_heads):
+        raise ValueError(f"{source}: head_dim={hf['head_dim']} != hidden_size/num_attention_heads is not supported")
+    # transformers >= 5 nests rope_theta and the scaling dict in "rope_parameters"; older configs
+    # (and every Hub Llama) have top-level "rope_theta" and "rope_scaling".
+    rope = dict(hf.get("rope_parameters") or {})
+    rope_theta = rope.pop("rope_theta", hf.get("rope_theta", 10000.0))
+    scaling = hf.get("rope_scaling") or (rope if rope.get("rope_type", "default") != "default" else None)
+    if scaling and scaling.get("rope_type", scaling.get("type")) not in ("llama3", "default"):
+        raise ValueError(f"{source}: rope_scaling {scaling!r} is not supported (only 'llama3')")
+    return LlamaConfig(
+        vocab_size=hf["vocab_size"],
+        dim=hf["hidden_size"],
+        n_layers=hf["num_hidden_layers"],
+        n_heads=n_heads,
+        n_kv_heads=hf.get("num_key_value_heads") or n_heads,
+        hidden_dim=hf["intermediate_size"],
+        norm_eps=hf.get("rms_norm_eps", 1e-6),
+        rope_theta=float(rope_theta),
+        rope_scaling=dict(scaling) if scaling else None,
+        max_seq_len=hf.get("max_position_embeddings", 2048),
+        tie_embeddings=bool(hf.get("tie_word_embeddings", False)),  # LlamaConfig's default is untied
+        bos_id=_first(hf.get("bos_token_id", 1)),
+        eos_id=_first(hf.get("eos_token_id", 2)),
+        pad_id=_first(hf.get("pad_token_id")),
+    )
+
+
+def config_to_hf(config: LlamaConfig, dtype: torch.dtype) -> dict:
+    """config.json content. Written in the classic layout (top-level rope_theta / rope_scaling)
+    that every transformers version, vLLM and llama.cpp's converter read."""
+    return {
+        "architectures": ["LlamaForCausalLM"],
+        "model_type": "llama",
+        "vocab_size": config.vocab_size,
+        "hidden_size": config.dim,
+        "intermediate_size": config.hidden_dim,
+        "num_hidden_layers": config.n_layers,
+        "num_attention_heads": config.n_heads,
+        "num_key_value_heads": config.n_kv_heads,
+        "head_dim": config.head_dim,
+        "hidden_act": "silu",
+        "rms_norm_eps": config.norm_eps,
+        "rope_theta": config.rope_theta,
+        "rope_scaling": config.rope_scaling,
+        "max_position_embeddings": config.max_seq_len,
+        "tie_word_embeddings": config.tie_embeddings,
+        "attention_bias": False,
+        "mlp_bias": False,
+        "bos_token_id": config.bos_id,
+        "eos_token_id": config.eos_id,
+        "pad_token_id": config.pad_id,
+        "torch_dtype": str(dtype).removeprefix("torch."),
+        "use_cache": True,
+    }
+
+
+def generation_config(config: LlamaConfig) -> dict:
+    gen = {"bos_token_id": config.bos_id, "eos_token_id": config.eos_id}
+    if config.pad_id is not None:
+        gen["pad_token_id"] = config.pad_id
+    return gen
+
+
+def _resolve_dtype(dtype, hf: dict | None = None):
+    """None -> float32 (safe to train); 'auto' -> the dtype config.json records; names or torch dtypes."""
+    if dtype is None:
+        return torch.float32
+    if dtype == "auto":
+        dtype = (hf or {}).get("torch_dtype") or (hf or {}).get("dtype") or "float32"
+    if isinstance(dtype, str):
+        if dtype not in DTYPES:
+            raise ValueError(f"dtype {dtype!r} not supported; use one of {', '.join(DTYPES)}")
+        return DTYPES[dtype]
+    if dtype not in (torch.float32, torch.float16, torch.bfloat16):
+        raise ValueError(f"dtype {dtype} not supported; use float32, float16 or bfloat16")
+    return dtype
+
+
+# ----------------------------------------------------------------------------- loading
+
+def _weight_files(path: Path) -> dict[str, Path]:
+    """HF tensor name -> the safetensors file holding it (single file, or via the shard index)."""
+    if (path / SINGLE_FILE).is_file():  # transformers also prefers the single file
+        return {name: path / SINGLE_FILE for name in _keys(path / SINGLE_FILE)}
+    if (path / INDEX_FILE).is_file():
+        try:
+            weight_map = json.loads((path / INDEX_FILE).read_text())["weight_map"]
+        except (json.JSONDecodeError, KeyError, TypeError) as e:
+            raise ValueError(f"{path / INDEX_FILE}: not a valid safetensors index ({e})") from None
+        files = {name: path / shard for name, shard in weight_map.items()}
+        for shard in sorted(set(files.values())):
+            if not shard.is_file():
+                raise FileNotFoundError(f"{shard}: shard listed in {INDEX_FILE} is missing")
+        return files
+    if any(path.glob("pytorch_model*.bin")) or any(path.glob("*.pth")):
+        raise ValueError(f"{path}: only pickle checkpoints (.bin/.pth) found; minillm never unpickles. "
+                         "Convert to safetensors first, e.g. transformers' "
+                         "AutoModelForCausalLM.from_pretrained(dir).save_pretrained(dir, safe_serialization=True)")
+    raise FileNotFoundError(f"{path}: no {SINGLE_FILE} or {INDEX_FILE}")
+
+
+def _open(file: Path):
+    try:
+        return safe_open(str(file), framework="pt", device="cpu")
+    except (SafetensorError, OSError) as e:  # truncated or corrupted header/data region
+        raise ValueError(f"{file}: unreadable safetensors file (truncated or corrupted?): {e}") from None
+
+
+def _keys(file: Path) -> list[str]:
+    with _open(file) as f:
+        return list(f.keys())
+
+
+def load_pretrained(path, dtype=None, device="cpu") -> Llama:
+    """Load a Hugging Face Llama directory into a minillm Llama.
+
+    dtype: None -> float32 (what training wants), 'auto' -> config.json's torch_dtype, or
+    torch.float32 / torch.bfloat16 / torch.float16 (or their names). Tensors are converted as
+    they are copied, so a bf16 checkpoint loads as fp32 without an intermediate bf16 model.
+    """
+    path = Path(path)
+    config_file = path / "config.json"
+    if not config_file.is_file():
+        raise FileNotFoundError(f"{config_file}: not found (is {path} a Hugging Face model directory?)")
+    try:
+        hf = json.loads(config_file.read_text())
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{config_file}:{e.lineno}: invalid JSON ({e.msg})") from None
+    config = config_from_hf(hf, str(config_file))
+    dtype = _resolve_dtype(dtype, hf)
+    files = _weight_files(path)
+
+    with torch.device("meta"):  # shapes only: no memory, no random init
+        model = Llama(config)
+    model.to(dtype)
+    model.to_empty(device=device)  # uninitialised storage, filled below
+    # to_empty makes a fresh tensor per module, which unties the shared embedding/head parameter.
+    if config.tie_embeddings:
+        model.output.weight = model.tok_embeddings.weight
+    # The rotary frequencies are not in the checkpoint; recompute them (and keep them fp32).
+    model.inv_freq = rope_inv_freq(config).to(device)
+
+    wanted = {}  # HF name -> (minillm name, parameter)
+    for name, param in model.named_parameters():  # named_parameters lists a tied parameter once
+        wanted[to_hf_name(name)] = (name, param)
+    unexpected = [n for n in files if n not in wanted and not IGNORED_HF_NAMES.fullmatch(n)
+                  and not (config.tie_embeddings and n == GLOBAL_NAMES["output.weight"])]
+    if unexpected:
+        raise ValueError(f"{files[unexpected[0]]}: unexpected tensor {unexpected[0]!r} "
+                         f"({len(unexpected)} unexpected in all; is this a plain Llama checkpoint?)")
+    missing = [n for n in wanted if n not in files]
+    if missing:
+        where = path / (INDEX_FILE if (path / INDEX_FILE).is_file() and not (path / SINGLE_FILE).is_file()
+                        else SINGLE_FILE)
+        hint = " (set tie_word_embeddings in config.json if the head shares the embedding)" \
+            if missing[0] == GLOBAL_NAMES["output.weight"] else ""
+        raise ValueError(f"{where}: missing tensor {missing[0]!r}{hint}")
+
+    by_file: dict[Path, list[str]] = {}
+    for hf_name in wanted:
+        by_file.setdefault(files[hf_name], []).append(hf_name)
+    with torch.no_grad():
+        for file, names in by_file.items():
+            with _open(file) as f:
+                for hf_name in names:
+                    _, param = wanted[hf_name]
+                    try:
+                        tensor = f.get_tensor(hf_name)
+                    except (SafetensorError, OSError) as e:
+                        raise ValueError(f"{file}: cannot read tensor {hf_name!r}: {e}") from None
+                    if tensor.shape != param.shape:
+                        raise ValueError(f"{file}: tensor {hf_name!r} has shape {list(tensor.shape)}, "
+                                         f"config.json implies {list(param.shape)}")
+                    param.copy_(tensor)  # converts dtype and moves to device
+                    del tensor
+    return model
+
+
+# ----------------------------------------------------------------------------- saving
+
+def parse_size(size) -> int:
+    """'5GB' -> 5 * 10**9 bytes (decimal units, as transformers), '2GiB' -> 2 * 2**30, ints pass through."""
+    if isinstance(size, int):
+        return size
+    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMGT]?I?B)\s*", str(size).upper())
+    if not m:
+        raise ValueError(f"max_shard_size {size!r}: expected bytes or a string like '5GB' or '500MB'")
+    unit = m.group(2)
+    base = 1024 if "I" in unit else 1000
+    return int(float(m.group(1)) * base ** "BKMGT".index(unit[0]))
+
+
+def _plan_shards(names_sizes: list[tuple[str, int]], max_bytes: int) -> list[list[str]]:
+    """Greedy, in order: start a new shard when the next tensor would overflow the current one."""
+    shards, current, used = [], [], 0
+    for name, nbytes in names_sizes:
+        if current and used + nbytes > max_bytes:
+            shards.append(current)
+            current, used = [], 0
+        current.append(name)
+        used += nbytes
+    if current:
+        shards.append(current)
+    return shards
+
+
+def _is_weight_file(name: str) -> bool:
+    return name == INDEX_FILE or re.fullmatch(r"model(-\d{5}-of-\d{5})?\.safetensors", name) is not None
+
+
+def save_pretrained(model: Llama, path, dtype=None, max_shard_size="5GB", tokenizer=None):
+    """Write `model` in the Hugging Face layout that transformers.AutoModelForCausalLM loads.
+
+    dtype: None keeps the model's dtype. Weights go into `model.safetensors`, or shards plus
+    `model.safetensors.index.json` when larger than max_shard_size. A tied head is not written
+    (HF re-ties it from tie_word_embeddings). Everything is first written to a temporary
+    directory beside `path`: a new directory appears in one rename; into an existing directory
+    each file is moved with os.replace (other files there, e.g. a tokenizer, are kept; weight
+    files left by an earlier save with a different sharding are deleted afterwards).
+    """
+    path = Path(path)
+    params = dict(model.named_parameters())  # a tied head appears once, as tok_embeddings.weight
+    dtype = _resolve_dtype(dtype) if dtype is not None else next(iter(params.values())).dtype
+    config = model.config
+    hf_names = {to_hf_name(n): p for n, p in params.items()}
+    shards = _plan_shards([(n, p.numel() * dtype.itemsize) for n, p in hf_names.items()],
+                          parse_size(max_shard_size))
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
+    try:
+        weight_map, total = {}, 0
+        for i, names in enumerate(shards):
+            file = SINGLE_FILE if len(shards) == 1 else f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
+            # One shard in memory at a time: converted, contiguous CPU copies.
+            tensors = {n: hf_names[n].detach().to("cpu", dtype).contiguous() for n in names}
+            save_file(tensors, str(tmp / file), metadata={"format": "pt"})
+            for n, t in tensors.items():
+                weight_map[n] = file
+                total += t.numel() * t.element_size()
+            del tensors
+        if len(shards) > 1:
+            _write_json(tmp / INDEX_FILE, {"metadata": {"total_size": total}, "weight_map": weight_map})
+        _write_json(tmp / "config.json", config_to_hf(config, dtype))
+        _write_json(tmp / "generation_config.json", generation_config(config))
+        if tokenizer is not None:
+            tokenizer.save_pretrained(tmp)
+        _move_into(tmp, path)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return path
+
+
+def _write_json(file: Path, obj):
+    file.write_text(json.dumps(obj, indent=2) + "\n")
+
+
+def _move_into(tmp: Path, path: Path):
+    # mkdtemp makes a private (0700) directory and safetensors writes 0600 files; give them the
+    # usual umask-based modes so the checkpoint is as readable as any other file the user writes.
+    umask = os.umask(0)
+    os.umask(umask)
+    tmp.chmod(0o777 & ~umask)
+    for file in tmp.iterdir():
+        file.chmod(0o666 & ~umask)
+    if not path.exists():
+        os.replace(tmp, path)  # the whole directory appears at once
+        return
+    new = sorted(p.name for p in tmp.iterdir())
+    # Weights first, index and config last: a reader never sees an index naming absent shards.
+    order = sorted(new, key=lambda n: (n in (INDEX_FILE, "config.json"), n))
+    for name in order:
+        os.replace(tmp / name, path / name)
+    for stale in path.iterdir():
+        if _is_weight_file(stale.name) and stale.name not in new:
+            stale.unlink()

@@ -1,0 +1,438 @@
+"""The loss math of every stage, written out: per-token log-probs from hidden states (chunked, exact
+gradients), the token-level cross-entropy sum used by pretraining and SFT, and ORPO's odds-ratio loss.
+
+Label convention (the whole package): `labels[..., t]` is the token to predict at position t (the data
+code already shifted input_ids left) and -100 marks positions that are not scored. Nothing here shifts.
+
+Why chunk: at 2K tokens and a 128K vocabulary the logits alone are 1 GB in float32, and autograd keeps
+a few tensors of that size (logits, log-softmax, their gradient). `token_logprobs` computes the logits
+a chunk of tokens at a time, keeps only two floats per token (the target logit's log-prob and the
+log-sum-exp), and recomputes each chunk's softmax in backward -- the scheme of fused
+linear-cross-entropy kernels such as Liger-Kernel's (Hsu et al. 2024, arXiv:2410.10989).
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch.autograd.function import once_differentiable
+
+IGNORE_INDEX = -100
+
+# ----------------------------------------------------------------------------- per-token log-probs
+
+
+def _stat_dtype(dtype: torch.dtype) -> torch.dtype:
+    """float32 for fp32/bf16/fp16 inputs, float64 for float64 ones (gradcheck and oracles use it)."""
+    return torch.promote_types(dtype, torch.float32)
+
+
+def _chunk_logits(hidden, weight, idx, stat):
+    """Logits of the rows `idx`, [len(idx), V] in `stat` dtype. The matmul runs in the input dtype
+    (for bf16: fp32 accumulation inside cuBLAS/oneDNN, output rounded to bf16, exactly what
+    model.output(hidden) gives); every softmax statistic after it is fp32."""
+    return (hidden[idx] @ weight.t()).to(stat)
+
+
+def _softmax_(logits):
+    """Turn a chunk's logits into softmax probabilities IN PLACE and return their logsumexp.
+    (torch.logsumexp / softmax would each allocate another chunk-sized buffer.)"""
+    top = logits.amax(dim=1, keepdim=True)
+    total = logits.sub_(top).exp_().sum(dim=1, keepdim=True)
+    logits.div_(total)
+    return total.log_().add_(top).squeeze(1)
+
+
+def _add_chunk_grads(grad_z, h, weight, idx, grad_hidden, grad_weight):
+    """Given dL/dz for a chunk ([c, V], any float dtype): dL/dh = dL/dz @ W into grad_hidden's rows
+    `idx`, and dL/dW += dL/dz^T h. In bf16 the weight gradient is summed over chunks in bf16, one
+    rounding per chunk, as Liger does: an fp32 buffer would cost 4 more bytes per output weight."""
+    grad_z = grad_z.to(h.dtype)
+    if grad_hidden is not None:
+        grad_hidden[idx] = grad_z @ weight
+    if grad_weight is not None:
+        grad_weight.addmm_(grad_z.t(), h)
+
+
+class _ChunkedTokenLogprobs(torch.autograd.Function):
+    """log p(label_n) = z_n[label_n] - logsumexp(z_n), z_n = W h_n, computed chunk by chunk.
+
+    Only the rows whose label is not -100 are computed at all (SFT masks the prompt, so this also
+    saves work). The forward keeps the logsumexp per token; the backward recomputes each chunk's
+    softmax p_n from it and applies, for g_n = dL/d log p(label_n):
+        dL/dz_n = g_n * (onehot(label_n) - p_n)
+        dL/dh_n = dL/dz_n @ W                  (rows of ignored tokens: exactly 0)
+        dL/dW   = sum_n dL/dz_n^T h_n          (accumulated over chunks)
+    Cost: 4 [c, D] x [D, V] matmuls per chunk against the naive path's 3, for any upstream g.
+    """
+
+    @staticmethod
+    def forward(ctx, hidden, weight, labels, chunk_size):
+        # hidden [N, D], weight [V, D], labels [N]
+        rows = (labels != IGNORE_INDEX).nonzero().squeeze(1)
+        stat = _stat_dtype(hidden.dtype)
+        logps = torch.zeros(labels.shape[0], dtype=stat, device=hidden.device)
+        lse = torch.empty(rows.numel(), dtype=stat, device=hidden.device)
+        for start in range(0, rows.numel(), chunk_size):
+            idx = rows[start:start + chunk_size]
+            logits = _chunk_logits(hidden, weight, idx, stat)
+            target = logits.gather(1, labels[idx].unsqueeze(1)).squeeze(1)
+            lse[start:start + chunk_size] = _softmax_(logits)
+            logps[idx] = target - lse[start:start + chunk_size]
+            del logits
+        ctx.save_for_backward(hidden, weight, labels, rows, lse)
+        ctx.chunk_size = chunk_size
+        return logps
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_logps):
+        hidden, weight, labels, rows, lse = ctx.saved_tensors
+        grad_hidden = torch.zeros_like(hidden) if ctx.needs_input_grad[0] else None
+        grad_weight = torch.zeros_like(weight) if ctx.needs_input_grad[1] else None
+        grad_logps = grad_logps.to(lse.dtype)
+        for start in range(0, rows.numel(), ctx.chunk_size):
+            idx = rows[start:start + ctx.chunk_size]
+            # p = exp(z - logsumexp(z)), recomputed in place, then g * (onehot - p)
+            grad_z = _chunk_logits(hidden, weight, idx, lse.dtype)
+            grad_z.sub_(lse[start:start + ctx.chunk_size].unsqueeze(1)).exp_()
+            grad_z[torch.arange(idx.numel(), device=idx.device), labels[idx]] -= 1.0
+            grad_z.mul_(-grad_logps[idx].unsqueeze(1))
+            _add_chunk_grads(grad_z, hidden[idx], weight, idx, grad_hidden, grad_weight)
+            del grad_z
+        return grad_hidden, grad_weight, None, None
+
+
+class _ChunkedCrossEntropySum(torch.autograd.Function):
+    """sum_n -log p(label_n), with the gradients computed DURING the forward pass.
+
+    A scalar loss has a scalar upstream gradient, so dL/dz_n = p_n - onehot(label_n) is known
+    before backward (scaled by that scalar later): the softmax is used right where it is computed
+    and never recomputed, i.e. 3 matmuls per chunk like the naive path (Liger's
+    LigerFusedLinearCrossEntropyFunction does the same). grad_hidden [N, D] and grad_weight [V, D]
+    are held from forward to backward; with_grads=False (no grad mode, e.g. validation) skips them.
+    """
+
+    @staticmethod
+    def forward(ctx, hidden, weight, labels, chunk_size, with_grads):
+        rows = (labels != IGNORE_INDEX).nonzero().squeeze(1)
+        stat = _stat_dtype(hidden.dtype)
+        total = torch.zeros((), dtype=stat, device=hidden.device)
+        grad_hidden = torch.zeros_like(hidden) if with_grads and ctx.needs_input_grad[0] else None
+        grad_weight = torch.zeros_like(weight) if with_grads and ctx.needs_input_grad[1] else None
+        for start in range(0, rows.numel(), chunk_size):
+            idx = rows[start:start + chunk_size]
+            logits = _chunk_logits(hidden, weight, idx, stat)
+            target = logits.gather(1, labels[idx].unsqueeze(1)).squeeze(1)
+            total += (_softmax_(logits) - target).sum()
+            if grad_hidden is not None or grad_weight is not None:
+                logits[torch.arange(idx.numel(), device=idx.device), labels[idx]] -= 1.0  # p - onehot
+                _add_chunk_grads(logits, hidden[idx], weight, idx, grad_hidden, grad_weight)
+            del logits
+        ctx.grads = (grad_hidden, grad_weight)
+        return total
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_total):
+        if ctx.grads is None:
+            raise RuntimeError("cross_entropy_sum: backward ran twice through the same graph; its "
+                               "gradients are computed in forward and handed out once")
+        grad_hidden, grad_weight = ctx.grads
+        ctx.grads = None
+        scale = grad_total.item()  # a Python float, so bf16 grads are scaled with fp32 precision
+        if scale != 1.0:  # in place: no second [V, D] buffer
+            for g in (grad_hidden, grad_weight):
+                if g is not None:
+                    g.mul_(scale)
+        return grad_hidden, grad_weight, None, None, None
+
+
+def _check_inputs(name, hidden, weight, labels, chunk_size):
+    if hidden.shape[:-1] != labels.shape:
+        raise ValueError(f"{name}: hidden {tuple(hidden.shape)} does not match labels "
+                         f"{tuple(labels.shape)} (want hidden [..., D] and labels [...])")
+    if weight.dim() != 2 or weight.shape[1] != hidden.shape[-1]:
+        raise ValueError(f"{name}: weight {tuple(weight.shape)} is not [vocab, "
+                         f"{hidden.shape[-1]}]")
+    if hidden.dtype != weight.dtype:
+        raise ValueError(f"{name}: hidden is {hidden.dtype} but weight is {weight.dtype}")
+    if chunk_size < 1:
+        raise ValueError(f"{name}: chunk_size must be >= 1, got {chunk_size}")
+    vocab = weight.shape[0]
+    # An out-of-range label would be a silent wrong gather on CPU and a device assert on GPU.
+    bad = (labels != IGNORE_INDEX) & ((labels < 0) | (labels >= vocab))
+    if bad.any():
+        raise ValueError(f"{name}: label {int(labels[bad][0])} is outside the vocabulary "
+                         f"[0, {vocab}) and is not the ignore index {IGNORE_INDEX}")
+
+
+def token_logprobs(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor,
+                   chunk_size: int = 1024) -> torch.Tensor:
+    """Log-probability of each label under the model: log softmax(hidden @ weight^T)[label].
+
+    hidden [..., D] are the final normed hidden states (`model.hidden_states(...)`), weight [V, D] the
+    output matrix (`model.output.weight`), labels [...] long, already shifted, -100 = ignored.
+    Returns float32 [...] (float64 for float64 inputs) with 0 at ignored positions, whose hidden rows
+    get exactly zero gradient.
+
+    The [N, V] logits are never materialised at once: at most `chunk_size` tokens' logits exist at a
+    time, in forward and again (recomputed) in backward; gradients w.r.t. hidden and weight are the
+    exact ones of the naive `F.log_softmax(F.linear(hidden, weight).float(), -1).gather(label)` (up to
+    summation order). Works for fp32 and bf16/fp16 inputs (hidden and weight in the same dtype; the
+    logits come out of the matmul in that dtype, like model.output(hidden), then every softmax
+    statistic is fp32). In bf16 the weight gradient is summed over chunks in bf16, one rounding per
+    chunk, as Liger does; a larger chunk_size means fewer roundings and more memory per chunk
+    (chunk_size x vocab x 4 bytes, about 0.5 GB at 1024 x 128K).
+    """
+    _check_inputs("token_logprobs", hidden, weight, labels, chunk_size)
+    flat = _ChunkedTokenLogprobs.apply(hidden.reshape(-1, hidden.shape[-1]), weight,
+                                       labels.reshape(-1), chunk_size)
+    return flat.view(labels.shape)
+
+
+def cross_entropy_sum(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor,
+                      chunk_size: int = 1024) -> tuple[torch.Tensor, torch.Tensor]:
+    """Summed token negative log-likelihood, sum_t -log p(label_t), and the number of scored tokens.
+
+    Chunked like `token_logprobs`, but faster when only the sum is needed (pretraining, SFT): the
+    loss is a scalar, so the gradients w.r.t. hidden and weight are computed during the forward
+    pass, chunk by chunk, and no softmax is ever recomputed (3 matmuls, like the naive path, against
+    token_logprobs' 4). They are held until backward, which may therefore run only once per graph.
+    Under torch.no_grad() nothing but the loss is computed.
+
+    Returns (loss_sum float32 scalar, n_tokens int64 scalar). Returning the sum, not the mean, is
+    deliberate: the loss of a training step is  sum(NLL over all its tokens) / (its token count),
+    where both run over every micro-batch of the gradient-accumulation window and every rank, so
+    each token weighs the same however the tokens fall into sequences, micro-batches and ranks.
+    Averaging per-sequence or per-micro-batch means instead over-weights short sequences. Pattern:
+        n_global = all-reduce(sum of n_tokens over the window's micro-batches)
+        loss     = loss_sum * world_size * grad_accum / n_global   # DeepSpeed divides both back out
+    (`minillm.training.global_mean_scale` computes that factor).
+    """
+    _check_inputs("cross_entropy_sum", hidden, weight, labels, chunk_size)
+    total = _ChunkedCrossEntropySum.apply(hidden.reshape(-1, hidden.shape[-1]), weight, labels.reshape(-1),
+                                          chunk_size, torch.is_grad_enabled())
+    return total, (labels != IGNORE_INDEX).sum()
+
+
+def sequence_logprobs(token_logps: torch.Tensor, mask: torch.Tensor
+                      ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Per-sequence (sum, count, mean) of token log-probs over the positions where mask is true.
+
+    token_logps [B, T] float, mask [B, T] bool -> three [B] tensors: sum_t m_t lp_t (float32),
+    count = sum_t m_t (int64), mean = sum / count. A sequence with count 0 gets mean 0 (not NaN);
+    callers that must not see empty sequences (ORPO) check counts first, see `pair_logprobs`.
+    """
+    mask = mask.bool()
+    total = torch.where(mask, token_logps.float(), 0.0).sum(-1)
+    count = mask.sum(-1)
+    return total, count, total / count.clamp_min(1)
+
+
+# ----------------------------------------------------------------------------- ORPO
+
+
+def log1mexp(x: torch.Tensor) -> torch.Tensor:
+    """log(1 - e^x) for x <= 0, accurately (Maechler 2012, "Accurately Computing log(1 - exp(-|a|))"):
+    log1p(-e^x) for x < -ln 2, log(-expm1(x)) otherwise. x = 0 gives -inf.
+
+    Each branch only ever sees inputs from its own domain, so the branch that torch.where discards
+    cannot put a NaN into the gradient.
+    """
+    far = x < -math.log(2.0)
+    return torch.where(far, torch.log1p(-torch.exp(torch.where(far, x, -1.0))),
+                       torch.log(-torch.expm1(torch.where(far, -1.0, x))))
+
+
+def odds_ratio_loss(chosen_logps: torch.Tensor, rejected_logps: torch.Tensor, eps: float = 1e-7
+                    ) -> tuple[torch.Tensor, torch.Tensor]:
+    """ORPO's odds-ratio term per pair (Hong, Lee & Thorne 2024, "ORPO: Monolithic Preference
+    Optimization without Reference Model", arXiv:2403.07691, eq. 6-7).
+
+    a = chosen_logps, b = rejected_logps [P]: the MEAN log-probability of each response's tokens
+    (length-normalised, as in the paper and TRL), so P(y|x) = e^a and odds(y|x) = e^a / (1 - e^a):
+        log_odds = log(odds_chosen / odds_rejected) = (a - b) - (log(1 - e^a) - log(1 - e^b))
+        L_OR     = -log sigmoid(log_odds)
+    Computed in float32 with a stable log(1 - e^x) (`log1mexp`). a and b are first clamped to at most
+    -eps: a response the model is certain of (a = 0) would make log(1 - e^a) = -inf; at the clamp it
+    is log(eps) instead, and a or b above -eps passes no gradient. Returns (L_OR [P], log_odds [P]).
+    """
+    a = chosen_logps.float().clamp(max=-eps)
+    b = rejected_logps.float().clamp(max=-eps)
+    log_odds = (a - b) - (log1mexp(a) - log1mexp(b))
+    return -F.logsigmoid(log_odds), log_odds
+
+
+def orpo_loss(chosen_nll: torch.Tensor, chosen_logps: torch.Tensor, rejected_logps: torch.Tensor,
+              beta: float = 0.1, *, chosen_lengths: torch.Tensor | None = None,
+              rejected_lengths: torch.Tensor | None = None, n_pairs: float | None = None,
+              eps: float = 1e-7) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """ORPO objective (Hong et al. 2024, arXiv:2403.07691, eq. 6):  L = NLL(chosen) + beta * L_OR.
+
+    chosen_nll: the NLL term, already normalised by the caller (e.g. the summed chosen-token NLL over
+      the global token count, see `cross_entropy_sum`); which tokens it covers (response only, or
+      prompt + response as TRL does) is decided by the labels the caller scored.
+    chosen_logps, rejected_logps [P]: mean response-token log-probs a, b (`pair_logprobs`).
+    beta: weight of the odds-ratio term (the paper's lambda; TRL's default 0.1).
+    n_pairs: what the summed L_OR is divided by; default P (the mean over these pairs). Pass the
+      global pair count, scaled like the NLL's, to weigh every pair of a step equally.
+    chosen_lengths, rejected_lengths [P] (optional): response token counts; when given, an empty
+      response raises ValueError (its mean log-prob would be 0/0) and the mean lengths are logged.
+    eps: the clamp of `odds_ratio_loss`. Near a = b = 0 the term's gradient is ~ beta / (P * |a|):
+      large but finite (TRL's unclamped formula gives -inf / NaN gradients at a = 0); gradient
+      clipping bounds it.
+
+    Returns (loss, metrics); metrics are detached float32 scalars, each a mean over the P pairs:
+      nll             chosen_nll as passed in                          (TRL: nll_loss)
+      or_loss         mean L_OR = -log sigmoid(log_odds)               (TRL: -log_odds_ratio)
+      log_odds        mean log_odds                                    (TRL: log_odds_chosen)
+      chosen_logps    mean a; rejected_logps: mean b                   (TRL: logps/chosen, /rejected)
+      reward_accuracy share of pairs with a > b (ties count as wrong)  (TRL: rewards/accuracies)
+      margin          mean (a - b), in nats/token                      (TRL's rewards/margins is beta*this)
+      chosen_length, rejected_length  mean response tokens (only when lengths are given)
+      pairs           P, the weight for averaging over micro-batches / ranks (`mean_metrics`)
+    """
+    if chosen_logps.shape != rejected_logps.shape or chosen_logps.dim() != 1:
+        raise ValueError(f"orpo_loss: chosen_logps {tuple(chosen_logps.shape)} and rejected_logps "
+                         f"{tuple(rejected_logps.shape)} must both be [pairs]")
+    for name, lengths in (("chosen", chosen_lengths), ("rejected", rejected_lengths)):
+        if lengths is not None and (lengths == 0).any():
+            empty = (lengths == 0).nonzero().flatten().tolist()
+            raise ValueError(f"orpo_loss: empty {name} response in pair(s) {empty}; drop such pairs "
+                             "in the data code")
+    pairs = chosen_logps.shape[0]
+    if pairs == 0:
+        raise ValueError("orpo_loss: no pairs (every pair of the batch was dropped?)")
+    l_or, log_odds = odds_ratio_loss(chosen_logps, rejected_logps, eps)
+    loss = chosen_nll + beta * l_or.sum() / (pairs if n_pairs is None else n_pairs)
+    with torch.no_grad():
+        a, b = chosen_logps.float(), rejected_logps.float()
+        metrics = {
+            "nll": chosen_nll.detach().float(),
+            "or_loss": l_or.mean(),
+            "log_odds": log_odds.mean(),
+            "chosen_logps": a.mean(),
+            "rejected_logps": b.mean(),
+            "reward_accuracy": (a > b).float().mean(),
+            "margin": (a - b).mean(),
+        }
+        if chosen_lengths is not None:
+            metrics["chosen_length"] = chosen_lengths.float().mean()
+        if rejected_lengths is not None:
+            metrics["rejected_length"] = rejected_lengths.float().mean()
+        metrics["pairs"] = torch.tensor(float(pairs), device=a.device)
+    return loss, metrics
+
+
+# ----------------------------------------------------------------------------- one pass for both answers
+
+
+def concat_pairs(chosen: dict, rejected: dict, pad_values: dict | None = None) -> dict:
+    """Stack a chosen batch [B, Tc] and a rejected batch [B, Tr] into one [2B, max(Tc, Tr)] batch.
+
+    Chosen rows come first, so `split_pairs` recovers the halves. One forward pass over both halves
+    is required under DeepSpeed ZeRO (two passes through the same module before one backward fail
+    with "gradient computed twice"), and is also what TRL's concatenated_forward does. Both halves
+    are right-padded to the longer width: labels with -100, masks (bool tensors) with False, doc_ids with -1 (so
+    padding is its own document), anything else with 0 or `pad_values[key]`. Right padding never
+    changes the outputs at earlier positions of a causal model.
+    """
+    if chosen.keys() != rejected.keys():
+        raise ValueError(f"concat_pairs: chosen keys {sorted(chosen)} != rejected keys {sorted(rejected)}")
+    defaults = {"labels": IGNORE_INDEX, "doc_ids": -1, **(pad_values or {})}
+    out = {}
+    for key in chosen:
+        c, r = chosen[key], rejected[key]
+        if c.shape[0] != r.shape[0]:
+            raise ValueError(f"concat_pairs: '{key}' has {c.shape[0]} chosen rows but {r.shape[0]} rejected")
+        if c.dim() != 2:  # per-pair values such as lengths: nothing to pad
+            out[key] = torch.cat([c, r])
+            continue
+        width = max(c.shape[1], r.shape[1])
+        fill = False if c.dtype == torch.bool else defaults.get(key, 0)
+        out[key] = torch.cat([_pad_right(c, width, fill), _pad_right(r, width, fill)])
+    return out
+
+
+def _pad_right(x: torch.Tensor, width: int, fill) -> torch.Tensor:
+    return torch.cat([x, x.new_full((x.shape[0], width - x.shape[1]), fill)], dim=1)
+
+
+def split_pairs(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """[2B, ...] -> (chosen [B, ...], rejected [B, ...]) for a batch built by `concat_pairs`."""
+    if x.shape[0] % 2:
+        raise ValueError(f"split_pairs: batch of {x.shape[0]} rows is not chosen + rejected halves")
+    half = x.shape[0] // 2
+    return x[:half], x[half:]
+
+
+def pair_logprobs(token_logps: torch.Tensor, labels: torch.Tensor,
+                  response_mask: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+    """Everything ORPO needs from one concatenated pass: token_logps [2B, T] = token_logprobs(...)
+    of a `concat_pairs` batch, labels [2B, T], response_mask [2B, T] bool (the response + EOS tokens;
+    default: labels != -100, i.e. the labels cover exactly the responses).
+
+    Returns chosen_nll_sum (sum of -log p over the chosen half's scored labels, prompt included if
+    the labels include it), chosen_nll_tokens (their count), chosen_logps / rejected_logps [B] (mean
+    log-prob over response tokens: a and b of `odds_ratio_loss`), chosen_lengths / rejected_lengths
+    [B] (response token counts). An empty chosen or rejected response raises ValueError naming the
+    pair: the data code is expected to drop and count those pairs, this is the last guard.
+    """
+    if response_mask is None:
+        response_mask = labels != IGNORE_INDEX
+    logps_c, logps_r = split_pairs(token_logps)
+    mask_c, mask_r = split_pairs(response_mask)
+    labels_c, _ = split_pairs(labels)
+    _, len_c, a = sequence_logprobs(logps_c, mask_c)
+    _, len_r, b = sequence_logprobs(logps_r, mask_r)
+    for name, lengths in (("chosen", len_c), ("rejected", len_r)):
+        if (lengths == 0).any():
+            raise ValueError(f"pair_logprobs: empty {name} response in pair(s) "
+                             f"{(lengths == 0).nonzero().flatten().tolist()}; drop such pairs in the data code")
+    scored_c = labels_c != IGNORE_INDEX
+    return {"chosen_nll_sum": -torch.where(scored_c, logps_c.float(), 0.0).sum(),
+            "chosen_nll_tokens": scored_c.sum(),
+            "chosen_logps": a, "rejected_logps": b,
+            "chosen_lengths": len_c, "rejected_lengths": len_r}
+
+
+# ----------------------------------------------------------------------------- metrics over ranks
+
+
+def all_reduce_sums(sums: dict[str, float | torch.Tensor], device=None) -> dict[str, float]:
+    """Sum each scalar of `sums` over all ranks (one all_reduce of a float64 vector; never logits).
+
+    Without an initialised torch.distributed process group (or with one rank) it just converts to
+    floats. device: where the vector travels; default cuda for the NCCL backend, else cpu.
+    """
+    keys = sorted(sums)
+    values = [float(sums[k]) for k in keys]
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        if device is None:
+            device = (torch.device("cuda", torch.cuda.current_device())
+                      if dist.get_backend() == "nccl" else torch.device("cpu"))
+        vector = torch.tensor(values, dtype=torch.float64, device=device)
+        dist.all_reduce(vector)
+        values = vector.tolist()
+    return dict(zip(keys, values))
+
+
+def mean_metrics(metric_dicts: list[dict], weight_key: str = "pairs", device=None) -> dict[str, float]:
+    """Combine per-call metric means (e.g. `orpo_loss`'s, one dict per micro-batch) into means over
+    every micro-batch on every rank, each call weighted by its `weight_key` entry (its pair count):
+        mean_k = sum_i w_i m_ik / sum_i w_i        (sums all-reduced across ranks)
+    The result keeps `weight_key` as the total weight. Every rank must pass the same keys. (`nll`
+    thus becomes a pair-weighted mean of the per-call values; the exact global token mean is
+    sum(NLL) / sum(tokens), which the training loop has from `pair_logprobs`' sums.)
+    """
+    sums: dict[str, float] = {}
+    for metrics in metric_dicts:
+        w = float(metrics[weight_key])
+        for key, value in metrics.items():
+            sums[key] = sums.get(key, 0.0) + (w if key == weight_key else w * float(value))
+    total = all_reduce_sums(sums, device)
+    weight = total[weight_key]
+    return {k: (v if k == weight_key else v / max(weight, 1e-30)) for k, v in total.items()}

@@ -1,0 +1,296 @@
+"""The Llama architecture, hand-written: config -> RMSNorm -> rotary -> attention -> MLP -> block -> model.
+
+Read it top to bottom in the order the data flows. Parameter names follow llama2.c / Meta's
+original release (tok_embeddings, attention.wq, feed_forward.w1, ...); `minillm/hf.py` maps them
+to and from the Hugging Face names. Rotary embeddings use the Hugging Face "rotate half" layout
+(the first half of each head's dims pairs with the second half), so HF checkpoints load as-is:
+HF permuted Meta's interleaved q/k weights once at conversion time so that this layout works, and
+adopting it means loading never has to permute (and never copies a tensor just to reorder it).
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, fields
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
+
+from minillm.attention import attention
+
+
+@dataclass
+class LlamaConfig:
+    vocab_size: int = 32000
+    dim: int = 4096  # model width (HF: hidden_size)
+    n_layers: int = 32
+    n_heads: int = 32
+    n_kv_heads: int | None = None  # < n_heads means grouped-query attention; None = n_heads
+    hidden_dim: int = 11008  # SwiGLU inner width (HF: intermediate_size)
+    norm_eps: float = 1e-5
+    rope_theta: float = 10000.0
+    rope_scaling: dict | None = None  # HF format, e.g. {"rope_type": "llama3", "factor": 8.0, ...}
+    max_seq_len: int = 4096
+    tie_embeddings: bool = False  # output matrix shares the embedding table (Llama-3.2 1B/3B do)
+    bos_id: int = 1
+    eos_id: int = 2
+    pad_id: int | None = None
+
+    def __post_init__(self):
+        if self.n_kv_heads is None:
+            self.n_kv_heads = self.n_heads
+        if self.dim % self.n_heads or self.n_heads % self.n_kv_heads:
+            raise ValueError(f"dim {self.dim}, n_heads {self.n_heads} and n_kv_heads {self.n_kv_heads} "
+                             "must divide evenly (dim by n_heads, n_heads by n_kv_heads)")
+
+    @property
+    def head_dim(self) -> int:
+        return self.dim // self.n_heads
+
+    @classmethod
+    def from_preset(cls, name: str, **overrides) -> "LlamaConfig":
+        if name not in PRESETS:
+            raise ValueError(f"unknown model preset {name!r}; choose one of {', '.join(PRESETS)}")
+        return cls(**{**PRESETS[name], **overrides})
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "LlamaConfig":
+        known = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in d.items() if k in known})
+
+
+_LLAMA3_ROPE = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
+                "high_freq_factor": 4.0, "original_max_position_embeddings": 8192}
+PRESETS = {
+    "llama2-7b": dict(vocab_size=32000, dim=4096, n_layers=32, n_heads=32, hidden_dim=11008, max_seq_len=4096),
+    "llama3-8b": dict(vocab_size=128256, dim=4096, n_layers=32, n_heads=32, n_kv_heads=8, hidden_dim=14336,
+                      rope_theta=500000.0, max_seq_len=8192, bos_id=128000, eos_id=128001),
+    "llama3.1-8b": dict(vocab_size=128256, dim=4096, n_layers=32, n_heads=32, n_kv_heads=8, hidden_dim=14336,
+                        rope_theta=500000.0, rope_scaling=_LLAMA3_ROPE, max_seq_len=131072,
+                        bos_id=128000, eos_id=128001),
+    "tinyllama-1.1b": dict(vocab_size=32000, dim=2048, n_layers=22, n_heads=32, n_kv_heads=4, hidden_dim=5632,
+                           max_seq_len=2048),
+    # Tiny sizes for tests, the CPU demo and benchmarks.
+    "tiny": dict(vocab_size=512, dim=64, n_layers=2, n_heads=4, n_kv_heads=2, hidden_dim=176, max_seq_len=256),
+    "demo": dict(vocab_size=2048, dim=128, n_layers=4, n_heads=4, n_kv_heads=2, hidden_dim=352, max_seq_len=512),
+    "small": dict(vocab_size=32000, dim=512, n_layers=8, n_heads=8, n_kv_heads=4, hidden_dim=1376, max_seq_len=2048),
+    "1b": dict(vocab_size=32000, dim=2048, n_layers=16, n_heads=16, n_kv_heads=8, hidden_dim=5632, max_seq_len=4096),
+}
+
+
+class RMSNorm(nn.Module):
+    """x / sqrt(mean(x^2) + eps) * weight, computed in fp32 because bf16 loses the small variance terms."""
+
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x):
+        x32 = x.float()
+        x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * x32.to(x.dtype)
+
+
+def rope_inv_freq(config: LlamaConfig) -> torch.Tensor:
+    """Rotary frequencies theta^(-2i/d), with Llama-3's "llama3" long-context rescaling if configured.
+
+    Llama 3.1 stretches low frequencies (long wavelengths) by `factor`, keeps high ones, and
+    interpolates smoothly between, so a model trained on 8K positions extrapolates to 128K.
+    """
+    hd = config.head_dim
+    inv_freq = 1.0 / (config.rope_theta ** (torch.arange(0, hd, 2, dtype=torch.float64) / hd))
+    scaling = config.rope_scaling or {}
+    rope_type = scaling.get("rope_type", scaling.get("type"))
+    if rope_type in (None, "default"):
+        return inv_freq.float()
+    if rope_type != "llama3":
+        raise ValueError(f"rope_scaling type {rope_type!r} is not supported (only 'llama3')")
+    factor, low, high = scaling["factor"], scaling["low_freq_factor"], scaling["high_freq_factor"]
+    old_len = scaling["original_max_position_embeddings"]
+    wavelen = 2 * math.pi / inv_freq
+    smooth = (old_len / wavelen - low) / (high - low)
+    scaled = torch.where(wavelen > old_len / low, inv_freq / factor, inv_freq)  # long waves: stretch
+    mid = (wavelen <= old_len / low) & (wavelen >= old_len / high)  # in between: interpolate
+    scaled = torch.where(mid, (1 - smooth) * inv_freq / factor + smooth * inv_freq, scaled)
+    return scaled.float()
+
+
+def rotary_cos_sin(position_ids: torch.Tensor, inv_freq: torch.Tensor, dtype: torch.dtype):
+    """cos/sin tables [B, 1, T, head_dim] for explicit positions (packed documents restart at 0)."""
+    freqs = position_ids[..., None].float() * inv_freq  # fp32: bf16 positions lose precision past 256
+    emb = torch.cat([freqs, freqs], dim=-1)[:, None]
+    return emb.cos().to(dtype), emb.sin().to(dtype)
+
+
+def apply_rotary(x, cos, sin):
+    """Rotate pairs (x_i, x_{i+d/2}) by the position's angle: x*cos + rotate_half(x)*sin."""
+    x1, x2 = x.chunk(2, dim=-1)
+    return x * cos + torch.cat([-x2, x1], dim=-1) * sin
+
+
+class KVCache:
+    """Keys/values (and document ids) of every layer for incremental decoding, preallocated."""
+
+    def __init__(self, config: LlamaConfig, batch_size: int, max_len: int, dtype, device):
+        shape = (config.n_layers, batch_size, config.n_kv_heads, max_len, config.head_dim)
+        self.k = torch.zeros(shape, dtype=dtype, device=device)
+        self.v = torch.zeros(shape, dtype=dtype, device=device)
+        self.doc = torch.zeros(batch_size, max_len, dtype=torch.long, device=device)
+        self.length = 0  # positions filled so far; the model advances it after each forward
+
+
+class Attention(nn.Module):
+    def __init__(self, config: LlamaConfig, layer_idx: int):
+        super().__init__()
+        self.layer_idx = layer_idx
+        self.n_heads, self.n_kv_heads, self.head_dim = config.n_heads, config.n_kv_heads, config.head_dim
+        self.wq = nn.Linear(config.dim, config.n_heads * self.head_dim, bias=False)
+        self.wk = nn.Linear(config.dim, config.n_kv_heads * self.head_dim, bias=False)
+        self.wv = nn.Linear(config.dim, config.n_kv_heads * self.head_dim, bias=False)
+        self.wo = nn.Linear(config.n_heads * self.head_dim, config.dim, bias=False)
+
+    def forward(self, x, cos, sin, doc_ids, cache: KVCache | None):
+        B, T, _ = x.shape
+        q = self.wq(x).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)
+        k = self.wk(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
+        v = self.wv(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
+        q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+        k_doc = doc_ids
+        if cache is not None:  # append this step's keys, then attend over everything cached
+            start, end = cache.length, cache.length + T
+            cache.k[self.layer_idx, :, :, start:end] = k
+            cache.v[self.layer_idx, :, :, start:end] = v
+            k, v = cache.k[self.layer_idx, :, :, :end], cache.v[self.layer_idx, :, :, :end]
+            k_doc = cache.doc[:, :end]
+        # The K/V heads stay un-repeated: the attention backends handle GQA without copying them.
+        out = attention(q, k, v, q_doc=doc_ids, k_doc=k_doc)
+        return self.wo(out.transpose(1, 2).reshape(B, T, -1))
+
+
+class FeedForward(nn.Module):
+    """SwiGLU: w2(silu(w1 x) * w3 x); w1 is HF's gate_proj, w3 up_proj, w2 down_proj."""
+
+    def __init__(self, config: LlamaConfig):
+        super().__init__()
+        self.w1 = nn.Linear(config.dim, config.hidden_dim, bias=False)
+        self.w2 = nn.Linear(config.hidden_dim, config.dim, bias=False)
+        self.w3 = nn.Linear(config.dim, config.hidden_dim, bias=False)
+
+    def forward(self, x):
+        return self.w2(F.silu(self.w1(x)) * self.w3(x))
+
+
+class TransformerBlock(nn.Module):
+    """Pre-norm residual block: x + attn(norm(x)), then + mlp(norm(.))."""
+
+    def __init__(self, config: LlamaConfig, layer_idx: int):
+        super().__init__()
+        self.attention_norm = RMSNorm(config.dim, config.norm_eps)
+        self.attention = Attention(config, layer_idx)
+        self.ffn_norm = RMSNorm(config.dim, config.norm_eps)
+        self.feed_forward = FeedForward(config)
+
+    def forward(self, x, cos, sin, doc_ids, cache=None):
+        h = x + self.attention(self.attention_norm(x), cos, sin, doc_ids, cache)
+        return h + self.feed_forward(self.ffn_norm(h))
+
+
+class Llama(nn.Module):
+    def __init__(self, config: LlamaConfig):
+        super().__init__()
+        self.config = config
+        self.tok_embeddings = nn.Embedding(config.vocab_size, config.dim)
+        self.layers = nn.ModuleList(TransformerBlock(config, i) for i in range(config.n_layers))
+        self.norm = RMSNorm(config.dim, config.norm_eps)
+        self.output = nn.Linear(config.dim, config.vocab_size, bias=False)
+        if config.tie_embeddings:
+            self.output.weight = self.tok_embeddings.weight
+        # A buffer so .to(device) moves it; not persistent so checkpoints hold only real weights.
+        self.register_buffer("inv_freq", rope_inv_freq(config), persistent=False)
+        # Recompute each block's activations in backward instead of storing them (set by the scripts).
+        self.activation_checkpointing = False
+        self.apply(self._init_weights)
+        # GPT-2 / llama2.c: scale the residual projections so the residual stream's variance
+        # does not grow with depth at init.
+        for name, p in self.named_parameters():
+            if name.endswith(("wo.weight", "w2.weight")):
+                nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * config.n_layers))
+
+    @staticmethod
+    def _init_weights(module):
+        if isinstance(module, (nn.Linear, nn.Embedding)):
+            nn.init.normal_(module.weight, mean=0.0, std=0.02)
+
+    def new_cache(self, batch_size: int, max_len: int, dtype=None, device=None) -> KVCache:
+        weight = self.tok_embeddings.weight
+        return KVCache(self.config, batch_size, max_len, dtype or weight.dtype, device or weight.device)
+
+    def hidden_states(self, input_ids, position_ids=None, doc_ids=None, cache: KVCache | None = None):
+        """Final normalised hidden states [B, T, dim]; logits are `self.output` of these.
+
+        position_ids [B, T]: default 0..T-1 (continuing after the cache). doc_ids [B, T]: a token
+        attends only to earlier tokens with the same id, so packed documents never see each other.
+        """
+        B, T = input_ids.shape
+        start = cache.length if cache is not None else 0
+        if T > self.config.max_seq_len and cache is None:
+            raise ValueError(f"sequence length {T} exceeds the model's max_seq_len {self.config.max_seq_len}")
+        if position_ids is None:
+            position_ids = torch.arange(start, start + T, device=input_ids.device).expand(B, T)
+        if cache is not None:
+            if start + T > cache.k.shape[3]:
+                raise ValueError(f"KV cache holds {cache.k.shape[3]} positions; {start + T} needed")
+            if doc_ids is None:
+                doc_ids = cache.doc[:, start:start + T]  # zeros: one document
+            else:
+                cache.doc[:, start:start + T] = doc_ids
+        h = self.tok_embeddings(input_ids)
+        cos, sin = rotary_cos_sin(position_ids, self.inv_freq, h.dtype)  # shared by every layer
+        for layer in self.layers:
+            if self.activation_checkpointing and self.training and cache is None:
+                h = checkpoint(layer, h, cos, sin, doc_ids, use_reentrant=False)
+            else:
+                h = layer(h, cos, sin, doc_ids, cache)
+        if cache is not None:
+            cache.length += T
+        return self.norm(h)
+
+    def forward(self, input_ids, position_ids=None, doc_ids=None, cache: KVCache | None = None):
+        """Logits [B, T, vocab_size]. Training scripts call `hidden_states` and a fused loss
+        instead, so the full logits tensor never exists at once (see minillm/losses.py)."""
+        return self.output(self.hidden_states(input_ids, position_ids, doc_ids, cache))
+
+    def num_params(self, exclude_embeddings: bool = False) -> int:
+        n = sum(p.numel() for p in self.parameters())
+        if exclude_embeddings:
+            n -= self.tok_embeddings.weight.numel()
+        return n
+
+    @classmethod
+    def from_pretrained(cls, path, dtype=None, device="cpu") -> "Llama":
+        """Load a Hugging Face Llama directory (config.json + *.safetensors)."""
+        from minillm.hf import load_pretrained
+        return load_pretrained(path, dtype=dtype, device=device)
+
+    def save_pretrained(self, path, dtype=None, **kwargs):
+        """Write the Hugging Face layout that transformers / vLLM / lm-eval-harness load."""
+        from minillm.hf import save_pretrained
+        return save_pretrained(self, path, dtype=dtype, **kwargs)
+
+
+def flops_per_token(config: LlamaConfig, seq_len: int) -> float:
+    """Training FLOPs per token: 6N for the matmuls (forward 2N + backward 4N) plus attention's
+    score and value products, 6 * 2 * n_layers * seq_len * dim, halved because attention is causal
+    (the PaLM appendix B accounting, as nanoGPT's estimate_mfu)."""
+    n = sum((
+        config.vocab_size * config.dim * (1 if config.tie_embeddings else 2),  # embeddings + head
+        config.n_layers * (2 * config.dim * config.dim + 2 * config.dim * config.n_kv_heads * config.head_dim),
+        config.n_layers * 3 * config.dim * config.hidden_dim,
+    ))
+    n -= config.vocab_size * config.dim  # the embedding lookup is not a matmul
+    return 6 * n + 6 * config.n_layers * seq_len * config.dim

@@ -1,0 +1,178 @@
+"""Multiple choice: COPA / EstCOPA style or a generic question with choices.
+
+Records: {"premise", "question": "cause"|"effect", "choices": [...], "label": int} (COPA) or
+{"question", "choices": [...], "label": int} (generic); label is the 0-based index of the right choice.
+
+Two ways to score, picked by the task's "mode" (or evaluate.py --mc-mode):
+- loglik (default): the sum of the model's log-probabilities of each choice's tokens after the prompt
+  (the choice text comes from the task's "choice_format"). acc = argmax of that sum; acc_norm = argmax of
+  the sum divided by the choice's UTF-8 byte length (lm-evaluation-harness's length-normalised accuracy,
+  which stops long choices from being penalised for their extra tokens).
+- generate: the prompt lists lettered choices ({choices_block}); the model's answer is matched to a choice
+  by its text or its letter (see match_choice). Reports acc and verbosity.
+"""
+from __future__ import annotations
+
+import re
+import sys
+
+from minillm.metrics import normalize_answer
+from minillm.tasks.common import (continuation_logprobs, default_stop, demonstrations, encode_choice,
+                                  fill_template, mean, prompt_and_generate, prompt_words, require,
+                                  require_str_list, verbosity_metrics)
+
+PRIMARY = "acc"
+HIGHER_IS_BETTER = {"acc": True, "acc_norm": True}
+LETTERS = "ABCDEFGHIJKLMNOPQRSTUVWXYZ"
+
+# COPA connectors ("The man broke his toe because ...") and questions, per language.
+COPA_WORDS = {
+    "en": {"cause": "because", "effect": "therefore",
+           "cause_question": "What was the cause?", "effect_question": "What happened as a result?"},
+    "et": {"cause": "sest", "effect": "seetõttu",
+           "cause_question": "Mis oli selle põhjus?", "effect_question": "Mis juhtus selle tagajärjel?"},
+    "pl": {"cause": "ponieważ", "effect": "dlatego",
+           "cause_question": "Co było przyczyną?", "effect_question": "Co stało się w rezultacie?"},
+}
+
+
+def is_copa(spec: dict) -> bool:
+    return "premise" in spec["records"][0]
+
+
+def check_spec(spec: dict, where):
+    """where(key) -> 'FILE:LINE' of that key in the task file."""
+    spec.setdefault("mode", "loglik")
+    if spec["mode"] not in ("loglik", "generate"):
+        raise ValueError(f"{where('mode')}: 'mode' must be 'loglik' or 'generate', got {spec['mode']!r}")
+    if "choice_format" in spec and (not isinstance(spec["choice_format"], str) or "{" not in spec["choice_format"]):
+        raise ValueError(f"{where('choice_format')}: 'choice_format' must be a string with a {{choice}}, "
+                         "{choice_lower} or {letter} placeholder")
+
+
+def check_record(record: dict, where: str, spec: dict):
+    if "premise" in record:
+        require(record, where, "premise", str)
+        question = require(record, where, "question", str)
+        if question not in ("cause", "effect"):
+            raise ValueError(f"{where}: field 'question' must be 'cause' or 'effect' in a COPA record, got {question!r}")
+    else:
+        require(record, where, "question", str)
+    choices = require_str_list(record, where, "choices")
+    if not 2 <= len(choices) <= len(LETTERS):
+        raise ValueError(f"{where}: field 'choices' needs 2 to {len(LETTERS)} choices, got {len(choices)}")
+    label = require(record, where, "label", int)
+    if not 0 <= label < len(choices):
+        raise ValueError(f"{where}: label {label} out of range for {len(choices)} choices (0..{len(choices) - 1})")
+
+
+def template_fields(record: dict, spec: dict) -> dict:
+    """The record's fields plus {choices_block} ('A. ...' lines), {answer_word}, and for COPA records
+    {premise_stem} (premise without final punctuation), {connector} and {question_text}."""
+    fields = dict(record)
+    fields["choices_block"] = "\n".join(f"{letter}. {c}" for letter, c in zip(LETTERS, record["choices"]))
+    fields["answer_word"] = prompt_words(spec)["answer"]
+    if "premise" in record:
+        words = COPA_WORDS.get(spec.get("language"), COPA_WORDS["en"])
+        fields["premise_stem"] = record["premise"].rstrip().rstrip(".!?")
+        fields["connector"] = words[record["question"]]
+        fields["question_text"] = words[record["question"] + "_question"]
+    return fields
+
+
+def default_templates(spec: dict) -> list[str]:
+    copa, generate = is_copa(spec), spec.get("mode") == "generate"
+    if copa and not generate:
+        return ["{premise_stem} {connector}"]  # lm-evaluation-harness's COPA prompt
+    if copa:
+        return ["{premise}\n{question_text}\n{choices_block}\n{answer_word}:"]
+    if not generate:
+        return [f"{prompt_words(spec)['question']}: {{question}}\n{{answer_word}}:"]
+    return [f"{prompt_words(spec)['question']}: {{question}}\n{{choices_block}}\n{{answer_word}}:"]
+
+
+def choice_format(spec: dict) -> str:
+    """How a choice is written after the prompt in loglik mode: COPA choices are full sentences that
+    continue "... because", so their first letter is lowercased (as lm-evaluation-harness does)."""
+    return spec.get("choice_format") or (" {choice_lower}" if is_copa(spec) else " {choice}")
+
+
+def choice_text(spec: dict, record: dict, j: int) -> str:
+    choice = record["choices"][j]
+    fields = {"choice": choice, "choice_lower": choice[:1].lower() + choice[1:], "letter": LETTERS[j]}
+    return fill_template(choice_format(spec), fields, f"{spec['spec_path']}: choice_format")
+
+
+def gold_answer(record: dict, spec: dict) -> str:
+    """The demonstration answer for few-shot prompts."""
+    if spec.get("mode") == "generate":
+        return LETTERS[record["label"]]
+    return choice_text(spec, record, record["label"]).strip()
+
+
+_LETTER_ANSWER = re.compile(r"^\(?([A-Z])\)?\s*(?:[.):]|$)")
+
+
+def match_choice(output: str, choices: list[str], language: str) -> int:
+    """Index of the choice a generated answer names, or -1.
+
+    In order: the answer IS a choice's text (after SQuAD normalisation); the answer is a letter
+    ('B', 'B.', '(B)', 'B: ...'); the answer contains a choice's text (the earliest one, longest on ties).
+    Text first, so a choice that itself starts with "A ..." is not read as the letter A."""
+    answer = normalize_answer(output, language)
+    normalised = [normalize_answer(c, language) for c in choices]
+    for j, c in enumerate(normalised):
+        if answer == c:
+            return j
+    letter = _LETTER_ANSWER.match(output.strip())
+    if letter and LETTERS.index(letter.group(1)) < len(choices):
+        return LETTERS.index(letter.group(1))
+    found = [(answer.find(c), -len(c), j) for j, c in enumerate(normalised) if c and c in answer]
+    return min(found)[2] if found else -1
+
+
+def run(ctx, spec: dict, template: str, split: str = "", desc: str = "") -> tuple[dict, list[dict]]:
+    if spec.get("mode") == "generate":
+        return _run_generate(ctx, spec, template, split, desc)
+    return _run_loglik(ctx, spec, template, split, desc)
+
+
+def _run_loglik(ctx, spec, template, split, desc):
+    records, lines = spec[split + "records"], spec[split + "lines"]
+    k = ctx.shots(spec)
+    requests, owners, prompts = [], [], []
+    for i, (record, line) in enumerate(zip(records, lines)):
+        prompt = fill_template(template, template_fields(record, spec), f"{spec[split + 'data_path']}:{line}")
+        shots = demonstrations(spec, sys.modules[__name__], template, i, k, ctx.seed, split)
+        for j in range(len(record["choices"])):
+            requests.append(encode_choice(ctx, prompt, shots, choice_text(spec, record, j)))
+            owners.append(i)
+        prompts.append(ctx.tokenizer.decode(requests[-1][0]))  # what the model saw before the choice
+    scores = continuation_logprobs(ctx, requests, desc)
+    per_record: list[list[float]] = [[] for _ in records]
+    for i, score in zip(owners, scores):
+        per_record[i].append(score)
+    predictions, correct, correct_norm = [], [], []
+    for i, (record, line) in enumerate(zip(records, lines)):
+        lengths = [len(choice_text(spec, record, j).encode("utf-8")) for j in range(len(record["choices"]))]
+        s = per_record[i]
+        pred = max(range(len(s)), key=lambda j: s[j])
+        pred_norm = max(range(len(s)), key=lambda j: s[j] / lengths[j])
+        correct.append(pred == record["label"])
+        correct_norm.append(pred_norm == record["label"])
+        predictions.append({"line": line, "prompt": prompts[i], "logprobs": s, "pred": pred, "pred_norm": pred_norm,
+                            "label": record["label"], "correct": correct[-1]})
+    return {"acc": mean(correct), "acc_norm": mean(correct_norm)}, predictions
+
+
+def _run_generate(ctx, spec, template, split, desc):
+    prompts, generations = prompt_and_generate(ctx, spec, sys.modules[__name__], template, split,
+                                               default_stop(ctx, single_line=True), desc)
+    records, lines = spec[split + "records"], spec[split + "lines"]
+    predictions, correct = [], []
+    for record, line, prompt, gen in zip(records, lines, prompts, generations):
+        pred = match_choice(gen["text"], record["choices"], spec.get("language", "en"))
+        correct.append(pred == record["label"])
+        predictions.append({"line": line, "prompt": prompt, "output": gen["text"], "pred": pred,
+                            "label": record["label"], "correct": correct[-1], "n_tokens": gen["n_tokens"]})
+    return {"acc": mean(correct), **verbosity_metrics(generations)}, predictions

@@ -1,0 +1,93 @@
+"""Perplexity and bits per byte of text documents.
+
+Records: {"text", optional "language"}. Each document is scored as BOS + its tokens (every token
+predicted, EOS not). Documents longer than the model's context are scored with a sliding window:
+each stretch of tokens is predicted with up to max_seq_len tokens of preceding text as context.
+Prompt formats, templates and few-shot do not apply (the template only picks the text: "{text}").
+
+bits_per_byte = total NLL / (ln 2 * total UTF-8 bytes): independent of the tokenizer, so a model with an
+extended vocabulary stays comparable with its base. perplexity = exp(total NLL / total tokens) depends on
+the tokenizer. With records of several languages, each also gets "bits_per_byte[et]" etc.
+"""
+from __future__ import annotations
+
+from minillm.metrics import bits_per_byte, perplexity
+from minillm.tasks.common import continuation_logprobs, fill_template, require
+
+PRIMARY = "bits_per_byte"
+HIGHER_IS_BETTER = {"bits_per_byte": False, "perplexity": False}
+
+
+def check_record(record: dict, where: str, spec: dict):
+    require(record, where, "text", str)
+    if "language" in record:
+        require(record, where, "language", str)
+
+
+def template_fields(record: dict, spec: dict) -> dict:
+    return dict(record)
+
+
+def default_templates(spec: dict) -> list[str]:
+    return ["{text}"]
+
+
+def gold_answer(record: dict, spec: dict) -> str:
+    raise ValueError(f"{spec['spec_path']}: perplexity tasks take no few-shot examples")
+
+
+def windows(ids: list[int], max_len: int) -> list[tuple[list[int], list[int]]]:
+    """(context, continuation) requests that together predict ids[1:] once each. A document that fits
+    is one request; a longer one advances by half a context, so every predicted token (after the first
+    window) sees at least max_len / 2 tokens before it."""
+    if len(ids) - 1 <= max_len:
+        return [(ids[:1], ids[1:])]
+    stride = max(1, max_len // 2)
+    requests = [(ids[:1], ids[1:max_len + 1])]
+    start = max_len + 1
+    while start < len(ids):
+        end = min(start + stride, len(ids))
+        requests.append((ids[max(0, end - 1 - max_len):start], ids[start:end]))
+        start = end
+    return requests
+
+
+def run(ctx, spec: dict, template: str, split: str = "", desc: str = "") -> tuple[dict, list[dict]]:
+    records, lines = spec[split + "records"], spec[split + "lines"]
+    texts = [fill_template(template, template_fields(r, spec), f"{spec[split + 'data_path']}:{line}")
+             for r, line in zip(records, lines)]
+    requests, owners, n_tokens = [], [], []
+    for i, text in enumerate(texts):
+        ids = ctx.tokenizer.encode(text, bos=True)
+        n_tokens.append(len(ids) - 1)
+        for request in windows(ids, ctx.max_len):
+            requests.append(request)
+            owners.append(i)
+    nll = [0.0] * len(texts)
+    for i, logprob in zip(owners, _score_nonempty(ctx, requests, desc)):
+        nll[i] -= logprob
+    n_bytes = [len(t.encode("utf-8")) for t in texts]
+    predictions = [{"line": line, "n_tokens": t, "n_bytes": b, "nll": x,
+                    "bits_per_byte": bits_per_byte(x, b) if b else None}
+                   for line, t, b, x in zip(lines, n_tokens, n_bytes, nll)]
+    metrics = _summary(nll, n_tokens, n_bytes)
+    languages = sorted({r.get("language", spec.get("language", "")) for r in records})
+    if len(languages) > 1:
+        for language in languages:
+            rows = [i for i, r in enumerate(records) if r.get("language", spec.get("language", "")) == language]
+            for name, value in _summary([nll[i] for i in rows], [n_tokens[i] for i in rows],
+                                        [n_bytes[i] for i in rows]).items():
+                metrics[f"{name}[{language}]"] = {"value": value, "n": len(rows)}
+    return metrics, predictions
+
+
+def _summary(nll, n_tokens, n_bytes) -> dict:
+    total_tokens, total_bytes = sum(n_tokens), sum(n_bytes)
+    return {"bits_per_byte": bits_per_byte(sum(nll), total_bytes) if total_bytes else None,
+            "perplexity": perplexity(sum(nll), total_tokens) if total_tokens else None}
+
+
+def _score_nonempty(ctx, requests, desc):
+    """Scores in request order, 0 for empty documents (nothing to predict after BOS)."""
+    scores = iter(continuation_logprobs(ctx, [r for r in requests if r[1]], desc))
+    return [next(scores) if r[1] else 0.0 for r in requests]

@@ -1,0 +1,49 @@
+"""Extractive question answering (SQuAD / EstQA / XQuAD style).
+
+Records: {"context", "question", "answers": [one or more gold answer strings]}. The model generates an
+answer; exact match and token F1 use SQuAD normalisation (minillm.metrics; English article removal
+only when the task's language is 'en'), each the best over the gold answers, averaged over questions.
+"""
+from __future__ import annotations
+
+import sys
+
+from minillm.metrics import exact_match, token_f1
+from minillm.tasks.common import (default_stop, mean, prompt_and_generate, prompt_words, require,
+                                  require_str_list, verbosity_metrics)
+
+PRIMARY = "f1"
+HIGHER_IS_BETTER = {"exact_match": True, "f1": True}
+
+
+def check_record(record: dict, where: str, spec: dict):
+    require(record, where, "context", str)
+    require(record, where, "question", str)
+    require_str_list(record, where, "answers")
+
+
+def template_fields(record: dict, spec: dict) -> dict:
+    return dict(record)
+
+
+def default_templates(spec: dict) -> list[str]:
+    w = prompt_words(spec)
+    return [f"{w['context']}: {{context}}\n{w['question']}: {{question}}\n{w['answer']}:"]
+
+
+def gold_answer(record: dict, spec: dict) -> str:
+    return record["answers"][0]
+
+
+def run(ctx, spec: dict, template: str, split: str = "", desc: str = "") -> tuple[dict, list[dict]]:
+    prompts, generations = prompt_and_generate(ctx, spec, sys.modules[__name__], template, split,
+                                               default_stop(ctx, single_line=True), desc)
+    language = spec.get("language", "en")
+    predictions, ems, f1s = [], [], []
+    for record, line, prompt, gen in zip(spec[split + "records"], spec[split + "lines"], prompts, generations):
+        answer = gen["text"].strip()
+        ems.append(exact_match(answer, record["answers"], language))
+        f1s.append(token_f1(answer, record["answers"], language))
+        predictions.append({"line": line, "prompt": prompt, "output": gen["text"], "answers": record["answers"],
+                            "exact_match": ems[-1], "f1": f1s[-1], "n_tokens": gen["n_tokens"]})
+    return {"exact_match": mean(ems), "f1": mean(f1s), **verbosity_metrics(generations)}, predictions

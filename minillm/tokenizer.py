@@ -1,0 +1,560 @@
+"""The tokenizer: a thin wrapper around a sentencepiece model, laid out like Llama-2's.
+
+Llama-2 (and TinyLlama, Mistral-7B) ship `tokenizer.model`, a sentencepiece BPE model with byte fallback:
+ids 0/1/2 are <unk>/<s>/</s>, then 256 byte pieces <0x00>..<0xFF> so that *any* text encodes without <unk>,
+then the learned pieces. Text is not normalised (normalizer "identity"), a space is written '▁', and a '▁' is
+prepended to the whole text ("dummy prefix"), so "Tere" and " Tere" both start a word. `Tokenizer.train`
+produces a model with the same conventions, plus the chat markers in CHAT_TOKENS as single pieces.
+
+`save_pretrained(dir)` writes the Hugging Face layout: tokenizer.model, tokenizer.json (what transformers'
+fast tokenizer reads; written here so that loading needs neither protobuf nor transformers' converter),
+tokenizer_config.json and special_tokens_map.json. `transformers.AutoTokenizer.from_pretrained(dir)` then
+gives the same ids as `encode(text, bos=True)`, with two differences that are transformers' own (its
+LlamaTokenizer does the same to Meta's Llama-2 tokenizer): text that *starts* with whitespace gets no
+dummy prefix there (" x" encodes like "x"), and "<s>" / "</s>" typed in the text become control tokens.
+
+Round-trip caveat (sentencepiece, not this wrapper): decode(encode(text)) == text for every string that does
+not contain the character '▁' (U+2581), which sentencepiece uses internally as its space marker and decodes
+to ' '. Empty strings, newlines, tabs, runs of spaces and leading spaces all round-trip (newlines and other
+characters the model has no piece for go through byte fallback).
+
+The .model file is a protobuf message. We read and edit it with the ~60 lines of wire-format code at the
+bottom of this file instead of depending on the protobuf package (sentencepiece's own
+`sentencepiece_model_pb2` needs it, and it is not a runtime dependency of minillm).
+"""
+from __future__ import annotations
+
+import io
+import json
+import logging
+import os
+import struct
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterable
+
+import sentencepiece as spm
+
+log = logging.getLogger(__name__)
+
+# Role markers for chat formatting (SFT / ORPO). Trained tokenizers carry them as "user-defined symbols":
+# single pieces that sentencepiece always matches as a whole, wherever they occur in the text.
+CHAT_TOKENS = ("<|system|>", "<|user|>", "<|assistant|>")
+
+MODEL_FILE = "tokenizer.model"
+
+
+class Tokenizer:
+    """A sentencepiece model with Llama's special-token conventions.
+
+    pad_id: the model's pad piece if it has one. Llama-2's tokenizer has none (pad_id -1 in sentencepiece);
+    then pad_id falls back to unk_id, not eos_id: with byte fallback, encode() never emits <unk>, so padding
+    with it can never be confused with real text, whereas padding with EOS makes any code that masks pad
+    positions also mask the genuine end-of-sequence tokens the model must learn to predict.
+    """
+
+    def __init__(self, model_file: str | os.PathLike):
+        path = Path(model_file)
+        try:
+            proto = path.read_bytes()
+        except OSError as e:
+            raise ValueError(f"{path}: cannot read sentencepiece model ({e.strerror or e})") from None
+        self._load(proto, str(path))
+
+    @classmethod
+    def from_model_proto(cls, proto: bytes, name: str = "<memory>") -> "Tokenizer":
+        """Build from the bytes of a .model file (e.g. one edited by minillm.vocab)."""
+        tok = cls.__new__(cls)
+        tok._load(proto, name)
+        return tok
+
+    def _load(self, proto: bytes, name: str):
+        self.name = name
+        self.model_proto = proto  # kept so save_pretrained writes back exactly what was loaded
+        self.sp = spm.SentencePieceProcessor()
+        try:
+            self.sp.LoadFromSerializedProto(proto)
+        except (RuntimeError, OSError) as e:
+            raise ValueError(f"{name}: not a valid sentencepiece model ({e})") from None
+        self.vocab_size = self.sp.get_piece_size()
+        self.unk_id = self.sp.unk_id()
+        self.bos_id = self.sp.bos_id()
+        self.eos_id = self.sp.eos_id()
+        self.has_pad_piece = self.sp.pad_id() >= 0
+        self.pad_id = self.sp.pad_id() if self.has_pad_piece else self.unk_id  # see class docstring
+        if min(self.bos_id, self.eos_id) < 0:
+            raise ValueError(f"{name}: the model has no BOS or EOS piece (bos_id={self.bos_id}, "
+                             f"eos_id={self.eos_id}); minillm needs both")
+        self.special_ids = frozenset({self.bos_id, self.eos_id, self.pad_id})
+        self.user_defined_symbols = tuple(p for p, _, kind in read_pieces(proto) if kind == PIECE_USER_DEFINED)
+        self._sp_continuation = None  # the same model without the dummy prefix, built on first use
+        # Read from tokenizer_config.json by from_pretrained, written back by save_pretrained.
+        self.chat_template: str | None = None
+        self.model_max_length: int | None = None
+
+    # Picklable (for multiprocessing): the state is the model file's bytes, not the C++ processor.
+    def __getstate__(self):
+        return {"proto": self.model_proto, "name": self.name, "chat_template": self.chat_template,
+                "model_max_length": self.model_max_length}
+
+    def __setstate__(self, state):
+        self._load(state["proto"], state["name"])
+        self.chat_template, self.model_max_length = state["chat_template"], state["model_max_length"]
+
+    def __len__(self) -> int:
+        return self.vocab_size
+
+    def __repr__(self) -> str:
+        return f"Tokenizer({self.name!r}, vocab_size={self.vocab_size})"
+
+    # ------------------------------------------------------------------ encode / decode
+    def encode(self, text: str, bos: bool = False, eos: bool = False) -> list[int]:
+        """Token ids of `text`, exactly as sentencepiece (and Meta's Llama code) segments it, with one
+        exception: text that starts with a chat marker (a user-defined symbol) gets no dummy-prefix '▁'
+        before it. sentencepiece would emit a stray '▁' token there; Hugging Face's Llama tokenizer (and so
+        vLLM, lm-eval, apply_chat_template) does not, and chat prompts must tokenize the same at training
+        and at serving time."""
+        if not isinstance(text, str):
+            raise TypeError(f"encode expects str, got {type(text).__name__}")
+        if self.user_defined_symbols and text.startswith(self.user_defined_symbols):
+            ids = self.encode_continuation(text)
+        else:
+            ids = self.sp.encode(text)
+        return ([self.bos_id] if bos else []) + ids + ([self.eos_id] if eos else [])
+
+    def encode_continuation(self, text: str) -> list[int]:
+        """Ids of `text` as a continuation of earlier text: no dummy-prefix '▁' is added at its start, so
+        "kool" gives the pieces of a word-internal "kool" and " kool" those of a new word."""
+        if self._sp_continuation is None:
+            self._sp_continuation = spm.SentencePieceProcessor()
+            self._sp_continuation.LoadFromSerializedProto(
+                rewrite_model_proto(self.model_proto, add_dummy_prefix=False, drop_self_test=True))
+        return self._sp_continuation.encode(text)
+
+    def encode_batch(self, texts: list[str], bos: bool = False, eos: bool = False,
+                     num_threads: int = -1) -> list[list[int]]:
+        """[encode(t, bos, eos) for t in texts], run in sentencepiece's C++ thread pool."""
+        texts = list(texts)
+        for i, t in enumerate(texts):
+            if not isinstance(t, str):
+                raise TypeError(f"encode_batch: item {i} is {type(t).__name__}, expected str")
+        out = self.sp.encode(texts, num_threads=num_threads)
+        if self.user_defined_symbols:  # the rare chat-marker-first texts: see encode()
+            out = [self.encode_continuation(t) if t.startswith(self.user_defined_symbols) else ids
+                   for t, ids in zip(texts, out)]
+        head, tail = ([self.bos_id] if bos else []), ([self.eos_id] if eos else [])
+        return [head + ids + tail for ids in out]
+
+    def decode(self, ids: Iterable[int]) -> str:
+        """Text of `ids`, skipping BOS, EOS and pad. Accepts lists, tuples, numpy arrays and 1-D tensors."""
+        if hasattr(ids, "tolist"):
+            ids = ids.tolist()
+        ids = [int(i) for i in ids]
+        for i in ids:
+            if not 0 <= i < self.vocab_size:
+                raise ValueError(f"token id {i} is outside the tokenizer's vocabulary "
+                                 f"({self.vocab_size} pieces, ids 0..{self.vocab_size - 1})")
+        return self.sp.decode([i for i in ids if i not in self.special_ids])
+
+    def piece_to_id(self, piece: str) -> int:
+        """Id of `piece`, or unk_id when the vocabulary has no such piece."""
+        return self.sp.piece_to_id(piece)
+
+    def id_to_piece(self, i: int) -> str:
+        if not 0 <= i < self.vocab_size:
+            raise ValueError(f"token id {i} is outside the tokenizer's vocabulary ({self.vocab_size} pieces)")
+        return self.sp.id_to_piece(i)
+
+    def pieces(self) -> list[str]:
+        return [self.sp.id_to_piece(i) for i in range(self.vocab_size)]
+
+    # ------------------------------------------------------------------ training
+    @classmethod
+    def train(cls, inputs, model_prefix: str | os.PathLike, vocab_size: int, *,
+              user_defined_symbols: Iterable[str] = CHAT_TOKENS, pad_piece: bool = False,
+              character_coverage: float = 0.9999, max_sentence_length: int = 16384,
+              input_sentence_size: int = 0, num_threads: int | None = None, seed: int = 0,
+              verbose: bool = False, **sp_options) -> "Tokenizer":
+        """Train a Llama-style BPE tokenizer and write `{model_prefix}.model` (atomically).
+
+        inputs: a text file path, a list of paths, or any other iterable of strings (documents; each line
+          becomes one training sentence, as with files).
+        Settings copied from Llama-2's tokenizer: BPE, byte_fallback (no <unk> ever), split_digits (numbers
+        are spelled digit by digit), identity normalisation (no NFKC: encode/decode round-trips exactly),
+        dummy prefix on, extra whitespace kept. user_defined_symbols (default CHAT_TOKENS) become single
+        pieces. pad_piece=True adds a '<pad>' piece (id 3); by default there is none, as in Llama-2.
+        Lines longer than max_sentence_length bytes are skipped *for training* (encode handles any length).
+        input_sentence_size > 0 trains on that many randomly sampled lines (bounds memory on big corpora).
+        Extra keyword arguments go to sentencepiece's trainer unchanged.
+        """
+        model_prefix = Path(model_prefix)
+        options = dict(
+            model_type="bpe", vocab_size=vocab_size, byte_fallback=True, split_digits=True,
+            normalization_rule_name="identity", add_dummy_prefix=True, remove_extra_whitespaces=False,
+            allow_whitespace_only_pieces=True, character_coverage=character_coverage,
+            user_defined_symbols=list(user_defined_symbols), unk_id=0, bos_id=1, eos_id=2,
+            pad_id=3 if pad_piece else -1, unk_surface=" \u2047 ", max_sentence_length=max_sentence_length,
+            input_sentence_size=input_sentence_size, shuffle_input_sentence=True,
+            num_threads=num_threads or min(os.cpu_count() or 1, 16),
+            minloglevel=0 if verbose else 2,
+        )
+        options.update(sp_options)
+        if isinstance(inputs, (str, os.PathLike)):
+            inputs = [inputs]
+        if isinstance(inputs, (list, tuple)) and all(isinstance(f, (str, os.PathLike)) for f in inputs):
+            files = [str(f) for f in inputs]
+            for f in files:
+                if not os.path.isfile(f):
+                    raise ValueError(f"{f}: training file does not exist (pass a list of file paths, "
+                                     f"or an iterator of text)")
+            source = ", ".join(files)
+            if all(os.path.getsize(f) == 0 for f in files):
+                raise ValueError(f"{source}: empty training corpus")
+            options["input"] = files
+        else:
+            lines = [line for doc in inputs for line in str(doc).splitlines() if line]
+            if not lines:
+                raise ValueError("Tokenizer.train: empty training corpus (the text iterator gave no text)")
+            source = f"<{len(lines)} lines of text>"
+            options["sentence_iterator"] = iter(lines)
+
+        spm.set_random_generator_seed(seed)
+        buffer = io.BytesIO()
+        try:
+            spm.SentencePieceTrainer.train(model_writer=buffer, **options)
+        except RuntimeError as e:
+            # e.g. "Vocabulary size too high (5000). Please set it to a value <= 1234."
+            raise ValueError(f"{source}: sentencepiece training failed: {e}") from None
+        out = Path(str(model_prefix) + ".model")
+        out.parent.mkdir(parents=True, exist_ok=True)
+        atomic_write_bytes(out, buffer.getvalue())
+        return cls(out)
+
+    # ------------------------------------------------------------------ Hugging Face layout
+    @classmethod
+    def from_pretrained(cls, path: str | os.PathLike) -> "Tokenizer":
+        """Load DIR/tokenizer.model (a path to a .model file also works). chat_template and
+        model_max_length are read from DIR/tokenizer_config.json when present."""
+        path = Path(path)
+        if path.is_file():
+            return cls(path)
+        model_file = path / MODEL_FILE
+        if not model_file.is_file():
+            hint = (" (it has tokenizer.json only: Llama-3 style tiktoken tokenizers are not sentencepiece "
+                    "models and are not supported)") if (path / "tokenizer.json").is_file() else ""
+            raise ValueError(f"{model_file}: no sentencepiece tokenizer.model{hint}")
+        tok = cls(model_file)
+        config_file = path / "tokenizer_config.json"
+        if config_file.is_file():
+            try:
+                config = json.loads(config_file.read_text(encoding="utf-8"))
+            except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+                raise ValueError(f"{config_file}: unreadable tokenizer config ({e})") from None
+            tok.chat_template = config.get("chat_template")
+            max_len = config.get("model_max_length")
+            # transformers writes ~1e30 for "no limit"
+            tok.model_max_length = int(max_len) if isinstance(max_len, int) and max_len < 2**40 else None
+        template_file = path / "chat_template.jinja"  # where transformers >= 4.43 saves the template
+        if tok.chat_template is None and template_file.is_file():
+            tok.chat_template = template_file.read_text(encoding="utf-8")
+        return tok
+
+    def save_pretrained(self, path: str | os.PathLike, chat_template: str | None = None,
+                        model_max_length: int | None = None):
+        """Write tokenizer.model, tokenizer.json, tokenizer_config.json, special_tokens_map.json into `path`.
+
+        Each file is written atomically. chat_template / model_max_length default to this tokenizer's
+        attributes (set by from_pretrained or by the caller)."""
+        path = Path(path)
+        path.mkdir(parents=True, exist_ok=True)
+        if chat_template is not None:
+            self.chat_template = chat_template
+        if model_max_length is not None:
+            self.model_max_length = model_max_length
+        atomic_write_bytes(path / MODEL_FILE, self.model_proto)
+        fast = self.hf_tokenizer_json()
+        if fast is not None:
+            atomic_write_json(path / "tokenizer.json", fast)
+        else:  # let transformers convert tokenizer.model itself (needs the protobuf package)
+            (path / "tokenizer.json").unlink(missing_ok=True)
+        atomic_write_json(path / "tokenizer_config.json", self.hf_tokenizer_config())
+        special = {"bos_token": self.sp.id_to_piece(self.bos_id), "eos_token": self.sp.id_to_piece(self.eos_id),
+                   "unk_token": self.sp.id_to_piece(self.unk_id), "pad_token": self.sp.id_to_piece(self.pad_id)}
+        atomic_write_json(path / "special_tokens_map.json", special)
+
+    def hf_tokenizer_config(self) -> dict:
+        piece = self.sp.id_to_piece
+        normalizer = read_normalizer_spec(self.model_proto)
+        config = {
+            "tokenizer_class": "LlamaTokenizer",
+            "add_bos_token": True,
+            "add_eos_token": False,
+            # legacy=False + add_prefix_space: the dummy prefix goes only before the start of the text,
+            # as sentencepiece does (the "legacy" Llama behaviour also added one after special tokens).
+            "legacy": False,
+            "add_prefix_space": normalizer["add_dummy_prefix"],
+            "bos_token": piece(self.bos_id),
+            "eos_token": piece(self.eos_id),
+            "unk_token": piece(self.unk_id),
+            "pad_token": piece(self.pad_id),  # <unk> when the model has no pad piece (class docstring)
+            "clean_up_tokenization_spaces": False,
+            "padding_side": "left",  # what batched generation needs; training code pads by itself
+            "added_tokens_decoder": {
+                str(i): {"content": piece(i), "lstrip": False, "rstrip": False, "normalized": False,
+                         "single_word": False, "special": kind != PIECE_USER_DEFINED}
+                for i, (_, _, kind) in enumerate(read_pieces(self.model_proto))
+                if kind in (PIECE_UNKNOWN, PIECE_CONTROL, PIECE_USER_DEFINED)
+            },
+        }
+        if self.model_max_length is not None:  # absent = no limit, as in transformers
+            config["model_max_length"] = self.model_max_length
+        if self.chat_template is not None:
+            config["chat_template"] = self.chat_template
+        return config
+
+    def hf_tokenizer_json(self) -> dict | None:
+        """The `tokenizers` (fast tokenizer) equivalent of this BPE model, or None when it has no exact
+        equivalent (non-BPE model, or a normaliser other than identity)."""
+        trainer = read_trainer_spec(self.model_proto)
+        normalizer = read_normalizer_spec(self.model_proto)
+        if (trainer["model_type"] != 2 or normalizer["precompiled_charsmap"] or normalizer["remove_extra_whitespaces"]
+                or not normalizer["escape_whitespaces"]):
+            log.warning("%s: not a Llama-style BPE model with identity normalisation; writing no tokenizer.json "
+                        "(transformers will convert tokenizer.model itself, which needs protobuf)", self.name)
+            return None
+        pieces = read_pieces(self.model_proto)
+        vocab = {p: i for i, (p, _, _) in enumerate(pieces)}
+        merges = bpe_merges(pieces)
+        piece = self.sp.id_to_piece
+        added = [{"id": i, "content": p, "single_word": False, "lstrip": False, "rstrip": False,
+                  "normalized": False, "special": kind != PIECE_USER_DEFINED}
+                 for i, (p, _, kind) in enumerate(pieces) if kind in (PIECE_UNKNOWN, PIECE_CONTROL, PIECE_USER_DEFINED)]
+        bos = piece(self.bos_id)
+        prepend = normalizer["add_dummy_prefix"]
+        return {
+            "version": "1.0",
+            "truncation": None,
+            "padding": None,
+            "added_tokens": added,
+            "normalizer": None,
+            "pre_tokenizer": {"type": "Metaspace", "replacement": "\u2581",
+                              "prepend_scheme": "first" if prepend else "never", "split": False},
+            "post_processor": {
+                "type": "TemplateProcessing",
+                "single": [{"SpecialToken": {"id": bos, "type_id": 0}}, {"Sequence": {"id": "A", "type_id": 0}}],
+                "pair": [{"SpecialToken": {"id": bos, "type_id": 0}}, {"Sequence": {"id": "A", "type_id": 0}},
+                         {"SpecialToken": {"id": bos, "type_id": 1}}, {"Sequence": {"id": "B", "type_id": 1}}],
+                "special_tokens": {bos: {"id": bos, "ids": [self.bos_id], "tokens": [bos]}},
+            },
+            "decoder": {"type": "Sequence", "decoders": [
+                {"type": "Replace", "pattern": {"String": "\u2581"}, "content": " "},
+                {"type": "ByteFallback"},
+                {"type": "Fuse"},
+            ] + ([{"type": "Strip", "content": " ", "start": 1, "stop": 0}] if prepend else [])},
+            "model": {"type": "BPE", "dropout": None, "unk_token": piece(self.unk_id),
+                      "continuing_subword_prefix": None, "end_of_word_suffix": None, "fuse_unk": True,
+                      "byte_fallback": trainer["byte_fallback"], "ignore_merges": False,
+                      "vocab": vocab, "merges": merges},
+        }
+
+
+def bpe_merges(pieces: list[tuple[str, float, int]]) -> list[list[str]]:
+    """Merge list for a `tokenizers` BPE model that segments like sentencepiece's BPE.
+
+    sentencepiece's BPE keeps no merge list: starting from characters it repeatedly joins the adjacent pair
+    whose concatenation is a vocabulary piece with the highest score. The equivalent merge list has one
+    rule (left, right) for every way of splitting a normal piece into two normal pieces, ranked by the
+    score of the joined piece (then by id, as transformers' own converter does)."""
+    normal = {p: i for i, (p, _, kind) in enumerate(pieces) if kind == PIECE_NORMAL}
+    rules = []
+    for joined, i in normal.items():
+        score = pieces[i][1]
+        for cut in range(1, len(joined)):
+            left, right = joined[:cut], joined[cut:]
+            if left in normal and right in normal:
+                rules.append((-score, i, normal[left], normal[right], left, right))
+    rules.sort()
+    return [[left, right] for *_, left, right in rules]
+
+
+def check_vocab_fits(tokenizer: "Tokenizer | int", model_vocab_size: int):
+    """Raise ValueError (naming both sizes) when token ids could index past the model's embedding table.
+
+    The table may be larger than the tokenizer (padded to a multiple of 64 for fast matmuls, or
+    Llama-2's 32000 rows for a smaller tokenizer) but never smaller."""
+    tok_size = tokenizer if isinstance(tokenizer, int) else tokenizer.vocab_size
+    if tok_size > model_vocab_size:
+        raise ValueError(
+            f"tokenizer vocabulary ({tok_size} pieces) does not fit the model's embedding table "
+            f"(vocab_size {model_vocab_size}): ids {model_vocab_size}..{tok_size - 1} have no embedding row; "
+            f"use a matching tokenizer or resize the model (python -m minillm.vocab)")
+
+
+# ---------------------------------------------------------------------- atomic writes
+def atomic_write_bytes(path: str | os.PathLike, data: bytes):
+    """Write to a temporary file in the same directory, fsync, then rename over `path`: readers see the old
+    file or the new one, never half of one."""
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def atomic_write_json(path: str | os.PathLike, obj):
+    atomic_write_bytes(path, (json.dumps(obj, indent=2, ensure_ascii=False) + "\n").encode("utf-8"))
+
+
+# ---------------------------------------------------------------------- the .model file (protobuf wire format)
+# sentencepiece_model.proto, the parts we use:
+#   ModelProto     { repeated SentencePiece pieces = 1; TrainerSpec trainer_spec = 2;
+#                    NormalizerSpec normalizer_spec = 3; SelfTestData self_test_data = 4; ... }
+#   SentencePiece  { string piece = 1; float score = 2; Type type = 3 [default NORMAL]; }
+#   TrainerSpec    { ModelType model_type = 3 [default UNIGRAM]; int32 vocab_size = 4; bool byte_fallback = 35; }
+#   NormalizerSpec { string name = 1; bytes precompiled_charsmap = 2; bool add_dummy_prefix = 3 [default true];
+#                    bool remove_extra_whitespaces = 4 [default true]; bool escape_whitespaces = 5 [default true]; }
+# A message is a sequence of (tag = field_number << 3 | wire_type, value) records; a repeated field is just
+# its records in order, and for a non-repeated field the last record wins. So pieces can be appended or
+# replaced by rewriting field-1 records, and every other record is copied byte for byte.
+PIECE_NORMAL, PIECE_UNKNOWN, PIECE_CONTROL, PIECE_USER_DEFINED, PIECE_UNUSED, PIECE_BYTE = 1, 2, 3, 4, 5, 6
+_VARINT, _FIXED64, _LENGTH, _FIXED32 = 0, 1, 2, 5
+
+
+def _read_varint(buf: bytes, pos: int) -> tuple[int, int]:
+    value, shift = 0, 0
+    while True:
+        if pos >= len(buf):
+            raise ValueError("truncated varint")
+        b = buf[pos]
+        pos += 1
+        value |= (b & 0x7F) << shift
+        if not b & 0x80:
+            return value, pos
+        shift += 7
+
+
+def _encode_varint(value: int) -> bytes:
+    value &= (1 << 64) - 1  # negative int32 values are sent as 10-byte two's complement
+    out = bytearray()
+    while True:
+        low = value & 0x7F
+        value >>= 7
+        if value:
+            out.append(low | 0x80)
+        else:
+            out.append(low)
+            return bytes(out)
+
+
+@dataclass
+class _Record:
+    field: int
+    wire_type: int
+    value: int | bytes  # int for varint/fixed, bytes for length-delimited
+    raw: bytes          # the whole record as it appeared, for verbatim copying
+
+
+def _records(buf: bytes) -> list[_Record]:
+    out, pos = [], 0
+    while pos < len(buf):
+        start = pos
+        tag, pos = _read_varint(buf, pos)
+        field, wire_type = tag >> 3, tag & 7
+        if wire_type == _VARINT:
+            value, pos = _read_varint(buf, pos)
+        elif wire_type == _FIXED64:
+            value, pos = int.from_bytes(buf[pos:pos + 8], "little"), pos + 8
+        elif wire_type == _FIXED32:
+            value, pos = int.from_bytes(buf[pos:pos + 4], "little"), pos + 4
+        elif wire_type == _LENGTH:
+            length, pos = _read_varint(buf, pos)
+            value, pos = buf[pos:pos + length], pos + length
+        else:
+            raise ValueError(f"unsupported protobuf wire type {wire_type}")
+        if pos > len(buf):
+            raise ValueError("truncated protobuf message")
+        out.append(_Record(field, wire_type, value, buf[start:pos]))
+    return out
+
+
+def _length_record(field: int, payload: bytes) -> bytes:
+    return _encode_varint(field << 3 | _LENGTH) + _encode_varint(len(payload)) + payload
+
+
+def _varint_record(field: int, value: int) -> bytes:
+    return _encode_varint(field << 3 | _VARINT) + _encode_varint(value)
+
+
+def _submessage(proto: bytes, field: int) -> list[_Record]:
+    """Records of a (non-repeated) sub-message; several occurrences merge, so concatenate them."""
+    return _records(b"".join(r.value for r in _records(proto) if r.field == field and r.wire_type == _LENGTH))
+
+
+def _last(records: list[_Record], field: int, default):
+    values = [r.value for r in records if r.field == field]
+    return values[-1] if values else default
+
+
+def read_pieces(proto: bytes) -> list[tuple[str, float, int]]:
+    """(piece, score, type) for every vocabulary entry, in id order."""
+    pieces = []
+    for r in _records(proto):
+        if r.field == 1 and r.wire_type == _LENGTH:
+            sub = _records(r.value)
+            piece = _last(sub, 1, b"").decode("utf-8")
+            score = struct.unpack("<f", _last(sub, 2, 0).to_bytes(4, "little"))[0]
+            pieces.append((piece, score, _last(sub, 3, PIECE_NORMAL)))
+    return pieces
+
+
+def read_trainer_spec(proto: bytes) -> dict:
+    spec = _submessage(proto, 2)
+    return {"model_type": _last(spec, 3, 1), "vocab_size": _last(spec, 4, 8000),
+            "byte_fallback": bool(_last(spec, 35, 0))}
+
+
+def read_normalizer_spec(proto: bytes) -> dict:
+    spec = _submessage(proto, 3)
+    return {"name": _last(spec, 1, b"").decode("utf-8"), "precompiled_charsmap": _last(spec, 2, b""),
+            "add_dummy_prefix": bool(_last(spec, 3, 1)), "remove_extra_whitespaces": bool(_last(spec, 4, 1)),
+            "escape_whitespaces": bool(_last(spec, 5, 1))}
+
+
+def encode_piece(piece: str, score: float, kind: int = PIECE_NORMAL) -> bytes:
+    payload = (_length_record(1, piece.encode("utf-8")) + _encode_varint(2 << 3 | _FIXED32)
+               + struct.pack("<f", score) + _varint_record(3, kind))
+    return _length_record(1, payload)
+
+
+def rewrite_model_proto(proto: bytes, pieces: list[tuple[str, float, int]] | None = None,
+                        add_dummy_prefix: bool | None = None, drop_self_test: bool = False) -> bytes:
+    """A copy of `proto` with its vocabulary replaced by `pieces` (and trainer_spec.vocab_size updated),
+    and/or normalizer_spec.add_dummy_prefix set. Everything else is copied byte for byte.
+    drop_self_test removes the self-test samples, whose expected segmentations a changed vocabulary breaks
+    (sentencepiece refuses to load a model that fails its own self-test)."""
+    records = _records(proto)
+    if add_dummy_prefix is not None and not any(r.field == 3 for r in records):
+        records.append(_Record(3, _LENGTH, b"", b""))  # no normalizer_spec yet: start an empty one
+    out = []
+    for r in records:
+        if r.field == 1 and pieces is not None:
+            continue  # replaced below
+        if r.field == 4 and drop_self_test:
+            continue
+        if r.field == 2 and pieces is not None and r.wire_type == _LENGTH:
+            out.append(_length_record(2, r.value + _varint_record(4, len(pieces))))  # last value wins
+            continue
+        if r.field == 3 and add_dummy_prefix is not None and r.wire_type == _LENGTH:
+            out.append(_length_record(3, r.value + _varint_record(3, int(add_dummy_prefix))))
+            continue
+        out.append(r.raw)
+    if pieces is not None:
+        out.insert(0, b"".join(encode_piece(*p) for p in pieces))
+    return b"".join(out)

@@ -1,0 +1,160 @@
+"""End-to-end tests of train_pretrain.py: distributed == single process, resume == uninterrupted,
+continuing a Hugging Face directory, bad options. Each run is a real subprocess (python or torchrun).
+
+    .venv/bin/python -m pytest -q tests/test_train_pretrain.py
+"""
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+STEPS = 4
+
+
+def _text(rng, words, n_sentences):
+    return " ".join(" ".join(rng.choice(words) for _ in range(rng.randint(3, 9))).capitalize() + "."
+                    for _ in range(n_sentences))
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory):
+    """A tokenizer and token shards for two 'languages', built from seeded random sentences."""
+    from minillm.data import prepare
+    from minillm.tokenizer import Tokenizer
+
+    root = tmp_path_factory.mktemp("pretrain")
+    rng = random.Random(0)
+    et = "kass koer maja linn päike õun jõgi mägi tänav sõber väike suur ilus".split()
+    en = "cat dog house town sun apple river hill street friend small big nice".split()
+    texts = []
+    for lang, words in (("et", et), ("en", en)):
+        for split, n in (("train", 120), ("valid", 10)):
+            with open(root / f"{lang}_{split}.jsonl", "w") as f:
+                for _ in range(n):
+                    texts.append(_text(rng, words, rng.randint(1, 6)))
+                    f.write(json.dumps({"text": texts[-1]}) + "\n")
+    tok = Tokenizer.train(iter(texts), root / "tok", 400)
+    tok.save_pretrained(root / "tokenizer")
+    for lang in ("et", "en"):
+        for split in ("train", "valid"):
+            prepare([root / f"{lang}_{split}.jsonl"], root / "tokenizer", root / f"{lang}_{split}")
+    return root
+
+
+def run(world, out, *args, nproc=1, check=True, popen=False):
+    cmd = ([sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"]
+           if nproc > 1 else [sys.executable])
+    cmd += [str(ROOT / "train_pretrain.py"), "--preset", "tiny", "--tokenizer", str(world / "tokenizer"),
+            "--data", f"et={world / 'et_train'},en={world / 'en_train'}", "--mixture", "et=0.75,en=0.25",
+            "--valid-data", f"et={world / 'et_valid'}", "--seq-len", "32", "--max-steps", str(STEPS),
+            "--warmup-steps", "2", "--lr", "1e-2", "--min-lr", "1e-3", "--eval-interval", "2",
+            "--eval-batches", "1", "--log-interval", "1", "--out-dir", str(out), *args]
+    env = {**os.environ, "OMP_NUM_THREADS": "1",
+           "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
+    if popen:
+        return subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"{' '.join(cmd)} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
+    return proc
+
+
+def metrics(out):
+    return [json.loads(line) for line in (Path(out) / "metrics.jsonl").read_text().splitlines()]
+
+
+@pytest.fixture(scope="module")
+def single(world, tmp_path_factory):
+    out = tmp_path_factory.mktemp("single")
+    run(world, out, "--micro-batch-size", "4", "--grad-accum", "2")
+    return out
+
+
+def test_single_process_learns_and_exports(single):
+    m = metrics(single)
+    assert [r["step"] for r in m] == list(range(1, STEPS + 1))
+    assert m[-1]["loss"] < m[0]["loss"]
+    assert "val_loss_et" in m[1] and "val_bpb_et" in m[1] and m[1]["val_bpb_et"] > 0
+    for key in ("tokens_seen", "lr", "grad_norm", "tokens_per_s", "mfu", "peak_memory_gb"):
+        assert key in m[0]
+    assert (single / "model" / "config.json").exists() and (single / "model" / "tokenizer.model").exists()
+    assert (single / "checkpoints" / "latest").read_text().strip() == f"step_{STEPS:07d}"
+
+
+@pytest.mark.parametrize("zero_stage", [0, 2, 3])
+def test_two_ranks_match_single_process(world, single, tmp_path, zero_stage):
+    """Same global batch (2 ranks x 2 rows x 2 accumulation == 1 process x 4 rows x 2): same loss curve."""
+    run(world, tmp_path, "--micro-batch-size", "2", "--grad-accum", "2", "--zero-stage", str(zero_stage),
+        nproc=2)
+    ref, got = metrics(single), metrics(tmp_path)
+    assert len(got) == len(ref)
+    for r, g in zip(ref, got):
+        assert g["loss"] == pytest.approx(r["loss"], rel=1e-4, abs=1e-5), (zero_stage, r["step"])
+        assert g["tokens_seen"] == r["tokens_seen"]
+    assert got[-1]["val_loss_et"] == pytest.approx(ref[-1]["val_loss_et"], rel=1e-4)
+
+
+def test_sigterm_then_resume_equals_uninterrupted(world, tmp_path):
+    steps = "40"
+    full = tmp_path / "full"
+    run(world, full, "--max-steps", steps, "--micro-batch-size", "2", "--save-interval", "1000")
+    part = tmp_path / "part"
+    proc = run(world, part, "--max-steps", steps, "--micro-batch-size", "2", "--save-interval", "1000",
+               popen=True)
+    deadline = time.time() + 240
+    while time.time() < deadline:  # preempt once a few steps are logged
+        if (part / "metrics.jsonl").exists() and len(metrics(part)) >= 3:
+            proc.send_signal(signal.SIGTERM)
+            break
+        time.sleep(0.02)
+    output, _ = proc.communicate(timeout=240)
+    assert proc.returncode == 0, output[-3000:]
+    stopped = len(metrics(part))
+    assert stopped < int(steps), "the run finished before SIGTERM arrived"
+    assert "SIGTERM" in output
+    assert (part / "checkpoints" / "latest").read_text().strip() == f"step_{stopped:07d}"
+    assert not (part / "model").exists()  # no export from an interrupted run
+    run(world, part, "--max-steps", steps, "--micro-batch-size", "2", "--save-interval", "1000", "--resume")
+    resumed, ref = metrics(part), metrics(full)
+    assert [r["step"] for r in resumed] == list(range(1, int(steps) + 1))
+    for r, g in zip(ref, resumed):
+        assert g["loss"] == pytest.approx(r["loss"], rel=1e-6, abs=1e-7), r["step"]
+        assert g["lr"] == r["lr"]
+
+
+def test_continue_from_hf_directory_starts_at_its_loss(world, single, tmp_path):
+    """--init-from an exported model: step 1's loss is that model's loss on the first batch."""
+    from minillm.data import PackedLoader, parse_sources
+    from minillm.model import Llama
+
+    run(world, tmp_path, "--init-from", str(single / "model"), "--tokenizer", "", "--micro-batch-size", "4",
+        "--max-steps", "1", "--valid-data", "")
+    model = Llama.from_pretrained(single / "model").eval()
+    loader = PackedLoader(parse_sources(f"et={world / 'et_train'},en={world / 'en_train'}"),
+                          {"et": 0.75, "en": 0.25}, seq_len=32, batch_size=4, seed=1337)
+    batch = loader.next_batch()
+    with torch.no_grad():
+        logits = model(batch["input_ids"], position_ids=batch["position_ids"], doc_ids=batch["doc_ids"])
+    expected = torch.nn.functional.cross_entropy(logits.double().flatten(0, 1), batch["labels"].flatten(),
+                                                 ignore_index=-100).item()
+    assert metrics(tmp_path)[0]["loss"] == pytest.approx(expected, rel=1e-5)
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--seq-len", "100000"], "larger than the model's context"),
+    (["--mixture", "et=-1,en=1"], "et=-1"),
+    (["--mixture", "fr=1"], "fr"),
+    (["--max-stepz", "3"], "unknown option --max-stepz"),
+])
+def test_bad_options_fail_with_one_clear_line(world, tmp_path, args, message):
+    proc = run(world, tmp_path, *args, check=False)
+    assert proc.returncode != 0
+    assert message in (proc.stdout + proc.stderr)

@@ -1,0 +1,214 @@
+"""Vocabulary extension tests: merged pieces, new-row initialisation, unchanged old-vocab logits, CLI.
+
+Run: cd /work/main && python -m pytest -q tests/test_vocab.py
+What is guaranteed (and tested): old ids keep their pieces, scores and types; every new embedding / output
+row is the mean of the old rows of the pieces the old tokenizer splits it into (float64 re-derivation); on
+old-vocabulary inputs the resized model's logits over the old vocabulary are unchanged; target-language
+tokens per word drop. NOT guaranteed: that old text keeps its old ids (a new piece may apply to it).
+"""
+import json
+import random
+
+import pytest
+import torch
+import transformers  # test-only oracle
+
+from minillm.model import Llama, LlamaConfig
+from minillm.tokenizer import CHAT_TOKENS, PIECE_NORMAL, PIECE_USER_DEFINED, Tokenizer, read_pieces
+from minillm.vocab import (
+    extend_tokenizer, init_rows_from_old, main, new_pieces, resize_embeddings, tokens_per_word,
+    train_target_tokenizer,
+)
+
+ENGLISH = ("the of and to in is that it was for on are with as his they be at one have this from or had by "
+           "word but what some we can out other were all there when up use your how said an each she which "
+           "do their time if will way about many then them write would like so these her long make thing see "
+           "him two has look more day could go come did number sound no most people my over know water than "
+           "call first who may down side been now find").split()
+
+
+def estonian_words(rng: random.Random, n: int) -> list[str]:
+    """Made-up words spelled like Estonian: lots of õ ä ö ü š ž that an English vocabulary lacks."""
+    onsets = ["k", "t", "p", "s", "m", "l", "r", "j", "v", "h", "n", "š", "ž", ""]
+    vowels = ["a", "e", "i", "o", "u", "õ", "ä", "ö", "ü", "aa", "ee", "õi", "äe", "üü"]
+    codas = ["", "", "k", "t", "s", "l", "n", "d", "g", "st", "ks"]
+    return ["".join(rng.choice(onsets) + rng.choice(vowels) + rng.choice(codas)
+                    for _ in range(rng.randint(1, 3))) for _ in range(n)]
+
+
+def lines_from(words: list[str], rng: random.Random, n: int) -> list[str]:
+    return [" ".join(rng.choice(words) for _ in range(rng.randint(4, 16))) for _ in range(n)]
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    root = tmp_path_factory.mktemp("vocab")
+    rng = random.Random(0)
+    (root / "en.txt").write_text("\n".join(lines_from(ENGLISH, rng, 2000)) + "\n", encoding="utf-8")
+    et_vocab = estonian_words(rng, 300)
+    (root / "et.txt").write_text("\n".join(lines_from(et_vocab, rng, 3000)) + "\n", encoding="utf-8")
+    (root / "et_eval.txt").write_text("\n".join(lines_from(et_vocab, random.Random(1), 300)) + "\n",
+                                      encoding="utf-8")
+    base = Tokenizer.train(root / "en.txt", root / "base", vocab_size=450, user_defined_symbols=())
+    target = train_target_tokenizer(root / "et.txt", 700, root)
+    merged = extend_tokenizer(base, new_pieces(base, target), user_defined=list(CHAT_TOKENS))
+    return root, base, target, merged
+
+
+def test_old_pieces_keep_ids_scores_and_types(setup):
+    _, base, target, merged = setup
+    old, new = read_pieces(base.model_proto), read_pieces(merged.model_proto)
+    assert new[:len(old)] == old
+    added = new[len(old):]
+    assert len(added) > 100
+    assert [p for p, _, _ in added[:len(CHAT_TOKENS)]] == list(CHAT_TOKENS)
+    assert all(kind == PIECE_USER_DEFINED for _, _, kind in added[:len(CHAT_TOKENS)])
+    normal_added = added[len(CHAT_TOKENS):]
+    assert all(kind == PIECE_NORMAL for _, _, kind in normal_added)
+    # appended below every old score, keeping the target tokenizer's order
+    lowest_old = min(s for _, s, kind in old if kind == PIECE_NORMAL)
+    scores = [s for _, s, _ in normal_added]
+    assert scores[0] < lowest_old and scores == sorted(scores, reverse=True)
+    # exactly the target's normal pieces the base lacked, each once
+    old_set = {p for p, _, _ in old}
+    expected = [p for p, _, kind in read_pieces(target.model_proto) if kind == PIECE_NORMAL and p not in old_set]
+    assert [p for p, _, _ in normal_added] == expected
+    assert merged.vocab_size == base.vocab_size + len(added)
+
+
+def test_tokens_per_word_drops_on_target_text(setup):
+    root, base, _, merged = setup
+    eval_lines = (root / "et_eval.txt").read_text(encoding="utf-8").splitlines()
+    before, after = tokens_per_word(base, eval_lines), tokens_per_word(merged, eval_lines)
+    assert after < 0.6 * before, (before, after)
+    for line in eval_lines[:50]:
+        assert merged.decode(merged.encode(line)) == line
+
+
+def test_merged_tokenizer_matches_transformers(setup, tmp_path):
+    root, _, _, merged = setup
+    merged.save_pretrained(tmp_path)
+    hf = transformers.AutoTokenizer.from_pretrained(str(tmp_path))
+    rng = random.Random(5)
+    texts = rng.sample((root / "et_eval.txt").read_text(encoding="utf-8").splitlines(), 100)
+    texts += rng.sample((root / "en.txt").read_text(encoding="utf-8").splitlines(), 100)
+    texts += ["<|user|>\n" + texts[0] + "<|assistant|>\n" + texts[1]]
+    for text in texts:
+        assert hf(text).input_ids == merged.encode(text, bos=True), text
+
+
+def segment_bytes(tok: Tokenizer, ids: list[int]) -> bytes:
+    """Independent decoding of a piece sequence: byte pieces are their byte, others their UTF-8 text."""
+    out = b""
+    for i in ids:
+        piece = tok.id_to_piece(i)
+        out += bytes([int(piece[3:5], 16)]) if tok.sp.is_byte(i) else piece.replace("\u2581", " ").encode()
+    return out
+
+
+def test_init_rows_are_the_old_segmentation(setup):
+    _, base, _, merged = setup
+    rows = init_rows_from_old(base, merged)
+    assert sorted(rows) == list(range(base.vocab_size, merged.vocab_size))
+    word_starts = 0
+    for new_id, old_ids in rows.items():
+        piece = merged.id_to_piece(new_id)
+        assert all(0 <= i < base.vocab_size for i in old_ids)
+        assert segment_bytes(base, old_ids) == piece.replace("\u2581", " ").encode()
+        if piece.startswith("\u2581") and piece.strip("\u2581"):
+            # a word-initial piece is split as the old tokenizer splits that word at the start of a text
+            assert old_ids == base.encode(piece[1:]), piece
+            word_starts += 1
+    assert word_starts > 20
+
+
+def tiny_model(vocab_size: int, tie: bool) -> Llama:
+    torch.manual_seed(0)
+    config = LlamaConfig.from_preset("tiny", vocab_size=vocab_size, tie_embeddings=tie)
+    return Llama(config).eval()
+
+
+@pytest.mark.parametrize("tie", [False, True])
+def test_resize_embeddings_initialises_means_and_keeps_old_logits(setup, tie):
+    _, base, _, merged = setup
+    model = tiny_model(base.vocab_size, tie)
+    old_emb = model.tok_embeddings.weight.detach().double().clone()
+    old_out = model.output.weight.detach().double().clone()
+    ids = torch.randint(0, base.vocab_size, (2, 24), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        old_logits = model(ids)
+
+    rows = init_rows_from_old(base, merged)
+    new_size = ((merged.vocab_size + 63) // 64) * 64  # padded rows beyond the tokenizer too
+    resize_embeddings(model, new_size, rows)
+    assert model.config.vocab_size == new_size
+    assert model.tok_embeddings.weight.shape == model.output.weight.shape == (new_size, old_emb.shape[1])
+    assert (model.output.weight is model.tok_embeddings.weight) == tie
+    emb, out = model.tok_embeddings.weight.double(), model.output.weight.double()
+    assert torch.equal(emb[:base.vocab_size], old_emb) and torch.equal(out[:base.vocab_size], old_out)
+    for new_id, old_ids in rows.items():
+        torch.testing.assert_close(emb[new_id], old_emb[old_ids].mean(0), atol=1e-6, rtol=0)
+        torch.testing.assert_close(out[new_id], old_out[old_ids].mean(0), atol=1e-6, rtol=0)
+    for pad_row in range(merged.vocab_size, new_size):
+        torch.testing.assert_close(emb[pad_row], old_emb.mean(0), atol=1e-6, rtol=0)
+
+    with torch.no_grad():
+        new_logits = model(ids)
+    assert new_logits.shape[-1] == new_size
+    torch.testing.assert_close(new_logits[..., :base.vocab_size], old_logits, atol=1e-5, rtol=1e-5)
+    # the resized model trains: gradients reach the new rows
+    model.train()
+    model(torch.tensor([[merged.vocab_size - 1, 5]]))[0, -1, merged.vocab_size - 1].backward()
+    assert model.tok_embeddings.weight.grad[merged.vocab_size - 1].abs().sum() > 0
+
+
+def test_resize_embeddings_rejects_bad_requests(setup):
+    model = tiny_model(300, tie=False)
+    with pytest.raises(ValueError, match="200"):
+        resize_embeddings(model, 200)
+    with pytest.raises(ValueError, match="init_rows"):
+        resize_embeddings(model, 310, {305: [300]})  # 300 is not an old id
+    with pytest.raises(ValueError, match="init_rows"):
+        resize_embeddings(model, 310, {305: []})
+    assert model.config.vocab_size == 300 and model.tok_embeddings.weight.shape[0] == 300  # untouched
+
+
+def test_cli_extends_tokenizer_and_model(setup, tmp_path, capsys):
+    root, base, _, _ = setup
+    model = tiny_model(base.vocab_size, tie=False)
+    model.save_pretrained(tmp_path / "base_model", tokenizer=base)
+    ids = torch.tensor([base.encode("the water was long", bos=True)])
+    with torch.no_grad():
+        old_logits = model(ids)
+
+    main(["extend", "--base", str(tmp_path / "base_model"), "--corpus", str(root / "et.txt"),
+          "--new-vocab-size", "700", "--out", str(tmp_path / "tok"), "--add-chat-tokens",
+          "--eval-text", str(root / "et_eval.txt"), "--pad-to-multiple-of", "64",
+          "--model-in", str(tmp_path / "base_model"), "--model-out", str(tmp_path / "et_model")])
+    printed = capsys.readouterr().out
+    assert "tokens per word" in printed
+
+    report = json.loads((tmp_path / "tok" / "vocab_extension.json").read_text())
+    assert report["tokens_per_word_after"] < 0.6 * report["tokens_per_word_before"]
+    assert report["added_chat_tokens"] == list(CHAT_TOKENS)
+    merged = Tokenizer.from_pretrained(tmp_path / "tok")
+    assert merged.vocab_size == report["merged_vocab_size"] == base.vocab_size + report["added_pieces"]
+    assert Tokenizer.from_pretrained(tmp_path / "et_model").model_proto == merged.model_proto
+
+    resized = Llama.from_pretrained(tmp_path / "et_model").eval()
+    assert resized.config.vocab_size == report["model_vocab_size"] == ((merged.vocab_size + 63) // 64) * 64
+    with torch.no_grad():
+        torch.testing.assert_close(resized(ids)[..., :base.vocab_size], old_logits, atol=1e-5, rtol=1e-5)
+    hf = transformers.AutoModelForCausalLM.from_pretrained(str(tmp_path / "et_model"))
+    assert hf.get_input_embeddings().weight.shape[0] == resized.config.vocab_size
+
+
+def test_cli_errors_are_one_line(setup, tmp_path):
+    root, base, _, _ = setup
+    with pytest.raises(SystemExit, match="tokenizer.model"):
+        main(["extend", "--base", str(tmp_path), "--corpus", str(root / "et.txt"),
+              "--new-vocab-size", "700", "--out", str(tmp_path / "o")])
+    base.save_pretrained(tmp_path / "base")
+    with pytest.raises(SystemExit, match="missing.txt"):
+        main(["extend", "--base", str(tmp_path / "base"), "--corpus", str(tmp_path / "missing.txt"),
+              "--new-vocab-size", "700", "--out", str(tmp_path / "o")])
