@@ -210,8 +210,9 @@ class Llama(nn.Module):
         self.output = nn.Linear(config.dim, config.vocab_size, bias=False)
         if config.tie_embeddings:
             self.output.weight = self.tok_embeddings.weight
-        # A buffer so .to(device) moves it; not persistent so checkpoints hold only real weights.
-        self.register_buffer("inv_freq", rope_inv_freq(config), persistent=False)
+        # Rotary frequencies stay a plain fp32 tensor, not a buffer: model.to(bfloat16) would round a
+        # buffer, putting the angle at position 4000 off by most of a radian. Moved per forward (tiny).
+        self.inv_freq = rope_inv_freq(config)
         # Recompute each block's activations in backward instead of storing them (set by the scripts).
         self.activation_checkpointing = False
         self.apply(self._init_weights)
@@ -250,7 +251,7 @@ class Llama(nn.Module):
             else:
                 cache.doc[:, start:start + T] = doc_ids
         h = self.tok_embeddings(input_ids)
-        cos, sin = rotary_cos_sin(position_ids, self.inv_freq, h.dtype)  # shared by every layer
+        cos, sin = rotary_cos_sin(position_ids, self.inv_freq.to(h.device), h.dtype)  # shared by every layer
         for layer in self.layers:
             if self.activation_checkpointing and self.training and cache is None:
                 h = checkpoint(layer, h, cos, sin, doc_ids, use_reentrant=False)

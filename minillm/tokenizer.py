@@ -558,3 +558,44 @@ def rewrite_model_proto(proto: bytes, pieces: list[tuple[str, float, int]] | Non
     if pieces is not None:
         out.insert(0, b"".join(encode_piece(*p) for p in pieces))
     return b"".join(out)
+
+
+# ---------------------------------------------------------------------- CLI
+def main(argv=None):
+    """python -m minillm.tokenizer train --input F [F ...] --vocab-size N --out DIR [--text-field text]
+
+    Trains a Llama-style tokenizer on .txt / .jsonl(.gz) corpora (read as by `python -m minillm.data`)
+    and writes it to DIR in the Hugging Face layout (tokenizer.model, tokenizer.json, ...)."""
+    import argparse
+    import sys
+
+    from minillm.data import input_format, iter_records, record_text
+
+    parser = argparse.ArgumentParser(prog="python -m minillm.tokenizer", description=main.__doc__.split("\n")[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+    p = sub.add_parser("train", help="train a BPE tokenizer with byte fallback")
+    p.add_argument("--input", nargs="+", required=True)
+    p.add_argument("--vocab-size", type=int, required=True)
+    p.add_argument("--out", required=True)
+    p.add_argument("--text-field", default="text")
+    p.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args(argv)
+
+    def texts():
+        for path in args.input:
+            fmt, _ = input_format(path)
+            for line_no, raw, _ in iter_records(path):
+                yield record_text(path, line_no, raw, fmt, args.text_field)
+    try:
+        out = Path(args.out)
+        out.mkdir(parents=True, exist_ok=True)
+        tok = Tokenizer.train(texts(), out / "tokenizer", args.vocab_size, seed=args.seed)
+        tok.save_pretrained(out)
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(1)
+    print(f"trained {tok.vocab_size}-piece tokenizer -> {out}")
+
+
+if __name__ == "__main__":
+    main()
