@@ -121,7 +121,7 @@ def main():
         scale = global_mean_scale(n_tokens, world_size, cfg.grad_accum)
         nll_sum = 0.0
         for batch in micro_batches:
-            nll = -engine(**model_inputs(batch)).sum()
+            nll = engine(**model_inputs(batch), sum_nll=True)
             engine.backward(nll * scale)
             engine.step()  # DeepSpeed updates only after the last micro-batch of the step
             nll_sum += nll.item()

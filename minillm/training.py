@@ -19,7 +19,7 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 
-from minillm.losses import token_logprobs
+from minillm.losses import cross_entropy_sum, token_logprobs
 
 # ----------------------------------------------------------------------------- options
 
@@ -215,19 +215,22 @@ def build_engine(model: nn.Module, cfg, world_size: int, device):
 
 
 class TokenLogprobs(nn.Module):
-    """model + output matrix -> log p(label) per token ([B, T], 0 where label == -100).
+    """model + output matrix -> log p(label) per token ([B, T], 0 where label == -100), or with
+    sum_nll=True just the summed negative log-likelihood (a scalar).
 
-    Every stage's loss is built from these: pretraining/SFT sum them, ORPO averages them per
-    response. The logits are computed chunk by chunk inside `token_logprobs` (minillm/losses.py),
-    so [B, T, vocab] never exists in fp32 at once.
+    Every stage's loss is built from these: pretraining/SFT need only the sum (cheaper: its
+    gradients come out of the forward pass), ORPO averages log-probs per response. The logits are
+    computed chunk by chunk (minillm/losses.py), so [B, T, vocab] never exists in fp32 at once.
     """
 
     def __init__(self, model):
         super().__init__()
         self.model = model
 
-    def forward(self, input_ids, labels, position_ids=None, doc_ids=None):
+    def forward(self, input_ids, labels, position_ids=None, doc_ids=None, sum_nll: bool = False):
         hidden = self.model.hidden_states(input_ids, position_ids=position_ids, doc_ids=doc_ids)
+        if sum_nll:
+            return cross_entropy_sum(hidden, self.model.output.weight, labels)[0]
         return token_logprobs(hidden, self.model.output.weight, labels)
 
 
@@ -516,9 +519,8 @@ def validation_metrics(engine, batches_by_name: dict, byte_lengths: torch.Tensor
         nll = tokens = nbytes = 0.0
         for batch in batches:
             batch = batch_to(batch, device)
-            logps = engine(**model_inputs(batch))
+            nll += engine(**model_inputs(batch), sum_nll=True).item()
             mask = batch["labels"] != -100
-            nll += -logps[mask].double().sum().item()
             tokens += mask.sum().item()
             nbytes += byte_lengths.to(device)[batch["labels"][mask]].sum().item()
         nll, tokens, nbytes = all_reduce_sum([nll, tokens, nbytes], device)
