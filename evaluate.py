@@ -275,7 +275,8 @@ def markdown_table(results: dict) -> str:
     """One line per task and metric: the reported (headline) value and, with several templates,
     best / median / worst over templates. Failed tasks get an ERROR line."""
     rows = results["results"]
-    spread = {(r["task"], r["metric"], r["template"]): r for r in rows if r.get("template") in ("best", "median", "worst")}
+    spread = {(r["task"], r["metric"], r["template"]): r for r in rows
+              if r.get("template") in ("best", "median", "worst")}
     lines = ["| task | metric | value | n | template | best | median | worst |",
              "|---|---|---|---|---|---|---|---|"]
     for r in rows:
@@ -380,6 +381,7 @@ def run(cfg: EvalConfig) -> dict:
             print(f"[{spec['name']}] FAILED: {message}", file=sys.stderr)
             traceback.print_exc()
             results["results"].append({"task": spec["name"], "type": spec["type"], "error": message})
+            (out / "predictions" / f"{spec['name']}.jsonl").unlink(missing_ok=True)  # never a stale file
         else:
             results["results"] += rows
             write_atomic(out / "predictions" / f"{spec['name']}.jsonl",

@@ -131,7 +131,8 @@ def main():
     rows = []
     print(f"loss fwd+bwd, {args.tokens} tokens x hidden {args.hidden}, {args.dtype} on {args.device}, "
           f"chunk {args.chunk_size}, ignored {args.ignore_frac:.0%}, median of {args.repeats}")
-    print(f"{'vocab':>8} {'impl':>10} {'time s':>8} {'cpu s':>8} {'peak + GB':>10} {'peak abs GB':>12} {'loss/token':>11}")
+    print(f"{'vocab':>8} {'impl':>10} {'time s':>8} {'cpu s':>8} {'peak + GB':>10} {'peak abs GB':>12} "
+          f"{'loss/token':>11}")
     for vocab in args.vocab:
         for impl in args.impl:
             out = subprocess.run([sys.executable, os.path.abspath(__file__), *argv, "--case", f"{impl}:{vocab}"],
@@ -142,7 +143,8 @@ def main():
             r = json.loads(out.stdout.strip().splitlines()[-1])
             rows.append(r)
             n = args.tokens * (1 - args.ignore_frac)
-            print(f"{vocab:>8} {impl:>10} {r['time_s']:>8.3f} {r['cpu_s']:>8.2f} {r['peak_add_gb']:>10.3f} {r['peak_abs_gb']:>12.3f} "
+            print(f"{vocab:>8} {impl:>10} {r['time_s']:>8.3f} {r['cpu_s']:>8.2f} {r['peak_add_gb']:>10.3f} "
+                  f"{r['peak_abs_gb']:>12.3f} "
                   f"{r['loss'] / max(n, 1):>11.4f}", flush=True)
     floor = {v: (args.tokens + v) * args.hidden * (4 if args.dtype == "fp32" else 2) / 1e9 for v in args.vocab}
     print("gradients alone (hidden + weight), the floor of 'peak +': "

@@ -16,6 +16,9 @@ import json
 import subprocess
 import sys
 import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
 
 def run_one(impl: str, args) -> dict:
@@ -104,7 +107,7 @@ def main():
         rows.append(json.loads(out.stdout.strip().splitlines()[-1]))
     print(f"preset={args.preset} vocab={args.vocab_size or 'preset'} seq={args.seq_len} batch={args.batch_size} "
           f"dtype={args.dtype} device={args.device} steps={args.steps} (median step)")
-    print(f"| impl | tok/s | step s | MFU | peak mem GB |\n|---|---|---|---|---|")
+    print("| impl | tok/s | step s | MFU | peak mem GB |\n|---|---|---|---|---|")
     for r in rows:
         print(f"| {r['impl']} | {r['tok_s']:.0f} | {r['step_s']:.3f} | {100 * r['mfu']:.1f}% | {r['peak_mem_gb']:.2f} |")
     if len(rows) == 2:

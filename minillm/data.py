@@ -58,7 +58,6 @@ import itertools
 import json
 import multiprocessing
 import os
-import sys
 import time
 import zlib
 from collections import deque

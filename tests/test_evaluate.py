@@ -20,8 +20,8 @@ import evaluate  # noqa: E402
 from minillm.model import Llama, LlamaConfig  # noqa: E402
 from minillm.tasks import TASK_TYPES  # noqa: E402
 from minillm.tasks import multiple_choice, perplexity  # noqa: E402
-from minillm.tasks.common import (EvalContext, continuation_logprobs, encode_choice, generate_texts,  # noqa: E402
-                                  load_task)
+from minillm.tasks.common import (EvalContext, build_prompt, continuation_logprobs, demonstrations,  # noqa: E402
+                                  encode_choice, generate_texts, load_task)
 from minillm.tokenizer import Tokenizer  # noqa: E402
 
 CORPUS = [
@@ -75,8 +75,8 @@ def write_task(directory: Path, name: str, spec: dict, records, dev=None) -> Pat
 
 COPA = [{"premise": "The dog is brown.", "question": "cause", "choices": ["It is old.", "It sat on the mat."],
          "label": 0},
-        {"premise": "Mari elab Tartus.", "question": "effect", "choices": ["Kass istus.", "Koer on vana.", "Tere."],
-         "label": 2},
+        {"premise": "Mari elab Tartus.", "question": "effect",
+         "choices": ["Kass istus.", "Koer on väga õnnelik.", "Tere."], "label": 2},
         {"premise": "The cat sat.", "question": "effect", "choices": ["Mari lives in Tartu.", "Good morning."],
          "label": 1}]
 QA = [{"context": "Mari lives in Tartu.", "question": "Where does Mari live?", "answers": ["Tartu", "in Tartu"]},
@@ -115,7 +115,7 @@ def all_task_files(d: Path) -> list[Path]:
 
 def manual_logprob(model, context, continuation) -> float:
     """log p(continuation | context) by one plain forward pass and log_softmax, no batching."""
-    ids = torch.tensor([context + continuation])
+    ids = torch.tensor([(context + continuation)[:-1]])  # the last token is only a target
     with torch.no_grad():
         logps = torch.log_softmax(model(ids)[0].double(), dim=-1)
     return sum(float(logps[len(context) - 1 + k, tok]) for k, tok in enumerate(continuation))
@@ -131,6 +131,17 @@ def test_loglik_equals_manual_sum_of_token_logprobs(ctx):
     ours = continuation_logprobs(ctx, requests, "test")  # batch of 3 with different lengths, then 1
     for (context, continuation), score in zip(requests, ours):
         assert score == pytest.approx(manual_logprob(ctx.model, context, continuation), abs=1e-9)
+
+
+def test_too_long_inputs_keep_bos_and_lose_their_left_end(ctx):
+    context = ctx.tokenizer.encode("Tere hommikust, kuidas läheb? " * 20, bos=True)  # > max_seq_len 128
+    continuation = ctx.tokenizer.encode_continuation(" Mari elab Tartus.")
+    assert len(context) > ctx.max_len
+    kept = context[:1] + context[len(context) - (ctx.max_len - len(continuation)):]
+    score = continuation_logprobs(ctx, [(context, continuation)], "long")[0]
+    assert score == pytest.approx(manual_logprob(ctx.model, kept, continuation), abs=1e-9)
+    out = generate_texts(ctx, [context], None, "long")[0]
+    assert out["truncated"]
 
 
 def test_raw_continuation_is_the_tail_of_the_whole_text(ctx):
@@ -150,6 +161,7 @@ def test_multiple_choice_scores_each_choice_and_normalises_by_bytes(ctx, tmp_pat
         texts = [" " + c[0].lower() + c[1:] for c in record["choices"]]
         expected = [manual_logprob(ctx.model, *encode_choice(ctx, prompt, [], t)) for t in texts]
         assert pred["logprobs"] == pytest.approx(expected, abs=1e-9)
+        assert pred["choice_bytes"] == [len(t.encode()) for t in texts]
         best = max(range(len(texts)), key=lambda j: expected[j])
         best_norm = max(range(len(texts)), key=lambda j: expected[j] / len(texts[j].encode()))
         assert (pred["pred"], pred["pred_norm"]) == (best, best_norm)
@@ -188,7 +200,7 @@ def test_batched_task_predictions_equal_one_by_one(ctx, tmp_path):
 
 
 def test_raw_few_shot_prompt_and_demonstration_choice(ctx, tmp_path):
-    from minillm.tasks.common import build_prompt, few_shot_examples
+    from minillm.tasks.common import few_shot_examples
     ids = build_prompt(ctx, "Question: b\nAnswer:", [("Question: a\nAnswer:", "x")])
     assert ids[0] == ctx.tokenizer.bos_id
     assert ctx.tokenizer.decode(ids) == "Question: a\nAnswer: x\n\nQuestion: b\nAnswer:"
@@ -206,6 +218,48 @@ def test_raw_few_shot_prompt_and_demonstration_choice(ctx, tmp_path):
     assert predictions[0]["prompt"] == (f"Context: {shot['context']}\nQuestion: {shot['question']}\nAnswer: "
                                         f"{shot['answers'][0]}\n\nContext: {QA[0]['context']}\n"
                                         f"Question: {QA[0]['question']}\nAnswer:")
+
+
+def test_chat_and_alpaca_prompts_come_from_chat_format(ctx):
+    from minillm.chat_format import render
+    chat = dataclasses.replace(ctx, prompt_format="chat", system_prompt="Be brief.")
+    messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Q: a"},
+                {"role": "assistant", "content": "x"}, {"role": "user", "content": "Q: b"}]
+    expected = render(messages, ctx.tokenizer, fmt="chat", add_generation_prompt=True)[0]
+    assert build_prompt(chat, "Q: b", [("Q: a", "x")]) == list(expected)
+    alpaca = dataclasses.replace(ctx, prompt_format="alpaca")
+    record = {"instruction": "Q: a x\n\nQ: b", "input": "", "output": ""}
+    expected = render(record, ctx.tokenizer, fmt="alpaca", add_generation_prompt=True)[0]
+    assert build_prompt(alpaca, "Q: b", [("Q: a", "x")]) == list(expected)
+    # log-likelihood in chat format: the choice is the assistant's reply right after the generation prompt,
+    # tokenised as training renders a reply (no dummy-prefix '▁': it continues "<|assistant|>\n")
+    context, continuation = encode_choice(chat, "Q: b", [("Q: a", "x")], " white")
+    assert context == build_prompt(chat, "Q: b", [("Q: a", "x")])
+    assert continuation == ctx.tokenizer.encode_continuation("white") != ctx.tokenizer.encode("white")
+    full = render(messages[:3] + [{"role": "user", "content": "Q: b"}, {"role": "assistant", "content": "white"}],
+                  ctx.tokenizer, fmt="chat")[0]
+    assert full == context + continuation + [ctx.tokenizer.eos_id] + ctx.tokenizer.encode_continuation("\n")
+    a_context, a_continuation = encode_choice(alpaca, "Q: b", [("Q: a", "x")], " white")
+    assert a_context + a_continuation + [ctx.tokenizer.eos_id] == render(
+        {**record, "output": "white"}, ctx.tokenizer, fmt="alpaca")[0]
+    score = continuation_logprobs(chat, [(context, continuation)], "chat")[0]
+    assert score == pytest.approx(manual_logprob(ctx.model, context, continuation), abs=1e-9)
+
+
+def test_end_to_end_chat_format(model_dir, tmp_path):
+    files = all_task_files(tmp_path)
+    out = tmp_path / "results"
+    evaluate.main(["--model", str(model_dir), "--tasks", *map(str, files[1:4]), "--out", str(out),
+                   "--prompt-format", "chat", "--progress", "false", "--max-new-tokens", "3", "--few-shot", "1"])
+    rows = json.loads((out / "results.json").read_text())["results"]
+    assert not [r for r in rows if "error" in r] and {r["task"] for r in rows} == {"copa", "mc_gen", "qa"}
+    tokenizer = Tokenizer.from_pretrained(model_dir)
+    qa_pred = json.loads((out / "predictions" / "qa.jsonl").read_text().splitlines()[0])
+    spec = load_task(files[3], TASK_TYPES)
+    ctx = EvalContext(model=None, tokenizer=tokenizer, prompt_format="chat")
+    shots = demonstrations(spec, TASK_TYPES["qa"], spec["templates"][0], 0, 1, 0)
+    prompt = spec["templates"][0].format(**QA[0])
+    assert qa_pred["prompt"] == tokenizer.decode(build_prompt(ctx, prompt, shots))
 
 
 # ----------------------------------------------------------------------------- perplexity

@@ -292,7 +292,8 @@ def test_odds_ratio_gradient_matches_float64_finite_differences():
     odds_ratio_loss(a_, b.float())[0].sum().backward()
     for i in range(4):
         h = 1e-6
-        fd = (f64_odds_ratio(float(a[i]) + h, float(b[i]))[0] - f64_odds_ratio(float(a[i]) - h, float(b[i]))[0]) / (2 * h)
+        ai, bi = float(a[i]), float(b[i])
+        fd = (f64_odds_ratio(ai + h, bi)[0] - f64_odds_ratio(ai - h, bi)[0]) / (2 * h)
         assert abs(float(a_.grad[i]) - fd) < 1e-4 * max(1.0, abs(fd)), i
 
 

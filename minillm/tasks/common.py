@@ -193,7 +193,6 @@ class EvalContext:
     top_p: float = 1.0
     repetition_penalty: float = 1.0
     seed: int = 0
-    mc_mode: str = "loglik"  # 'loglik' | 'generate'
     progress: bool = True
     few_shot: int | None = None  # overrides every task file's "few_shot" when set
     system_prompt: str | None = None  # chat format only: a system turn before the prompt
@@ -226,36 +225,45 @@ def few_shot_examples(spec: dict, index: int, k: int, seed: int, split: str = ""
     return rng.sample(pool, min(k, len(pool)))
 
 
-def build_prompt(ctx: EvalContext, text: str, shots: list[tuple[str, str]] = ()) -> list[int]:
-    """Token ids of a prompt wrapped for the model, with (prompt, answer) demonstrations before it.
-
-    raw: BOS + 'prompt1 answer1\\n\\nprompt2 answer2\\n\\ntext' (base models).
-    chat: the chat template, each demonstration a user turn and an assistant turn.
-    alpaca: one Alpaca instruction holding the demonstrations and the prompt.
-    """
-    tokenizer = ctx.tokenizer
-    if ctx.prompt_format == "raw":
-        prefix = "".join(f"{p} {a}\n\n" for p, a in shots)
-        return tokenizer.encode(prefix + text, bos=True)
-    from minillm.chat_format import render
+def wrapped_record(ctx: EvalContext, text: str, shots=(), reply: str | None = None):
+    """The prompt (and optionally the assistant's reply) as a record for minillm.chat_format.render:
+    chat: a conversation, each demonstration a user turn and an assistant turn;
+    alpaca: one Alpaca instruction holding the demonstrations and the prompt."""
     if ctx.prompt_format == "chat":
         messages = [{"role": "system", "content": ctx.system_prompt}] if ctx.system_prompt else []
         for p, a in shots:
             messages += [{"role": "user", "content": p}, {"role": "assistant", "content": a}]
         messages.append({"role": "user", "content": text})
-        return list(render(messages, tokenizer, fmt="chat", add_generation_prompt=True)[0])
+        if reply is not None:
+            messages.append({"role": "assistant", "content": reply})
+        return messages
     if ctx.prompt_format == "alpaca":
         prefix = "".join(f"{p} {a}\n\n" for p, a in shots)
-        record = {"instruction": prefix + text, "input": "", "output": ""}
-        return list(render(record, tokenizer, fmt="alpaca", add_generation_prompt=True)[0])
+        return {"instruction": prefix + text, "input": "", "output": reply or ""}
     raise ValueError(f"unknown prompt format {ctx.prompt_format!r} (chat, alpaca or raw)")
 
 
+def build_prompt(ctx: EvalContext, text: str, shots: list[tuple[str, str]] = ()) -> list[int]:
+    """Token ids of a prompt wrapped for the model, with (prompt, answer) demonstrations before it.
+
+    raw: BOS + 'prompt1 answer1\\n\\nprompt2 answer2\\n\\ntext' (base models).
+    chat / alpaca: minillm.chat_format.render's inference prompt (the code SFT trains with), see
+    wrapped_record.
+    """
+    if ctx.prompt_format == "raw":
+        prefix = "".join(f"{p} {a}\n\n" for p, a in shots)
+        return ctx.tokenizer.encode(prefix + text, bos=True)
+    from minillm.chat_format import render
+    record = wrapped_record(ctx, text, shots)
+    return list(render(record, ctx.tokenizer, fmt=ctx.prompt_format, add_generation_prompt=True)[0])
+
+
 def truncate_left(ids: list[int], limit: int) -> tuple[list[int], bool]:
-    """Keep the last `limit` tokens (the question sits at the end of a prompt); True if cut."""
+    """Keep the first token (BOS) and the last `limit - 1` (the question sits at the end of a prompt);
+    True if anything was cut."""
     if len(ids) <= limit:
         return ids, False
-    return ids[len(ids) - limit:], True
+    return ids[:1] + ids[len(ids) - (limit - 1):], True
 
 
 def default_stop(ctx: EvalContext, single_line: bool) -> list[str] | None:
@@ -271,11 +279,18 @@ def encode_choice(ctx: EvalContext, prompt: str, shots: list[tuple[str, str]], c
     raw: as lm-evaluation-harness, the context's trailing whitespace moves to the continuation and the
     pair is tokenised as ONE text, so the scored tokens are exactly how the model would see the whole
     string; the continuation is what follows the context's own tokens.
-    chat / alpaca: the continuation is the assistant's answer after the generation prompt, tokenised on
-    its own, as an answer is in training (no leading whitespace)."""
+    chat / alpaca: the continuation (leading/trailing whitespace stripped) is the assistant's reply, with
+    exactly the tokens chat_format.render gives a reply in training; its EOS is not scored."""
     tokenizer = ctx.tokenizer
     if ctx.prompt_format != "raw":
-        return build_prompt(ctx, prompt, shots), tokenizer.encode(continuation.strip())
+        from minillm.chat_format import render
+        prompt_ids = build_prompt(ctx, prompt, shots)
+        record = wrapped_record(ctx, prompt, shots, reply=continuation.strip())
+        ids, mask = render(record, tokenizer, fmt=ctx.prompt_format, train_on="last")
+        if ids[:len(prompt_ids)] != prompt_ids:
+            raise ValueError("chat_format.render: the conversation does not start with its inference prompt")
+        n_reply = sum(mask[len(prompt_ids):]) - 1  # the mask covers the reply and its EOS
+        return prompt_ids, ids[len(prompt_ids):len(prompt_ids) + n_reply]
     context = "".join(f"{p} {a}\n\n" for p, a in shots) + prompt
     stripped = context.rstrip()
     continuation = context[len(stripped):] + continuation
@@ -294,7 +309,7 @@ def generate_texts(ctx: EvalContext, prompts: list[list[int]], stop: list[str] |
     padding; generation is padding-invariant, so the order does not change any output).
     Returns per prompt {"text", "n_tokens", "truncated"} in the original order."""
     from minillm.generate import generate
-    limit = max(1, ctx.max_len - ctx.max_new_tokens)
+    limit = max(2, ctx.max_len - ctx.max_new_tokens)
     prepared = [truncate_left(p, limit) for p in prompts]
     order = sorted(range(len(prompts)), key=lambda i: -len(prepared[i][0]))
     results: list[dict | None] = [None] * len(prompts)
@@ -320,7 +335,7 @@ def continuation_logprobs(ctx: EvalContext, requests: list[tuple[list[int], list
 
     Sequences are right-padded into batches (causal attention: padding after a sequence cannot affect
     it) and only the continuation positions go through the output layer. A context too long for the
-    model loses tokens from its left, as in lm-evaluation-harness."""
+    model loses tokens from its left (after BOS), as in lm-evaluation-harness."""
     from minillm.losses import IGNORE_INDEX, token_logprobs
     model = ctx.model
     device = model.tok_embeddings.weight.device
@@ -330,8 +345,8 @@ def continuation_logprobs(ctx: EvalContext, requests: list[tuple[list[int], list
     for context, continuation in requests:
         if not continuation:
             raise ValueError("continuation_logprobs: empty continuation")
-        full = (list(context) + list(continuation))[-(ctx.max_len + 1):]
-        sequences.append((full, len(continuation)))
+        full, _ = truncate_left(list(context) + list(continuation), ctx.max_len + 1)
+        sequences.append((full, min(len(continuation), len(full) - 1)))
     order = sorted(range(len(sequences)), key=lambda i: -len(sequences[i][0]))
     scores = [0.0] * len(sequences)
     try:

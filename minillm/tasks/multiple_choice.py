@@ -55,7 +55,8 @@ def check_record(record: dict, where: str, spec: dict):
         require(record, where, "premise", str)
         question = require(record, where, "question", str)
         if question not in ("cause", "effect"):
-            raise ValueError(f"{where}: field 'question' must be 'cause' or 'effect' in a COPA record, got {question!r}")
+            raise ValueError(f"{where}: field 'question' must be 'cause' or 'effect' in a COPA record, "
+                             f"got {question!r}")
     else:
         require(record, where, "question", str)
     choices = require_str_list(record, where, "choices")
@@ -160,8 +161,8 @@ def _run_loglik(ctx, spec, template, split, desc):
         pred_norm = max(range(len(s)), key=lambda j: s[j] / lengths[j])
         correct.append(pred == record["label"])
         correct_norm.append(pred_norm == record["label"])
-        predictions.append({"line": line, "prompt": prompts[i], "logprobs": s, "pred": pred, "pred_norm": pred_norm,
-                            "label": record["label"], "correct": correct[-1]})
+        predictions.append({"line": line, "prompt": prompts[i], "logprobs": s, "choice_bytes": lengths, "pred": pred,
+                            "pred_norm": pred_norm, "label": record["label"], "correct": correct[-1]})
     return {"acc": mean(correct), "acc_norm": mean(correct_norm)}, predictions
 
 

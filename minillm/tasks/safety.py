@@ -71,5 +71,6 @@ def run(ctx, spec: dict, template: str, split: str = "", desc: str = "") -> tupl
     metrics.update(verbosity_metrics(generations))
     predictions = [{"line": line, "prompt": prompt, "output": gen["text"], "harmful": record["harmful"],
                     "refused": r, "n_tokens": gen["n_tokens"]}
-                   for record, line, prompt, gen, r in zip(records, spec[split + "lines"], prompts, generations, refused)]
+                   for record, line, prompt, gen, r in zip(records, spec[split + "lines"], prompts, generations,
+                                                           refused)]
     return metrics, predictions

@@ -1,0 +1,541 @@
+"""Instruction-data builders: translation-task instructions from bitext, and instruction mixtures.
+
+    python -m minillm.instructions translate --src en.txt --tgt et.txt --src-lang en --tgt-lang et \\
+        --reverse-share 0.25 --format alpaca --out tr.jsonl --seed 0
+    python -m minillm.instructions translate --tsv en-et.tsv ...      (or --jsonl pairs.jsonl)
+    python -m minillm.instructions mix --recipe recipe.json --out-dir DIR --valid-share 0.02 --seed 0 \\
+        [--tokenizer TOKENIZER_DIR]
+
+translate (LLAMMAS' translation-task instructions). Sentence pairs pass OpusFilter-style filters, in this
+order; a pair is counted under the first filter that rejects it, and the report lists kept/removed:
+  empty           a side is empty or whitespace
+  identical       the target is a copy of the source (an untranslated line)
+  long_word       a "word" longer than --max-word-len characters (URLs, base64, glued text)
+  length          a side with fewer than --min-words or more than --max-words words
+  length_ratio    the longer side has more than --max-length-ratio times the characters of the shorter
+                  (a sentence aligned with a paragraph, or with a fragment)
+  alpha           fewer than --min-alpha-share of a side's non-space characters are letters
+  terminal_punct  the sentences end differently: '.', '!', '?' or none (after closing quotes/brackets)
+  numerals        the digit runs differ (separators between digits are ignored, so 1.50 = 1,50 and
+                  12,500 = 12 500)
+  duplicate       the same pair (whitespace-normalised) was kept before
+Each kept pair becomes one instruction: the template language (English or the pair's other language, each
+with several templates) and the template are chosen at random; the source sentence sits either in the
+input field or inside the instruction (--inline-share); exactly round(--reverse-share x kept) pairs, chosen
+at random, are turned around (LLAMMAS: 25% target -> English). Output: Alpaca or chat records.
+
+mix (PLLuM-style composition). recipe.json:
+  {"sources": [{"path": "alpaca_et.jsonl", "type": "organic" | "converted" | "synthetic",
+                "language": "et", "weight": 1.0, "cap": 1000, "name": "alpaca_et"}, ...]}
+  path      SFT JSONL (Alpaca or chat records), relative to the recipe's directory
+  weight    multiplies the number of a source's unique examples (0.5 = a random half, 2 = every example
+            twice); default 1
+  cap       at most this many examples from the source (after weight); default 1000 for converted
+            sources (PLLuM's limit per converted resource), none otherwise; "cap": null = no cap
+  name      default: the file name without extension
+Exact duplicates are removed across all sources (the first occurrence, in recipe order, is kept); the
+validation split (--valid-share of each source's selected unique examples) is taken before upsampling, so no
+example is in both splits. Writes DIR/train.jsonl, DIR/valid.jsonl and DIR/composition.json, and prints
+the composition table (examples and tokens, or words without --tokenizer, by source, type and language).
+Every output file is written atomically; bad input fails before anything is written.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import random
+import re
+import sys
+from collections import Counter
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from minillm.chat_format import as_messages, load_sft_jsonl, read_jsonl, render
+from minillm.tokenizer import atomic_write_bytes, atomic_write_json
+
+# ============================================================================ reading bitext
+
+
+def read_lines(path) -> list[str]:
+    """Lines of a UTF-8 text file, without line ends; a final newline does not start another line."""
+    path = Path(path)
+    try:
+        data = path.read_bytes()
+    except OSError as e:
+        raise ValueError(f"{path}: cannot read ({e.strerror or e})") from None
+    lines = data.split(b"\n")
+    if lines and lines[-1] == b"":
+        lines.pop()
+    out = []
+    for line_no, raw in enumerate(lines, 1):
+        try:
+            out.append(raw.decode("utf-8").rstrip("\r"))
+        except UnicodeDecodeError as e:
+            raise ValueError(f"{path}:{line_no}: not valid UTF-8 (byte {e.start})") from None
+    if out:
+        out[0] = out[0].removeprefix("\ufeff")
+    return out
+
+
+def read_bitext(src=None, tgt=None, tsv=None, jsonl=None, src_lang="en", tgt_lang="et") -> list[tuple[str, str]]:
+    """Sentence pairs from two line-aligned files, a two-column TSV, or JSONL records holding the two
+    sides as {src_lang: .., tgt_lang: ..}, {"source": .., "target": ..} or {"translation": {src_lang: ..,
+    tgt_lang: ..}}. Misaligned input is an error naming the files (or file and line)."""
+    if sum(x is not None for x in ((src or tgt), tsv, jsonl)) != 1:
+        raise ValueError("give the bitext as --src and --tgt, or --tsv, or --jsonl (exactly one)")
+    if src is not None or tgt is not None:
+        if src is None or tgt is None:
+            raise ValueError("--src and --tgt go together")
+        a, b = read_lines(src), read_lines(tgt)
+        if len(a) != len(b):
+            shorter = src if len(a) < len(b) else tgt
+            raise ValueError(f"misaligned bitext: {src} has {len(a)} lines but {tgt} has {len(b)} lines "
+                             f"({shorter} ends after line {min(len(a), len(b))}); the files must hold one "
+                             f"sentence pair per line")
+        return list(zip(a, b))
+    if tsv is not None:
+        pairs = []
+        for line_no, line in enumerate(read_lines(tsv), 1):
+            cols = line.split("\t") if line else ["", ""]
+            if len(cols) != 2:
+                raise ValueError(f"{tsv}:{line_no}: expected 2 tab-separated columns (source, target), "
+                                 f"got {len(cols)}")
+            pairs.append((cols[0], cols[1]))
+        return pairs
+    pairs = []
+    for line_no, record in read_jsonl(jsonl):
+        if not isinstance(record, dict):
+            raise ValueError(f"{jsonl}:{line_no}: expected a JSON object, got {type(record).__name__}")
+        holder = record.get("translation", record)
+        for keys in ((src_lang, tgt_lang), ("source", "target")):
+            if isinstance(holder, dict) and all(k in holder for k in keys):
+                s, t = holder[keys[0]], holder[keys[1]]
+                break
+        else:
+            raise ValueError(f"{jsonl}:{line_no}: missing fields '{src_lang}' and '{tgt_lang}' "
+                             f"(or 'source' and 'target')")
+        if not isinstance(s, str) or not isinstance(t, str):
+            raise ValueError(f"{jsonl}:{line_no}: both sides must be strings")
+        pairs.append((s, t))
+    return pairs
+
+
+# ============================================================================ filters (OpusFilter-style)
+
+@dataclass
+class FilterConfig:
+    max_word_len: int = 40      # OpusFilter LongWordFilter default
+    min_words: int = 1
+    max_words: int = 100        # OpusFilter LengthFilter (unit word) default
+    max_length_ratio: float = 3.0  # OpusFilter LengthRatioFilter default (here on characters)
+    min_alpha_share: float = 0.5
+    # terminal_punct, numerals and duplicate take no parameters
+
+
+TERMINAL = {".": ".", "!": "!", "?": "?", "…": ".", "。": ".", "！": "!", "？": "?"}
+CLOSERS = "\"'”’»)]}"
+_SEPARATOR_BETWEEN_DIGITS = re.compile(r"(?<=\d)[.,\s\u00a0\u202f'’](?=\d)")
+_DIGIT_RUN = re.compile(r"\d+")
+
+
+def terminal_punctuation(text: str) -> str:
+    """'.', '!', '?' or '' for how a sentence ends, looking past closing quotes and brackets."""
+    text = text.rstrip().rstrip(CLOSERS).rstrip()
+    return TERMINAL.get(text[-1:], "")
+
+
+def digit_runs(text: str) -> list[str]:
+    """The numbers of a text as sorted digit strings, thousands and decimal separators removed."""
+    return sorted(_DIGIT_RUN.findall(_SEPARATOR_BETWEEN_DIGITS.sub("", text)))
+
+
+def alpha_share(text: str) -> float:
+    chars = [c for c in text if not c.isspace()]
+    return sum(c.isalpha() for c in chars) / len(chars) if chars else 0.0
+
+
+def whitespace_normalised(text: str) -> str:
+    return " ".join(text.split())
+
+
+FILTERS = ("empty", "identical", "long_word", "length", "length_ratio", "alpha", "terminal_punct", "numerals",
+           "duplicate")
+
+
+def first_failing_filter(src: str, tgt: str, cfg: FilterConfig) -> str | None:
+    """Name of the first filter that rejects the pair, or None (duplicates are checked by the caller)."""
+    s, t = src.strip(), tgt.strip()
+    if not s or not t:
+        return "empty"
+    if whitespace_normalised(s).casefold() == whitespace_normalised(t).casefold():
+        return "identical"
+    sw, tw = s.split(), t.split()
+    if max(len(w) for w in sw + tw) > cfg.max_word_len:
+        return "long_word"
+    if not all(cfg.min_words <= len(w) <= cfg.max_words for w in (sw, tw)):
+        return "length"
+    if max(len(s), len(t)) > cfg.max_length_ratio * min(len(s), len(t)):
+        return "length_ratio"
+    if min(alpha_share(s), alpha_share(t)) < cfg.min_alpha_share:
+        return "alpha"
+    if terminal_punctuation(s) != terminal_punctuation(t):
+        return "terminal_punct"
+    if digit_runs(s) != digit_runs(t):
+        return "numerals"
+    return None
+
+
+def filter_pairs(pairs: list[tuple[str, str]], cfg: FilterConfig | None = None):
+    """(kept pairs with their 1-based line numbers, report {filter: removed count, 'kept', 'total'})."""
+    cfg = cfg or FilterConfig()
+    removed = Counter()
+    seen, kept = set(), []
+    for line_no, (src, tgt) in enumerate(pairs, 1):
+        reason = first_failing_filter(src, tgt, cfg)
+        if reason is None:
+            key = (whitespace_normalised(src), whitespace_normalised(tgt))
+            if key in seen:
+                reason = "duplicate"
+            seen.add(key)
+        if reason:
+            removed[reason] += 1
+        else:
+            kept.append((line_no, src.strip(), tgt.strip()))
+    report = {name: removed[name] for name in FILTERS}
+    report.update(kept=len(kept), total=len(pairs))
+    return kept, report
+
+
+def format_filter_report(report: dict) -> str:
+    total = max(report["total"], 1)
+    lines = [f"{'filter':<16}{'removed':>9}{'share':>8}"]
+    for name in FILTERS:
+        lines.append(f"{name:<16}{report[name]:>9}{100 * report[name] / total:>7.1f}%")
+    lines.append(f"{'kept':<16}{report['kept']:>9}{100 * report['kept'] / total:>7.1f}%  of {report['total']} pairs")
+    return "\n".join(lines)
+
+
+# ============================================================================ instruction templates
+
+# Language names in the forms each template language needs.
+LANGUAGE_NAMES = {
+    "en": {"en": {"name": "English"}, "et": {"name": "Estonian"}, "pl": {"name": "Polish"}},
+    # illative (into), elative (from), inessive (in)
+    "et": {"en": {"ill": "inglise keelde", "ela": "inglise keelest", "ine": "inglise keeles"},
+           "et": {"ill": "eesti keelde", "ela": "eesti keelest", "ine": "eesti keeles"},
+           "pl": {"ill": "poola keelde", "ela": "poola keelest", "ine": "poola keeles"}},
+    # "na język X" (accusative), "z języka X" (genitive), "po X-u" (adverb)
+    "pl": {"en": {"acc": "angielski", "gen": "angielskiego", "adv": "po angielsku"},
+           "et": {"acc": "estoński", "gen": "estońskiego", "adv": "po estońsku"},
+           "pl": {"acc": "polski", "gen": "polskiego", "adv": "po polsku"}},
+}
+
+# "input": the source sentence goes in the Alpaca input field; "inline": it is part of the instruction.
+TEMPLATES = {
+    "en": {
+        "input": ["Translate the following text from {src[name]} to {tgt[name]}.",
+                  "Translate this sentence into {tgt[name]}.",
+                  "Please translate the {src[name]} text below into {tgt[name]}.",
+                  "Provide the {tgt[name]} translation of the following sentence."],
+        "inline": ["Translate to {tgt[name]}: {text}",
+                   "Translate the following {src[name]} sentence into {tgt[name]}: {text}",
+                   "How do you say \"{text}\" in {tgt[name]}?",
+                   "What is the {tgt[name]} translation of \"{text}\"?"],
+    },
+    "et": {
+        "input": ["Tõlgi järgmine tekst {tgt[ill]}.",
+                  "Tõlgi see lause {src[ela]} {tgt[ill]}.",
+                  "Palun tõlgi allolev tekst {tgt[ill]}."],
+        "inline": ["Tõlgi {tgt[ill]}: {text}",
+                   "Tõlgi {src[ela]} {tgt[ill]}: {text}",
+                   "Kuidas on {tgt[ine]} \"{text}\"?"],
+    },
+    "pl": {
+        "input": ["Przetłumacz poniższy tekst na język {tgt[acc]}.",
+                  "Przetłumacz to zdanie z języka {src[gen]} na język {tgt[acc]}."],
+        "inline": ["Przetłumacz na język {tgt[acc]}: {text}",
+                   "Jak powiedzieć \"{text}\" {tgt[adv]}?"],
+    },
+}
+
+
+def translation_record(text: str, translation: str, src_lang: str, tgt_lang: str, template_lang: str,
+                       template: str, inline: bool, fmt: str) -> dict:
+    """One instruction: translate `text` (in src_lang) to tgt_lang, answer `translation`."""
+    names = LANGUAGE_NAMES[template_lang]
+    instruction = template.format(src=names[src_lang], tgt=names[tgt_lang], text=text)
+    record = {"instruction": instruction, "input": "" if inline else text, "output": translation}
+    return record if fmt == "alpaca" else {"messages": as_messages(record)}
+
+
+def build_translation_instructions(pairs, src_lang: str, tgt_lang: str, reverse_share: float = 0.25,
+                                   fmt: str = "alpaca", seed: int = 0, inline_share: float = 0.5,
+                                   template_langs=None) -> list[dict]:
+    """Instruction records for filtered (src, tgt) pairs: exactly round(reverse_share * len(pairs)) of them,
+    chosen at random, ask for tgt -> src; template language, template and placement are drawn at random."""
+    for lang in (src_lang, tgt_lang):
+        if lang not in LANGUAGE_NAMES["en"]:
+            raise ValueError(f"no language names for {lang!r} (known: {', '.join(LANGUAGE_NAMES['en'])})")
+    if src_lang == tgt_lang:
+        raise ValueError(f"source and target language are both {src_lang!r}")
+    if not 0.0 <= reverse_share <= 1.0 or not 0.0 <= inline_share <= 1.0:
+        raise ValueError("--reverse-share and --inline-share must be between 0 and 1")
+    if fmt not in ("alpaca", "chat"):
+        raise ValueError(f"unknown format {fmt!r} (alpaca or chat)")
+    if template_langs is None:  # English and the other language(s) of the pair that have templates
+        template_langs = ["en"] + [x for x in (src_lang, tgt_lang) if x != "en" and x in TEMPLATES]
+    for lang in template_langs:
+        if lang not in TEMPLATES:
+            raise ValueError(f"no instruction templates in {lang!r} (known: {', '.join(TEMPLATES)})")
+    rng = random.Random(seed)
+    reverse = set(rng.sample(range(len(pairs)), round(reverse_share * len(pairs))))
+    records = []
+    for i, (src, tgt) in enumerate(pairs):
+        text, translation, a, b = (tgt, src, tgt_lang, src_lang) if i in reverse else (src, tgt, src_lang, tgt_lang)
+        template_lang = rng.choice(template_langs)
+        inline = rng.random() < inline_share
+        template = rng.choice(TEMPLATES[template_lang]["inline" if inline else "input"])
+        records.append(translation_record(text, translation, a, b, template_lang, template, inline, fmt))
+    return records
+
+
+def write_jsonl(path, records):
+    data = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records)
+    atomic_write_bytes(Path(path), data.encode("utf-8"))
+
+
+def translate_command(args) -> dict:
+    pairs = read_bitext(args.src, args.tgt, args.tsv, args.jsonl, args.src_lang, args.tgt_lang)
+    cfg = FilterConfig(args.max_word_len, args.min_words, args.max_words, args.max_length_ratio, args.min_alpha_share)
+    kept, report = filter_pairs(pairs, cfg)
+    if not kept:
+        raise ValueError(f"{args.src or args.tsv or args.jsonl}: no sentence pair passed the filters\n"
+                         + format_filter_report(report))
+    template_langs = args.template_langs.split(",") if args.template_langs else None
+    records = build_translation_instructions([(s, t) for _, s, t in kept], args.src_lang, args.tgt_lang,
+                                             args.reverse_share, args.format, args.seed, args.inline_share,
+                                             template_langs)
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    write_jsonl(args.out, records)
+    report["reversed"] = round(args.reverse_share * len(kept))
+    if args.report:
+        atomic_write_json(args.report, report)
+    print(format_filter_report(report))
+    print(f"{len(records)} instructions ({report['reversed']} reversed, {args.tgt_lang}->{args.src_lang}) "
+          f"-> {args.out}")
+    return report
+
+
+# ============================================================================ mixtures
+
+SOURCE_TYPES = ("organic", "converted", "synthetic")
+DEFAULT_CONVERTED_CAP = 1000  # PLLuM: at most 1,000 examples per converted resource
+SOURCE_KEYS = {"path", "type", "language", "weight", "cap", "name"}
+
+
+@dataclass
+class Source:
+    name: str
+    path: str
+    type: str
+    language: str
+    weight: float = 1.0
+    cap: int | None = None
+
+
+def read_recipe(path) -> list[Source]:
+    """The recipe's sources, validated; ValueError names the recipe and the source."""
+    path = Path(path)
+    try:
+        recipe = json.loads(path.read_text(encoding="utf-8"))
+    except OSError as e:
+        raise ValueError(f"{path}: cannot read ({e.strerror or e})") from None
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        where = f":{e.lineno}" if isinstance(e, json.JSONDecodeError) else ""
+        raise ValueError(f"{path}{where}: not a valid JSON recipe ({e})") from None
+    entries = recipe.get("sources") if isinstance(recipe, dict) else recipe
+    if not isinstance(entries, list) or not entries:
+        raise ValueError(f"{path}: expected {{\"sources\": [...]}} with at least one source")
+    sources, names = [], set()
+    for i, s in enumerate(entries):
+        where = f"{path}: sources[{i}]"
+        if not isinstance(s, dict):
+            raise ValueError(f"{where}: expected an object")
+        unknown = set(s) - SOURCE_KEYS
+        if unknown:
+            raise ValueError(f"{where}: unknown key(s) {sorted(unknown)} (expected {sorted(SOURCE_KEYS)})")
+        for key in ("path", "type", "language"):
+            if not isinstance(s.get(key), str) or not s[key]:
+                raise ValueError(f"{where}: missing field '{key}'")
+        if s["type"] not in SOURCE_TYPES:
+            raise ValueError(f"{where}: unknown type {s['type']!r} (expected {', '.join(SOURCE_TYPES)})")
+        weight = s.get("weight", 1.0)
+        if isinstance(weight, bool) or not isinstance(weight, (int, float)) or not weight > 0 or math.isinf(weight):
+            raise ValueError(f"{where}: weight must be a positive number, got {weight!r}")
+        cap = s.get("cap", DEFAULT_CONVERTED_CAP if s["type"] == "converted" else None)
+        if cap is not None and (isinstance(cap, bool) or not isinstance(cap, int) or cap < 1):
+            raise ValueError(f"{where}: cap must be a positive integer or null, got {cap!r}")
+        file = Path(s["path"]) if Path(s["path"]).is_absolute() else path.parent / s["path"]
+        name = s.get("name") or Path(s["path"]).name.split(".")[0]
+        if name in names:
+            raise ValueError(f"{where}: duplicate source name {name!r} (set 'name')")
+        names.add(name)
+        sources.append(Source(name, str(file), s["type"], s["language"], float(weight), cap))
+    return sources
+
+
+def dedup_key(record) -> str:
+    """Records are duplicates when they render to the same conversation (formats aside)."""
+    return json.dumps([(m["role"], m["content"]) for m in as_messages(record)], ensure_ascii=False)
+
+
+def record_size(record, tokenizer) -> int:
+    """Tokens of the rendered training example (with a tokenizer), else whitespace-separated words."""
+    if tokenizer is not None:
+        return len(render(record, tokenizer, fmt="auto")[0])
+    return sum(len(m["content"].split()) for m in as_messages(record))
+
+
+def upsample(examples: list, n: int, rng: random.Random) -> list:
+    """n examples: whole copies of `examples`, then a random subset for the remainder."""
+    if not examples:
+        return []
+    copies, rest = divmod(n, len(examples))
+    return examples * copies + rng.sample(examples, rest)
+
+
+def build_mixture(sources: list[Source], valid_share: float = 0.02, seed: int = 0, tokenizer=None):
+    """(train records, valid records, composition) for the recipe's sources (see the module docstring)."""
+    if not 0.0 <= valid_share < 1.0:
+        raise ValueError(f"--valid-share must be in [0, 1), got {valid_share}")
+    loaded = [load_sft_jsonl(s.path) for s in sources]  # every file validated before any work
+    seen, train, valid, rows = set(), [], [], []
+    for source, records in zip(sources, loaded):
+        unique = []
+        for r in records:
+            key = dedup_key(r)
+            if key not in seen:
+                seen.add(key)
+                unique.append(r)
+        rng = random.Random(f"{seed}:{source.name}")
+        rng.shuffle(unique)
+        size = round(len(unique) * source.weight)
+        if source.cap is not None:
+            size = min(size, source.cap)
+        n_valid = round(valid_share * min(size, len(unique)))
+        source_valid = unique[:n_valid]
+        source_train = upsample(unique[n_valid:min(size, len(unique))], size - n_valid, rng)
+        train += source_train
+        valid += source_valid
+        rows.append({"source": source.name, "type": source.type, "language": source.language,
+                     "path": source.path, "records": len(records), "duplicates": len(records) - len(unique),
+                     "weight": source.weight, "cap": source.cap,
+                     "train_examples": len(source_train), "valid_examples": len(source_valid),
+                     "train_size": sum(record_size(r, tokenizer) for r in source_train)})
+    if not train:
+        raise ValueError("the recipe selects no training examples")
+    random.Random(f"{seed}:train").shuffle(train)
+    random.Random(f"{seed}:valid").shuffle(valid)
+    composition = {"unit": "tokens" if tokenizer is not None else "words", "sources": rows,
+                   "by_type": group_totals(rows, "type"), "by_language": group_totals(rows, "language"),
+                   "train_examples": len(train), "valid_examples": len(valid),
+                   "train_size": sum(r["train_size"] for r in rows)}
+    return train, valid, composition
+
+
+def group_totals(rows: list[dict], key: str) -> dict:
+    out = {}
+    for r in rows:
+        g = out.setdefault(r[key], {"train_examples": 0, "valid_examples": 0, "train_size": 0})
+        for k in g:
+            g[k] += r[k]
+    return out
+
+
+def format_composition(c: dict) -> str:
+    unit = c["unit"]
+    n_all, size_all = max(c["train_examples"], 1), max(c["train_size"], 1)
+
+    def line(label, kind, lang, g):
+        return (f"{label:<24}{kind:<11}{lang:<6}{g['train_examples']:>9}{100 * g['train_examples'] / n_all:>7.1f}%"
+                f"{g['train_size']:>12}{100 * g['train_size'] / size_all:>7.1f}%{g['valid_examples']:>7}")
+
+    head = f"{'':<24}{'type':<11}{'lang':<6}{'examples':>9}{'':>8}{unit:>12}{'':>8}{'valid':>7}"
+    out = [head, "by source"]
+    for r in c["sources"]:
+        out.append(line("  " + r["source"], r["type"], r["language"], r)
+                   + f"   ({r['records']} records, {r['duplicates']} duplicates"
+                   + (f", cap {r['cap']}" if r["cap"] is not None else "")
+                   + (f", weight {r['weight']:g}" if r["weight"] != 1 else "") + ")")
+    out.append("by type")
+    for t, g in c["by_type"].items():
+        out.append(line("  " + t, "", "", g))
+    out.append("by language")
+    for lang, g in c["by_language"].items():
+        out.append(line("  " + lang, "", "", g))
+    out.append(line("total", "", "", {"train_examples": c["train_examples"], "train_size": c["train_size"],
+                                      "valid_examples": c["valid_examples"]}))
+    return "\n".join(out)
+
+
+def mix_command(args) -> dict:
+    sources = read_recipe(args.recipe)
+    tokenizer = None
+    if args.tokenizer:
+        from minillm.tokenizer import Tokenizer
+        tokenizer = Tokenizer.from_pretrained(args.tokenizer)
+    train, valid, composition = build_mixture(sources, args.valid_share, args.seed, tokenizer)
+    out = Path(args.out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    write_jsonl(out / "train.jsonl", train)
+    write_jsonl(out / "valid.jsonl", valid)
+    atomic_write_json(out / "composition.json", composition)
+    print(format_composition(composition))
+    print(f"{len(train)} train / {len(valid)} valid examples -> {out}")
+    return composition
+
+
+# ============================================================================ CLI
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(prog="python -m minillm.instructions",
+                                     description="instruction-data builders (see the module docstring)")
+    sub = parser.add_subparsers(dest="command", required=True)
+    t = sub.add_parser("translate", help="translation-task instructions from bitext")
+    t.add_argument("--src", help="source-language text file, one sentence per line")
+    t.add_argument("--tgt", help="target-language text file, line-aligned with --src")
+    t.add_argument("--tsv", help="or: one 'source<TAB>target' pair per line")
+    t.add_argument("--jsonl", help="or: JSONL with {SRC_LANG: .., TGT_LANG: ..} or {source, target}")
+    t.add_argument("--src-lang", default="en")
+    t.add_argument("--tgt-lang", default="et")
+    t.add_argument("--reverse-share", type=float, default=0.25, help="share of pairs asked target -> source")
+    t.add_argument("--inline-share", type=float, default=0.5,
+                   help="share with the sentence inside the instruction (else in the input field)")
+    t.add_argument("--template-langs", default="", help="comma-separated (default: en and the other language)")
+    t.add_argument("--format", choices=("alpaca", "chat"), default="alpaca")
+    t.add_argument("--out", required=True)
+    t.add_argument("--report", default="", help="also write the filter report as JSON here")
+    t.add_argument("--seed", type=int, default=0)
+    d = FilterConfig()
+    t.add_argument("--max-word-len", type=int, default=d.max_word_len)
+    t.add_argument("--min-words", type=int, default=d.min_words)
+    t.add_argument("--max-words", type=int, default=d.max_words)
+    t.add_argument("--max-length-ratio", type=float, default=d.max_length_ratio)
+    t.add_argument("--min-alpha-share", type=float, default=d.min_alpha_share)
+    m = sub.add_parser("mix", help="an instruction mixture from a recipe")
+    m.add_argument("--recipe", required=True)
+    m.add_argument("--out-dir", required=True)
+    m.add_argument("--valid-share", type=float, default=0.02)
+    m.add_argument("--tokenizer", default="", help="count tokens with this tokenizer (default: words)")
+    m.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args(argv)
+    try:
+        return translate_command(args) if args.command == "translate" else mix_command(args)
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(1)
+
+
+if __name__ == "__main__":
+    main()

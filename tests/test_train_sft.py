@@ -1,0 +1,145 @@
+"""End-to-end tests of train_sft.py: gradient accumulation, packing, data parallelism (ZeRO-3),
+best-checkpoint export with the chat template, curriculum stages, bad input. Real subprocesses.
+
+    .venv/bin/python -m pytest -q tests/test_train_sft.py
+"""
+import json
+import os
+import random
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+COLOURS = {"red": "punane", "blue": "sinine", "green": "roheline", "black": "must", "white": "valge",
+           "yellow": "kollane"}
+ANIMALS = {"cat": "kass", "dog": "koer", "cow": "lehm", "bird": "lind", "fish": "kala"}
+
+
+def translation_records(rng, n, held_out=()):
+    records = []
+    while len(records) < n:
+        c, a = rng.choice(list(COLOURS)), rng.choice(list(ANIMALS))
+        if (c, a) in held_out:
+            continue
+        if rng.random() < 0.5:
+            records.append({"instruction": "Translate to Estonian.", "input": f"the {c} {a}",
+                            "output": f"{COLOURS[c]} {ANIMALS[a]}"})
+        else:
+            records.append({"messages": [{"role": "user", "content": f"Translate to Estonian: the {c} {a}"},
+                                         {"role": "assistant", "content": f"{COLOURS[c]} {ANIMALS[a]}"}]})
+    return records
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory):
+    """A tokenizer, a tiny random model in Hugging Face layout, and instruction files."""
+    from minillm.model import Llama, LlamaConfig
+    from minillm.tokenizer import Tokenizer
+
+    root = tmp_path_factory.mktemp("sft")
+    rng = random.Random(0)
+    texts = [json.dumps(r) for r in translation_records(random.Random(2), 200)]
+    tok = Tokenizer.train(iter(texts), root / "tok", 400)
+    config = LlamaConfig.from_preset("tiny", vocab_size=tok.vocab_size, max_seq_len=128)
+    Llama(config).save_pretrained(root / "init", tokenizer=tok)
+    held_out = {("white", "fish")}
+    for name, n in (("train", 48), ("valid", 8)):
+        with open(root / f"{name}.jsonl", "w") as f:
+            for r in translation_records(rng, n, held_out):
+                f.write(json.dumps(r) + "\n")
+    return root
+
+
+def run(world, out, *args, nproc=1, check=True):
+    cmd = ([sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"]
+           if nproc > 1 else [sys.executable])
+    cmd += [str(ROOT / "train_sft.py"), "--init-from", str(world / "init"), "--train-data",
+            str(world / "train.jsonl"), "--valid-data", str(world / "valid.jsonl"), "--seq-len", "96",
+            "--epochs", "1", "--warmup-steps", "1", "--lr", "3e-3", "--log-interval", "1",
+            "--out-dir", str(out), *args]
+    env = {**os.environ, "OMP_NUM_THREADS": "1",
+           "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"{' '.join(cmd)} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
+    return proc
+
+
+def metrics(out):
+    return [json.loads(line) for line in (Path(out) / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_accumulation_4x1_equals_batch_1x4(world, tmp_path):
+    """Same items per optimizer step, same loss (a mean over response tokens of the whole step)."""
+    run(world, tmp_path / "a", "--micro-batch-size", "4", "--grad-accum", "1", "--pack", "false")
+    run(world, tmp_path / "b", "--micro-batch-size", "1", "--grad-accum", "4", "--pack", "false")
+    a, b = metrics(tmp_path / "a"), metrics(tmp_path / "b")
+    assert len(a) == len(b) == 12
+    for x, y in zip(a, b):
+        assert y["loss"] == pytest.approx(x["loss"], rel=1e-5), x["step"]
+        assert y["response_tokens"] == x["response_tokens"]
+
+
+def test_packed_and_unpacked_give_the_same_loss(world, tmp_path):
+    """One step over the whole epoch: packed rows hold the same response tokens as unpacked ones."""
+    run(world, tmp_path / "packed", "--micro-batch-size", "64", "--pack", "true")
+    run(world, tmp_path / "plain", "--micro-batch-size", "64", "--pack", "false")
+    p, u = metrics(tmp_path / "packed")[0], metrics(tmp_path / "plain")[0]
+    assert p["response_tokens"] == u["response_tokens"]
+    assert p["loss"] == pytest.approx(u["loss"], rel=1e-5)
+    assert p["val_loss_sft"] == pytest.approx(u["val_loss_sft"], rel=1e-5)
+
+
+def test_zero3_two_ranks_match_single_process(world, tmp_path):
+    run(world, tmp_path / "one", "--micro-batch-size", "4", "--pack", "false")
+    run(world, tmp_path / "two", "--micro-batch-size", "2", "--pack", "false", "--zero-stage", "3", nproc=2)
+    one, two = metrics(tmp_path / "one"), metrics(tmp_path / "two")
+    assert len(one) == len(two)
+    for x, y in zip(one, two):
+        assert y["loss"] == pytest.approx(x["loss"], rel=1e-4), x["step"]
+    assert two[-1]["val_loss_sft"] == pytest.approx(one[-1]["val_loss_sft"], rel=1e-4)
+
+
+def test_stages_best_export_and_chat_template(world, tmp_path):
+    """Two sequential stages in one command; the exported model carries the chat template, and
+    transformers' apply_chat_template reproduces the prompt the model was trained with."""
+    from transformers import AutoTokenizer
+
+    from minillm.chat_format import render
+    from minillm.tokenizer import Tokenizer
+
+    out = tmp_path / "run"
+    train = world / "train.jsonl"
+    run(world, out, "--train-data", f"{train};{train}", "--epochs", "2", "--micro-batch-size", "8")
+    m = metrics(out)
+    assert {r["stage"] for r in m} == {1, 2} and {r["epoch"] for r in m} == {1, 2}
+    vals = [r["val_loss_sft"] for r in m if "val_loss_sft" in r]
+    assert len(vals) == 4  # end of every epoch of every stage
+    best = [r for r in m if r.get("best")]
+    assert best and best[-1]["val_loss_sft"] == min(vals)
+    model_dir = out / "model"
+    assert (model_dir / "model.safetensors").exists()
+    hf_tok = AutoTokenizer.from_pretrained(model_dir)
+    tok = Tokenizer.from_pretrained(model_dir)
+    messages = [{"role": "user", "content": "Translate to Estonian: the red cat"},
+                {"role": "assistant", "content": "punane kass"}]
+    ids, _ = render(messages, tok, fmt="chat")
+    assert hf_tok.apply_chat_template(messages, tokenize=True, return_dict=False) == list(ids)
+
+
+@pytest.mark.parametrize("record, message", [
+    ({"instruction": "Translate."}, "output"),
+    ({"messages": [{"role": "robot", "content": "hi"}]}, "role"),
+    ({"messages": [{"role": "user", "content": "hi"}]}, "assistant"),
+])
+def test_bad_records_fail_with_file_and_line(world, tmp_path, record, message):
+    bad = tmp_path / "bad.jsonl"
+    good = json.dumps(translation_records(random.Random(1), 1)[0])
+    bad.write_text(good + "\n" + json.dumps(record) + "\n")
+    proc = run(world, tmp_path / "out", "--train-data", str(bad), check=False)
+    assert proc.returncode != 0
+    err = proc.stderr.strip().splitlines()[-1]
+    assert f"{bad}:2" in err and message in err
