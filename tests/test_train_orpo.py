@@ -1,0 +1,153 @@
+"""End-to-end tests of train_orpo.py: the one concatenated pass on the real model, ORPO raising reward
+accuracy, ZeRO-3 on 2 ranks == 1 process, and bad preference data. Real subprocesses.
+
+    .venv/bin/python -m pytest -q tests/test_train_orpo.py
+"""
+import importlib.util
+import json
+import os
+import random
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+COLOURS = {"red": "punane", "blue": "sinine", "green": "roheline", "black": "must", "white": "valge"}
+ANIMALS = {"cat": "kass", "dog": "koer", "cow": "lehm", "bird": "lind", "fish": "kala"}
+
+
+def preference_records(rng, n):
+    """chosen: the right Estonian phrase; rejected: a wrong colour (a wrong fact)."""
+    out = []
+    for _ in range(n):
+        c, a = rng.choice(list(COLOURS)), rng.choice(list(ANIMALS))
+        wrong = rng.choice([x for x in COLOURS if x != c])
+        prompt = f"Translate to Estonian: the {c} {a}"
+        if rng.random() < 0.5:
+            prompt = [{"role": "user", "content": prompt}]
+        out.append({"prompt": prompt, "chosen": f"{COLOURS[c]} {ANIMALS[a]}",
+                    "rejected": {"role": "assistant", "content": f"{COLOURS[wrong]} {ANIMALS[a]}"}})
+    return out
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory):
+    from minillm.model import Llama, LlamaConfig
+    from minillm.tokenizer import Tokenizer
+
+    root = tmp_path_factory.mktemp("orpo")
+    rng = random.Random(0)
+    records = preference_records(rng, 80)
+    tok = Tokenizer.train(iter(json.dumps(r) for r in records), root / "tok", 400)
+    torch.manual_seed(0)
+    Llama(LlamaConfig.from_preset("tiny", vocab_size=tok.vocab_size, max_seq_len=128)).save_pretrained(
+        root / "init", tokenizer=tok)
+    for name, recs in (("train", records[:64]), ("valid", records[64:])):
+        (root / f"{name}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in recs))
+    return root
+
+
+def run(world, out, *args, nproc=1, check=True):
+    cmd = ([sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"]
+           if nproc > 1 else [sys.executable])
+    cmd += [str(ROOT / "train_orpo.py"), "--init-from", str(world / "init"), "--train-data",
+            str(world / "train.jsonl"), "--valid-data", str(world / "valid.jsonl"), "--seq-len", "96",
+            "--warmup-steps", "1", "--log-interval", "1", "--out-dir", str(out), *args]
+    env = {**os.environ, "OMP_NUM_THREADS": "1",
+           "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"{' '.join(cmd)} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
+    return proc
+
+
+def metrics(out):
+    return [json.loads(line) for line in (Path(out) / "metrics.jsonl").read_text().splitlines()]
+
+
+def load_script():
+    spec = importlib.util.spec_from_file_location("train_orpo", ROOT / "train_orpo.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["train_orpo"] = module  # dataclasses look their module up while the class is built
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_one_concatenated_pass_equals_two_passes(world):
+    """Log-probs and gradients of the [chosen; rejected] batch equal those of two separate passes."""
+    from minillm.chat_format import load_preferences
+    from minillm.losses import split_pairs, token_logprobs
+    from minillm.model import Llama
+    from minillm.tokenizer import Tokenizer
+
+    orpo = load_script()
+    model = Llama.from_pretrained(world / "init")
+    tok = Tokenizer.from_pretrained(world / "init")
+    pairs, _ = load_preferences(world / "train.jsonl", tok, 96)
+    batch = orpo.pair_batch(pairs, [0, 1, 2], nll_on_prompt=False, seq_len=96, pad_id=tok.pad_id)
+
+    def logps(b):
+        hidden = model.hidden_states(b["input_ids"], position_ids=b["position_ids"], doc_ids=b["doc_ids"])
+        return token_logprobs(hidden, model.output.weight, b["labels"])
+
+    joint = logps(batch)
+    joint.sum().backward()
+    grads_joint = [p.grad.clone() for p in model.parameters()]
+    model.zero_grad()
+    halves = [{k: split_pairs(v)[i] for k, v in batch.items()} for i in (0, 1)]
+    separate = [logps(h) for h in halves]
+    (separate[0].sum() + separate[1].sum()).backward()
+    torch.testing.assert_close(joint, torch.cat(separate), rtol=1e-5, atol=1e-6)
+    for g_joint, p in zip(grads_joint, model.parameters()):
+        torch.testing.assert_close(g_joint, p.grad, rtol=1e-4, atol=1e-6)
+    # The response mask covers exactly each reply and its EOS, identically for the two renderings.
+    chosen_mask, rejected_mask = split_pairs(batch["response_mask"])
+    assert chosen_mask.any(1).all() and rejected_mask.any(1).all()
+
+
+def test_orpo_raises_reward_accuracy_and_exports(world, tmp_path):
+    run(world, tmp_path, "--epochs", "6", "--micro-batch-size", "8", "--lr", "3e-3", "--min-lr", "3e-4",
+        "--eval-interval", "24")
+    m = metrics(tmp_path)
+    start, end = m[0], m[-1]
+    assert start["step"] == 0 and "val_reward_accuracy" in start
+    assert end["val_reward_accuracy"] >= 0.9 and end["val_reward_accuracy"] > start["val_reward_accuracy"]
+    assert end["val_margin"] > start["val_margin"]
+    for key in ("loss", "nll", "or_loss", "log_odds", "chosen_logps", "rejected_logps", "reward_accuracy",
+                "margin", "chosen_length", "rejected_length", "grad_norm", "lr"):
+        assert key in end and end[key] == end[key], key  # present and not NaN
+    assert (tmp_path / "model" / "model.safetensors").exists()
+    config = json.loads((tmp_path / "model" / "tokenizer_config.json").read_text())
+    assert "<|assistant|>" in config["chat_template"]
+
+
+def test_zero3_two_ranks_match_single_process(world, tmp_path):
+    run(world, tmp_path / "one", "--epochs", "1", "--micro-batch-size", "4", "--eval-interval", "1000")
+    run(world, tmp_path / "two", "--epochs", "1", "--micro-batch-size", "2", "--zero-stage", "3",
+        "--eval-interval", "1000", nproc=2)
+    one, two = metrics(tmp_path / "one"), metrics(tmp_path / "two")
+    assert len(one) == len(two) > 2
+    for x, y in zip(one, two):
+        for key in ("loss", "nll", "or_loss", "reward_accuracy", "margin", "chosen_length"):
+            if key in x:
+                assert y[key] == pytest.approx(x[key], rel=1e-4, abs=1e-6), (x["step"], key)
+
+
+def test_bad_pairs(world, tmp_path):
+    good = preference_records(random.Random(5), 12)
+    same = dict(good[0], rejected=good[0]["chosen"])
+    long_prompt = dict(good[1], prompt="Translate to Estonian: " + "the red cat " * 60)
+    data = tmp_path / "mixed.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in good + [same, long_prompt]))
+    proc = run(world, tmp_path / "mixed", "--train-data", str(data), "--valid-data", "", "--micro-batch-size", "4")
+    assert "12 pairs" in proc.stdout and "dropped_identical 1" in proc.stdout and "dropped_no_room 1" in proc.stdout
+    assert all(r["loss"] == r["loss"] for r in metrics(tmp_path / "mixed"))  # no NaN
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text(json.dumps(good[0]) + "\n" + json.dumps(dict(good[1], chosen="")) + "\n")
+    proc = run(world, tmp_path / "e", "--train-data", str(empty), check=False)
+    assert proc.returncode != 0
+    last = proc.stderr.strip().splitlines()[-1]
+    assert f"{empty}:2" in last and "chosen" in last
