@@ -21,12 +21,13 @@ writes the same template as Jinja for Hugging Face's tokenizer_config.json; a te
 transformers' apply_chat_template gives exactly render's ids.
 
 Why the ids equal tokenizing the whole rendered string. sentencepiece puts a dummy-prefix '▁' in front of
-every text it encodes, so encoding a conversation piece by piece (as open-instruct does to find the mask)
-can give different tokens than encoding the whole string (what apply_chat_template + tokenizer does). The
-rendered text is cut only where a special id sits (BOS, EOS) and where an assistant reply starts; the text
-between two special ids is encoded as ONE string, exactly as Hugging Face's tokenizer encodes the text
-between two special tokens: the text right after BOS with Tokenizer.encode (dummy prefix, except before a
-chat marker), text after an EOS without a dummy prefix (Tokenizer.encode_continuation). A reply starts
+every text it encodes, so encoding a conversation piece by piece can give different tokens than encoding
+the whole string (what apply_chat_template + tokenizer does). The rendered text is cut only where a special
+id sits (BOS, EOS) and where an assistant reply starts; the text between two special ids is encoded as ONE
+string, as Hugging Face's tokenizer encodes the text between two special tokens: the text right after BOS
+with Tokenizer.encode (a dummy prefix, as Llama encodes a document, except before a chat marker; Hugging
+Face adds none after a special token, so the Jinja template writes it as a space: "<s> Below is ..."),
+text after an EOS without a dummy prefix (Tokenizer.encode_continuation). A reply starts
 right after a "\\n", and Llama-style tokenizers have no piece containing "\\n" (it is the byte piece
 <0x0A>), so no token can straddle that cut; `render` checks this on every example (the pieces' tokens
 must concatenate to the whole text's tokens) and raises if a tokenizer ever merges across it.
@@ -293,19 +294,22 @@ def space_after_bos(tokenizer=None, fmt: str = "chat") -> bool:
 def chat_template_jinja(fmt: str = "chat", tokenizer=None) -> str:
     """A Jinja chat template (for tokenizer_config.json) that renders messages exactly as `render` does:
     transformers' apply_chat_template(messages, tokenize=True) gives render(messages, fmt=fmt)'s ids.
-    Pass the tokenizer when it is not a minillm-trained (Llama-style, with chat markers) one."""
+    Pass the tokenizer when it is not a minillm-trained (Llama-style, with chat markers) one.
+    One known difference, transformers' own: content that contains the literal text "<s>" or "</s>" is
+    read as BOS/EOS by Hugging Face's tokenizer, while render keeps it as text."""
     s = _jinja_string
     lead = "{{ bos_token }}" + ("{{ ' ' }}" if space_after_bos(tokenizer, fmt) else "")
+    def turn(prefix: str, suffix: str) -> str:
+        return "{{ " + s(prefix) + " + message['content'] + " + suffix + " }}"
+
     if fmt == "chat":
-        return (
-            lead + "{% for message in messages %}"
-            "{% if message['role'] == 'system' %}{{ " + s(SYSTEM_PREFIX) + " + message['content'] + " + s(TURN_END) + " }}"
-            "{% elif message['role'] == 'user' %}{{ " + s(USER_PREFIX) + " + message['content'] + " + s(TURN_END) + " }}"
-            "{% elif message['role'] == 'assistant' %}{{ " + s(ASSISTANT_PREFIX) + " + message['content'] + eos_token + "
-            + s(TURN_END) + " }}"
-            "{% else %}{{ raise_exception('unknown role: ' + message['role']) }}{% endif %}"
-            "{% endfor %}"
-            "{% if add_generation_prompt %}{{ " + s(ASSISTANT_PREFIX) + " }}{% endif %}")
+        return (lead + "{% for message in messages %}"
+                "{% if message['role'] == 'system' %}" + turn(SYSTEM_PREFIX, s(TURN_END))
+                + "{% elif message['role'] == 'user' %}" + turn(USER_PREFIX, s(TURN_END))
+                + "{% elif message['role'] == 'assistant' %}" + turn(ASSISTANT_PREFIX, "eos_token + " + s(TURN_END))
+                + "{% else %}{{ raise_exception('unknown role: ' + message['role']) }}{% endif %}"
+                "{% endfor %}"
+                "{% if add_generation_prompt %}{{ " + s(ASSISTANT_PREFIX) + " }}{% endif %}")
     if fmt == "alpaca":
         no_input_head, tail = ALPACA_PROMPT_NO_INPUT.split("{instruction}")
         return (

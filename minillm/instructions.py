@@ -48,7 +48,7 @@ import random
 import re
 import sys
 from collections import Counter
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 
 from minillm.chat_format import as_messages, load_sft_jsonl, read_jsonl, render

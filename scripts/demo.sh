@@ -19,3 +19,23 @@ echo "== 4. continual pretraining, 75% Estonian / 25% English"
 $PY train_pretrain.py --out-dir "$RUN/pretrain" --tokenizer "$RUN/tokenizer" \
     --data "et=$RUN/tokens/et_train,en=$RUN/tokens/en_train" \
     --valid-data "et=$RUN/tokens/et_valid,en=$RUN/tokens/en_valid"
+echo "== 5. translation-task instructions from the bitext (25% Estonian -> English, as LLAMMAS)"
+$PY -m minillm.instructions translate --tsv "$DATA/bitext/en-et.tsv" --src-lang en --tgt-lang et \
+    --reverse-share 0.25 --format chat --out "$RUN/sft_data/trtask.jsonl" --seed 0 | tail -3
+echo "== 6. instruction tuning: translation tasks + Estonian/English instructions, loss on responses only"
+$PY train_sft.py --init-from "$RUN/pretrain/model" --out-dir "$RUN/sft" \
+    --train-data "$RUN/sft_data/trtask.jsonl,$DATA/sft/alpaca_et.jsonl,$DATA/sft/alpaca_en.jsonl,$DATA/sft/chat_en.jsonl" \
+    --valid-data "$DATA/sft/valid.jsonl" --epochs 2 --seq-len 256 --micro-batch-size 16 --lr 1e-3 --min-lr 1e-4 \
+    --log-interval 20
+echo "== 7. ORPO preference alignment"
+$PY train_orpo.py --init-from "$RUN/sft/model" --out-dir "$RUN/orpo" --train-data "$DATA/preferences/train.jsonl" \
+    --valid-data "$DATA/preferences/valid.jsonl" --epochs 1 --seq-len 256 --micro-batch-size 8 --lr 2e-4 \
+    --min-lr 2e-5 --eval-interval 25 --log-interval 25
+echo "== 8. held-out instructions (never seen in training)"
+$PY scripts/heldout_check.py --model "$RUN/orpo/model" --data "$DATA/sft/heldout.jsonl" --limit 10
+echo "== 9. evaluation of the SFT and ORPO models on the sample tasks"
+$PY evaluate.py --model "$RUN/sft/model" --tasks "$DATA/eval" --prompt-format chat --out "$RUN/eval_sft" \
+    --max-new-tokens 48 --limit 20 --progress false > /dev/null
+$PY evaluate.py --model "$RUN/orpo/model" --tasks "$DATA/eval" --prompt-format chat --out "$RUN/eval_orpo" \
+    --max-new-tokens 48 --limit 20 --progress false > /dev/null
+$PY evaluate.py --compare "$RUN/eval_sft/results.json" "$RUN/eval_orpo/results.json"

@@ -119,14 +119,14 @@ def check_matches_math_fp32(backend, case):
     assert_close_all(got, out_and_grads(oracle_attention, q, k, v, q_doc, k_doc, w), 1e-3, f"{backend} {case} vs oracle")
 
 
-def check_matches_math_bf16(backend):
-    """bf16 inputs: within 1e-2 of the math path on the same inputs and of the float64 truth."""
-    q, k, v, q_doc, k_doc, w = make_inputs(*CASES["gqa-docs"], dtype=torch.bfloat16)
+def check_matches_math_16bit(backend, dtype):
+    """bf16 / fp16 inputs: within 1e-2 of the math path on the same inputs and of the float64 truth."""
+    q, k, v, q_doc, k_doc, w = make_inputs(*CASES["gqa-docs"], dtype=dtype)
     got = out_and_grads(forced(backend), q, k, v, q_doc, k_doc, w)
-    assert got[0].dtype == torch.bfloat16
+    assert got[0].dtype == dtype
     ref = out_and_grads(math_attention, q, k, v, q_doc, k_doc, w)
-    assert_close_all(got, ref, 1e-2, f"{backend} bf16 vs math")
-    assert_close_all(got, out_and_grads(oracle_attention, q, k, v, q_doc, k_doc, w), 1e-2, f"{backend} bf16 vs oracle")
+    assert_close_all(got, ref, 1e-2, f"{backend} {dtype} vs math")
+    assert_close_all(got, out_and_grads(oracle_attention, q, k, v, q_doc, k_doc, w), 1e-2, f"{backend} {dtype} vs oracle")
 
 
 def check_no_cross_document(backend):
@@ -336,9 +336,10 @@ def test_backend_matches_math_fp32(run_check, backend, case):
     run_check(backend, check_matches_math_fp32, backend, case)
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
 @pytest.mark.parametrize("backend", ["sdpa", "triton"])
-def test_backend_matches_math_bf16(run_check, backend):
-    run_check(backend, check_matches_math_bf16, backend)
+def test_backend_matches_math_16bit(run_check, backend, dtype):
+    run_check(backend, check_matches_math_16bit, backend, dtype)
 
 
 @pytest.mark.parametrize("backend", ["math", "sdpa", "triton"])

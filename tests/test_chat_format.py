@@ -84,7 +84,8 @@ def mask_runs(mask):
 
 
 def random_text(rng) -> str:
-    words = [rng.choice(WORDS + ["12,50", "2024", "😀", "漢字", "a\nb", "  ", "x\ty", "Õ"]) for _ in range(rng.randint(0, 8))]
+    vocabulary = WORDS + ["12,50", "2024", "😀", "漢字", "a\nb", "  ", "x\ty", "Õ"]
+    words = [rng.choice(vocabulary) for _ in range(rng.randint(0, 8))]
     text = rng.choice([" ", "  ", ""]).join(words)
     return rng.choice(["", " ", "\n"]) + text + rng.choice(["", " ", "\n", "."])
 
@@ -236,6 +237,8 @@ def test_exported_alpaca_template_reproduces_training_ids_through_transformers(t
 
 def test_template_reloads_through_from_pretrained(tok, hf_dirs):
     assert Tokenizer.from_pretrained(hf_dirs["chat"]).chat_template == chat_template_jinja()
+    for fmt in ("chat", "alpaca"):  # the tokenizer-specific template equals the default for a minillm tokenizer
+        assert chat_template_jinja(fmt, tok) == chat_template_jinja(fmt)
 
 
 # ----------------------------------------------------------------------------- SFT examples
@@ -343,7 +346,8 @@ def test_empty_file_and_inference_conversations(tmp_path):
 # ----------------------------------------------------------------------------- preference pairs
 
 def test_preference_pair_shares_the_prompt_ids(tok):
-    record = {"prompt": [{"role": "system", "content": "Ole abivalmis."}, {"role": "user", "content": "Kus elab Mari?"}],
+    record = {"prompt": [{"role": "system", "content": "Ole abivalmis."},
+                         {"role": "user", "content": "Kus elab Mari?"}],
               "chosen": "Mari elab Kivilas.", "rejected": {"role": "assistant", "content": "Mari elab kass."}}
     pair = render_preference(record, tok, 256)
     prompt, _ = render(record["prompt"], tok, add_generation_prompt=True)

@@ -143,3 +143,23 @@ def test_bad_records_fail_with_file_and_line(world, tmp_path, record, message):
     assert proc.returncode != 0
     err = proc.stderr.strip().splitlines()[-1]
     assert f"{bad}:2" in err and message in err
+
+
+def test_fine_tuned_tiny_model_answers_a_held_out_instruction(world, tmp_path):
+    """Fine-tune the random tiny model on colour+animal translations with 'the white fish' held out
+    (white and fish are each seen in other pairs): it must translate the unseen combination."""
+    from minillm.chat_format import render
+    from minillm.generate import generate
+    from minillm.model import Llama
+    from minillm.tokenizer import Tokenizer
+
+    data = tmp_path / "train.jsonl"
+    records = translation_records(random.Random(3), 200, held_out={("white", "fish")})
+    data.write_text("".join(json.dumps(r) + "\n" for r in records))
+    run(world, tmp_path / "run", "--train-data", str(data), "--valid-data", "", "--epochs", "40",
+        "--micro-batch-size", "16", "--warmup-steps", "5", "--min-lr", "3e-4", "--log-interval", "50")
+    model, tok = Llama.from_pretrained(tmp_path / "run" / "model"), Tokenizer.from_pretrained(tmp_path / "run" / "model")
+    prompt, _ = render([{"role": "user", "content": "Translate to Estonian: the white fish"}], tok,
+                       add_generation_prompt=True)
+    reply = tok.decode(generate(model, [prompt], max_new_tokens=10, eos_id=tok.eos_id)[0])
+    assert reply.strip() == "valge kala"

@@ -39,8 +39,14 @@ LOG2E = 1.4426950408889634
 INTERPRETER_BLOCKS = {"fwd": (16, 16), "dkdv": (16, 16), "dq": (16, 16)}
 
 
+# Helpers called from inside the kernels. Compiled, they are inlined into the kernel. Under the
+# interpreter they run as plain Python: calling an interpreted @triton.jit helper re-patches all of
+# triton.language (~0.5 ms a call), which would otherwise dominate the CPU tests.
+_device_fn = (lambda fn: fn) if INTERPRETED else triton.jit
+
+
 # --------------------------------------------------------------------------------------- forward
-@triton.jit
+@_device_fn
 def _mm(a, b, acc, PRECISION: tl.constexpr):
     """tl.dot(a, b, acc). PRECISION "upcast": the operands go to fp32 first, for bf16 under the
     interpreter, whose bf16 dot is wrong (Triton 3.x computes it on the raw bits); the products of
@@ -51,7 +57,7 @@ def _mm(a, b, acc, PRECISION: tl.constexpr):
         return tl.dot(a, b, acc, input_precision=PRECISION)
 
 
-@triton.jit
+@_device_fn
 def _fwd_blocks(acc, l_i, m_i, q, q_doc, K_head, V_head, KDOC_row, stride_kt, stride_vt,
                 start, end, offs_m, offs_n0, offs_d, T, qk_scale,
                 MASKED: tl.constexpr, HAS_DOC: tl.constexpr, BLOCK_N: tl.constexpr,
@@ -147,7 +153,7 @@ def _attn_fwd(Q, K, V, O, LSE, QDOC, KDOC, KVLO, MONO, qk_scale, T, H, GROUP, T_
 
 
 # -------------------------------------------------------------------------------------- backward
-@triton.jit
+@_device_fn
 def _dkdv_blocks(dk, dv, k, v, k_doc, Q_head, DO_head, LSE_head, DELTA_head, QDOC_row, stride_qt, stride_dot,
                  start, end, offs_n, offs_m0, offs_d, T, qk_scale,
                  MASKED: tl.constexpr, HAS_DOC: tl.constexpr, BLOCK_M: tl.constexpr, PRECISION: tl.constexpr):
@@ -235,7 +241,7 @@ def _attn_bwd_dkdv(Q, K, V, DO, DK, DV, LSE, DELTA, QDOC, KDOC, QHI, MONO, qk_sc
              dv.to(DV.dtype.element_ty), mask=valid)
 
 
-@triton.jit
+@_device_fn
 def _dq_blocks(dq, q, do, lse, delta, q_doc, K_head, V_head, KDOC_row, stride_kt, stride_vt,
                start, end, offs_m, offs_n0, offs_d, T, qk_scale,
                MASKED: tl.constexpr, HAS_DOC: tl.constexpr, BLOCK_N: tl.constexpr, PRECISION: tl.constexpr):
@@ -367,11 +373,14 @@ def doc_tables(q_doc, k_doc, T: int):
 
 
 def _meta(q, head_dim, has_doc):
-    precision = "ieee"  # fp32 inputs: full-precision dots (16-bit inputs ignore this)
-    if q.dtype == torch.float32 and q.is_cuda and torch.backends.cuda.matmul.allow_tf32:
-        precision = "tf32"  # follow torch's own fp32 matmul setting
-    if INTERPRETED and q.dtype == torch.bfloat16:
-        precision = "upcast"
+    if q.dtype != torch.float32:
+        # 16-bit operands: tensor-core MMA with fp32 accumulation whatever the precision flag says,
+        # except bf16 in the interpreter, whose bf16 dot is wrong (see _mm).
+        precision = "upcast" if INTERPRETED and q.dtype == torch.bfloat16 else "tf32"
+    elif q.is_cuda and torch.backends.cuda.matmul.allow_tf32:
+        precision = "tf32"  # fp32 inputs follow torch's own fp32 matmul setting
+    else:
+        precision = "ieee"
     return {"HEAD_DIM": head_dim, "HAS_DOC": has_doc, "PRECISION": precision}
 
 
