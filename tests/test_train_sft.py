@@ -11,6 +11,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 COLOURS = {"red": "punane", "blue": "sinine", "green": "roheline", "black": "must", "white": "valge",
@@ -146,20 +147,32 @@ def test_bad_records_fail_with_file_and_line(world, tmp_path, record, message):
 
 
 def test_fine_tuned_tiny_model_answers_a_held_out_instruction(world, tmp_path):
-    """Fine-tune the random tiny model on colour+animal translations with 'the white fish' held out
-    (white and fish are each seen in other pairs): it must translate the unseen combination."""
+    """Fine-tune a random tiny model on "The <animal> is <colour>. What colour is the <animal>?"
+    (both formats) with the white fish held out: it must answer the unseen instruction."""
     from minillm.chat_format import render
     from minillm.generate import generate
-    from minillm.model import Llama
+    from minillm.model import Llama, LlamaConfig
     from minillm.tokenizer import Tokenizer
 
+    rng = random.Random(3)
+    records = []
+    while len(records) < 300:
+        c, a = rng.choice(list(COLOURS)), rng.choice(list(ANIMALS))
+        if (c, a) != ("white", "fish"):
+            question = f"The {a} is {c}. What colour is the {a}?"
+            records.append({"instruction": question, "input": "", "output": c} if rng.random() < 0.5 else
+                           {"messages": [{"role": "user", "content": question}, {"role": "assistant", "content": c}]})
     data = tmp_path / "train.jsonl"
-    records = translation_records(random.Random(3), 200, held_out={("white", "fish")})
     data.write_text("".join(json.dumps(r) + "\n" for r in records))
-    run(world, tmp_path / "run", "--train-data", str(data), "--valid-data", "", "--epochs", "40",
-        "--micro-batch-size", "16", "--warmup-steps", "5", "--min-lr", "3e-4", "--log-interval", "50")
+    tok = Tokenizer.from_pretrained(world / "init")
+    torch.manual_seed(0)
+    Llama(LlamaConfig.from_preset("tiny", vocab_size=tok.vocab_size, max_seq_len=128)).save_pretrained(
+        tmp_path / "init", tokenizer=tok)
+    run(world, tmp_path / "run", "--init-from", str(tmp_path / "init"), "--train-data", str(data),
+        "--valid-data", "", "--epochs", "30", "--micro-batch-size", "16", "--warmup-steps", "5",
+        "--min-lr", "3e-4", "--log-interval", "50")
     model, tok = Llama.from_pretrained(tmp_path / "run" / "model"), Tokenizer.from_pretrained(tmp_path / "run" / "model")
-    prompt, _ = render([{"role": "user", "content": "Translate to Estonian: the white fish"}], tok,
+    prompt, _ = render([{"role": "user", "content": "The fish is white. What colour is the fish?"}], tok,
                        add_generation_prompt=True)
     reply = tok.decode(generate(model, [prompt], max_new_tokens=10, eos_id=tok.eos_id)[0])
-    assert reply.strip() == "valge kala"
+    assert reply.strip() == "white"
