@@ -38,10 +38,32 @@ from minillm.chat_format import chat_template_jinja, load_preferences
 from minillm.data import pack_examples
 from minillm.losses import concat_pairs, mean_metrics, orpo_loss, pair_logprobs
 from minillm.model import flops_per_token
-from minillm.training import (MetricsLog, Preemption, all_reduce_sum, batch_to, build_engine, epoch_order,
-                              export_model, load_checkpoint, load_model_and_tokenizer, log_line, lr_at, model_inputs,
-                              parse_config, peak_flops, peak_memory_gb, run_cli, save_checkpoint, save_options,
-                              seed_everything, set_lr, setup_distributed, step_slices, teardown_distributed)
+from minillm.training import (
+    MetricsLog,
+    Preemption,
+    all_reduce_sum,
+    batch_to,
+    build_engine,
+    engine_step,
+    epoch_order,
+    export_model,
+    load_checkpoint,
+    load_model_and_tokenizer,
+    log_line,
+    lr_at,
+    model_inputs,
+    parse_config,
+    peak_flops,
+    peak_memory_gb,
+    run_cli,
+    save_checkpoint,
+    save_options,
+    seed_everything,
+    set_lr,
+    setup_distributed,
+    step_slices,
+    teardown_distributed,
+)
 
 
 @dataclass
@@ -156,18 +178,20 @@ def main():
                                                 for b in batches),
                                             sum(len(idx) for idx in indices_per_micro)], device)
         scale = world_size * len(batches)  # DeepSpeed averages over ranks and micro-batches; undo it
-        step_metrics, nll_sum = [], 0.0
+        step_metrics, nll_sum, grad_norm = [], 0.0, None
         for batch in batches:
             with torch.set_grad_enabled(train):
                 loss, metrics, nll = orpo_step_metrics(engine, batch, n_tokens, n_pairs, cfg)
             if train:
                 engine.backward(loss * scale)
-                engine.step()
+                grad_norm = engine_step(engine, model)
             step_metrics.append(metrics)
             nll_sum += nll
         out = mean_metrics(step_metrics, device=device)
         out["nll"] = all_reduce_sum([nll_sum], device)[0] / max(n_tokens, 1)  # exact global token mean
         out["loss"] = out["nll"] + cfg.orpo_lambda * out["or_loss"]
+        if train:
+            out["grad_norm"] = grad_norm
         return out
 
     def validate() -> dict:
@@ -213,9 +237,10 @@ def main():
         step += 1
         dt = time.time() - t0
         tokens = all_reduce_sum([sum(2 * len(idx) for idx in indices) * cfg.seq_len], device)[0]  # upper bound
-        mfu = flops_per_token(model.config, cfg.seq_len) * tokens / dt / peak_flops(device, cfg.peak_tflops) / world_size
+        peak = peak_flops(device, cfg.peak_tflops) * world_size
+        mfu = flops_per_token(model.config, cfg.seq_len) * tokens / dt / peak
         record = {"step": step, "epoch": epoch + 1, "lr": lr, **record,
-                  "grad_norm": float(engine.get_global_grad_norm() or 0.0), "mfu": mfu,
+                  "mfu": mfu,
                   "peak_memory_gb": peak_memory_gb(device)}
         if valid_pairs and (step % cfg.eval_interval == 0 or step == total_steps):
             record.update(validate())

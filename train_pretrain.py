@@ -24,11 +24,33 @@ from tqdm import tqdm
 from minillm.attention import set_attention_backend
 from minillm.data import PackedLoader, parse_mixture, parse_sources, validation_batches
 from minillm.model import flops_per_token
-from minillm.training import (MetricsLog, Preemption, all_reduce_sum, batch_to, build_engine, export_model,
-                              global_mean_scale, load_checkpoint, load_model_and_tokenizer, log_line, lr_at,
-                              model_inputs, parse_config, peak_flops, peak_memory_gb, run_cli, save_checkpoint,
-                              save_options, seed_everything, set_lr, setup_distributed, teardown_distributed,
-                              token_byte_lengths, validation_metrics)
+from minillm.training import (
+    MetricsLog,
+    Preemption,
+    all_reduce_sum,
+    batch_to,
+    build_engine,
+    engine_step,
+    export_model,
+    global_mean_scale,
+    load_checkpoint,
+    load_model_and_tokenizer,
+    log_line,
+    lr_at,
+    model_inputs,
+    parse_config,
+    peak_flops,
+    peak_memory_gb,
+    run_cli,
+    save_checkpoint,
+    save_options,
+    seed_everything,
+    set_lr,
+    setup_distributed,
+    teardown_distributed,
+    token_byte_lengths,
+    validation_metrics,
+)
 
 
 @dataclass
@@ -123,7 +145,7 @@ def main():
         for batch in micro_batches:
             nll = engine(**model_inputs(batch), sum_nll=True)
             engine.backward(nll * scale)
-            engine.step()  # DeepSpeed updates only after the last micro-batch of the step
+            grad_norm = engine_step(engine, model)  # updates only after the step's last micro-batch
             nll_sum += nll.item()
         loss = all_reduce_sum([nll_sum], device)[0] / max(n_tokens, 1)
         step += 1
@@ -132,7 +154,7 @@ def main():
 
         tok_s = tokens_per_step / dt
         record = {"step": step, "tokens_seen": tokens_seen, "loss": loss, "lr": lr,
-                  "grad_norm": float(engine.get_global_grad_norm() or 0.0), "tokens_per_s": tok_s,
+                  "grad_norm": grad_norm, "tokens_per_s": tok_s,
                   "mfu": flops_per_step / dt / peak, "peak_memory_gb": peak_memory_gb(device)}
         if valid and (step % cfg.eval_interval == 0 or step == cfg.max_steps):
             record.update(validation_metrics(engine, valid, byte_lengths, device))

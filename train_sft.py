@@ -27,12 +27,37 @@ from minillm.attention import set_attention_backend
 from minillm.chat_format import chat_template_jinja, load_sft_jsonl, tokenize_sft_examples
 from minillm.data import pack_examples
 from minillm.model import flops_per_token
-from minillm.training import (MetricsLog, Preemption, all_reduce_sum, batch_to, build_engine, epoch_order,
-                              export_model, global_mean_scale, load_checkpoint, load_model_and_tokenizer, log_line,
-                              lr_at, model_inputs, parse_config, peak_flops, peak_memory_gb, run_cli,
-                              save_checkpoint, save_options, seed_everything, set_lr, setup_distributed,
-                              step_slices, steps_per_epoch, take_rows, teardown_distributed, token_byte_lengths,
-                              validation_metrics)
+from minillm.training import (
+    MetricsLog,
+    Preemption,
+    all_reduce_sum,
+    batch_to,
+    build_engine,
+    engine_step,
+    epoch_order,
+    export_model,
+    global_mean_scale,
+    load_checkpoint,
+    load_model_and_tokenizer,
+    log_line,
+    lr_at,
+    model_inputs,
+    parse_config,
+    peak_flops,
+    peak_memory_gb,
+    run_cli,
+    save_checkpoint,
+    save_options,
+    seed_everything,
+    set_lr,
+    setup_distributed,
+    step_slices,
+    steps_per_epoch,
+    take_rows,
+    teardown_distributed,
+    token_byte_lengths,
+    validation_metrics,
+)
 
 
 @dataclass
@@ -165,19 +190,21 @@ def main():
         for batch in micro_batches:
             nll = engine(**model_inputs(batch), sum_nll=True)
             engine.backward(nll * scale)
-            engine.step()
+            grad_norm = engine_step(engine, model)  # updates only after the step's last micro-batch
             nll_sum += nll.item()
         loss = all_reduce_sum([nll_sum], device)[0] / max(n_tokens, 1)
         step += 1
         dt = time.time() - t0
 
         tokens = cfg.micro_batch_size * cfg.grad_accum * world_size * cfg.seq_len
-        mfu = flops_per_token(model.config, cfg.seq_len) * tokens / dt / peak_flops(device, cfg.peak_tflops) / world_size
+        peak = peak_flops(device, cfg.peak_tflops) * world_size
+        mfu = flops_per_token(model.config, cfg.seq_len) * tokens / dt / peak
         record = {"step": step, "stage": stage + 1, "epoch": epoch + 1, "loss": loss, "lr": lr,
-                  "response_tokens": n_tokens, "grad_norm": float(engine.get_global_grad_norm() or 0.0),
+                  "response_tokens": n_tokens, "grad_norm": grad_norm,
                   "tokens_per_s": tokens / dt, "mfu": mfu, "peak_memory_gb": peak_memory_gb(device)}
         end_of_epoch = step == total_steps or plan[step][1] != epoch or plan[step][0] != stage
-        if valid and ((cfg.eval_interval and step % cfg.eval_interval == 0) or (not cfg.eval_interval and end_of_epoch)):
+        due = step % cfg.eval_interval == 0 if cfg.eval_interval else end_of_epoch
+        if valid and due:
             record.update(validation_metrics(engine, valid, byte_lengths, device))
             if record["val_loss_sft"] < best_val_loss:  # keep the best model (LLAMMAS picks it by val loss)
                 best_val_loss, record["best"] = record["val_loss_sft"], True

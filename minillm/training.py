@@ -234,6 +234,25 @@ class TokenLogprobs(nn.Module):
         return token_logprobs(hidden, self.model.output.weight, labels)
 
 
+def engine_step(engine, model) -> float | None:
+    """engine.step() for one micro-batch; at the end of the accumulation window it updates the
+    weights and returns the global gradient norm before clipping (None between updates).
+
+    DeepSpeed's ZeRO and bf16 optimizers report that norm; its plain fp32 path (ZeRO-0, as on CPU)
+    does not, so there it is computed here from the averaged gradients, before the update clears them.
+    """
+    boundary = engine.is_gradient_accumulation_boundary()
+    own = None
+    if boundary and engine.zero_optimization_stage() == 0:
+        norms = [p.grad.float().norm() for p in model.parameters() if p.grad is not None]
+        own = float(torch.stack(norms).norm()) if norms else 0.0
+    engine.step()
+    if not boundary:
+        return None
+    reported = engine.get_global_grad_norm()
+    return own if reported is None or own is not None else float(reported)
+
+
 def batch_to(batch: dict, device) -> dict:
     return {k: v.to(device, non_blocking=True) for k, v in batch.items()}
 
