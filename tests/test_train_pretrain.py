@@ -158,3 +158,18 @@ def test_bad_options_fail_with_one_clear_line(world, tmp_path, args, message):
     proc = run(world, tmp_path, *args, check=False)
     assert proc.returncode != 0
     assert message in (proc.stdout + proc.stderr)
+
+
+def test_tokenizer_larger_than_the_model_fails_naming_both_sizes(world, single, tmp_path):
+    from minillm.tokenizer import Tokenizer
+
+    rng = random.Random(1)
+    lines = [" ".join("".join(rng.choice("abcdefghijklmnop") for _ in range(rng.randint(3, 8))) for _ in range(20))
+             for _ in range(2000)]
+    big = Tokenizer.train(iter(lines), tmp_path / "big", 900)
+    big.save_pretrained(tmp_path / "bigtok")
+    proc = run(world, tmp_path / "out", "--init-from", str(single / "model"), "--tokenizer", str(tmp_path / "bigtok"),
+               check=False)
+    assert proc.returncode != 0
+    last = proc.stderr.strip().splitlines()[-1]
+    assert "900" in last and "400" in last, last

@@ -94,6 +94,31 @@ def test_packed_and_unpacked_give_the_same_loss(world, tmp_path):
     assert p["val_loss_sft"] == pytest.approx(u["val_loss_sft"], rel=1e-5)
 
 
+def test_loss_is_the_token_mean_over_all_responses(world, tmp_path):
+    """Step 1's loss (one step = the whole epoch) == mean NLL over every response token, computed
+    independently with the plain model and F.cross_entropy in float64."""
+    import torch.nn.functional as F
+
+    from minillm.chat_format import load_sft_jsonl, render
+    from minillm.model import Llama
+    from minillm.tokenizer import Tokenizer
+
+    run(world, tmp_path, "--micro-batch-size", "64")
+    model, tok = Llama.from_pretrained(world / "init").double(), Tokenizer.from_pretrained(world / "init")
+    nll, count = 0.0, 0
+    with torch.no_grad():
+        for record in load_sft_jsonl(world / "train.jsonl"):
+            ids, mask = render(record, tok)
+            logits = model(torch.tensor([ids]))[0, :-1]
+            targets = torch.tensor(ids[1:])
+            keep = torch.tensor(mask[1:], dtype=torch.bool)
+            nll += F.cross_entropy(logits[keep], targets[keep], reduction="sum").item()
+            count += int(keep.sum())
+    first = metrics(tmp_path)[0]
+    assert first["response_tokens"] == count
+    assert first["loss"] == pytest.approx(nll / count, rel=1e-5)
+
+
 def test_zero3_two_ranks_match_single_process(world, tmp_path):
     run(world, tmp_path / "one", "--micro-batch-size", "4", "--pack", "false")
     run(world, tmp_path / "two", "--micro-batch-size", "2", "--pack", "false", "--zero-stage", "3", nproc=2)
