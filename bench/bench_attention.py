@@ -26,9 +26,9 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # run from a checkout
 
-import torch  # noqa: E402
+import torch
 
-from minillm.attention import attention  # noqa: E402
+from minillm.attention import attention
 
 
 def packed_doc_ids(batch: int, seq_len: int, doc_len: int, gen) -> torch.Tensor:
@@ -99,7 +99,8 @@ def run_case(backend, mode, seq_len, args, device, dtype):
     causal_flops = 3.5 * 4 * batch * args.heads * seq_len ** 2 * args.head_dim / 2
     useful_flops = 3.5 * 4 * args.heads * args.head_dim * pairs
     return {"backend": backend, "mode": mode, "seq_len": seq_len, "batch": batch, "fwd_ms": fwd_ms,
-            "fwd_bwd_ms": step_ms, "tflops": causal_flops / step_ms / 1e9, "useful_tflops": useful_flops / step_ms / 1e9,
+            "fwd_bwd_ms": step_ms, "tflops": causal_flops / step_ms / 1e9,
+            "useful_tflops": useful_flops / step_ms / 1e9,
             "fwd_tflops": causal_flops / 3.5 / fwd_ms / 1e9}
 
 
@@ -123,9 +124,11 @@ def main(argv=None):
 
     device = torch.device(args.device)
     cuda = device.type == "cuda"
-    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[args.dtype or ("bf16" if cuda else "fp32")]
+    dtypes = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+    dtype = dtypes[args.dtype or ("bf16" if cuda else "fp32")]
     backends = (args.backends or ("triton,sdpa,math" if cuda else "sdpa,math")).split(",")
-    seq_lens = [int(s) for s in (args.seq_lens or ("1024,2048,4096,8192,16384" if cuda else "256,512,1024,2048")).split(",")]
+    seq_lens = args.seq_lens or ("1024,2048,4096,8192,16384" if cuda else "256,512,1024,2048")
+    seq_lens = [int(s) for s in seq_lens.split(",")]
     args.tokens = args.tokens or (16384 if cuda else 4096)
     args.heads = args.heads or (16 if cuda else 8)
     args.kv_heads = args.kv_heads or args.heads

@@ -8,7 +8,7 @@ position S - T + i, so the same call serves training (S == T) and KV-cache decod
 q_doc [B, T] / k_doc [B, S] are integer document ids (None: plain causal). Query i attends to
 key j iff pos(j) <= pos(i) and, with document ids, q_doc[i] == k_doc[j]. Returns [B, H, T, hd] in
 q's dtype. A row with no visible key (impossible when a token's own document includes itself)
-returns zeros on every backend, never NaN.
+comes out as zeros from math and triton, never NaN (sdpa: whatever PyTorch does; zeros on CPU).
 
 Backends
   'triton'  minillm/kernels/triton_attention.py, FlashAttention-2 with document blocks skipped.
@@ -18,7 +18,8 @@ Backends
             are no document ids and S == T, otherwise a boolean mask.
   'math'    plain PyTorch, scores in fp32: the reference the tests compare everything with.
 backend=None uses the process-wide choice of set_attention_backend (the scripts' --attn), default
-'auto': triton for CUDA tensors when it is importable and supports the call, else sdpa. Every
+'auto': triton for CUDA tensors when it is importable and supports the call, else sdpa (which
+every supported torch has; math is only used when asked for). Every
 distinct choice is printed once on rank 0, e.g. "attention: sdpa (triton not installed)".
 A forced 'triton' raises if triton is missing or the tensors are on CPU without the interpreter,
 and falls back to sdpa (printed once) for calls the kernel does not cover, such as KV-cache
@@ -34,6 +35,9 @@ from minillm.kernels import load_triton_attention, triton_interpreting, triton_s
 BACKENDS = ("auto", "triton", "sdpa", "math")
 TRITON_HEAD_DIMS = (16, 32, 64, 128)
 TRITON_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+
+# enable_gqa arrived in torch 2.5; older versions get K/V repeated per query head.
+SDPA_HAS_GQA = tuple(int(x) for x in torch.__version__.split(".")[:2]) >= (2, 5)
 
 _backend = "auto"
 _announced: set = set()  # (backend, reason) pairs already printed
@@ -93,6 +97,9 @@ def sdpa_attention(q, k, v, q_doc=None, k_doc=None):
     """PyTorch's fused scaled_dot_product_attention (flash / memory-efficient / CPU kernels)."""
     T, S = q.shape[2], k.shape[2]
     gqa = q.shape[1] != k.shape[1]
+    if gqa and not SDPA_HAS_GQA:
+        rep = q.shape[1] // k.shape[1]
+        k, v, gqa = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1), False
     if q_doc is None and T == S:
         return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa)
     if q_doc is None and T == 1:  # one decoding step without documents sees every cached key
@@ -176,6 +183,8 @@ def choose_backend(q, k, v, requested: str = "auto") -> tuple[str, str]:
     ok, why = _cached_triton_status()
     if not ok:
         return "sdpa", why
+    if load_triton_attention().INTERPRETED:  # TRITON_INTERPRET=1 in a GPU process: far too slow
+        return "sdpa", "TRITON_INTERPRET=1: triton kernels are interpreted"
     unsupported = _triton_call_unsupported(q, k, v)
     if unsupported:
         return "sdpa", unsupported

@@ -4,6 +4,7 @@ schedule, the loss wrapper, checkpoints, logging. The training *loops* stay in t
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import math
 import os
@@ -430,8 +431,9 @@ PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0, "A10G": 125.0, "L4":
 
 
 def peak_flops(device, override_tflops: float | None = None) -> float:
-    """Dense bf16 peak of the device in FLOP/s, for MFU. CPUs have no published figure: the
-    default assumes 50 GFLOP/s per core in fp32 (AVX2 FMA at ~3 GHz) — set --peak-tflops to yours."""
+    """Dense peak of the device in FLOP/s, for MFU: the published bf16 figure of known GPUs. CPUs
+    have no such figure, so there it is measured once: the fp32 throughput of a large matmul on
+    this machine (MFU on CPU is thus relative to what a plain matmul achieves). --peak-tflops overrides."""
     if override_tflops:
         return override_tflops * 1e12
     if device.type == "cuda":
@@ -440,7 +442,19 @@ def peak_flops(device, override_tflops: float | None = None) -> float:
             if key in name:
                 return tflops * 1e12
         return 312e12
-    return 50e9 * (torch.get_num_threads())
+    return _measured_cpu_matmul_flops()
+
+
+@functools.lru_cache(maxsize=1)
+def _measured_cpu_matmul_flops(n: int = 1024, repeats: int = 5) -> float:
+    a, b = torch.randn(n, n), torch.randn(n, n)
+    a @ b  # warm-up
+    best = float("inf")
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        a @ b
+        best = min(best, time.perf_counter() - t0)
+    return 2 * n**3 / best
 
 
 def peak_memory_gb(device) -> float:

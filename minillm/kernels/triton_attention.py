@@ -23,6 +23,10 @@ that can see key j ends at q_hi[j] = first query past j's document. Both are com
 per call (no host sync). For a row whose doc ids are NOT non-decreasing (or whose q_doc differs from
 k_doc) the tables fall back to "everything causal, everything masked": still exact, just no skipping.
 
+Limits: T == S (no KV cache; the dispatcher sends decoding to SDPA), head dim 16/32/64/128, doc ids
+must fit in int32, per-head offsets T * row stride must fit in int32 (batch and head offsets are
+int64).
+
 Triton decides when a kernel is defined whether it is compiled or interpreted (TRITON_INTERPRET=1:
 Triton's CPU interpreter, used by the tests); INTERPRETED records which one this import got.
 """
@@ -49,8 +53,8 @@ _device_fn = (lambda fn: fn) if INTERPRETED else triton.jit
 @_device_fn
 def _mm(a, b, acc, PRECISION: tl.constexpr):
     """tl.dot(a, b, acc). PRECISION "upcast": the operands go to fp32 first, for bf16 under the
-    interpreter, whose bf16 dot is wrong (Triton 3.x computes it on the raw bits); the products of
-    bf16 values are exact in fp32, so this is what the GPU's bf16 MMA with fp32 accumulation does."""
+    interpreter, whose bf16 tl.dot returns garbage (Triton 3.9; numpy has no bfloat16). Products of
+    bf16 values are exact in fp32, so this matches the GPU's bf16 MMA with fp32 accumulation."""
     if PRECISION == "upcast":
         return tl.dot(a.to(tl.float32), b.to(tl.float32), acc, input_precision="ieee")
     else:
@@ -199,8 +203,10 @@ def _attn_bwd_dkdv(Q, K, V, DO, DK, DV, LSE, DELTA, QDOC, KDOC, QHI, MONO, qk_sc
     offs_m0 = tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, HEAD_DIM)
     valid = offs_n[:, None] < T
-    k = tl.load(K + b * stride_kb + hk * stride_kh + offs_n[:, None] * stride_kt + offs_d[None, :], mask=valid, other=0.0)
-    v = tl.load(V + b * stride_vb + hk * stride_vh + offs_n[:, None] * stride_vt + offs_d[None, :], mask=valid, other=0.0)
+    k = tl.load(K + b * stride_kb + hk * stride_kh + offs_n[:, None] * stride_kt + offs_d[None, :],
+                mask=valid, other=0.0)
+    v = tl.load(V + b * stride_vb + hk * stride_vh + offs_n[:, None] * stride_vt + offs_d[None, :],
+                mask=valid, other=0.0)
 
     start = (n0 // BLOCK_M) * BLOCK_M  # causal: queries before the block's first key see none of it
     full_start = tl.cdiv(n0 + BLOCK_N - 1, BLOCK_M) * BLOCK_M  # query blocks from here see every key
@@ -219,7 +225,7 @@ def _attn_bwd_dkdv(Q, K, V, DO, DK, DV, LSE, DELTA, QDOC, KDOC, QHI, MONO, qk_sc
     dk = tl.zeros([BLOCK_N, HEAD_DIM], tl.float32)
     dv = tl.zeros([BLOCK_N, HEAD_DIM], tl.float32)
     QDOC_row = QDOC + b * T
-    for g in range(0, GROUP):  # every query head reading this K/V head
+    for g in range(GROUP):  # every query head reading this K/V head
         h = hk * GROUP + g
         Q_head = Q + b * stride_qb + h * stride_qh
         DO_head = DO + b * stride_dob + h * stride_doh
@@ -283,7 +289,8 @@ def _attn_bwd_dq(Q, K, V, DO, DQ, LSE, DELTA, QDOC, KDOC, KVLO, MONO, qk_scale, 
     offs_n0 = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, HEAD_DIM)
     valid = offs_m[:, None] < T
-    q = tl.load(Q + b * stride_qb + h * stride_qh + offs_m[:, None] * stride_qt + offs_d[None, :], mask=valid, other=0.0)
+    q = tl.load(Q + b * stride_qb + h * stride_qh + offs_m[:, None] * stride_qt + offs_d[None, :],
+                mask=valid, other=0.0)
     do = tl.load(DO + b * stride_dob + h * stride_doh + offs_m[:, None] * stride_dot + offs_d[None, :],
                  mask=valid, other=0.0)
     lse = tl.load(LSE + bh.to(tl.int64) * T + offs_m, mask=offs_m < T, other=float("inf"))
@@ -320,35 +327,56 @@ def _attn_bwd_dq(Q, K, V, DO, DQ, LSE, DELTA, QDOC, KDOC, KVLO, MONO, qk_scale, 
 
 
 # ------------------------------------------------------------------------------------- autotuning
-# On a GPU the block shapes are autotuned per (head dim, length bucket, masking, dtype); configs
-# that do not fit (shared memory, registers) are dropped by the autotuner. The candidates follow
-# the FlashAttention-2 Triton tutorial's choices for Hopper/Ampere.
-def _configs(shapes):
-    return [triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=s) for m, n, w, s in shapes]
-
-
+# On a GPU the tiles are autotuned per (head dim, length bucket, masking, GQA group, dtype) among a
+# few candidates per head dim; configs that do not fit (shared memory) are dropped by the autotuner.
+# (BLOCK_M, BLOCK_N, num_warps, num_stages). The candidates were chosen without a GPU at hand, by
+# compiling every kernel for sm_90 (bf16, document masking on) and keeping the tiles with the least
+# register spilling reported by ptxas, plus the FlashAttention-2 tutorial's usual large tiles.
+# TODO(GPU): re-check these lists on an H100 with bench/bench_attention.py.
+_CANDIDATES = {
+    "fwd": {128: [(128, 64, 8, 3), (128, 32, 8, 3), (64, 64, 8, 2), (64, 32, 4, 3)],
+            64: [(128, 64, 8, 3), (128, 128, 8, 3), (128, 32, 8, 3), (64, 64, 4, 3)],
+            32: [(128, 64, 4, 3), (64, 64, 4, 3), (64, 32, 4, 3)]},
+    # dK/dV: BLOCK_N keys per program, BLOCK_M query rows per step.
+    "dkdv": {128: [(64, 32, 4, 3), (32, 32, 4, 2), (64, 32, 4, 2), (32, 64, 4, 3), (32, 128, 8, 3)],
+             64: [(32, 128, 8, 3), (64, 64, 4, 3), (64, 64, 8, 2), (64, 32, 4, 3)],
+             32: [(32, 64, 4, 3), (64, 64, 4, 3), (32, 32, 4, 3)]},
+    "dq": {128: [(32, 32, 4, 3), (64, 32, 4, 4), (64, 32, 4, 3), (128, 32, 8, 2), (128, 64, 8, 3)],
+           64: [(128, 64, 8, 3), (128, 32, 8, 3), (32, 128, 8, 3), (64, 64, 4, 3)],
+           32: [(64, 64, 4, 3), (64, 32, 4, 3), (32, 64, 4, 3)]},
+}
 _TUNE_KEY = ["HEAD_DIM", "T_BUCKET", "HAS_DOC", "GROUP"]
-if not INTERPRETED:
-    _attn_fwd_tuned = triton.autotune(_configs([(128, 64, 8, 3), (128, 128, 8, 3), (128, 64, 4, 3),
-                                                (64, 64, 4, 3), (128, 32, 4, 4)]), key=_TUNE_KEY)(_attn_fwd)
-    _attn_bwd_dkdv_tuned = triton.autotune(_configs([(32, 128, 8, 3), (64, 128, 8, 3), (64, 64, 4, 3),
-                                                     (32, 64, 4, 3), (16, 64, 4, 4)]), key=_TUNE_KEY)(_attn_bwd_dkdv)
-    _attn_bwd_dq_tuned = triton.autotune(_configs([(128, 32, 8, 3), (128, 64, 8, 3), (64, 64, 4, 3),
-                                                   (64, 32, 4, 4), (32, 64, 4, 3)]), key=_TUNE_KEY)(_attn_bwd_dq)
 
 
-def _launch(kernel, tuned_name, blocks, grid_rows, grid_cols, args, meta):
-    """Run `kernel` with explicit block sizes, or its autotuned twin when none are given (GPU)."""
+def _tuned(kernel, name):
+    """`kernel` autotuned over _CANDIDATES[name] for the call's head dim (16 uses the 32 list)."""
+    tiles = _CANDIDATES[name]
+    union = sorted({t for ts in tiles.values() for t in ts})
+    configs = [triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=st) for m, n, w, st in union]
+
+    def for_head_dim(configs, named_args, **kwargs):
+        wanted = set(tiles[max(32, kwargs["HEAD_DIM"])])
+        return [c for c in configs
+                if (c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_warps, c.num_stages) in wanted]
+
+    return triton.autotune(configs, key=_TUNE_KEY, prune_configs_by={"early_config_prune": for_head_dim})(kernel)
+
+
+_KERNELS = {"fwd": _attn_fwd, "dkdv": _attn_bwd_dkdv, "dq": _attn_bwd_dq}
+_TUNED = {} if INTERPRETED else {name: _tuned(kernel, name) for name, kernel in _KERNELS.items()}
+
+
+def _launch(name, blocks, grid_rows, grid_cols, args, meta):
+    """Run kernel `name` ("fwd", "dkdv", "dq") with tiles `blocks` = (BLOCK_M, BLOCK_N), or autotuned
+    when blocks is None (GPU). Programs tile grid_rows by BLOCK_M (BLOCK_N for dkdv) x grid_cols."""
+    rows_key = "BLOCK_N" if name == "dkdv" else "BLOCK_M"
     if blocks is None and INTERPRETED:
-        blocks = INTERPRETER_BLOCKS[tuned_name]
+        blocks = INTERPRETER_BLOCKS[name]
     if blocks is not None:
-        block_m, block_n = blocks
-        rows = block_m if tuned_name != "dkdv" else block_n
-        kernel[(triton.cdiv(grid_rows, rows), grid_cols)](*args, BLOCK_M=block_m, BLOCK_N=block_n, **meta)
-        return
-    tuned = globals()[f"_attn_{'fwd' if tuned_name == 'fwd' else 'bwd_' + tuned_name}_tuned"]
-    rows_key = "BLOCK_N" if tuned_name == "dkdv" else "BLOCK_M"
-    tuned[lambda cfg: (triton.cdiv(grid_rows, cfg[rows_key]), grid_cols)](*args, **meta)
+        tiles = {"BLOCK_M": blocks[0], "BLOCK_N": blocks[1]}
+        _KERNELS[name][(triton.cdiv(grid_rows, tiles[rows_key]), grid_cols)](*args, **tiles, **meta)
+    else:
+        _TUNED[name][lambda cfg: (triton.cdiv(grid_rows, cfg[rows_key]), grid_cols)](*args, **meta)
 
 
 # ----------------------------------------------------------------------------------- host side
@@ -395,9 +423,10 @@ def _forward(q, k, v, tables, has_doc, sm_scale, blocks):
     o = torch.empty(B, T, H, D, device=q.device, dtype=q.dtype).transpose(1, 2)
     lse = torch.empty(B, H, T, device=q.device, dtype=torch.float32)
     q_doc, k_doc, kv_lo, _, mono = tables
-    args = (q, k, v, o, lse, q_doc, k_doc, kv_lo, mono, sm_scale * LOG2E, T, H, H // k.shape[1], triton.next_power_of_2(T),
+    args = (q, k, v, o, lse, q_doc, k_doc, kv_lo, mono, sm_scale * LOG2E, T, H, H // k.shape[1],
+            triton.next_power_of_2(T),
             *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *o.stride()[:3])
-    _launch(_attn_fwd, "fwd", blocks and blocks.get("fwd"), T, B * H, args, _meta(q, D, has_doc))
+    _launch("fwd", blocks and blocks.get("fwd"), T, B * H, args, _meta(q, D, has_doc))
     return o, lse
 
 
@@ -410,11 +439,11 @@ def _backward(do, q, k, v, o, lse, tables, has_doc, sm_scale, blocks):
     q_doc, k_doc, kv_lo, q_hi, mono = tables
     meta = _meta(q, D, has_doc)
     qk_scale, bucket = sm_scale * LOG2E, triton.next_power_of_2(T)
-    _launch(_attn_bwd_dkdv, "dkdv", blocks and blocks.get("dkdv"), T, B * Hkv,
+    _launch("dkdv", blocks and blocks.get("dkdv"), T, B * Hkv,
             (q, k, v, do, dk, dv, lse, delta, q_doc, k_doc, q_hi, mono, qk_scale, sm_scale, T, H, Hkv, H // Hkv,
              bucket, *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *do.stride()[:3], *dk.stride()[:3],
              *dv.stride()[:3]), meta)
-    _launch(_attn_bwd_dq, "dq", blocks and blocks.get("dq"), T, B * H,
+    _launch("dq", blocks and blocks.get("dq"), T, B * H,
             (q, k, v, do, dq, lse, delta, q_doc, k_doc, kv_lo, mono, qk_scale, sm_scale, T, H, H // Hkv, bucket,
              *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *do.stride()[:3], *dq.stride()[:3]), meta)
     return dq, dk, dv
@@ -448,7 +477,7 @@ def flash_attention(q, k, v, q_doc=None, k_doc=None, sm_scale=None, block_sizes=
     {"fwd": (BLOCK_M, BLOCK_N), "dkdv": (...), "dq": (...)} pins the tiles (tests, benchmarks);
     default: autotuned on a GPU, INTERPRETER_BLOCKS under TRITON_INTERPRET=1.
     """
-    B, H, T, D = q.shape
+    _, H, T, D = q.shape
     if k.shape[2] != T or k.shape != v.shape or H % k.shape[1] or D not in (16, 32, 64, 128):
         raise ValueError(f"flash_attention: unsupported shapes q {tuple(q.shape)} k {tuple(k.shape)} "
                          f"v {tuple(v.shape)} (needs T == S, Hkv | H, head dim 16/32/64/128)")
