@@ -19,7 +19,6 @@ example and template) and results.md (the table also printed at the end).
 """
 from __future__ import annotations
 
-import dataclasses
 import json
 import math
 import os
@@ -27,13 +26,13 @@ import statistics
 import sys
 import time
 import traceback
-import typing
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import minillm
 from minillm.tasks import TASK_TYPES
 from minillm.tasks.common import EvalContext, load_task
+from minillm.training import parse_config
 
 
 @dataclass
@@ -65,82 +64,14 @@ class EvalConfig:
     compare: list[str] = field(default_factory=list)  # two results.json files: print them side by side and exit
 
 
-LIST_OPTIONS = {"tasks", "compare"}
-
-
 # ----------------------------------------------------------------------------- options
 
 def parse_options(argv=None) -> EvalConfig:
-    """Defaults, then `--config file.json`, then flags. Names may use dashes or underscores; list
-    options take every value up to the next flag (so a shell glob works); unknown names are errors."""
-    argv = list(sys.argv[1:] if argv is None else argv)
-    types = typing.get_type_hints(EvalConfig)
-    names = {f.name for f in dataclasses.fields(EvalConfig)}
-    if "-h" in argv or "--help" in argv:
-        print(__doc__)
-        print("options (defaults shown):")
-        for f in dataclasses.fields(EvalConfig):
-            default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
-            print(f"  --{f.name.replace('_', '-'):22s} {default!r}")
-        print("  --config FILE.json       options as a JSON object (flags override it)")
-        sys.exit(0)
-    pairs: list[tuple[str, list[str]]] = []
-    for arg in argv:
-        if arg.startswith("--"):
-            key, eq, value = arg[2:].partition("=")
-            pairs.append((key.replace("-", "_"), [value] if eq else []))
-        elif pairs:
-            pairs[-1][1].append(arg)
-        else:
-            raise SystemExit(f"error: unexpected argument {arg!r} (options look like --name value)")
-    values: dict = {}
-    for key, vals in pairs:  # the config file first, so that flags override it
-        if key != "config":
-            continue
-        if len(vals) != 1:
-            raise SystemExit("error: --config takes one file")
-        try:
-            file_values = json.loads(Path(vals[0]).read_text(encoding="utf-8"))
-        except (OSError, json.JSONDecodeError) as e:
-            raise SystemExit(f"error: {vals[0]}: cannot read config file: {e}")
-        if not isinstance(file_values, dict):
-            raise SystemExit(f"error: {vals[0]}: a config file must be a JSON object")
-        for k, v in file_values.items():
-            k = k.replace("-", "_")
-            if k not in names:
-                raise SystemExit(f"error: {vals[0]}: unknown option {k!r}")
-            if k in LIST_OPTIONS and isinstance(v, str):
-                v = [v]
-            values[k] = v
-    for key, vals in pairs:
-        if key == "config":
-            continue
-        if key not in names:
-            raise SystemExit(f"error: unknown option --{key.replace('_', '-')}; see --help")
-        if key in LIST_OPTIONS:
-            values[key] = vals
-        elif types[key] is bool and not vals:
-            values[key] = True
-        elif len(vals) != 1:
-            raise SystemExit(f"error: option --{key.replace('_', '-')} takes one value, got {len(vals)}")
-        else:
-            values[key] = _coerce(vals[0], types[key], key)
-    cfg = EvalConfig(**values)
+    """Defaults, then `--config file.json`, then flags (minillm.training.parse_config); list
+    options (--tasks, --compare) take every value up to the next flag, so a shell glob works."""
+    cfg = parse_config(EvalConfig, argv, description=__doc__)
     check_options(cfg)
     return cfg
-
-
-def _coerce(text: str, typ, key: str):
-    try:
-        if typ is bool:
-            if text.lower() in ("1", "true", "yes"):
-                return True
-            if text.lower() in ("0", "false", "no"):
-                return False
-            raise ValueError(text)
-        return typ(text)
-    except ValueError:
-        raise SystemExit(f"error: option --{key.replace('_', '-')}: cannot read {text!r} as {typ.__name__}")
 
 
 def check_options(cfg: EvalConfig):

@@ -13,6 +13,7 @@ import signal
 import socket
 import sys
 import time
+import types
 import typing
 from pathlib import Path
 
@@ -24,63 +25,75 @@ from minillm.losses import cross_entropy_sum, token_logprobs
 
 # ----------------------------------------------------------------------------- options
 
-def parse_config(config_cls, argv=None):
-    """Build the script's options dataclass from defaults, then `--config file.json`, then `--name value`.
+def parse_config(config_cls, argv=None, description: str = ""):
+    """Build a script's options dataclass from defaults, then `--config file.json`, then `--name value`.
 
     Names may use dashes or underscores (`--max-steps 10` == `--max_steps=10`); booleans accept
-    true/false/1/0 or a bare `--flag`. Unknown names are an error, so a typo never goes unnoticed.
+    true/false/1/0 or a bare `--flag`; list-typed options take every value up to the next flag (so a
+    shell glob works). Unknown names are an error, so a typo never goes unnoticed.
     """
     argv = list(sys.argv[1:] if argv is None else argv)
-    types = typing.get_type_hints(config_cls)
+    hints = typing.get_type_hints(config_cls)
     names = {f.name for f in dataclasses.fields(config_cls)}
     if "-h" in argv or "--help" in argv:
-        print(f"options ({config_cls.__name__}); defaults shown; also --config FILE.json")
+        if description:
+            print(description)
+        print(f"options ({config_cls.__name__}; defaults shown):")
         for f in dataclasses.fields(config_cls):
-            print(f"  --{f.name.replace('_', '-'):28s} {f.default!r}")
+            default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+            print(f"  --{f.name.replace('_', '-'):28s} {default!r}")
+        print(f"  --{'config FILE.json':28s} options as a JSON object (flags override it)")
         sys.exit(0)
-    values: dict = {}
-    pairs = []
-    i = 0
-    while i < len(argv):
-        arg = argv[i]
-        if not arg.startswith("--"):
+    pairs: list[tuple[str, list[str]]] = []  # (name, the values that follow it)
+    for arg in argv:
+        if arg.startswith("--"):
+            key, eq, value = arg[2:].partition("=")
+            pairs.append((key.replace("-", "_"), [value] if eq else []))
+        elif pairs:
+            pairs[-1][1].append(arg)
+        else:
             raise SystemExit(f"error: unexpected argument {arg!r} (options look like --name value)")
-        key, eq, val = arg[2:].partition("=")
-        key = key.replace("-", "_")
-        if not eq:
-            nxt = argv[i + 1] if i + 1 < len(argv) else None
-            if types.get(key) is bool and (nxt is None or nxt.startswith("--")):
-                val = "true"
-            elif nxt is None:
-                raise SystemExit(f"error: option --{key} needs a value")
-            else:
-                val, i = nxt, i + 1
-        pairs.append((key, val))
-        i += 1
-    for key, val in pairs:  # the config file first, so explicit flags override it
-        if key == "config":
-            try:
-                file_values = json.loads(Path(val).read_text())
-            except (OSError, json.JSONDecodeError) as e:
-                raise SystemExit(f"error: {val}: cannot read config file: {e}")
-            for k, v in file_values.items():
-                k = k.replace("-", "_")
-                if k not in names:
-                    raise SystemExit(f"error: {val}: unknown option {k!r}")
-                values[k] = v
-    for key, val in pairs:
+    values: dict = {}
+    for key, vals in pairs:  # the config file first, so explicit flags override it
+        if key != "config":
+            continue
+        if len(vals) != 1:
+            raise SystemExit("error: --config takes one file")
+        try:
+            file_values = json.loads(Path(vals[0]).read_text(encoding="utf-8"))
+        except (OSError, json.JSONDecodeError) as e:
+            raise SystemExit(f"error: {vals[0]}: cannot read config file: {e}")
+        if not isinstance(file_values, dict):
+            raise SystemExit(f"error: {vals[0]}: a config file must be a JSON object")
+        for k, v in file_values.items():
+            k = k.replace("-", "_")
+            if k not in names:
+                raise SystemExit(f"error: {vals[0]}: unknown option {k!r}")
+            values[k] = [v] if _is_list(hints[k]) and isinstance(v, str) else v
+    for key, vals in pairs:
         if key == "config":
             continue
         if key not in names:
             raise SystemExit(f"error: unknown option --{key.replace('_', '-')}; see --help")
-        values[key] = _coerce(val, types[key], key)
+        typ = hints[key]
+        if _is_list(typ):
+            values[key] = vals
+        elif typ is bool and not vals:
+            values[key] = True
+        elif len(vals) != 1:
+            raise SystemExit(f"error: option --{key.replace('_', '-')} takes one value, got {len(vals)}")
+        else:
+            values[key] = _coerce(vals[0], typ, key)
     return config_cls(**values)
 
 
+def _is_list(typ) -> bool:
+    return typ is list or typing.get_origin(typ) is list
+
+
 def _coerce(text: str, typ, key: str):
-    optional = typing.get_origin(typ) in (typing.Union, getattr(__import__("types"), "UnionType", None))
-    if optional:
-        if text.lower() in ("none", "null", ""):
+    if typing.get_origin(typ) in (typing.Union, types.UnionType):  # Optional[X]: 'none' means None
+        if text.lower() in ("none", "null"):
             return None
         typ = next(a for a in typing.get_args(typ) if a is not type(None))
     try:
