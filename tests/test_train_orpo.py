@@ -5,16 +5,13 @@ accuracy, ZeRO-3 on 2 ranks == 1 process, and bad preference data. Real subproce
 """
 import importlib.util
 import json
-import os
 import random
-import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 import torch
+from conftest import ROOT, read_metrics, run_script
 
-ROOT = Path(__file__).resolve().parents[1]
 COLOURS = {"red": "punane", "blue": "sinine", "green": "roheline", "black": "must", "white": "valge"}
 ANIMALS = {"cat": "kass", "dog": "koer", "cow": "lehm", "bird": "lind", "fish": "kala"}
 
@@ -51,21 +48,13 @@ def world(tmp_path_factory):
 
 
 def run(world, out, *args, nproc=1, check=True):
-    cmd = ([sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"]
-           if nproc > 1 else [sys.executable])
-    cmd += [str(ROOT / "train_orpo.py"), "--init-from", str(world / "init"), "--train-data",
-            str(world / "train.jsonl"), "--valid-data", str(world / "valid.jsonl"), "--seq-len", "96",
-            "--warmup-steps", "1", "--log-interval", "1", "--out-dir", str(out), *args]
-    env = {**os.environ, "OMP_NUM_THREADS": "1",
-           "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
-    if check and proc.returncode != 0:
-        raise AssertionError(f"{' '.join(cmd)} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
-    return proc
+    return run_script("train_orpo.py", [
+        "--init-from", world / "init", "--train-data", world / "train.jsonl", "--valid-data", world / "valid.jsonl",
+        "--seq-len", "96", "--warmup-steps", "1", "--log-interval", "1", "--out-dir", out, *args],
+        nproc=nproc, check=check)
 
 
-def metrics(out):
-    return [json.loads(line) for line in (Path(out) / "metrics.jsonl").read_text().splitlines()]
+metrics = read_metrics
 
 
 def load_script():

@@ -4,18 +4,14 @@ continuing a Hugging Face directory, bad options. Each run is a real subprocess 
     .venv/bin/python -m pytest -q tests/test_train_pretrain.py
 """
 import json
-import os
 import random
 import signal
-import subprocess
-import sys
 import time
-from pathlib import Path
 
 import pytest
 import torch
+from conftest import read_metrics, run_script
 
-ROOT = Path(__file__).resolve().parents[1]
 STEPS = 4
 
 
@@ -50,25 +46,15 @@ def world(tmp_path_factory):
 
 
 def run(world, out, *args, nproc=1, check=True, popen=False):
-    cmd = ([sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"]
-           if nproc > 1 else [sys.executable])
-    cmd += [str(ROOT / "train_pretrain.py"), "--preset", "tiny", "--tokenizer", str(world / "tokenizer"),
-            "--data", f"et={world / 'et_train'},en={world / 'en_train'}", "--mixture", "et=0.75,en=0.25",
-            "--valid-data", f"et={world / 'et_valid'}", "--seq-len", "32", "--max-steps", str(STEPS),
-            "--warmup-steps", "2", "--lr", "1e-2", "--min-lr", "1e-3", "--eval-interval", "2",
-            "--eval-batches", "1", "--log-interval", "1", "--out-dir", str(out), *args]
-    env = {**os.environ, "OMP_NUM_THREADS": "1",
-           "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
-    if popen:
-        return subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
-    if check and proc.returncode != 0:
-        raise AssertionError(f"{' '.join(cmd)} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
-    return proc
+    return run_script("train_pretrain.py", [
+        "--preset", "tiny", "--tokenizer", world / "tokenizer",
+        "--data", f"et={world / 'et_train'},en={world / 'en_train'}", "--mixture", "et=0.75,en=0.25",
+        "--valid-data", f"et={world / 'et_valid'}", "--seq-len", "32", "--max-steps", STEPS, "--warmup-steps", "2",
+        "--lr", "1e-2", "--min-lr", "1e-3", "--eval-interval", "2", "--eval-batches", "1", "--log-interval", "1",
+        "--out-dir", out, *args], nproc=nproc, check=check, popen=popen)
 
 
-def metrics(out):
-    return [json.loads(line) for line in (Path(out) / "metrics.jsonl").read_text().splitlines()]
+metrics = read_metrics
 
 
 @pytest.fixture(scope="module")

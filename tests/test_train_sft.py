@@ -4,16 +4,12 @@ best-checkpoint export with the chat template, curriculum stages, bad input. Rea
     .venv/bin/python -m pytest -q tests/test_train_sft.py
 """
 import json
-import os
 import random
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 import torch
+from conftest import read_metrics, run_script
 
-ROOT = Path(__file__).resolve().parents[1]
 COLOURS = {"red": "punane", "blue": "sinine", "green": "roheline", "black": "must", "white": "valge",
            "yellow": "kollane"}
 ANIMALS = {"cat": "kass", "dog": "koer", "cow": "lehm", "bird": "lind", "fish": "kala"}
@@ -55,22 +51,13 @@ def world(tmp_path_factory):
 
 
 def run(world, out, *args, nproc=1, check=True):
-    cmd = ([sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"]
-           if nproc > 1 else [sys.executable])
-    cmd += [str(ROOT / "train_sft.py"), "--init-from", str(world / "init"), "--train-data",
-            str(world / "train.jsonl"), "--valid-data", str(world / "valid.jsonl"), "--seq-len", "96",
-            "--epochs", "1", "--warmup-steps", "1", "--lr", "3e-3", "--log-interval", "1",
-            "--out-dir", str(out), *args]
-    env = {**os.environ, "OMP_NUM_THREADS": "1",
-           "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
-    if check and proc.returncode != 0:
-        raise AssertionError(f"{' '.join(cmd)} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
-    return proc
+    return run_script("train_sft.py", [
+        "--init-from", world / "init", "--train-data", world / "train.jsonl", "--valid-data", world / "valid.jsonl",
+        "--seq-len", "96", "--epochs", "1", "--warmup-steps", "1", "--lr", "3e-3", "--log-interval", "1",
+        "--out-dir", out, *args], nproc=nproc, check=check)
 
 
-def metrics(out):
-    return [json.loads(line) for line in (Path(out) / "metrics.jsonl").read_text().splitlines()]
+metrics = read_metrics
 
 
 def test_accumulation_4x1_equals_batch_1x4(world, tmp_path):
@@ -196,7 +183,8 @@ def test_fine_tuned_tiny_model_answers_a_held_out_instruction(world, tmp_path):
     run(world, tmp_path / "run", "--init-from", str(tmp_path / "init"), "--train-data", str(data),
         "--valid-data", "", "--epochs", "30", "--micro-batch-size", "16", "--warmup-steps", "5",
         "--min-lr", "3e-4", "--log-interval", "50")
-    model, tok = Llama.from_pretrained(tmp_path / "run" / "model"), Tokenizer.from_pretrained(tmp_path / "run" / "model")
+    model = Llama.from_pretrained(tmp_path / "run" / "model")
+    tok = Tokenizer.from_pretrained(tmp_path / "run" / "model")
     prompt, _ = render([{"role": "user", "content": "The fish is white. What colour is the fish?"}], tok,
                        add_generation_prompt=True)
     reply = tok.decode(generate(model, [prompt], max_new_tokens=10, eos_id=tok.eos_id)[0])
