@@ -95,6 +95,14 @@ def test_one_concatenated_pass_equals_two_passes(world):
     # The response mask covers exactly each reply and its EOS, identically for the two renderings.
     chosen_mask, rejected_mask = split_pairs(batch["response_mask"])
     assert chosen_mask.any(1).all() and rejected_mask.any(1).all()
+    assert torch.equal(batch["response_mask"], batch["labels"] != -100)  # default: NLL on responses only
+    # --nll-on-prompt (TRL's choice): the NLL labels also cover the prompt, the odds ratio still not.
+    with_prompt = orpo.pair_batch(pairs, [0, 1, 2], nll_on_prompt=True, seq_len=96, pad_id=tok.pad_id)
+    assert torch.equal(with_prompt["response_mask"], batch["response_mask"])
+    scored = with_prompt["labels"] != -100
+    assert (scored >= batch["response_mask"]).all() and scored.sum() > batch["response_mask"].sum()
+    real = with_prompt["input_ids"][:, 1:][scored[:, :-1]]
+    assert torch.equal(with_prompt["labels"][:, :-1][scored[:, :-1]], real)  # labels are the next tokens
 
 
 def test_orpo_raises_reward_accuracy_and_exports(world, tmp_path):
