@@ -217,7 +217,7 @@ def main():
     metrics_log = MetricsLog(cfg.out_dir, rank)
     preemption = Preemption()
     bar = tqdm(total=total_steps, initial=step, disable=rank != 0, desc="orpo", dynamic_ncols=True)
-    t_start, start_step, order = time.time(), step, None
+    t_start, start_step, order_epoch, order = time.time(), step, None, None
     if valid_pairs and step == 0:  # where alignment starts from
         record = {"step": 0, **validate()}
         metrics_log.write(record)
@@ -227,7 +227,8 @@ def main():
     while step < total_steps:
         t0 = time.time()
         epoch, step_in_epoch = divmod(step, epoch_steps)
-        order = epoch_order(len(train_pairs), epoch, cfg.seed)
+        if order_epoch != epoch:  # one seeded shuffle per epoch
+            order_epoch, order = epoch, epoch_order(len(train_pairs), epoch, cfg.seed)
         lr = lr_at(step, cfg, max_steps=total_steps)
         set_lr(optimizer, lr)
         indices = [[order[i] for i in idx] for idx in step_slices(len(train_pairs), step_in_epoch,

@@ -27,17 +27,13 @@ from minillm.model import flops_per_token
 from minillm.training import (
     MetricsLog,
     Preemption,
-    all_reduce_sum,
     batch_to,
     build_engine,
-    engine_step,
     export_model,
-    global_mean_scale,
     load_checkpoint,
     load_model_and_tokenizer,
     log_line,
     lr_at,
-    model_inputs,
     parse_config,
     peak_flops,
     peak_memory_gb,
@@ -49,6 +45,7 @@ from minillm.training import (
     setup_distributed,
     teardown_distributed,
     token_byte_lengths,
+    token_mean_step,
     validation_metrics,
 )
 
@@ -138,16 +135,7 @@ def main():
         # Fetch the whole step's micro-batches first: the loss is a mean over every target token of
         # the global batch, so the global token count must be known before the first backward.
         micro_batches = [batch_to(loader.next_batch(), device) for _ in range(cfg.grad_accum)]
-        n_local = sum(int((b["labels"] != -100).sum()) for b in micro_batches)
-        n_tokens = all_reduce_sum([n_local], device)[0]
-        scale = global_mean_scale(n_tokens, world_size, cfg.grad_accum)
-        nll_sum = 0.0
-        for batch in micro_batches:
-            nll = engine(**model_inputs(batch), sum_nll=True)
-            engine.backward(nll * scale)
-            grad_norm = engine_step(engine, model)  # updates only after the step's last micro-batch
-            nll_sum += nll.item()
-        loss = all_reduce_sum([nll_sum], device)[0] / max(n_tokens, 1)
+        loss, _, grad_norm = token_mean_step(engine, model, micro_batches, world_size, device)
         step += 1
         tokens_seen += tokens_per_step
         dt = time.time() - t0
@@ -161,7 +149,8 @@ def main():
         metrics.write(record)
         bar.update(1)
         bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}", tok_s=f"{tok_s:.0f}")
-        if rank == 0 and (step % cfg.log_interval == 0 or step == cfg.max_steps or "val_loss_" in str(record)):
+        validated = any(k.startswith("val_") for k in record)
+        if rank == 0 and (step % cfg.log_interval == 0 or step == cfg.max_steps or validated):
             eta = (time.time() - t_start) / (step - start_step) * (cfg.max_steps - step)
             line = log_line(step, cfg.max_steps, loss, lr, tok_s, record["mfu"], eta)
             vals = " | ".join(f"{k} {v:.4f}" for k, v in record.items() if k.startswith("val_"))

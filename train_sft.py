@@ -30,18 +30,14 @@ from minillm.model import flops_per_token
 from minillm.training import (
     MetricsLog,
     Preemption,
-    all_reduce_sum,
     batch_to,
     build_engine,
-    engine_step,
     epoch_order,
     export_model,
-    global_mean_scale,
     load_checkpoint,
     load_model_and_tokenizer,
     log_line,
     lr_at,
-    model_inputs,
     parse_config,
     peak_flops,
     peak_memory_gb,
@@ -56,6 +52,7 @@ from minillm.training import (
     take_rows,
     teardown_distributed,
     token_byte_lengths,
+    token_mean_step,
     validation_metrics,
 )
 
@@ -183,16 +180,7 @@ def main():
         micro_batches = [batch_to(take_rows(rows, idx), device) for idx in
                          step_slices(n_rows, step_in_epoch, cfg.micro_batch_size, cfg.grad_accum, rank, world_size)]
         # The loss is the mean over every response token of the global batch (not a mean of means).
-        n_local = sum(int((b["labels"] != -100).sum()) for b in micro_batches)
-        n_tokens = all_reduce_sum([n_local], device)[0]
-        scale = global_mean_scale(n_tokens, world_size, cfg.grad_accum)
-        nll_sum = 0.0
-        for batch in micro_batches:
-            nll = engine(**model_inputs(batch), sum_nll=True)
-            engine.backward(nll * scale)
-            grad_norm = engine_step(engine, model)  # updates only after the step's last micro-batch
-            nll_sum += nll.item()
-        loss = all_reduce_sum([nll_sum], device)[0] / max(n_tokens, 1)
+        loss, n_tokens, grad_norm = token_mean_step(engine, model, micro_batches, world_size, device)
         step += 1
         dt = time.time() - t0
 

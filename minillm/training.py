@@ -267,6 +267,26 @@ def engine_step(engine, model) -> float | None:
     return own if reported is None or own is not None else float(reported)
 
 
+def token_mean_step(engine, model, micro_batches: list, world_size: int, device):
+    """One optimizer step over this rank's micro-batches with the loss = mean NLL over every target
+    token of the global batch (all micro-batches of all ranks), as pretraining and SFT define it.
+
+    The global token count must be known before the first backward, so it is all-reduced first;
+    `global_mean_scale` then turns each micro-batch's summed NLL into its share. Returns
+    (loss, global target-token count, gradient norm).
+    """
+    n_local = sum(int((b["labels"] != -100).sum()) for b in micro_batches)
+    n_tokens = all_reduce_sum([n_local], device)[0]
+    scale = global_mean_scale(n_tokens, world_size, len(micro_batches))
+    nll_sum, grad_norm = 0.0, None
+    for batch in micro_batches:
+        nll = engine(**model_inputs(batch), sum_nll=True)
+        engine.backward(nll * scale)
+        grad_norm = engine_step(engine, model)  # updates only after the step's last micro-batch
+        nll_sum += nll.item()
+    return all_reduce_sum([nll_sum], device)[0] / max(n_tokens, 1), n_tokens, grad_norm
+
+
 def batch_to(batch: dict, device) -> dict:
     return {k: v.to(device, non_blocking=True) for k, v in batch.items()}
 
