@@ -56,9 +56,9 @@ def run_case(impl: str, vocab: int, args) -> dict:
         if impl == "naive":
             loss = F.cross_entropy(F.linear(hidden, weight).float(), labels, ignore_index=-100, reduction="sum")
         elif impl == "fused-ce":
-            loss, _ = cross_entropy_sum(hidden, weight, labels, chunk_size=args.chunk_size)
+            loss, _ = cross_entropy_sum(hidden, weight, labels, chunk_size=args.chunk_size or None)
         else:
-            loss = -token_logprobs(hidden, weight, labels, chunk_size=args.chunk_size).sum()
+            loss = -token_logprobs(hidden, weight, labels, chunk_size=args.chunk_size or None).sum()
         loss.backward()
         hidden.grad = weight.grad = None  # freed after being produced; the peak already saw them
         return float(loss)
@@ -109,7 +109,8 @@ def main():
     ap.add_argument("--vocab", type=int, nargs="+", default=[32000, 128256])
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--dtype", default="fp32", choices=["fp32", "bf16"])
-    ap.add_argument("--chunk-size", type=int, default=1024)
+    ap.add_argument("--chunk-size", type=int, default=0,
+                    help="tokens per chunk (0: minillm.losses.default_chunk_size of the vocabulary)")
     ap.add_argument("--ignore-frac", type=float, default=0.0, help="share of labels set to -100")
     ap.add_argument("--repeats", type=int, default=3, help="timed steps after the measured first one")
     impls = ["naive", "fused-ce", "fused-logp"]
@@ -130,7 +131,7 @@ def main():
     argv = sys.argv[1:]
     rows = []
     print(f"loss fwd+bwd, {args.tokens} tokens x hidden {args.hidden}, {args.dtype} on {args.device}, "
-          f"chunk {args.chunk_size}, ignored {args.ignore_frac:.0%}, median of {args.repeats}")
+          f"chunk {args.chunk_size or 'default'}, ignored {args.ignore_frac:.0%}, median of {args.repeats}")
     print(f"{'vocab':>8} {'impl':>10} {'time s':>8} {'cpu s':>8} {'peak + GB':>10} {'peak abs GB':>12} "
           f"{'loss/token':>11}")
     for vocab in args.vocab:

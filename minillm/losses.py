@@ -20,6 +20,14 @@ import torch.nn.functional as F
 from torch.autograd.function import once_differentiable
 
 IGNORE_INDEX = -100
+# Default chunk: as many tokens as keep one chunk's float32 logits near 2^25 elements (128 MB), in
+# multiples of 64 rows: 1024 tokens at Llama-2's 32K vocabulary, 256 at Llama-3's 128K. A fixed token
+# count would let the chunk grow with the vocabulary (1024 x 128K is 0.5 GB, held twice in backward).
+CHUNK_LOGITS = 2**25
+
+
+def default_chunk_size(vocab_size: int) -> int:
+    return max(64, CHUNK_LOGITS // vocab_size // 64 * 64)
 
 # ----------------------------------------------------------------------------- per-token log-probs
 
@@ -159,7 +167,7 @@ def _check_inputs(name, hidden, weight, labels, chunk_size):
                          f"{hidden.shape[-1]}]")
     if hidden.dtype != weight.dtype:
         raise ValueError(f"{name}: hidden is {hidden.dtype} but weight is {weight.dtype}")
-    if chunk_size < 1:
+    if chunk_size is not None and chunk_size < 1:
         raise ValueError(f"{name}: chunk_size must be >= 1, got {chunk_size}")
     vocab = weight.shape[0]
     # An out-of-range label would be a silent wrong gather on CPU and a device assert on GPU.
@@ -170,7 +178,7 @@ def _check_inputs(name, hidden, weight, labels, chunk_size):
 
 
 def token_logprobs(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor,
-                   chunk_size: int = 1024) -> torch.Tensor:
+                   chunk_size: int | None = None) -> torch.Tensor:
     """Log-probability of each label under the model: log softmax(hidden @ weight^T)[label].
 
     hidden [..., D] are the final normed hidden states (`model.hidden_states(...)`), weight [V, D] the
@@ -185,16 +193,16 @@ def token_logprobs(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Ten
     logits come out of the matmul in that dtype, like model.output(hidden), then every softmax
     statistic is fp32). In bf16 the weight gradient is summed over chunks in bf16, one rounding per
     chunk, as Liger does; a larger chunk_size means fewer roundings and more memory per chunk
-    (chunk_size x vocab x 4 bytes, about 0.5 GB at 1024 x 128K).
+    (chunk_size x vocab x 4 bytes). Default: `default_chunk_size(vocab)`, about 128 MB of logits.
     """
     _check_inputs("token_logprobs", hidden, weight, labels, chunk_size)
-    flat = _ChunkedTokenLogprobs.apply(hidden.reshape(-1, hidden.shape[-1]), weight,
-                                       labels.reshape(-1), chunk_size)
+    flat = _ChunkedTokenLogprobs.apply(hidden.reshape(-1, hidden.shape[-1]), weight, labels.reshape(-1),
+                                       chunk_size or default_chunk_size(weight.shape[0]))
     return flat.view(labels.shape)
 
 
 def cross_entropy_sum(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor,
-                      chunk_size: int = 1024) -> tuple[torch.Tensor, torch.Tensor]:
+                      chunk_size: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Summed token negative log-likelihood, sum_t -log p(label_t), and the number of scored tokens.
 
     Chunked like `token_logprobs`, but faster when only the sum is needed (pretraining, SFT): the
@@ -214,7 +222,8 @@ def cross_entropy_sum(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.
     """
     _check_inputs("cross_entropy_sum", hidden, weight, labels, chunk_size)
     total = _ChunkedCrossEntropySum.apply(hidden.reshape(-1, hidden.shape[-1]), weight, labels.reshape(-1),
-                                          chunk_size, torch.is_grad_enabled())
+                                          chunk_size or default_chunk_size(weight.shape[0]),
+                                          torch.is_grad_enabled())
     return total, (labels != IGNORE_INDEX).sum()
 
 

@@ -216,8 +216,9 @@ def build_engine(model: nn.Module, cfg, world_size: int, device):
     decay = [p for n, p in model.named_parameters() if p.dim() >= 2]
     no_decay = [p for n, p in model.named_parameters() if p.dim() < 2]
     groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-    optimizer = torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=1e-8,
-                                  fused=device.type == "cuda")
+    # fused: one kernel per step, on CPU too (torch >= 2.4). The default multi-tensor path allocates
+    # a temporary the size of all parameters (sqrt of the second moment) during every step.
+    optimizer = torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=1e-8, fused=True)
     loss_model = TokenLogprobs(model)
     if cfg.zero_stage == 3:
         # The fused loss reads the output matrix directly instead of calling its module, so
