@@ -44,6 +44,7 @@ from minillm.training import (
     all_reduce_sum,
     batch_to,
     build_engine,
+    configure_model,
     engine_step,
     epoch_order,
     export_model,
@@ -93,7 +94,8 @@ class ORPOConfig:
     grad_clip: float = 1.0
     zero_stage: int = 0
     deepspeed: str = ""
-    activation_checkpointing: bool = False
+    activation_checkpointing: str = "none"  # none | selective | full: recompute in backward, save memory
+    compile: bool = False  # torch.compile each transformer block (first steps compile; then faster)
     attn: str = "auto"
     # logging and checkpoints
     out_dir: str = "runs/demo/orpo"
@@ -146,7 +148,7 @@ def main():
     save_options(cfg, cfg.out_dir, rank)
 
     model, tokenizer = load_model_and_tokenizer(cfg.init_from, "", cfg.tokenizer, cfg.seq_len, device)
-    model.activation_checkpointing = cfg.activation_checkpointing
+    configure_model(model, cfg)
 
     def load(files):
         pairs = []

@@ -29,6 +29,7 @@ from minillm.training import (
     Preemption,
     batch_to,
     build_engine,
+    configure_model,
     export_model,
     load_checkpoint,
     load_model_and_tokenizer,
@@ -77,7 +78,8 @@ class PretrainConfig:
     grad_clip: float = 1.0
     zero_stage: int = 0  # DeepSpeed ZeRO 0/1/2/3
     deepspeed: str = ""  # optional DeepSpeed JSON merged over the generated config
-    activation_checkpointing: bool = False
+    activation_checkpointing: str = "none"  # none | selective | full: recompute in backward, save memory
+    compile: bool = False  # torch.compile each transformer block (first steps compile; then faster)
     attn: str = "auto"  # auto | triton | sdpa | math
     # logging and checkpoints
     out_dir: str = "runs/demo/pretrain"
@@ -99,7 +101,7 @@ def main():
     save_options(cfg, cfg.out_dir, rank)
 
     model, tokenizer = load_model_and_tokenizer(cfg.init_from, cfg.preset, cfg.tokenizer, cfg.seq_len, device)
-    model.activation_checkpointing = cfg.activation_checkpointing
+    configure_model(model, cfg)
     sources = parse_sources(cfg.data)
     loader = PackedLoader(sources, parse_mixture(cfg.mixture, names=list(sources)), seq_len=cfg.seq_len,
                           batch_size=cfg.micro_batch_size, rank=rank, world_size=world_size, seed=cfg.seed,

@@ -32,6 +32,7 @@ from minillm.training import (
     Preemption,
     batch_to,
     build_engine,
+    configure_model,
     epoch_order,
     export_model,
     load_checkpoint,
@@ -85,7 +86,8 @@ class SFTConfig:
     grad_clip: float = 1.0
     zero_stage: int = 0
     deepspeed: str = ""
-    activation_checkpointing: bool = False
+    activation_checkpointing: str = "none"  # none | selective | full: recompute in backward, save memory
+    compile: bool = False  # torch.compile each transformer block (first steps compile; then faster)
     attn: str = "auto"
     # logging and checkpoints
     out_dir: str = "runs/demo/sft"
@@ -122,7 +124,7 @@ def main():
     save_options(cfg, cfg.out_dir, rank)
 
     model, tokenizer = load_model_and_tokenizer(cfg.init_from, "", cfg.tokenizer, cfg.seq_len, device)
-    model.activation_checkpointing = cfg.activation_checkpointing
+    configure_model(model, cfg)
     stages = [load_examples(files, tokenizer, cfg, rank) for files in cfg.train_data.split(";") if files.strip()]
     valid = {}
     if cfg.valid_data:  # this rank's share of the validation rows, as micro-batches

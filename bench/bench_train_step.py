@@ -2,7 +2,9 @@
 
 Reports tokens/s, MFU (6N + attention FLOPs per token over the device's peak) and peak memory of
 one optimizer step (forward + backward + AdamW) on random tokens. Each implementation runs in its
-own subprocess so peak memory (CPU: the process's resident high-water mark) is not shared.
+own subprocess so peak memory (CPU: the process's resident high-water mark, which includes what the
+imports themselves take, shown separately) is not shared. Both use minillm's optimizer (fused AdamW);
+--activation-checkpointing and --compile apply to both (transformers has no "selective").
 
     python bench/bench_train_step.py --preset small --seq-len 512 --batch-size 2          # CPU, fp32
     python bench/bench_train_step.py --preset 1b --seq-len 4096 --batch-size 1 --dtype bf16  # one GPU
@@ -36,8 +38,10 @@ def run_one(impl: str, args) -> dict:
         overrides["vocab_size"] = args.vocab_size
     config = LlamaConfig.from_preset(args.preset, **overrides)
     if impl == "minillm":
+        base_gb = peak_memory_gb(device)
         model = Llama(config).to(device=device, dtype=dtype)
         model.activation_checkpointing = args.activation_checkpointing
+        blocks = model.layers
 
         def loss_fn(ids, labels):
             total, n = cross_entropy_sum(model.hidden_states(ids), model.output.weight, labels)
@@ -45,18 +49,25 @@ def run_one(impl: str, args) -> dict:
     else:
         from transformers import LlamaConfig as HFConfig
         from transformers import LlamaForCausalLM
+        base_gb = peak_memory_gb(device)
         hf = HFConfig(vocab_size=config.vocab_size, hidden_size=config.dim, intermediate_size=config.hidden_dim,
                       num_hidden_layers=config.n_layers, num_attention_heads=config.n_heads,
                       num_key_value_heads=config.n_kv_heads, max_position_embeddings=config.max_seq_len,
                       rms_norm_eps=config.norm_eps, rope_theta=config.rope_theta, tie_word_embeddings=False)
         model = LlamaForCausalLM(hf).to(device=device, dtype=dtype)
-        if args.activation_checkpointing:
+        if args.activation_checkpointing == "full":
             model.gradient_checkpointing_enable()
+        elif args.activation_checkpointing != "none":
+            raise SystemExit(f"transformers has no {args.activation_checkpointing!r} activation checkpointing")
         model.config.use_cache = False
+        blocks = model.model.layers
 
         def loss_fn(ids, labels):
             # transformers shifts labels itself; hand it the unshifted ids as labels.
             return model(input_ids=ids, labels=ids).loss
+    if args.compile:  # regional compilation, as the scripts' --compile: every block on its own
+        for block in blocks:
+            block.compile()
     # The optimizer minillm's scripts use (minillm.training.build_engine), for both implementations.
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)
     ids = torch.randint(0, config.vocab_size, (args.batch_size, args.seq_len), device=device)
@@ -78,7 +89,7 @@ def run_one(impl: str, args) -> dict:
     tokens = args.batch_size * args.seq_len
     return {"impl": impl, "tok_s": tokens / dt, "step_s": dt,
             "mfu": flops_per_token(config, args.seq_len) * tokens / dt / peak_flops(device),
-            "peak_mem_gb": peak_memory_gb(device), "loss": float(loss)}
+            "peak_mem_gb": peak_memory_gb(device), "base_mem_gb": base_gb, "loss": float(loss)}
 
 
 def main():
@@ -91,7 +102,9 @@ def main():
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--dtype", default="fp32", choices=["fp32", "bf16"])
     p.add_argument("--device", default="cuda" if __import__("torch").cuda.is_available() else "cpu")
-    p.add_argument("--activation-checkpointing", action="store_true")
+    p.add_argument("--activation-checkpointing", default="none", choices=["none", "selective", "full"],
+                   help="selective is minillm's only (transformers' peer run is skipped)")
+    p.add_argument("--compile", action="store_true", help="torch.compile every block (both implementations)")
     p.add_argument("--only", choices=["minillm", "transformers"])
     p.add_argument("--child", help=argparse.SUPPRESS)
     args = p.parse_args()
@@ -99,6 +112,8 @@ def main():
         print(json.dumps(run_one(args.child, args)))
         return
     impls = [args.only] if args.only else ["minillm", "transformers"]
+    if args.activation_checkpointing == "selective":
+        impls = [i for i in impls if i == "minillm"]
     rows = []
     for impl in impls:
         out = subprocess.run([sys.executable, *sys.argv, "--child", impl], capture_output=True, text=True)
@@ -107,10 +122,12 @@ def main():
             continue
         rows.append(json.loads(out.stdout.strip().splitlines()[-1]))
     print(f"preset={args.preset} vocab={args.vocab_size or 'preset'} seq={args.seq_len} batch={args.batch_size} "
-          f"dtype={args.dtype} device={args.device} steps={args.steps} (median step)")
-    print("| impl | tok/s | step s | MFU | peak mem GB |\n|---|---|---|---|---|")
+          f"dtype={args.dtype} device={args.device} steps={args.steps} (median step) "
+          f"checkpointing={args.activation_checkpointing} compile={args.compile}")
+    print("| impl | tok/s | step s | MFU | peak mem GB | of which imports GB |\n|---|---|---|---|---|---|")
     for r in rows:
-        print(f"| {r['impl']} | {r['tok_s']:.0f} | {r['step_s']:.3f} | {100 * r['mfu']:.1f}% | {r['peak_mem_gb']:.2f} |")
+        print(f"| {r['impl']} | {r['tok_s']:.0f} | {r['step_s']:.3f} | {100 * r['mfu']:.1f}% | {r['peak_mem_gb']:.2f} "
+              f"| {r['base_mem_gb']:.2f} |")
     if len(rows) == 2:
         print(f"ratio minillm/transformers: tok/s {rows[0]['tok_s'] / rows[1]['tok_s']:.2f}x, "
               f"peak memory {rows[0]['peak_mem_gb'] / rows[1]['peak_mem_gb']:.2f}x")

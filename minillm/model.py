@@ -15,7 +15,7 @@ from dataclasses import asdict, dataclass, fields
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from torch.utils.checkpoint import checkpoint
+from torch.utils.checkpoint import CheckpointPolicy, checkpoint, create_selective_checkpoint_contexts, noop_context_fn
 
 from minillm.attention import attention
 
@@ -82,6 +82,31 @@ PRESETS = {
 }
 
 
+class _RMSNormFunction(torch.autograd.Function):
+    """y = w * n, n = x * r, r = 1 / sqrt(mean(x^2) + eps), with a hand-written backward
+        dw = sum_tokens g * n,    dx = r * (dn - n * mean(dn * n)),  dn = g * w
+    that saves only x (the residual stream, alive anyway) and r: autograd's own graph would also
+    keep n, one more [tokens, dim] tensor per norm (two per block)."""
+
+    @staticmethod
+    def forward(ctx, x, weight, eps):
+        x32 = x.to(torch.promote_types(x.dtype, torch.float32))  # fp32 (float64 stays float64)
+        r = torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + eps)
+        ctx.save_for_backward(x, weight, r)
+        return weight * (x32 * r).to(x.dtype)
+
+    @staticmethod
+    def backward(ctx, g):
+        x, weight, r = ctx.saved_tensors
+        n = x.to(r.dtype) * r
+        dn = g.to(r.dtype) * weight.to(r.dtype)
+        dx = r * (dn - n * (dn * n).mean(-1, keepdim=True))
+        dw = None
+        if ctx.needs_input_grad[1]:  # the forward rounded n to x's dtype before scaling it
+            dw = (g.to(r.dtype) * n.to(x.dtype)).reshape(-1, n.shape[-1]).sum(0).to(weight.dtype)
+        return dx.to(x.dtype), dw, None
+
+
 class RMSNorm(nn.Module):
     """x / sqrt(mean(x^2) + eps) * weight, computed in fp32 because bf16 loses the small variance terms."""
 
@@ -91,9 +116,7 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x):
-        x32 = x.float()
-        x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * x32.to(x.dtype)
+        return _RMSNormFunction.apply(x, self.weight, self.eps)
 
 
 def rope_inv_freq(config: LlamaConfig) -> torch.Tensor:
@@ -172,6 +195,24 @@ class Attention(nn.Module):
         return self.wo(out.transpose(1, 2).reshape(B, T, -1))
 
 
+class _SiluMulFunction(torch.autograd.Function):
+    """silu(a) * b with a hand-written backward, s = sigmoid(a):
+        da = g * b * s * (1 + a * (1 - s)),   db = g * a * s
+    It saves a and b only and recomputes s: autograd would also keep silu(a), one more
+    [tokens, hidden_dim] tensor per block -- the widest activation of the model."""
+
+    @staticmethod
+    def forward(ctx, a, b):
+        ctx.save_for_backward(a, b)
+        return F.silu(a) * b
+
+    @staticmethod
+    def backward(ctx, g):
+        a, b = ctx.saved_tensors
+        s = torch.sigmoid(a)
+        return g * b * s * (1 + a * (1 - s)), g * a * s
+
+
 class FeedForward(nn.Module):
     """SwiGLU: w2(silu(w1 x) * w3 x); w1 is HF's gate_proj, w3 up_proj, w2 down_proj."""
 
@@ -182,7 +223,7 @@ class FeedForward(nn.Module):
         self.w3 = nn.Linear(config.dim, config.hidden_dim, bias=False)
 
     def forward(self, x):
-        return self.w2(F.silu(self.w1(x)) * self.w3(x))
+        return self.w2(_SiluMulFunction.apply(self.w1(x), self.w3(x)))
 
 
 class TransformerBlock(nn.Module):
@@ -200,6 +241,28 @@ class TransformerBlock(nn.Module):
         return h + self.feed_forward(self.ffn_norm(h))
 
 
+# Activation checkpointing (Korthikanti et al. 2022, "Reducing Activation Recomputation in Large
+# Transformer Models"). "full" keeps only each block's input and reruns the whole block in backward.
+# "selective" keeps what the matmuls and the attention kernels produced, the expensive part, and reruns
+# only the rest: norms, rotary, SwiGLU's activation, layout copies -- cheap elementwise work that holds
+# a good part of the memory. (A Triton attention kernel is not an aten op, so it is rerun too.)
+CHECKPOINTING = ("none", "selective", "full")
+_aten = torch.ops.aten
+_SAVED_OPS = {_aten.mm.default, _aten.addmm.default, _aten.bmm.default,
+              _aten._scaled_dot_product_flash_attention.default,
+              _aten._scaled_dot_product_flash_attention_for_cpu.default,
+              _aten._scaled_dot_product_efficient_attention.default,
+              _aten._scaled_dot_product_cudnn_attention.default}
+
+
+def _selective_policy(ctx, op, *args, **kwargs):
+    return CheckpointPolicy.MUST_SAVE if op in _SAVED_OPS else CheckpointPolicy.PREFER_RECOMPUTE
+
+
+def _selective_context():
+    return create_selective_checkpoint_contexts(_selective_policy)
+
+
 class Llama(nn.Module):
     def __init__(self, config: LlamaConfig):
         super().__init__()
@@ -213,8 +276,8 @@ class Llama(nn.Module):
         # Rotary frequencies stay a plain fp32 tensor, not a buffer: model.to(bfloat16) would round a
         # buffer, putting the angle at position 4000 off by most of a radian. Moved per forward (tiny).
         self.inv_freq = rope_inv_freq(config)
-        # Recompute each block's activations in backward instead of storing them (set by the scripts).
-        self.activation_checkpointing = False
+        # none | selective | full: recompute (part of) each block in backward instead of storing it.
+        self.activation_checkpointing = "none"
         self.apply(self._init_weights)
         # GPT-2 / llama2.c: scale the residual projections so the residual stream's variance
         # does not grow with depth at init.
@@ -252,11 +315,15 @@ class Llama(nn.Module):
                 cache.doc[:, start:start + T] = doc_ids
         h = self.tok_embeddings(input_ids)
         cos, sin = rotary_cos_sin(position_ids, self.inv_freq.to(h.device), h.dtype)  # shared by every layer
+        mode = self.activation_checkpointing if self.training and cache is None else "none"
+        if mode not in CHECKPOINTING:
+            raise ValueError(f"activation_checkpointing {mode!r}: choose one of {', '.join(CHECKPOINTING)}")
         for layer in self.layers:
-            if self.activation_checkpointing and self.training and cache is None:
-                h = checkpoint(layer, h, cos, sin, doc_ids, use_reentrant=False)
-            else:
+            if mode == "none":
                 h = layer(h, cos, sin, doc_ids, cache)
+            else:
+                context = _selective_context if mode == "selective" else noop_context_fn
+                h = checkpoint(layer, h, cos, sin, doc_ids, use_reentrant=False, context_fn=context)
         if cache is not None:
             cache.length += T
         return self.norm(h)

@@ -209,6 +209,30 @@ def _merge(base: dict, over: dict) -> dict:
     return out
 
 
+def configure_model(model: nn.Module, cfg):
+    """The scripts' memory and speed options on the model, before the engine wraps it.
+
+    activation_checkpointing: none | selective | full (see minillm/model.py). compile: torch.compile
+    each transformer block rather than the whole model ("regional" compilation): every block has the
+    same code, so one compiled graph serves them all and compiling takes seconds, not minutes; the
+    chunked loss and the DeepSpeed engine stay eager. With ZeRO 0, 1 and 3 two ranks give the loss
+    curve of one process (tested); with ZeRO-2 they do not (its gradient hooks, DeepSpeed 0.19), so
+    that combination is refused.
+    """
+    from minillm.model import CHECKPOINTING
+
+    if cfg.activation_checkpointing not in CHECKPOINTING:
+        raise SystemExit(f"error: --activation-checkpointing {cfg.activation_checkpointing!r}: choose one of "
+                         f"{', '.join(CHECKPOINTING)}")
+    model.activation_checkpointing = cfg.activation_checkpointing
+    if cfg.compile:
+        if cfg.zero_stage == 2:
+            raise SystemExit("error: --compile gives wrong gradients with --zero-stage 2; use ZeRO 1 or 3, "
+                             "or drop --compile")
+        for layer in model.layers:
+            layer.compile()
+
+
 def build_engine(model: nn.Module, cfg, world_size: int, device):
     """AdamW (decoupled weight decay on matrices only, as Llama) inside a DeepSpeed engine."""
     import deepspeed

@@ -1,6 +1,6 @@
 """Attention backends against a float64 oracle, on CPU.
 
-    cd /work/main && /work/venv/bin/python -m pytest -q tests/test_attention.py
+    cd /work/main && .venv/bin/python -m pytest -q tests/test_attention.py
 
 Covered backends show up in the test ids: [math...], [sdpa...], [triton...]. The Triton kernels run
 in Triton's CPU interpreter (TRITON_INTERPRET=1) inside ONE worker process that this module starts

@@ -3,7 +3,7 @@ log-probs, summed cross-entropy, per-sequence means, log(1 - e^x), ORPO's odds-r
 metric, TRL's ORPO formula), naive full-logits gradients and torch.autograd.gradcheck for the chunked
 log-probs, a two-rank gloo run for the metric all-reduce.
 
-    cd /work/main && /work/venv/bin/python -m pytest -q tests/test_losses.py
+    cd /work/main && .venv/bin/python -m pytest -q tests/test_losses.py
 """
 import math
 import os
