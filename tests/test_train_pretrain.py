@@ -88,10 +88,13 @@ def test_two_ranks_match_single_process(world, single, tmp_path, zero_stage):
     assert got[-1]["val_loss_et"] == pytest.approx(ref[-1]["val_loss_et"], rel=1e-4)
 
 
-def test_compiled_blocks_under_zero3_on_two_ranks_match_single_process(world, single, tmp_path):
-    """--compile wraps every block in torch.compile; ZeRO-3 gathers the blocks' weights through hooks
-    that then run around compiled code. Same global batch as the single process: same loss curve."""
-    run(world, tmp_path, "--micro-batch-size", "2", "--grad-accum", "2", "--zero-stage", "3", "--compile", nproc=2)
+@pytest.mark.parametrize("args", [["--compile"], ["--activation-checkpointing", "selective"]],
+                         ids=["compile", "checkpointing-selective"])
+def test_compile_and_selective_checkpointing_under_zero3_match_single_process(world, single, tmp_path, args):
+    """ZeRO-3 gathers each block's weights through module hooks, which then run around compiled code
+    (--compile) or are replayed when a block is recomputed (selective checkpointing). Same global batch
+    as the single process, 2 ranks: same loss curve."""
+    run(world, tmp_path, "--micro-batch-size", "2", "--grad-accum", "2", "--zero-stage", "3", *args, nproc=2)
     assert [g["loss"] for g in metrics(tmp_path)] == pytest.approx([r["loss"] for r in metrics(single)], rel=1e-4)
 
 
