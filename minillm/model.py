@@ -245,18 +245,15 @@ class TransformerBlock(nn.Module):
 # Transformer Models"). "full" keeps only each block's input and reruns the whole block in backward.
 # "selective" keeps what the matmuls and the attention kernels produced, the expensive part, and reruns
 # only the rest: norms, rotary, SwiGLU's activation, layout copies -- cheap elementwise work that holds
-# a good part of the memory. (A Triton attention kernel is not an aten op, so it is rerun too.)
+# a good part of the memory. Ops are matched by name; minillm::flash_attention is the Triton kernel.
 CHECKPOINTING = ("none", "selective", "full")
-_aten = torch.ops.aten
-_SAVED_OPS = {_aten.mm.default, _aten.addmm.default, _aten.bmm.default,
-              _aten._scaled_dot_product_flash_attention.default,
-              _aten._scaled_dot_product_flash_attention_for_cpu.default,
-              _aten._scaled_dot_product_efficient_attention.default,
-              _aten._scaled_dot_product_cudnn_attention.default}
+_SAVED_OPS = {"aten::mm", "aten::addmm", "aten::bmm", "aten::_scaled_dot_product_flash_attention",
+              "aten::_scaled_dot_product_flash_attention_for_cpu", "aten::_scaled_dot_product_efficient_attention",
+              "aten::_scaled_dot_product_cudnn_attention", "minillm::flash_attention"}
 
 
 def _selective_policy(ctx, op, *args, **kwargs):
-    return CheckpointPolicy.MUST_SAVE if op in _SAVED_OPS else CheckpointPolicy.PREFER_RECOMPUTE
+    return CheckpointPolicy.MUST_SAVE if op.name() in _SAVED_OPS else CheckpointPolicy.PREFER_RECOMPUTE
 
 
 def _selective_context():

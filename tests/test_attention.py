@@ -273,6 +273,67 @@ def check_forced_triton_falls_back_for_kv_cache():
     assert rel_err(out, oracle_attention(q, k, v, q_doc, k_doc)) < 1e-5
 
 
+def counting_forward_launches(module):
+    """Wrap the kernel module's forward launcher; returns the list that records each launch."""
+    calls = []
+    real = module._forward
+
+    def counted(*args):
+        calls.append(1)
+        return real(*args)
+
+    module._forward = counted
+    return calls, real
+
+
+def check_triton_selective_checkpointing_keeps_the_kernel_output():
+    """The kernel is the custom op minillm::flash_attention, so selective checkpointing keeps its
+    output and reruns only the elementwise work around it: one forward launch, where full
+    checkpointing makes two. Gradients equal the unchecked ones either way."""
+    from torch.utils.checkpoint import checkpoint, noop_context_fn
+
+    from minillm.model import _selective_context
+    module = kernels()
+    q, k, v, q_doc, k_doc, w = make_inputs(*CASES["gqa-docs"])
+
+    def block(q, k, v):
+        return torch.tanh(module.flash_attention(q * 1.5, k, v, q_doc, k_doc)) * 2
+
+    want = out_and_grads(lambda q, k, v, *_: block(q, k, v), q, k, v, q_doc, k_doc, w)
+    launches = {}
+    for name, context in (("selective", _selective_context), ("full", noop_context_fn)):
+        calls, real = counting_forward_launches(module)
+        try:
+            fn = lambda q, k, v, *_: checkpoint(block, q, k, v, use_reentrant=False, context_fn=context)  # noqa: E731
+            got = out_and_grads(fn, q, k, v, q_doc, k_doc, w)
+        finally:
+            module._forward = real
+        assert_close_all(got, want, 1e-6, name)
+        launches[name] = len(calls)
+    assert launches == {"selective": 1, "full": 2}
+
+
+def check_triton_under_torch_compile():
+    """torch.compile around the kernel (the scripts' --compile with --attn triton) calls the custom
+    op as an opaque node: same output and gradients as eager, and the kernel really ran."""
+    import torch._dynamo
+    module = kernels()
+    q, k, v, q_doc, k_doc, w = make_inputs(*CASES["gqa-docs"])
+
+    def block(q, k, v, q_doc, k_doc):
+        return torch.nn.functional.silu(module.flash_attention(q * 1.5, k, v, q_doc, k_doc)) + q
+
+    want = out_and_grads(block, q, k, v, q_doc, k_doc, w)
+    torch._dynamo.reset()
+    calls, real = counting_forward_launches(module)
+    try:
+        got = out_and_grads(torch.compile(block, fullgraph=True), q, k, v, q_doc, k_doc, w)
+    finally:
+        module._forward = real
+    assert_close_all(got, want, 1e-5, "compiled")
+    assert len(calls) == 1
+
+
 # -------------------------------------------------------------------------- the Triton worker
 def triton_installed() -> bool:
     try:
@@ -369,7 +430,9 @@ def test_training_loss_curve_matches_math(run_check, backend):
 # ------------------------------------------------------------------------------- Triton specifics
 @pytest.mark.parametrize("check", [check_triton_uneven_block_shapes, check_triton_doc_tables,
                                    check_triton_skips_other_documents_blocks, check_triton_unsorted_doc_ids,
-                                   check_forced_triton_falls_back_for_kv_cache],
+                                   check_forced_triton_falls_back_for_kv_cache,
+                                   check_triton_selective_checkpointing_keeps_the_kernel_output,
+                                   check_triton_under_torch_compile],
                          ids=lambda f: f.__name__.replace("check_", ""))
 def test_triton(triton_worker, check):
     triton_worker(check)

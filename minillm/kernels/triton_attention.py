@@ -449,25 +449,64 @@ def _backward(do, q, k, v, o, lse, tables, has_doc, sm_scale, blocks):
     return dq, dk, dv
 
 
-class FlashAttention(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, q, k, v, q_doc, k_doc, sm_scale, blocks):
-        q, k, v = _last_dim_contiguous(q), _last_dim_contiguous(k), _last_dim_contiguous(v)
-        has_doc = q_doc is not None
-        if has_doc:
-            tables = doc_tables(q_doc, k_doc, q.shape[2])
-        else:  # the kernels never read these without HAS_DOC; any int32 pointer will do
-            tables = (torch.zeros(1, dtype=torch.int32, device=q.device),) * 5
-        o, lse = _forward(q, k, v, tables, has_doc, sm_scale, blocks)
-        ctx.save_for_backward(q, k, v, o, lse, *tables)
-        ctx.has_doc, ctx.sm_scale, ctx.blocks = has_doc, sm_scale, blocks
-        return o
+# The kernels as two PyTorch custom operators with an autograd formula, rather than an
+# autograd.Function: torch.compile then treats them as opaque calls (it never traces into the launch
+# code), and selective activation checkpointing (minillm/model.py) can see the forward as one op and
+# keep its output instead of rerunning the kernel. block_sizes travel as a flat list of six ints
+# ([] = autotune / interpreter defaults); the document tables are recomputed in backward (two
+# searchsorted calls over [B, T], negligible next to the kernels).
+def _blocks_dict(blocks: list[int]):
+    return dict(zip(("fwd", "dkdv", "dq"), zip(blocks[0::2], blocks[1::2]))) if blocks else None
 
-    @staticmethod
-    def backward(ctx, do):
-        q, k, v, o, lse, *tables = ctx.saved_tensors
-        dq, dk, dv = _backward(do, q, k, v, o, lse, tables, ctx.has_doc, ctx.sm_scale, ctx.blocks)
-        return dq, dk, dv, None, None, None, None
+
+def _tables(q, q_doc, k_doc):
+    if q_doc is not None:
+        return doc_tables(q_doc, k_doc, q.shape[2])
+    return (torch.zeros(1, dtype=torch.int32, device=q.device),) * 5  # never read without HAS_DOC
+
+
+@torch.library.custom_op("minillm::flash_attention", mutates_args=())
+def _flash_attention_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_doc: torch.Tensor | None,
+                        k_doc: torch.Tensor | None, sm_scale: float, blocks: list[int]
+                        ) -> tuple[torch.Tensor, torch.Tensor]:
+    q, k, v = _last_dim_contiguous(q), _last_dim_contiguous(k), _last_dim_contiguous(v)
+    return _forward(q, k, v, _tables(q, q_doc, k_doc), q_doc is not None, sm_scale, _blocks_dict(blocks))
+
+
+@_flash_attention_op.register_fake
+def _(q, k, v, q_doc, k_doc, sm_scale, blocks):
+    B, H, T, D = q.shape
+    return q.new_empty(B, T, H, D).transpose(1, 2), q.new_empty(B, H, T, dtype=torch.float32)
+
+
+@torch.library.custom_op("minillm::flash_attention_backward", mutates_args=())
+def _flash_attention_backward_op(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                                 o: torch.Tensor, lse: torch.Tensor, q_doc: torch.Tensor | None,
+                                 k_doc: torch.Tensor | None, sm_scale: float, blocks: list[int]
+                                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    q, k, v = _last_dim_contiguous(q), _last_dim_contiguous(k), _last_dim_contiguous(v)
+    return _backward(do, q, k, v, o, lse, _tables(q, q_doc, k_doc), q_doc is not None, sm_scale,
+                     _blocks_dict(blocks))
+
+
+@_flash_attention_backward_op.register_fake
+def _(do, q, k, v, o, lse, q_doc, k_doc, sm_scale, blocks):
+    return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+
+
+def _setup_context(ctx, inputs, output):
+    q, k, v, q_doc, k_doc, sm_scale, blocks = inputs
+    ctx.save_for_backward(q, k, v, *output, q_doc, k_doc)
+    ctx.sm_scale, ctx.blocks = sm_scale, blocks
+
+
+def _backward_formula(ctx, do, _dlse):
+    q, k, v, o, lse, q_doc, k_doc = ctx.saved_tensors
+    dq, dk, dv = _flash_attention_backward_op(do, q, k, v, o, lse, q_doc, k_doc, ctx.sm_scale, ctx.blocks)
+    return dq, dk, dv, None, None, None, None
+
+
+_flash_attention_op.register_autograd(_backward_formula, setup_context=_setup_context)
 
 
 def flash_attention(q, k, v, q_doc=None, k_doc=None, sm_scale=None, block_sizes=None):
@@ -484,4 +523,5 @@ def flash_attention(q, k, v, q_doc=None, k_doc=None, sm_scale=None, block_sizes=
     if (q_doc is None) != (k_doc is None):
         raise ValueError("flash_attention: give both q_doc and k_doc, or neither")
     sm_scale = D ** -0.5 if sm_scale is None else sm_scale
-    return FlashAttention.apply(q, k, v, q_doc, k_doc, sm_scale, block_sizes)
+    blocks = [n for name in ("fwd", "dkdv", "dq") for n in block_sizes[name]] if block_sizes else []
+    return _flash_attention_op(q, k, v, q_doc, k_doc, float(sm_scale), blocks)[0]
