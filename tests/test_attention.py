@@ -472,6 +472,23 @@ def test_triton_kernels_compile_for_h100(tmp_path):
     assert res.stdout.split() == ["fwd", "True", "dkdv", "True", "dq", "True"]
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(),
+                    reason="no CUDA device: the COMPILED Triton kernels are NOT covered (the interpreter tests are)")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("shape", [(2, 8, 2, 1000, 1000, 128, True), (1, 16, 4, 4096, 4096, 64, True),
+                                   (2, 4, 4, 333, 333, 128, False)], ids=["gqa-docs-hd128", "gqa-docs-4k", "causal-odd"])
+def test_triton_compiled_on_cuda(shape, dtype):
+    """On a GPU (bench/gpu_check.sh runs this): the autotuned, compiled kernels against math attention
+    on the same device, forward and gradients, at training sizes the interpreter cannot reach."""
+    from minillm.kernels import load_triton_attention
+    module = load_triton_attention()
+    assert not module.INTERPRETED
+    q, k, v, q_doc, k_doc, w = (x.cuda() if x is not None else None for x in make_inputs(*shape, dtype=dtype))
+    got = out_and_grads(module.flash_attention, q, k, v, q_doc, k_doc, w)
+    want = out_and_grads(math_attention, q, k, v, q_doc, k_doc, w)
+    assert_close_all(got, want, 1e-3 if dtype == torch.float32 else 1e-2, f"cuda {shape} {dtype}")
+
+
 # ------------------------------------------------------------------------------------- dispatch
 @pytest.fixture
 def fresh_dispatch(monkeypatch):
