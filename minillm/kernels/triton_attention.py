@@ -31,6 +31,7 @@ Triton decides when a kernel is defined whether it is compiled or interpreted (T
 Triton's CPU interpreter, used by the tests); INTERPRETED records which one this import got.
 """
 import os
+from typing import Optional
 
 import torch
 import triton
@@ -466,8 +467,8 @@ def _tables(q, q_doc, k_doc):
 
 
 @torch.library.custom_op("minillm::flash_attention", mutates_args=())
-def _flash_attention_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_doc: torch.Tensor | None,
-                        k_doc: torch.Tensor | None, sm_scale: float, blocks: list[int]
+def _flash_attention_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_doc: Optional[torch.Tensor],
+                        k_doc: Optional[torch.Tensor], sm_scale: float, blocks: list[int]
                         ) -> tuple[torch.Tensor, torch.Tensor]:
     q, k, v = _last_dim_contiguous(q), _last_dim_contiguous(k), _last_dim_contiguous(v)
     return _forward(q, k, v, _tables(q, q_doc, k_doc), q_doc is not None, sm_scale, _blocks_dict(blocks))
@@ -481,8 +482,8 @@ def _(q, k, v, q_doc, k_doc, sm_scale, blocks):
 
 @torch.library.custom_op("minillm::flash_attention_backward", mutates_args=())
 def _flash_attention_backward_op(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-                                 o: torch.Tensor, lse: torch.Tensor, q_doc: torch.Tensor | None,
-                                 k_doc: torch.Tensor | None, sm_scale: float, blocks: list[int]
+                                 o: torch.Tensor, lse: torch.Tensor, q_doc: Optional[torch.Tensor],
+                                 k_doc: Optional[torch.Tensor], sm_scale: float, blocks: list[int]
                                  ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     q, k, v = _last_dim_contiguous(q), _last_dim_contiguous(k), _last_dim_contiguous(v)
     return _backward(do, q, k, v, o, lse, _tables(q, q_doc, k_doc), q_doc is not None, sm_scale,
