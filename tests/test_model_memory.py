@@ -6,7 +6,8 @@
   fewer tensors: checked against autograd of the plain formula (float64 gradcheck, fp32 and bf16
   gradients) and by counting the bytes each keeps for backward.
 - Activation checkpointing none / selective / full: the same loss and gradients, and less kept memory
-  in that order (counted with saved-tensor hooks, which see exactly what autograd stores).
+  in that order (counted by `LiveBytes`, which follows every storage the ops create until it is freed;
+  saved-tensor hooks would not see inside a checkpoint, which installs hooks of its own).
 - torch.compile of the blocks (the scripts' --compile): same loss and gradients as eager, and dynamo
   really compiled a graph.
 """
