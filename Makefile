@@ -22,7 +22,7 @@ test: setup
 	$(BIN)/python -m pytest -q tests
 
 demo: setup
-	bash scripts/demo.sh $(BIN)/python $(DATA) $(RUN)
+	bash demo/demo.sh $(BIN)/python $(DATA) $(RUN)
 
 bench: setup
 	$(BIN)/python bench/bench_train_step.py --preset small --seq-len 512 --batch-size 2

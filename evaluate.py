@@ -1,14 +1,14 @@
 """Evaluate a model on a battery of local task files; write results JSON, predictions and a Markdown table.
 
-Task files (`<name>.task.json`, schemas in docs/evaluation.md) name a task type: perplexity,
+Task files (`<name>.task.json`, schemas in the README's evaluation section) name a task type: perplexity,
 multiple_choice, qa, translation, gec or safety. Nothing is downloaded: benchmark data is read from disk.
 
     python evaluate.py --model runs/demo/sft/model --tasks data/sample/eval/*.task.json --prompt-format chat
     python evaluate.py --model llama-2-7b-hf --tasks data/sample/eval --prompt-format raw --batch-size 16
-    python evaluate.py --config configs/eval.json --max-new-tokens 64
+    python evaluate.py --config my_eval.json --max-new-tokens 64
     python evaluate.py --compare results/base/results.json results/sft/results.json
 
-Options come from the EvalConfig defaults below, then `--config FILE.json`, then `--name value` flags
+Options come from the EvalOptions defaults below, then `--config FILE.json`, then `--name value` flags
 (`--tasks` and `--compare` take several values). For each task every prompt template is scored; with
 several templates the table also gives best / median / worst, and when the task has dev_data the template
 that scores best on dev is the one reported (LLAMMAS section 5.6); otherwise the task's first template is.
@@ -22,73 +22,58 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 import statistics
 import sys
 import time
 import traceback
+import dataclasses
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Literal
 
 import minillm
+from minillm.files import atomic_write
+from minillm.options import cli, parse_options, require
 from minillm.tasks import TASK_TYPES
-from minillm.tasks.common import EvalContext, load_task
-from minillm.training import parse_config
+from minillm.tasks.common import EvalContext, GenerationOptions, load_task
 
 
-@dataclass
-class EvalConfig:
+@dataclass(kw_only=True)
+class EvalOptions(GenerationOptions):
     # what to evaluate
     model: str = ""  # Hugging Face layout directory (a minillm export or any HF Llama checkpoint)
     tokenizer: str = ""  # directory with tokenizer.model; '' = the model directory
     tasks: list[str] = field(default_factory=lambda: ["data/sample/eval"])  # task files or directories of them
     # how to prompt
-    prompt_format: str = "raw"  # 'chat' (the tokenizer's chat template), 'alpaca', or 'raw' for base models
+    prompt_format: Literal["raw", "chat", "alpaca"] = "raw"  # chat (the tokenizer's chat template), alpaca, or raw for base models
     system_prompt: str = ""  # chat format only: a system turn before every prompt
     few_shot: int = -1  # demonstrations per prompt; -1 = each task file's own "few_shot"
-    mc_mode: str = ""  # multiple choice: 'loglik' or 'generate'; '' = each task file's "mode" (default loglik)
+    mc_mode: Literal["", "loglik", "generate"] = ""  # multiple choice by log-likelihood or by generating; '' = each task file's "mode"
     limit: int = 0  # score only the first N records of each split (0 = all): for quick checks
-    # generation (greedy by default; LLAMMAS samples with temperature 0.6, top_p 0.9, repetition_penalty 1.2)
-    max_new_tokens: int = 128
-    temperature: float = 0.0
-    top_k: int = 0
-    top_p: float = 1.0
-    repetition_penalty: float = 1.0
-    seed: int = 0
-    # hardware
-    batch_size: int = 8
+    # hardware (generation options: minillm.tasks.common.GenerationOptions)
     device: str = "auto"  # auto = cuda when available, else cpu
-    dtype: str = "auto"  # auto = bfloat16 on GPUs that support it, float32 otherwise; or float32/bfloat16/float16
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"  # auto = bfloat16 on GPUs that support it, else float32
     # output
     out: str = "results"
     progress: bool = True  # a tqdm bar per task
     compare: list[str] = field(default_factory=list)  # two results.json files: print them side by side and exit
 
 
-# ----------------------------------------------------------------------------- options
-
-def parse_options(argv=None) -> EvalConfig:
-    """Defaults, then `--config file.json`, then flags (minillm.training.parse_config); list
-    options (--tasks, --compare) take every value up to the next flag, so a shell glob works."""
-    cfg = parse_config(EvalConfig, argv, description=__doc__)
-    check_options(cfg)
-    return cfg
-
-
-def check_options(cfg: EvalConfig):
-    if cfg.compare:
-        if len(cfg.compare) != 2:
-            raise SystemExit(f"error: --compare takes two results files, got {len(cfg.compare)}")
-        return
-    if not cfg.model:
-        raise SystemExit("error: --model is required (a Hugging Face layout directory)")
-    if cfg.prompt_format not in ("chat", "alpaca", "raw"):
-        raise SystemExit(f"error: --prompt-format must be chat, alpaca or raw, got {cfg.prompt_format!r}")
-    if cfg.mc_mode not in ("", "loglik", "generate"):
-        raise SystemExit(f"error: --mc-mode must be loglik or generate, got {cfg.mc_mode!r}")
-    if cfg.batch_size < 1 or cfg.max_new_tokens < 1:
-        raise SystemExit("error: --batch-size and --max-new-tokens must be at least 1")
-    if not cfg.tasks:
-        raise SystemExit("error: --tasks needs at least one task file or directory")
+    def check(self):
+        if self.compare:
+            require(len(self.compare) == 2, "compare", self.compare, "takes two results files")
+            return
+        require(bool(self.model), "model", self.model, "is required (a Hugging Face layout directory)")
+        require(bool(self.tasks), "tasks", self.tasks, "needs at least one task file or directory")
+        for name in ("batch_size", "max_new_tokens"):
+            require(getattr(self, name) >= 1, name, getattr(self, name), "must be at least 1")
+        require(self.limit >= 0, "limit", self.limit, "must be >= 0 (0 = all)")
+        require(self.few_shot >= -1, "few_shot", self.few_shot, "must be >= 0, or -1 for each task file's own")
+        require(self.temperature >= 0, "temperature", self.temperature, "must be >= 0 (0 = greedy)")
+        require(0 < self.top_p <= 1, "top_p", self.top_p, "must be in (0, 1]")
+        require(self.top_k >= 0, "top_k", self.top_k, "must be >= 0 (0 = all)")
+        require(self.repetition_penalty > 0, "repetition_penalty", self.repetition_penalty, "must be > 0")
 
 
 def task_files(paths: list[str]) -> list[Path]:
@@ -98,12 +83,12 @@ def task_files(paths: list[str]) -> list[Path]:
         if p.is_dir():
             found = sorted(p.glob("*.task.json"))
             if not found:
-                raise SystemExit(f"error: {p}: no *.task.json files in this directory")
+                raise ValueError(f"{p}: no *.task.json files in this directory")
             files += found
         elif p.exists():
             files.append(p)
         else:
-            raise SystemExit(f"error: {p}: no such task file")
+            raise ValueError(f"{p}: no such task file")
     return files
 
 
@@ -186,10 +171,14 @@ def evaluate_task(ctx: EvalContext, spec: dict) -> tuple[list[dict], list[dict]]
 
 def write_atomic(path: Path, text: str):
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w", encoding="utf-8") as f:
-        f.write(text)
-    os.replace(tmp, path)
+    atomic_write(path, text)
+
+
+def safe_file_name(name: str) -> str:
+    """A task name as a file name inside --out: path separators, leading dots and other characters outside
+    letters, digits, '-', '_' and '.' become '_', so no name can write (or delete) outside --out."""
+    cleaned = re.sub(r"[^\w.-]", "_", name, flags=re.ASCII).lstrip(".")
+    return cleaned[:100] or "task"
 
 
 def format_value(value) -> str:
@@ -250,55 +239,52 @@ def read_results(path: str) -> dict:
     try:
         results = json.loads(Path(path).read_text(encoding="utf-8"))
     except (OSError, json.JSONDecodeError) as e:
-        raise SystemExit(f"error: {path}: cannot read results file: {e}")
+        raise ValueError(f"{path}: cannot read results file: {e}") from None
     if not isinstance(results, dict) or not isinstance(results.get("results"), list):
-        raise SystemExit(f"error: {path}: not a results file written by evaluate.py (no 'results' list)")
+        raise ValueError(f"{path}: not a results file written by evaluate.py (no 'results' list)")
     return results
 
 
 # ----------------------------------------------------------------------------- main
 
-def load_model(cfg: EvalConfig):
+def load_model(cfg: EvalOptions):
     import torch
 
-    from minillm.model import Llama
+    from minillm.hf import load_pretrained
     from minillm.tokenizer import Tokenizer, check_vocab_fits
-    device = torch.device(cfg.device if cfg.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu"))
+    try:
+        device = torch.device(cfg.device if cfg.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu"))
+    except RuntimeError as e:
+        raise ValueError(f"--device {cfg.device!r}: {e}") from None
     if cfg.dtype == "auto":
         bf16 = device.type == "cuda" and torch.cuda.is_bf16_supported()
         dtype = torch.bfloat16 if bf16 else torch.float32
     else:
-        dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}.get(cfg.dtype)
-        if dtype is None:
-            raise SystemExit(f"error: --dtype must be auto, float32, bfloat16 or float16, got {cfg.dtype!r}")
+        dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[cfg.dtype]
     tokenizer = Tokenizer.from_pretrained(cfg.tokenizer or cfg.model)
-    model = Llama.from_pretrained(cfg.model, dtype=dtype, device=device)
+    model = load_pretrained(cfg.model, dtype=dtype, device=device)
     check_vocab_fits(tokenizer, model.config.vocab_size)
     model.eval()
     return model, tokenizer
 
 
-def run(cfg: EvalConfig) -> dict:
+def run(cfg: EvalOptions) -> dict:
     """Evaluate every task; returns the results dict (also written to cfg.out)."""
     # Read and check every task file before loading the model: a typo fails in a second, not an hour in.
     specs = []
     for path in task_files(cfg.tasks):
-        try:
-            specs.append(load_task(path, TASK_TYPES, mc_mode=cfg.mc_mode or None, limit=cfg.limit))
-        except ValueError as e:
-            raise SystemExit(f"error: {e}")
-    names = [s["name"] for s in specs]
-    for name in names:
-        if names.count(name) > 1:
-            raise SystemExit(f"error: two task files are named {name!r}: "
-                             + ", ".join(s["spec_path"] for s in specs if s["name"] == name))
+        specs.append(load_task(path, TASK_TYPES, mc_mode=cfg.mc_mode or None, limit=cfg.limit))
+    files = [safe_file_name(s["name"]) for s in specs]
+    for spec, file in zip(specs, files):
+        if files.count(file) > 1:
+            raise ValueError(f"two task files are named {spec['name']!r} (as a file name: {file!r}): "
+                             + ", ".join(s["spec_path"] for s, f in zip(specs, files) if f == file))
 
     model, tokenizer = load_model(cfg)
-    ctx = EvalContext(model=model, tokenizer=tokenizer, prompt_format=cfg.prompt_format, batch_size=cfg.batch_size,
-                      max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature, top_k=cfg.top_k,
-                      top_p=cfg.top_p, repetition_penalty=cfg.repetition_penalty, seed=cfg.seed,
-                      progress=cfg.progress, few_shot=None if cfg.few_shot < 0 else cfg.few_shot,
-                      system_prompt=cfg.system_prompt or None)
+    generation = {f.name: getattr(cfg, f.name) for f in dataclasses.fields(GenerationOptions)}
+    ctx = EvalContext(model=model, tokenizer=tokenizer, prompt_format=cfg.prompt_format, progress=cfg.progress,
+                      few_shot=None if cfg.few_shot < 0 else cfg.few_shot, system_prompt=cfg.system_prompt or None,
+                      **generation)
     out = Path(cfg.out)
     settings = {k: v for k, v in asdict(cfg).items() if k not in ("compare",)}
     results = {"model": cfg.model, "minillm_version": minillm.__version__, "settings": settings,
@@ -310,12 +296,13 @@ def run(cfg: EvalConfig) -> dict:
         except Exception as e:  # one failing task must not cost the others their results
             message = f"{type(e).__name__}: {e}"
             print(f"[{spec['name']}] FAILED: {message}", file=sys.stderr)
-            traceback.print_exc()
+            if os.environ.get("MINILLM_TRACEBACK"):
+                traceback.print_exc()
             results["results"].append({"task": spec["name"], "type": spec["type"], "error": message})
-            (out / "predictions" / f"{spec['name']}.jsonl").unlink(missing_ok=True)  # never a stale file
+            (out / "predictions" / f"{safe_file_name(spec['name'])}.jsonl").unlink(missing_ok=True)  # never stale
         else:
             results["results"] += rows
-            write_atomic(out / "predictions" / f"{spec['name']}.jsonl",
+            write_atomic(out / "predictions" / f"{safe_file_name(spec['name'])}.jsonl",
                          "".join(json.dumps(p, ensure_ascii=False) + "\n" for p in predictions))
             head = [r for r in rows if r["headline"]][:2]
             print(f"[{spec['name']}] " + ", ".join(f"{r['metric']} {format_value(r['value'])}" for r in head)
@@ -328,13 +315,19 @@ def run(cfg: EvalConfig) -> dict:
     return results
 
 
+@cli
 def main(argv=None):
-    cfg = parse_options(argv)
+    cfg = parse_options(EvalOptions, argv, prog="evaluate.py", description=__doc__)
     if cfg.compare:
         a, b = read_results(cfg.compare[0]), read_results(cfg.compare[1])
         print(compare_table(a, b, cfg.compare[0], cfg.compare[1]))
         return None
-    return run(cfg)
+    results = run(cfg)
+    failed = [r["task"] for r in results["results"] if "error" in r]
+    if failed:
+        raise ValueError(f"{len(failed)} of {len({r['task'] for r in results['results']})} tasks failed "
+                         f"({', '.join(failed)}); the others' results are in {cfg.out}")
+    return results
 
 
 if __name__ == "__main__":

@@ -1,283 +1,181 @@
 """Stage 3: preference alignment with ORPO (odds-ratio preference optimisation, no reference model).
 
-PLLuM aligns its instruction-tuned models with ORPO on ~40K preference pairs. For each pair the loss
-is  NLL(chosen) + lambda * L_OR  (minillm/losses.py writes L_OR out): the model learns the chosen
-answer and, at the same time, to give it higher odds than the rejected one. Records are JSONL
-{"prompt": str | [messages], "chosen": str | message, "rejected": str | message}, rendered with the
-same chat template as SFT, so both answers share the prompt's tokens exactly. Chosen and rejected go
-through ONE concatenated forward pass (two passes break DeepSpeed ZeRO: "gradient computed twice").
+PLLuM aligns its instruction-tuned models with ORPO on ~40K preference pairs. Per pair the loss is
+NLL(chosen) + lambda * L_OR (minillm/losses.py writes L_OR out): the model learns the chosen answer and, at
+the same time, to give it higher odds than the rejected one. Records are JSONL {"prompt": str | [messages],
+"chosen": str | message, "rejected": str | message}, rendered with SFT's chat template, so both answers
+share the prompt's tokens exactly. Chosen and rejected go through ONE concatenated forward pass.
 
-CPU, one process (the demo):
+CPU, one process (the demo's stage):
     python train_orpo.py --init-from runs/demo/sft/model --train-data prefs.jsonl --valid-data prefs_valid.jsonl
 One GPU:
     python train_orpo.py --init-from runs/sft/model --train-data prefs.jsonl --micro-batch-size 4 --grad-accum 16
 8 GPUs:
     torchrun --nproc_per_node=8 train_orpo.py --init-from runs/sft/model --train-data prefs.jsonl --zero-stage 3
 
-Metrics (every step, means over the step's pairs on all ranks; val_* on held-out pairs):
+Metrics (every step: over the step's pairs on all ranks; val_*: over every held-out pair, each once):
     loss             nll + lambda * or_loss, what is minimised
-    nll              mean NLL per chosen token that is trained on (response + EOS; + prompt with --nll-on-prompt)
-    or_loss          mean L_OR = -log sigmoid(log_odds)
+    nll              mean NLL per chosen token trained on (response + end-of-turn; + prompt with --nll-on-prompt)
+    or_loss          mean L_OR = -log sigmoid(log_odds) over pairs
     log_odds         mean log(odds(chosen) / odds(rejected)), odds(y) = P / (1 - P), P = exp(mean token log-prob)
-    chosen_logps / rejected_logps   mean per-token log-prob of the chosen / rejected responses
+    chosen_logps / rejected_logps   mean over pairs of the response's mean token log-prob
     reward_accuracy  share of pairs whose chosen response has the higher mean log-prob
     margin           mean (chosen_logps - rejected_logps), nats per token
-    chosen_length / rejected_length mean response tokens
+    chosen_length / rejected_length mean response tokens per pair
 """
 from __future__ import annotations
 
+import math
 import time
 from dataclasses import asdict, dataclass
-from pathlib import Path
 
 import torch
-from tqdm import tqdm
 
-from minillm.attention import set_attention_backend
-from minillm.chat_format import chat_template_jinja, load_preferences
-from minillm.data import pack_examples
-from minillm.losses import concat_pairs, mean_metrics, orpo_loss, pair_logprobs
-from minillm.model import flops_per_token
-from minillm.training import (
-    MetricsLog,
-    Preemption,
-    all_reduce_sum,
-    batch_to,
-    build_engine,
-    configure_model,
-    engine_step,
-    epoch_order,
-    export_model,
-    load_checkpoint,
-    load_model_and_tokenizer,
-    log_line,
-    lr_at,
-    model_inputs,
-    parse_config,
-    peak_flops,
-    peak_memory_gb,
-    run_cli,
-    save_checkpoint,
-    save_options,
-    seed_everything,
-    set_lr,
-    setup_distributed,
-    step_slices,
-    teardown_distributed,
-)
+from minillm.chat_format import chat_template_jinja
+from minillm.checkpoints import (ExportedModel, Preemption, load_checkpoint, run_readme, save_checkpoint_if_due,
+                                 start_run)
+from minillm.engine import (all_reduce_sum, batch_to, build_engine, engine_step, load_model_and_tokenizer, lr_at,
+                            model_inputs, print0, set_lr, setup_distributed, teardown_distributed)
+from minillm.losses import IGNORE_INDEX, orpo_loss, orpo_means, pair_logprobs, split_pairs
+from minillm.monitor import RunLog, peak_flops, peak_memory_gb, step_flops
+from minillm.options import TrainOptions, cli, parse_options, require
+from minillm.sft_data import epoch_order, load_preference_files, pair_batch, step_slices, steps_per_epoch
 
 
-@dataclass
-class ORPOConfig:
+@dataclass(kw_only=True)
+class ORPOOptions(TrainOptions):
     # data
-    train_data: str = "data/sample/preferences/train.jsonl"  # JSONL files, comma-separated
-    valid_data: str = "data/sample/preferences/valid.jsonl"  # '' = no validation (final model exported)
-    seq_len: int = 512  # prompt + response; pairs that do not fit are dropped and counted
+    train_data: str = "data/sample/preferences/train.jsonl"  # preference JSONL files, comma-separated
+    valid_data: str = "data/sample/preferences/valid.jsonl"  # held-out pairs; '' = no validation (the last model is exported)
     # ORPO
-    orpo_lambda: float = 0.1  # weight of L_OR (TRL's default; the ORPO authors used 0.05-0.25)
-    nll_on_prompt: bool = False  # NLL on response + EOS only, as SFT. TRL's ORPOTrainer also scores the prompt.
-    # model: a Hugging Face directory (the SFT stage's OUT_DIR/model)
+    orpo_lambda: float = 0.1  # weight of L_OR (TRL's default; the ORPO paper used 0.05-0.25)
+    nll_on_prompt: bool = False  # the NLL also scores the prompt (TRL's ORPOTrainer); default: response + end-of-turn only
+    epochs: int = 1  # passes over the training pairs
+    # model: a Hugging Face directory (the SFT stage's OUT_DIR/model); the ORPO paper: lr 8e-6 for 7B models
     init_from: str = "runs/demo/sft/model"
-    tokenizer: str = ""
-    # optimisation (ORPO paper: lr 8e-6 for 7B models, linear decay, a few epochs)
-    epochs: int = 1
     micro_batch_size: int = 4  # pairs per rank per forward (2x rows: chosen + rejected)
-    grad_accum: int = 1
     lr: float = 2e-4
     min_lr: float = 2e-5
-    lr_schedule: str = "linear"
     warmup_steps: int = 5
-    decay_fraction: float = 0.2
-    weight_decay: float = 0.0
-    beta1: float = 0.9
-    beta2: float = 0.95
-    grad_clip: float = 1.0
-    zero_stage: int = 0
-    deepspeed: str = ""
-    activation_checkpointing: str = "none"  # none | selective | full: recompute in backward, save memory
-    compile: bool = False  # torch.compile each transformer block (first steps compile; then faster)
-    attn: str = "auto"
-    # logging and checkpoints
     out_dir: str = "runs/demo/orpo"
-    log_interval: int = 10
-    eval_interval: int = 50
-    save_interval: int = 200
-    keep_checkpoints: int = 2
-    resume: bool = False
-    seed: int = 1337
-    peak_tflops: float = 0.0
+
+    def check(self):
+        super().check()
+        require(self.epochs >= 1, "epochs", self.epochs, "must be at least 1")
+        require(self.orpo_lambda >= 0 and math.isfinite(self.orpo_lambda), "orpo_lambda", self.orpo_lambda,
+                "must be >= 0")
+        require(bool(self.train_data.replace(",", "").strip()), "train_data", self.train_data, "names no file")
 
 
-def pair_batch(pairs: list, indices: list[int], nll_on_prompt: bool, seq_len: int, pad_id: int) -> dict:
-    """Chosen rows then rejected rows, [2B, T] (T = the longest of them), for one forward pass.
-
-    `labels` are what the NLL term scores, `response_mask` what the odds ratio averages over
-    (response + EOS). Each pair is (chosen_ids, chosen_labels, rejected_ids, rejected_labels) with
-    labels aligned to ids (-100 on prompt tokens), as the chat template renders them.
-    """
-    halves = []
-    for c_or_r in (0, 1):
-        examples = [(pairs[i][2 * c_or_r], pairs[i][2 * c_or_r + 1]) for i in indices]
-        rows = pack_examples(examples, seq_len, pad_id=pad_id, pack=False)
-        rows["response_mask"] = rows["labels"] != -100
-        if nll_on_prompt:  # score every next token of the real sequence, not only the response
-            all_tokens = [(ids, list(ids)) for ids, _ in examples]
-            rows["labels"] = pack_examples(all_tokens, seq_len, pad_id=pad_id, pack=False)["labels"]
-        halves.append(rows)
-    batch = concat_pairs(*halves)
-    width = int((batch["doc_ids"] == batch["doc_ids"][:, :1]).sum(1).max())  # trim trailing padding
-    return {k: v[:, :width] for k, v in batch.items()}
-
-
-def orpo_step_metrics(engine, batch, n_tokens: float, n_pairs: float, cfg):
-    """Forward one micro-batch of pairs; returns (loss for backward, sums for logging)."""
-    inputs = model_inputs(batch)
-    token_logps = engine(**inputs)
+def pair_sums(engine, batch, n_tokens: float, n_pairs: float, cfg) -> tuple[torch.Tensor, dict]:
+    """One micro-batch of pairs forward: the loss to backpropagate and the sums the metrics are made of."""
+    token_logps = -engine(**model_inputs(batch), reduction="none")  # forward: per-token log-probs [2B, T]
     parts = pair_logprobs(token_logps, batch["labels"], batch["response_mask"])
-    loss, metrics = orpo_loss(parts["chosen_nll_sum"] / n_tokens, parts["chosen_logps"], parts["rejected_logps"],
-                              cfg.orpo_lambda, chosen_lengths=parts["chosen_lengths"],
-                              rejected_lengths=parts["rejected_lengths"], n_pairs=n_pairs)
-    return loss, metrics, float(parts["chosen_nll_sum"])
+    real = batch["pair_mask"]
+    loss, sums = orpo_loss(parts["chosen_nll_sum"] / max(n_tokens, 1), parts["chosen_logps"],
+                           parts["rejected_logps"], cfg.orpo_lambda, n_pairs=max(n_pairs, 1), pair_mask=real,
+                           chosen_lengths=parts["chosen_lengths"], rejected_lengths=parts["rejected_lengths"])
+    sums.update(nll_sum=parts["chosen_nll_sum"].item(), nll_tokens=float(parts["chosen_nll_tokens"]))
+    return loss, sums
 
 
-def main():
-    cfg = parse_config(ORPOConfig)
-    rank, world_size, device = setup_distributed()
-    seed_everything(cfg.seed)
-    set_attention_backend(cfg.attn)
-    save_options(cfg, cfg.out_dir, rank)
+@cli
+def main(argv=None):
+    cfg = parse_options(ORPOOptions, argv, prog="train_orpo.py", description=__doc__)
+    rank, world_size, device = setup_distributed(cfg.seed)
 
-    model, tokenizer = load_model_and_tokenizer(cfg.init_from, "", cfg.tokenizer, cfg.seq_len, device)
-    configure_model(model, cfg)
-
-    def load(files):
-        pairs = []
-        for path in (f.strip() for f in files.split(",") if f.strip()):
-            got, stats = load_preferences(path, tokenizer, cfg.seq_len)
-            pairs += got
-            if rank == 0:
-                print(f"{path}: {len(got)} pairs " + ", ".join(f"{k} {v}" for k, v in stats.items() if v))
-        return pairs
-
-    train_pairs = load(cfg.train_data)
-    valid_pairs = load(cfg.valid_data) if cfg.valid_data else []
+    model, tokenizer = load_model_and_tokenizer(cfg, device)
+    train_pairs = load_preference_files(cfg.train_data.split(","), tokenizer, cfg.seq_len, print0)
+    valid_pairs = load_preference_files(cfg.valid_data.split(","), tokenizer, cfg.seq_len, print0) if cfg.valid_data else []
     pairs_per_step = cfg.micro_batch_size * cfg.grad_accum * world_size
     if len(train_pairs) < pairs_per_step:
         raise ValueError(f"{cfg.train_data}: {len(train_pairs)} usable pairs, fewer than one global batch "
                          f"({pairs_per_step} = micro_batch_size x grad_accum x ranks)")
-    # Whole global batches only: the incomplete last one of an epoch is skipped (an empty padding
-    # pair would have no response to score); its pairs come back in the next epoch's order.
+    # Whole global batches only: the incomplete last one of an epoch is skipped (its pairs come back in the
+    # next epoch's order), so every training step weighs the same number of pairs.
     epoch_steps = len(train_pairs) // pairs_per_step
     total_steps = cfg.epochs * epoch_steps
-    engine, optimizer = build_engine(model, cfg, world_size, device)
+    engine, optimizer = build_engine(model, cfg, device)
     chat_template = chat_template_jinja("chat", tokenizer)
 
-    def run_pairs(pairs, indices_per_micro, train: bool):
-        """Forward (and backward if training) a step's micro-batches; returns the step's metrics."""
-        batches = [batch_to(pair_batch(pairs, idx, cfg.nll_on_prompt, cfg.seq_len, tokenizer.pad_id), device)
-                   for idx in indices_per_micro]
-        n_tokens, n_pairs = all_reduce_sum([sum(float((b["labels"][: len(b["labels"]) // 2] != -100).sum())
-                                                for b in batches),
-                                            sum(len(idx) for idx in indices_per_micro)], device)
-        scale = world_size * len(batches)  # DeepSpeed averages over ranks and micro-batches; undo it
-        step_metrics, nll_sum, grad_norm = [], 0.0, None
-        for batch in batches:
-            with torch.set_grad_enabled(train):
-                loss, metrics, nll = orpo_step_metrics(engine, batch, n_tokens, n_pairs, cfg)
-            if train:
-                engine.backward(loss * scale)
-                grad_norm = engine_step(engine, model)
-            step_metrics.append(metrics)
-            nll_sum += nll
-        out = mean_metrics(step_metrics, device=device)
-        out["nll"] = all_reduce_sum([nll_sum], device)[0] / max(n_tokens, 1)  # exact global token mean
-        out["loss"] = out["nll"] + cfg.orpo_lambda * out["or_loss"]
-        if train:
-            out["grad_norm"] = grad_norm
-        return out
+    def batches(pairs, indices_per_micro) -> tuple[list[dict], float, float]:
+        """The micro-batches of a step (or a validation slice) and the step's global chosen-token and pair counts."""
+        out = [batch_to(pair_batch(pairs, idx, cfg.nll_on_prompt, tokenizer.pad_id), device) for idx in indices_per_micro]
+        n_tokens, n_pairs = all_reduce_sum([sum((split_pairs(b["labels"])[0] != IGNORE_INDEX).sum().item() for b in out),
+                                            sum(b["pair_mask"].sum().item() for b in out)], device)
+        return out, n_tokens, n_pairs
 
+    @torch.no_grad()
     def validate() -> dict:
+        """Every held-out pair scored once on any number of ranks and micro-batch size; exact means."""
         engine.eval()
-        n = len(valid_pairs)
-        per_step = cfg.micro_batch_size * world_size
-        results = [run_pairs(valid_pairs, step_slices(n, s, cfg.micro_batch_size, 1, rank, world_size), False)
-                   for s in range(max(1, n // per_step))]
+        totals: dict[str, float] = {}
+        for s in range(steps_per_epoch(len(valid_pairs), cfg.micro_batch_size, 1, world_size)):
+            micro, n_tokens, n_pairs = batches(valid_pairs, step_slices(len(valid_pairs), s, cfg.micro_batch_size, 1,
+                                                                        rank, world_size))
+            for sums in (pair_sums(engine, b, n_tokens, n_pairs, cfg)[1] for b in micro):
+                totals = {k: totals.get(k, 0.0) + v for k, v in sums.items()}
         engine.train()
-        total = sum(r["pairs"] for r in results)
-        return {f"val_{k}": sum(r[k] * r["pairs"] for r in results) / total for k in results[0] if k != "pairs"}
+        totals = dict(zip(totals, all_reduce_sum(list(totals.values()), device)))
+        return {f"val_{k}": v for k, v in orpo_means(totals, cfg.orpo_lambda).items()}
 
-    step, best_val_loss = 0, float("inf")
-    if cfg.resume and (state := load_checkpoint(engine, cfg.out_dir)) is not None:
-        step, best_val_loss = state["step"], state["best_val_loss"]
-        if rank == 0:
-            print(f"resumed from step {step}")
+    step, state = 0, {}
+    if cfg.resume and (state := load_checkpoint(engine, cfg.out_dir, model.config.architecture()) or {}):
+        step = state["step"]
+        print0(f"resumed from step {step}")
+    start_run(cfg, rank, step, run_readme("train_orpo.py", cfg, "preference alignment (ORPO)"))
+    # the model with the best validation loss; without validation, the last one
+    result = ExportedModel(engine, model, tokenizer, cfg, chat_template, by_validation=bool(valid_pairs),
+                           best=state.get("best"))
 
-    def checkpoint():
-        save_checkpoint(engine, cfg.out_dir, step, {"step": step, "best_val_loss": best_val_loss,
-                                                    "options": asdict(cfg)}, keep=cfg.keep_checkpoints)
+    def trainer_state() -> dict:  # what a checkpoint needs besides DeepSpeed's own state
+        return {"step": step, "best": result.best, "options": asdict(cfg), "model_config": model.config.architecture()}
 
-    metrics_log = MetricsLog(cfg.out_dir, rank)
-    preemption = Preemption()
-    bar = tqdm(total=total_steps, initial=step, disable=rank != 0, desc="orpo", dynamic_ncols=True)
-    t_start, start_step, order_epoch, order = time.time(), step, None, None
+    log = RunLog(cfg.out_dir, rank, total_steps, step, cfg.log_interval, "orpo")
     if valid_pairs and step == 0:  # where alignment starts from
         record = {"step": 0, **validate()}
-        metrics_log.write(record)
-        if rank == 0:
-            tqdm.write(f"step {0:>6d}/{total_steps:<6d} | val_loss {record['val_loss']:.4f} | "
-                       f"val_reward_accuracy {record['val_reward_accuracy']:.3f}")
-    while step < total_steps:
+        log.write(record)
+        log.print(f"step {0:>6d}/{total_steps:<6d} | val_loss {record['val_loss']:.4f} | "
+                  f"val_reward_accuracy {record['val_reward_accuracy']:.3f}")
+    peak, preemption, order_epoch, order = peak_flops(device, cfg.peak_tflops) * world_size, Preemption(), None, None
+    while step < total_steps and not preemption.stop:
         t0 = time.time()
         epoch, step_in_epoch = divmod(step, epoch_steps)
         if order_epoch != epoch:  # one seeded shuffle per epoch
             order_epoch, order = epoch, epoch_order(len(train_pairs), epoch, cfg.seed)
-        lr = lr_at(step, cfg, max_steps=total_steps)
+        lr = lr_at(step, cfg, total_steps)
         set_lr(optimizer, lr)
-        indices = [[order[i] for i in idx] for idx in step_slices(len(train_pairs), step_in_epoch,
-                                                                    cfg.micro_batch_size, cfg.grad_accum,
-                                                                    rank, world_size)]
-        record = run_pairs(train_pairs, indices, train=True)
+        # NLL: a mean over every chosen token of the global batch; L_OR: a mean over its pairs. Both counts
+        # are summed over ranks before the first backward.
+        slices = step_slices(len(train_pairs), step_in_epoch, cfg.micro_batch_size, cfg.grad_accum, rank, world_size)
+        micro_batches, n_tokens, n_pairs = batches(train_pairs, [[order[i] for i in idx] for idx in slices])
+        totals: dict[str, float] = {}
+        for batch in micro_batches:
+            loss, sums = pair_sums(engine, batch, n_tokens, n_pairs, cfg)  # forward
+            engine.backward(loss * world_size * cfg.grad_accum)  # backward (DeepSpeed averages; this undoes it)
+            grad_norm = engine_step(engine, model)  # the update happens after the step's last micro-batch
+            totals = {k: totals.get(k, 0.0) + v for k, v in sums.items()}
+        totals = dict(zip(totals, all_reduce_sum(list(totals.values()), device)))
         step += 1
         dt = time.time() - t0
-        tokens = all_reduce_sum([sum(2 * len(idx) for idx in indices) * cfg.seq_len], device)[0]  # upper bound
-        peak = peak_flops(device, cfg.peak_tflops) * world_size
-        mfu = flops_per_token(model.config, cfg.seq_len) * tokens / dt / peak
-        record = {"step": step, "epoch": epoch + 1, "lr": lr, **record,
-                  "mfu": mfu,
+
+        tokens, flops = all_reduce_sum([sum(b["input_ids"].numel() for b in micro_batches),
+                                        step_flops(model.config, micro_batches)], device)
+        record = {"step": step, "epoch": epoch + 1, "lr": lr, **orpo_means(totals, cfg.orpo_lambda),
+                  "grad_norm": grad_norm, "tokens_per_s": tokens / dt, "mfu": flops / dt / peak,
                   "peak_memory_gb": peak_memory_gb(device)}
-        if valid_pairs and (step % cfg.eval_interval == 0 or step == total_steps):
+        if not math.isfinite(record["loss"]) or (grad_norm is not None and not math.isfinite(grad_norm)):
+            raise ValueError(f"step {step}: the loss is {record['loss']} (gradient norm {grad_norm}); stopped without "
+                             "saving or exporting, the last checkpoint is the last finite state (lower --lr?)")
+        last = step == total_steps
+        if valid_pairs and (last or (cfg.eval_interval and step % cfg.eval_interval == 0)):
             record.update(validate())
-            if record["val_loss"] < best_val_loss:
-                best_val_loss, record["best"] = record["val_loss"], True
-                export_model(engine, model, Path(cfg.out_dir) / "model", tokenizer, chat_template)
-        metrics_log.write(record)
-        bar.update(1)
-        bar.set_postfix(loss=f"{record['loss']:.4f}", acc=f"{record['reward_accuracy']:.2f}")
-        if rank == 0 and (step % cfg.log_interval == 0 or "val_loss" in record):
-            eta = (time.time() - t_start) / (step - start_step) * (total_steps - step)
-            line = log_line(step, total_steps, record["loss"], lr, tokens / dt, mfu, eta)
-            line += f" | reward_acc {record['reward_accuracy']:.3f} | margin {record['margin']:.3f}"
-            if "val_loss" in record:
-                line += (f" | val_loss {record['val_loss']:.4f} | val_reward_acc {record['val_reward_accuracy']:.3f}"
-                         + (" (best)" if record.get("best") else ""))
-            tqdm.write(line)
-        if step % cfg.save_interval == 0 or step == total_steps:
-            checkpoint()
-        if preemption.requested(device):
-            checkpoint()
-            if rank == 0:
-                tqdm.write(f"SIGTERM: saved step {step} to {cfg.out_dir}/checkpoints; exiting")
-            break
-    bar.close()
-    metrics_log.close()
-    if step == total_steps:
-        if not valid_pairs:
-            export_model(engine, model, Path(cfg.out_dir) / "model", tokenizer, chat_template)
-        if rank == 0:
-            print(f"exported {Path(cfg.out_dir) / 'model'} (Hugging Face layout)"
-                  + (f" (best val_loss {best_val_loss:.4f})" if valid_pairs else ""))
+        result.update(record, last)
+        log.step(record, extra=("reward_accuracy", "margin", "val_loss", "val_reward_accuracy"))
+        save_checkpoint_if_due(engine, cfg, step, total_steps, trainer_state, preemption)  # every N steps, the last, SIGTERM
+    log.close(result.summary() if step == total_steps else f"SIGTERM: saved step {step} to {cfg.out_dir}/checkpoints")
     teardown_distributed()
 
 
 if __name__ == "__main__":
-    run_cli(main)
+    main()

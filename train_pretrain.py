@@ -1,177 +1,127 @@
 """Stage 1: continual pretraining of a Llama on target-language text mixed with some English.
 
-LLAMMAS continued Llama-2-7B on 5B tokens, 75% Estonian / 25% English, context 1024, bf16,
-lr 2e-5 -> 2e-6 linearly, 256 sequences per step; PLLuM ends its pretraining with an annealing
-(warmup-stable-decay) phase. Data comes from token shards written by `python -m minillm.data prepare`.
+LLAMMAS continued Llama-2-7B on 5B tokens, 75% Estonian / 25% English, context 1024, bf16, lr 2e-5 -> 2e-6
+linearly, 256 sequences per step; PLLuM ends its pretraining with an annealing (warmup-stable-decay)
+phase. Data: token shards written by `python -m minillm.prepare`.
 
-CPU, one process (the demo; a group of one is created for DeepSpeed):
-    python train_pretrain.py --config configs/demo_pretrain.json
+CPU, one process (the demo's stage; a process group of one is created for DeepSpeed):
+    python train_pretrain.py --tokenizer runs/demo/tokenizer --data et=runs/demo/tokens/et_train,en=runs/demo/tokens/en_train
 One GPU:
-    python train_pretrain.py --init-from llama-2-7b-hf --data et=tok/et,en=tok/en --mixture et=0.75,en=0.25 \
+    python train_pretrain.py --init-from llama-2-7b-hf --data et=tok/et,en=tok/en --mixture et=0.75,en=0.25 \\
         --seq-len 1024 --micro-batch-size 8 --grad-accum 32 --lr 2e-5 --min-lr 2e-6 --zero-stage 2
-8 GPUs (global batch = micro_batch_size * grad_accum * 8 sequences):
+8 GPUs (global batch = micro_batch_size x grad_accum x 8 sequences):
     torchrun --nproc_per_node=8 train_pretrain.py --init-from llama-2-7b-hf ... --grad-accum 4 --zero-stage 3
-Resume after an interruption or preemption (same out_dir): add --resume.
+Resume after an interruption or preemption (same --out-dir): add --resume.
 """
 from __future__ import annotations
 
+import math
 import time
 from dataclasses import asdict, dataclass
-from pathlib import Path
+from typing import Literal
 
-from tqdm import tqdm
-
-from minillm.attention import set_attention_backend
-from minillm.data import PackedLoader, parse_mixture, parse_sources, validation_batches
-from minillm.model import flops_per_token
-from minillm.training import (
-    MetricsLog,
-    Preemption,
-    batch_to,
-    build_engine,
-    configure_model,
-    export_model,
-    load_checkpoint,
-    load_model_and_tokenizer,
-    log_line,
-    lr_at,
-    parse_config,
-    peak_flops,
-    peak_memory_gb,
-    run_cli,
-    save_checkpoint,
-    save_options,
-    seed_everything,
-    set_lr,
-    setup_distributed,
-    teardown_distributed,
-    token_byte_lengths,
-    token_mean_step,
-    validation_metrics,
-)
+from minillm.checkpoints import (ExportedModel, Preemption, load_checkpoint, run_readme, save_checkpoint_if_due,
+                                 start_run)
+from minillm.engine import (all_reduce_sum, batch_to, build_engine, engine_step, load_model_and_tokenizer, lr_at,
+                            model_inputs, print0, set_lr, setup_distributed, teardown_distributed)
+from minillm.losses import IGNORE_INDEX, global_mean_scale
+from minillm.monitor import RunLog, peak_flops, peak_memory_gb, step_flops, validation_loss
+from minillm.options import TrainOptions, cli, parse_options, require
+from minillm.pretrain_data import PackedLoader, parse_mixture, parse_sources, validation_batches
 
 
-@dataclass
-class PretrainConfig:
-    # data: shard directories by source name, and the sampling weights of each source
-    data: str = "et=runs/demo/tokens/et_train,en=runs/demo/tokens/en_train"
-    mixture: str = "et=0.75,en=0.25"  # LLAMMAS: 75% target language, 25% English
-    valid_data: str = "et=runs/demo/tokens/et_valid,en=runs/demo/tokens/en_valid"  # '' = no validation
-    packing: str = "document"  # 'concat' (LLAMMAS) or 'document' (attention/loss never cross documents)
-    seq_len: int = 256
+@dataclass(kw_only=True)
+class PretrainOptions(TrainOptions):
+    # data
+    data: str = "et=runs/demo/tokens/et_train,en=runs/demo/tokens/en_train"  # token shard directories by source name
+    mixture: str = "et=0.75,en=0.25"  # token share of each source (LLAMMAS: 75% target language, 25% English)
+    valid_data: str = "et=runs/demo/tokens/et_valid,en=runs/demo/tokens/en_valid"  # held-out shards by name; '' = no validation
+    eval_tokens: int = 0  # held-out target tokens scored per source at each validation; 0 = all of them
+    packing: Literal["document", "concat"] = "document"  # document: attention and loss never cross documents; concat: LLAMMAS
+    max_steps: int = 200  # optimizer steps of the run
     # model: continue a Hugging Face directory, or a random `preset` sized to the tokenizer
-    init_from: str = ""
-    preset: str = "demo"
-    tokenizer: str = "runs/demo/tokenizer"  # directory with tokenizer.model ('' = init_from's own)
-    # optimisation
-    max_steps: int = 200
-    micro_batch_size: int = 8  # sequences per rank per forward
-    grad_accum: int = 1
+    preset: str = "demo"  # model size built at random when --init-from is '' (see minillm/model.py PRESETS)
+    tokenizer: str = "runs/demo/tokenizer"  # tokenizer directory; '' = init_from's own
+    seq_len: int = 256
+    # optimisation: the demo's tiny model from scratch; continuing a 7B model wants lr 2e-5 (LLAMMAS)
     lr: float = 3e-3
     min_lr: float = 3e-4
-    lr_schedule: str = "linear"  # linear | cosine | wsd | constant
     warmup_steps: int = 20
-    decay_fraction: float = 0.2  # wsd only: share of steps spent decaying at the end
     weight_decay: float = 0.1
-    beta1: float = 0.9
-    beta2: float = 0.95
-    grad_clip: float = 1.0
-    zero_stage: int = 0  # DeepSpeed ZeRO 0/1/2/3
-    deepspeed: str = ""  # optional DeepSpeed JSON merged over the generated config
-    activation_checkpointing: str = "none"  # none | selective | full: recompute in backward, save memory
-    compile: bool = False  # torch.compile each transformer block (first steps compile; then faster)
-    attn: str = "auto"  # auto | triton | sdpa | math
-    # logging and checkpoints
-    out_dir: str = "runs/demo/pretrain"
-    log_interval: int = 10
-    eval_interval: int = 50
-    eval_batches: int = 4
     save_interval: int = 100
-    keep_checkpoints: int = 2
-    resume: bool = False
-    seed: int = 1337
-    peak_tflops: float = 0.0  # for MFU; 0 = look up the GPU (or assume 50 GFLOP/s per CPU core)
+    out_dir: str = "runs/demo/pretrain"
+
+    def check(self):
+        super().check()
+        require(self.max_steps >= 1, "max_steps", self.max_steps, "must be at least 1")
+        require(self.eval_tokens >= 0, "eval_tokens", self.eval_tokens, "must be >= 0 (0 = all)")
 
 
-def main():
-    cfg = parse_config(PretrainConfig)
-    rank, world_size, device = setup_distributed()
-    seed_everything(cfg.seed)
-    set_attention_backend(cfg.attn)
-    save_options(cfg, cfg.out_dir, rank)
+@cli
+def main(argv=None):
+    cfg = parse_options(PretrainOptions, argv, prog="train_pretrain.py", description=__doc__)
+    rank, world_size, device = setup_distributed(cfg.seed)
 
-    model, tokenizer = load_model_and_tokenizer(cfg.init_from, cfg.preset, cfg.tokenizer, cfg.seq_len, device)
-    configure_model(model, cfg)
+    model, tokenizer = load_model_and_tokenizer(cfg, device, preset=cfg.preset)
     sources = parse_sources(cfg.data)
-    loader = PackedLoader(sources, parse_mixture(cfg.mixture, names=list(sources)), seq_len=cfg.seq_len,
+    loader = PackedLoader(sources, parse_mixture(cfg.mixture, list(sources), warn=print0), seq_len=cfg.seq_len,
                           batch_size=cfg.micro_batch_size, rank=rank, world_size=world_size, seed=cfg.seed,
-                          mode=cfg.packing, vocab_size=model.config.vocab_size)
-    valid = {name: validation_batches(path, cfg.seq_len, cfg.micro_batch_size, cfg.eval_batches, rank, world_size)
-             for name, path in parse_sources(cfg.valid_data).items()} if cfg.valid_data else {}
-    byte_lengths = token_byte_lengths(tokenizer)
-    engine, optimizer = build_engine(model, cfg, world_size, device)
+                          mode=cfg.packing, vocab_size=model.config.vocab_size, pad_id=tokenizer.pad_id)
+    valid = {name: validation_batches(path, cfg.seq_len, cfg.micro_batch_size, rank, world_size, cfg.eval_tokens,
+                                      pad_id=tokenizer.pad_id)
+             for name, path in (parse_sources(cfg.valid_data).items() if cfg.valid_data else [])}
+    byte_lengths = tokenizer.byte_lengths()
+    engine, optimizer = build_engine(model, cfg, device)
 
     step, tokens_seen = 0, 0
-    if cfg.resume and (state := load_checkpoint(engine, cfg.out_dir)) is not None:
+    if cfg.resume and (state := load_checkpoint(engine, cfg.out_dir, model.config.architecture())) is not None:
         step, tokens_seen = state["step"], state["tokens_seen"]
         loader.load_state_dict(state["loader"])
-        if rank == 0:
-            print(f"resumed from step {step} ({tokens_seen:,} tokens seen)")
+        print0(f"resumed from step {step} ({tokens_seen:,} tokens seen)")
+    start_run(cfg, rank, step, run_readme("train_pretrain.py", cfg, "continual pretraining"))
+    result = ExportedModel(engine, model, tokenizer, cfg, by_validation=False)  # the model after the last step
 
-    def checkpoint():
-        save_checkpoint(engine, cfg.out_dir, step, {"step": step, "tokens_seen": tokens_seen,
-                                                    "loader": loader.state_dict(), "options": asdict(cfg)},
-                        keep=cfg.keep_checkpoints)
+    def trainer_state() -> dict:  # what a checkpoint needs besides DeepSpeed's own state
+        return {"step": step, "tokens_seen": tokens_seen, "loader": loader.state_dict(), "options": asdict(cfg),
+                "model_config": model.config.architecture()}
 
-    metrics = MetricsLog(cfg.out_dir, rank)
-    preemption = Preemption()
-    tokens_per_step = cfg.micro_batch_size * cfg.seq_len * cfg.grad_accum * world_size
-    flops_per_step = flops_per_token(model.config, cfg.seq_len) * tokens_per_step
-    peak = peak_flops(device, cfg.peak_tflops) * world_size
-    bar = tqdm(total=cfg.max_steps, initial=step, disable=rank != 0, desc="pretrain", dynamic_ncols=True)
-    t_start, start_step = time.time(), step
-    while step < cfg.max_steps:
+    log = RunLog(cfg.out_dir, rank, cfg.max_steps, step, cfg.log_interval, "pretrain")
+    peak, preemption = peak_flops(device, cfg.peak_tflops) * world_size, Preemption()
+    while step < cfg.max_steps and not preemption.stop:
         t0 = time.time()
-        lr = lr_at(step, cfg)
+        lr = lr_at(step, cfg, cfg.max_steps)
         set_lr(optimizer, lr)
-        # Fetch the whole step's micro-batches first: the loss is a mean over every target token of
-        # the global batch, so the global token count must be known before the first backward.
+        # The loss is the mean NLL over every target token of the global batch (every micro-batch on every
+        # rank), so the step's token count is summed over ranks before the first backward.
         micro_batches = [batch_to(loader.next_batch(), device) for _ in range(cfg.grad_accum)]
-        loss, _, grad_norm = token_mean_step(engine, model, micro_batches, world_size, device)
+        n_tokens = all_reduce_sum([sum((b["labels"] != IGNORE_INDEX).sum().item() for b in micro_batches)], device)[0]
+        nll_sum = 0.0
+        for batch in micro_batches:
+            nll = engine(**model_inputs(batch))  # forward: the summed NLL of this micro-batch
+            engine.backward(nll * global_mean_scale(n_tokens, world_size, cfg.grad_accum))  # backward: its share
+            grad_norm = engine_step(engine, model)  # the update happens after the step's last micro-batch
+            nll_sum += nll.item()
+        loss = all_reduce_sum([nll_sum], device)[0] / max(n_tokens, 1)
         step += 1
-        tokens_seen += tokens_per_step
+        tokens_seen += cfg.micro_batch_size * cfg.seq_len * cfg.grad_accum * world_size
         dt = time.time() - t0
 
-        tok_s = tokens_per_step / dt
-        record = {"step": step, "tokens_seen": tokens_seen, "loss": loss, "lr": lr,
-                  "grad_norm": grad_norm, "tokens_per_s": tok_s,
-                  "mfu": flops_per_step / dt / peak, "peak_memory_gb": peak_memory_gb(device)}
-        if valid and (step % cfg.eval_interval == 0 or step == cfg.max_steps):
-            record.update(validation_metrics(engine, valid, byte_lengths, device))
-        metrics.write(record)
-        bar.update(1)
-        bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}", tok_s=f"{tok_s:.0f}")
-        validated = any(k.startswith("val_") for k in record)
-        if rank == 0 and (step % cfg.log_interval == 0 or step == cfg.max_steps or validated):
-            eta = (time.time() - t_start) / (step - start_step) * (cfg.max_steps - step)
-            line = log_line(step, cfg.max_steps, loss, lr, tok_s, record["mfu"], eta)
-            vals = " | ".join(f"{k} {v:.4f}" for k, v in record.items() if k.startswith("val_"))
-            tqdm.write(line + (f" | {vals}" if vals else ""))
-        if step % cfg.save_interval == 0 or step == cfg.max_steps:
-            checkpoint()
-        if preemption.requested(device):
-            checkpoint()
-            if rank == 0:
-                tqdm.write(f"SIGTERM: saved step {step} to {cfg.out_dir}/checkpoints; exiting")
-            break
-    bar.close()
-    metrics.close()
-    if step == cfg.max_steps:
-        export_model(engine, model, Path(cfg.out_dir) / "model", tokenizer)
-        if rank == 0:
-            print(f"exported {Path(cfg.out_dir) / 'model'} (Hugging Face layout)")
+        flops = all_reduce_sum([step_flops(model.config, micro_batches)], device)[0]
+        record = {"step": step, "loss": loss, "lr": lr, "grad_norm": grad_norm, "tokens_seen": tokens_seen,
+                  "tokens_per_s": cfg.micro_batch_size * cfg.seq_len * cfg.grad_accum * world_size / dt,
+                  "mfu": flops / dt / peak, "peak_memory_gb": peak_memory_gb(device)}
+        if not math.isfinite(loss) or (grad_norm is not None and not math.isfinite(grad_norm)):
+            raise ValueError(f"step {step}: the loss is {loss} (gradient norm {grad_norm}); stopped without saving "
+                             "or exporting, the last checkpoint is the last finite state (lower --lr?)")
+        last = step == cfg.max_steps
+        if valid and (last or (cfg.eval_interval and step % cfg.eval_interval == 0)):
+            record.update(validation_loss(engine, valid, byte_lengths, device))
+        result.update(record, last)
+        log.step(record, extra=tuple(k for k in record if k.startswith("val_loss")))
+        save_checkpoint_if_due(engine, cfg, step, cfg.max_steps, trainer_state, preemption)  # every N steps, the last, SIGTERM
+    log.close(result.summary() if step == cfg.max_steps else f"SIGTERM: saved step {step} to {cfg.out_dir}/checkpoints")
     teardown_distributed()
 
 
 if __name__ == "__main__":
-    run_cli(main)
+    main()

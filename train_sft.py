@@ -1,230 +1,154 @@
-"""Stage 2: supervised instruction tuning with the loss on responses only.
+"""Stage 2: supervised instruction tuning with the loss on the responses only.
 
-LLAMMAS: Alpaca + Alpaca-est + English high-quality instructions + translation-task instructions,
-3 epochs, lr 2e-5 -> 2e-6, batch 128, loss on responses only, best checkpoint by validation loss,
-optionally sequential (first translation tasks, then general instructions). PLLuM: 3 epochs, lr 1e-5,
-batch 128, ZeRO-3. Records are Alpaca {"instruction","input","output"} or chat {"messages": [...]}
-JSONL, rendered by minillm/chat_format.py — the same code that builds prompts at inference.
+LLAMMAS: Alpaca + Alpaca-est + English high-quality instructions + translation-task instructions, 3 epochs,
+lr 2e-5 -> 2e-6, batch 128, loss on responses only, best checkpoint by validation loss, optionally
+sequential (translation tasks first, then general instructions). PLLuM: 3 epochs, lr 1e-5, batch 128,
+ZeRO-3. Records are Alpaca {"instruction","input","output"} or chat {"messages": [...]} JSONL, rendered by
+minillm/chat_format.py -- the same code that builds prompts at inference.
 
-CPU, one process (the demo):
-    python train_sft.py --config configs/demo_sft.json
+CPU, one process (the demo's stage):
+    python train_sft.py --init-from runs/demo/pretrain/model --train-data data/sample/sft/alpaca_et.jsonl
 One GPU:
-    python train_sft.py --init-from runs/pt/model --train-data alpaca_et.jsonl,alpaca_en.jsonl,hqi.jsonl \
+    python train_sft.py --init-from runs/pt/model --train-data alpaca_et.jsonl,alpaca_en.jsonl,hqi.jsonl \\
         --valid-data valid.jsonl --seq-len 2048 --micro-batch-size 8 --grad-accum 16 --lr 2e-5 --min-lr 2e-6
 8 GPUs, sequential curriculum (stages separated by ';', each with its own LR schedule):
-    torchrun --nproc_per_node=8 train_sft.py --init-from runs/pt/model \
+    torchrun --nproc_per_node=8 train_sft.py --init-from runs/pt/model \\
         --train-data "trtask.jsonl;alpaca_et.jsonl,alpaca_en.jsonl" --micro-batch-size 4 --grad-accum 4 --zero-stage 3
 """
 from __future__ import annotations
 
+import math
 import time
 from dataclasses import asdict, dataclass
-from pathlib import Path
+from typing import Literal
 
-from tqdm import tqdm
-
-from minillm.attention import set_attention_backend
-from minillm.chat_format import chat_template_jinja, load_sft_jsonl, tokenize_sft_examples
-from minillm.data import pack_examples
-from minillm.model import flops_per_token
-from minillm.training import (
-    MetricsLog,
-    Preemption,
-    batch_to,
-    build_engine,
-    configure_model,
-    epoch_order,
-    export_model,
-    load_checkpoint,
-    load_model_and_tokenizer,
-    log_line,
-    lr_at,
-    parse_config,
-    peak_flops,
-    peak_memory_gb,
-    run_cli,
-    save_checkpoint,
-    save_options,
-    seed_everything,
-    set_lr,
-    setup_distributed,
-    step_slices,
-    steps_per_epoch,
-    take_rows,
-    teardown_distributed,
-    token_byte_lengths,
-    token_mean_step,
-    validation_metrics,
-)
+from minillm.chat_format import chat_template_jinja
+from minillm.checkpoints import (ExportedModel, Preemption, load_checkpoint, run_readme, save_checkpoint_if_due,
+                                 start_run)
+from minillm.engine import (all_reduce_sum, batch_to, build_engine, engine_step, load_model_and_tokenizer, lr_at,
+                            model_inputs, print0, set_lr, setup_distributed, teardown_distributed)
+from minillm.losses import IGNORE_INDEX, global_mean_scale
+from minillm.monitor import RunLog, peak_flops, peak_memory_gb, step_flops, validation_loss
+from minillm.options import TrainOptions, cli, parse_options, require
+from minillm.sft_data import epoch_order, load_sft_examples, pack_examples, step_slices, steps_per_epoch, take_rows
 
 
-@dataclass
-class SFTConfig:
-    # data: JSONL files, ',' between files of one stage, ';' between sequential stages
-    train_data: str = "runs/demo/sft/train.jsonl"
-    valid_data: str = "runs/demo/sft/valid.jsonl"  # '' = no validation (the final model is exported)
-    template: str = "chat"  # chat (Tulu layout, the exported chat_template) | alpaca | auto (each record its own)
-    train_on: str = "assistant"  # assistant (every assistant turn) | last (last turn only) | all
-    truncate: str = "right"  # too-long examples: right (cut the end) | left (cut the start) | drop
+@dataclass(kw_only=True)
+class SFTOptions(TrainOptions):
+    # data: JSONL files, ',' between the files of one stage, ';' between sequential stages
+    train_data: str = "runs/demo/sft/train.jsonl"  # SFT records (Alpaca or chat); ';' separates curriculum stages
+    valid_data: str = "runs/demo/sft/valid.jsonl"  # held-out records; '' = no validation (the last model is exported)
+    template: Literal["chat", "alpaca", "auto"] = "chat"  # chat (Tulu layout, the exported chat_template) | alpaca | auto: each record its own
+    train_on: Literal["assistant", "last", "all"] = "assistant"  # the loss covers every reply, the last one, or all tokens
+    truncate: Literal["right", "left", "drop"] = "right"  # too-long examples: cut the end, cut the start, or drop them
     pack: bool = True  # several examples per row, document-masked (no example sees another)
-    seq_len: int = 512
-    # model: a Hugging Face directory (e.g. the pretraining stage's OUT_DIR/model)
+    epochs: int = 3  # passes over each stage's data (each stage: warmup, then decay to min_lr)
+    # model: a Hugging Face directory (the pretraining stage's OUT_DIR/model)
     init_from: str = "runs/demo/pretrain/model"
-    tokenizer: str = ""  # '' = init_from's own
-    # optimisation (per stage: warmup, then decay to min_lr over the stage's epochs)
-    epochs: int = 3
-    micro_batch_size: int = 8
-    grad_accum: int = 1
-    lr: float = 1e-3
-    min_lr: float = 1e-4
-    lr_schedule: str = "linear"
-    warmup_steps: int = 10
-    decay_fraction: float = 0.2
-    weight_decay: float = 0.0
-    beta1: float = 0.9
-    beta2: float = 0.95
-    grad_clip: float = 1.0
-    zero_stage: int = 0
-    deepspeed: str = ""
-    activation_checkpointing: str = "none"  # none | selective | full: recompute in backward, save memory
-    compile: bool = False  # torch.compile each transformer block (first steps compile; then faster)
-    attn: str = "auto"
-    # logging and checkpoints
+    eval_interval: int = 0
     out_dir: str = "runs/demo/sft"
-    log_interval: int = 10
-    eval_interval: int = 0  # validate every N steps; 0 = at the end of every epoch
-    save_interval: int = 200
-    keep_checkpoints: int = 2
-    resume: bool = False
-    seed: int = 1337
-    peak_tflops: float = 0.0
+
+    def check(self):
+        super().check()
+        require(self.epochs >= 1, "epochs", self.epochs, "must be at least 1")
+        require(self.seq_len >= 2, "seq_len", self.seq_len, "must hold a prompt and a reply token")
+        require(bool(self.train_data.replace(";", "").replace(",", "").strip()), "train_data", self.train_data,
+                "names no file")
 
 
-def load_examples(files: str, tokenizer, cfg, rank: int):
-    """Tokenize every record of the given files into (ids, labels) pairs; report what was dropped."""
-    examples, totals = [], {}
-    for path in (f.strip() for f in files.split(",") if f.strip()):
-        got, stats = tokenize_sft_examples(load_sft_jsonl(path), tokenizer, cfg.seq_len, truncate=cfg.truncate,
-                                           train_on=cfg.train_on, fmt=cfg.template)
-        examples += got
-        for k, v in stats.items():
-            totals[k] = totals.get(k, 0) + v
-        if rank == 0:
-            print(f"{path}: {len(got)} examples " + ", ".join(f"{k} {v}" for k, v in stats.items() if v))
-    if not examples:
-        raise ValueError(f"{files}: no trainable examples")
-    return examples, totals
+@cli
+def main(argv=None):
+    cfg = parse_options(SFTOptions, argv, prog="train_sft.py", description=__doc__)
+    rank, world_size, device = setup_distributed(cfg.seed)
 
-
-def main():
-    cfg = parse_config(SFTConfig)
-    rank, world_size, device = setup_distributed()
-    seed_everything(cfg.seed)
-    set_attention_backend(cfg.attn)
-    save_options(cfg, cfg.out_dir, rank)
-
-    model, tokenizer = load_model_and_tokenizer(cfg.init_from, "", cfg.tokenizer, cfg.seq_len, device)
-    configure_model(model, cfg)
-    stages = [load_examples(files, tokenizer, cfg, rank) for files in cfg.train_data.split(";") if files.strip()]
+    model, tokenizer = load_model_and_tokenizer(cfg, device)
+    render = {"truncate": cfg.truncate, "train_on": cfg.train_on, "fmt": cfg.template}
+    stages = [load_sft_examples([f.strip() for f in files.split(",") if f.strip()], tokenizer, cfg.seq_len, print0, **render)
+              for files in cfg.train_data.split(";") if files.strip()]
     valid = {}
     if cfg.valid_data:  # this rank's share of the validation rows, as micro-batches
-        valid_rows = pack_examples(load_examples(cfg.valid_data, tokenizer, cfg, rank)[0], cfg.seq_len,
-                                   pad_id=tokenizer.pad_id, pack=cfg.pack)
-        n_valid = valid_rows["input_ids"].shape[0]
-        valid = {"sft": [take_rows(valid_rows, idx)
-                         for s in range(steps_per_epoch(n_valid, cfg.micro_batch_size, 1, world_size))
-                         for idx in step_slices(n_valid, s, cfg.micro_batch_size, 1, rank, world_size)]}
-    byte_lengths = token_byte_lengths(tokenizer)
-    engine, optimizer = build_engine(model, cfg, world_size, device)
+        rows = pack_examples(load_sft_examples(cfg.valid_data.split(","), tokenizer, cfg.seq_len, print0, **render),
+                             cfg.seq_len, pad_id=tokenizer.pad_id, pack=cfg.pack)
+        n_rows = rows["input_ids"].shape[0]
+        valid = {"": [take_rows(rows, idx) for s in range(steps_per_epoch(n_rows, cfg.micro_batch_size, 1, world_size))
+                      for idx in step_slices(n_rows, s, cfg.micro_batch_size, 1, rank, world_size)]}
+    byte_lengths = tokenizer.byte_lengths()
+    engine, optimizer = build_engine(model, cfg, device)
     chat_template = chat_template_jinja("alpaca" if cfg.template == "alpaca" else "chat", tokenizer)
 
     # The whole run is planned upfront: every (stage, epoch) shuffles its examples with a seeded order and
-    # packs them into rows, so each optimizer step is known by its number alone, which is all a
-    # checkpoint needs to record. Each stage has its own LR schedule (warmup, then decay to min_lr).
+    # packs them into rows, so each optimizer step is known by its number alone, which is all a checkpoint
+    # needs to record. Each stage has its own LR schedule (warmup, then decay to min_lr).
     def epoch_rows(stage: int, epoch: int) -> dict:
-        examples = stages[stage][0]
+        examples = stages[stage]
         order = epoch_order(len(examples), 1000 * stage + epoch, cfg.seed)
         return pack_examples([examples[i] for i in order], cfg.seq_len, pad_id=tokenizer.pad_id, pack=cfg.pack)
 
     plan = []  # (stage, epoch, step within the epoch, step within the stage, steps in the stage)
     for stage in range(len(stages)):
-        epoch_steps = [steps_per_epoch(len(epoch_rows(stage, e)["input_ids"]), cfg.micro_batch_size,
-                                       cfg.grad_accum, world_size) for e in range(cfg.epochs)]
-        stage_total, stage_step = sum(epoch_steps), 0
+        epoch_steps = [steps_per_epoch(len(epoch_rows(stage, e)["input_ids"]), cfg.micro_batch_size, cfg.grad_accum,
+                                       world_size) for e in range(cfg.epochs)]
+        stage_step = 0
         for epoch, n in enumerate(epoch_steps):
             for s in range(n):
-                plan.append((stage, epoch, s, stage_step, stage_total))
+                plan.append((stage, epoch, s, stage_step, sum(epoch_steps)))
                 stage_step += 1
     total_steps = len(plan)
 
-    step, best_val_loss = 0, float("inf")
-    if cfg.resume and (state := load_checkpoint(engine, cfg.out_dir)) is not None:
-        step, best_val_loss = state["step"], state["best_val_loss"]
-        if rank == 0:
-            print(f"resumed from step {step}")
+    step, state = 0, {}
+    if cfg.resume and (state := load_checkpoint(engine, cfg.out_dir, model.config.architecture()) or {}):
+        step = state["step"]
+        print0(f"resumed from step {step}")
+    start_run(cfg, rank, step, run_readme("train_sft.py", cfg, "instruction tuning (SFT)"))
+    # LLAMMAS keeps the model with the best validation loss; without validation, the last one
+    result = ExportedModel(engine, model, tokenizer, cfg, chat_template, by_validation=bool(valid), best=state.get("best"))
 
-    def checkpoint():
-        save_checkpoint(engine, cfg.out_dir, step, {"step": step, "best_val_loss": best_val_loss,
-                                                    "options": asdict(cfg)}, keep=cfg.keep_checkpoints)
+    def trainer_state() -> dict:  # what a checkpoint needs besides DeepSpeed's own state
+        return {"step": step, "best": result.best, "options": asdict(cfg), "model_config": model.config.architecture()}
 
-    metrics = MetricsLog(cfg.out_dir, rank)
-    preemption = Preemption()
-    bar = tqdm(total=total_steps, initial=step, disable=rank != 0, desc="sft", dynamic_ncols=True)
-    t_start, start_step, rows_key, rows = time.time(), step, None, None
-    while step < total_steps:
+    log = RunLog(cfg.out_dir, rank, total_steps, step, cfg.log_interval, "sft")
+    peak, preemption, rows_key, rows = peak_flops(device, cfg.peak_tflops) * world_size, Preemption(), None, None
+    while step < total_steps and not preemption.stop:
         t0 = time.time()
         stage, epoch, step_in_epoch, stage_step, stage_total = plan[step]
         if rows_key != (stage, epoch):
             rows_key, rows = (stage, epoch), epoch_rows(stage, epoch)
-        lr = lr_at(stage_step, cfg, max_steps=stage_total)
+        lr = lr_at(stage_step, cfg, stage_total)
         set_lr(optimizer, lr)
-        n_rows = rows["input_ids"].shape[0]
+        # The loss is the mean NLL over every response token of the global batch (not a mean of per-example
+        # means), so the step's token count is summed over ranks before the first backward.
         micro_batches = [batch_to(take_rows(rows, idx), device) for idx in
-                         step_slices(n_rows, step_in_epoch, cfg.micro_batch_size, cfg.grad_accum, rank, world_size)]
-        # The loss is the mean over every response token of the global batch (not a mean of means).
-        loss, n_tokens, grad_norm = token_mean_step(engine, model, micro_batches, world_size, device)
+                         step_slices(len(rows["input_ids"]), step_in_epoch, cfg.micro_batch_size, cfg.grad_accum,
+                                     rank, world_size)]
+        n_tokens = all_reduce_sum([sum((b["labels"] != IGNORE_INDEX).sum().item() for b in micro_batches)], device)[0]
+        nll_sum = 0.0
+        for batch in micro_batches:
+            nll = engine(**model_inputs(batch))  # forward: the summed NLL of this micro-batch's responses
+            engine.backward(nll * global_mean_scale(n_tokens, world_size, cfg.grad_accum))  # backward: its share
+            grad_norm = engine_step(engine, model)  # the update happens after the step's last micro-batch
+            nll_sum += nll.item()
+        loss = all_reduce_sum([nll_sum], device)[0] / max(n_tokens, 1)
         step += 1
         dt = time.time() - t0
 
-        tokens = cfg.micro_batch_size * cfg.grad_accum * world_size * cfg.seq_len
-        peak = peak_flops(device, cfg.peak_tflops) * world_size
-        mfu = flops_per_token(model.config, cfg.seq_len) * tokens / dt / peak
-        record = {"step": step, "stage": stage + 1, "epoch": epoch + 1, "loss": loss, "lr": lr,
-                  "response_tokens": n_tokens, "grad_norm": grad_norm,
-                  "tokens_per_s": tokens / dt, "mfu": mfu, "peak_memory_gb": peak_memory_gb(device)}
-        end_of_epoch = step == total_steps or plan[step][1] != epoch or plan[step][0] != stage
-        due = step % cfg.eval_interval == 0 if cfg.eval_interval else end_of_epoch
-        if valid and due:
-            record.update(validation_metrics(engine, valid, byte_lengths, device))
-            if record["val_loss_sft"] < best_val_loss:  # keep the best model (LLAMMAS picks it by val loss)
-                best_val_loss, record["best"] = record["val_loss_sft"], True
-                export_model(engine, model, Path(cfg.out_dir) / "model", tokenizer, chat_template)
-        metrics.write(record)
-        bar.update(1)
-        bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}")
-        if rank == 0 and (step % cfg.log_interval == 0 or "val_loss_sft" in record):
-            eta = (time.time() - t_start) / (step - start_step) * (total_steps - step)
-            line = log_line(step, total_steps, loss, lr, tokens / dt, mfu, eta)
-            if "val_loss_sft" in record:
-                line += f" | val_loss {record['val_loss_sft']:.4f}" + (" (best)" if record.get("best") else "")
-            tqdm.write(line)
-        if step % cfg.save_interval == 0 or step == total_steps:
-            checkpoint()
-        if preemption.requested(device):
-            checkpoint()
-            if rank == 0:
-                tqdm.write(f"SIGTERM: saved step {step} to {cfg.out_dir}/checkpoints; exiting")
-            break
-    bar.close()
-    metrics.close()
-    if step == total_steps:
-        if not valid:  # without validation the final model is the result
-            export_model(engine, model, Path(cfg.out_dir) / "model", tokenizer, chat_template)
-        if rank == 0:
-            best = f" (best val_loss {best_val_loss:.4f})" if valid else ""
-            print(f"exported {Path(cfg.out_dir) / 'model'} (Hugging Face layout){best}")
+        tokens, flops = all_reduce_sum([sum(b["input_ids"].numel() for b in micro_batches),
+                                        step_flops(model.config, micro_batches)], device)
+        record = {"step": step, "stage": stage + 1, "epoch": epoch + 1, "loss": loss, "lr": lr, "grad_norm": grad_norm,
+                  "response_tokens": n_tokens, "tokens_per_s": tokens / dt, "mfu": flops / dt / peak,
+                  "peak_memory_gb": peak_memory_gb(device)}
+        if not math.isfinite(loss) or (grad_norm is not None and not math.isfinite(grad_norm)):
+            raise ValueError(f"step {step}: the loss is {loss} (gradient norm {grad_norm}); stopped without saving "
+                             "or exporting, the last checkpoint is the last finite state (lower --lr?)")
+        last = step == total_steps
+        end_of_epoch = last or plan[step][:2] != (stage, epoch)
+        if valid and (end_of_epoch if not cfg.eval_interval else last or step % cfg.eval_interval == 0):
+            record.update(validation_loss(engine, valid, byte_lengths, device))
+        result.update(record, last)
+        log.step(record, extra=("val_loss",))
+        save_checkpoint_if_due(engine, cfg, step, total_steps, trainer_state, preemption)  # every N steps, the last, SIGTERM
+    log.close(result.summary() if step == total_steps else f"SIGTERM: saved step {step} to {cfg.out_dir}/checkpoints")
     teardown_distributed()
 
 
 if __name__ == "__main__":
-    run_cli(main)
+    main()

@@ -7,7 +7,7 @@ FLOPs convention (FlashAttention-2 paper's benchmarks): causal forward = 4 * B *
                     causal-equivalent rate, i.e. a direct time comparison with plain causal;
   "useful TFLOP/s"  the FLOPs of the pairs that are actually visible (sum over documents of L^2/2
                     instead of T^2/2) over the time: what skipping other documents buys or costs.
-                    The issue's target "document masking costs <= 5% over causal" compares this
+                    The target "document masking costs <= 5% over causal" compares this
                     column with the causal row of the same length.
 Documents are packed back to back with lengths drawn uniformly from [doc_len/2, 3*doc_len/2].
 
@@ -17,18 +17,21 @@ Documents are packed back to back with lengths drawn uniformly from [doc_len/2, 
 """
 from __future__ import annotations
 
-import argparse
-import json
+import dataclasses
 import os
 import statistics
 import sys
 import time
+from dataclasses import dataclass
+from typing import Literal
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # run from a checkout
 
 import torch
 
-from minillm.attention import attention
+from minillm.attention import attention  # noqa: E402
+from minillm.files import atomic_write, to_json  # noqa: E402
+from minillm.options import parse_options  # noqa: E402
 
 
 def packed_doc_ids(batch: int, seq_len: int, doc_len: int, gen) -> torch.Tensor:
@@ -104,24 +107,27 @@ def run_case(backend, mode, seq_len, args, device, dtype):
             "fwd_tflops": causal_flops / 3.5 / fwd_ms / 1e9}
 
 
-def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--dtype", choices=["fp32", "bf16", "fp16"], default=None, help="default: bf16 on CUDA, fp32 on CPU")
-    p.add_argument("--backends", default=None, help="comma list; default: triton,sdpa,math on CUDA, sdpa,math on CPU")
-    p.add_argument("--modes", default="causal,docs")
-    p.add_argument("--seq-lens", default=None, help="default: 1024..16384 on CUDA, 256..2048 on CPU")
-    p.add_argument("--tokens", type=int, default=None, help="tokens per step (default 16384 CUDA, 4096 CPU)")
-    p.add_argument("--heads", type=int, default=None, help="query heads (default 16 CUDA, 8 CPU)")
-    p.add_argument("--kv-heads", type=int, default=None, help="K/V heads (default = heads)")
-    p.add_argument("--head-dim", type=int, default=None, help="default 128 CUDA, 64 CPU")
-    p.add_argument("--doc-len", type=int, default=None, help="mean document length in docs mode (default 512)")
-    p.add_argument("--max-math-len", type=int, default=4096, help="skip the math backend above this length (memory)")
-    p.add_argument("--warmup", type=int, default=None)
-    p.add_argument("--iters", type=int, default=None)
-    p.add_argument("--json", default=None, help="also write the rows to this file")
-    args = p.parse_args(argv)
+@dataclass(kw_only=True)
+class BenchOptions:
+    device: str = ""  # cpu or cuda; '' = cuda when available
+    dtype: Literal["", "fp32", "bf16", "fp16"] = ""  # '' = bf16 on CUDA, fp32 on CPU
+    backends: str = ""  # comma list; '' = triton,sdpa,math on CUDA, sdpa,math on CPU
+    modes: str = "causal,docs"  # causal and/or document-masked (docs)
+    seq_lens: str = ""  # comma list; '' = 1024..16384 on CUDA, 256..2048 on CPU
+    tokens: int = 0  # tokens per step; 0 = 16384 on CUDA, 4096 on CPU
+    heads: int = 0  # query heads; 0 = 16 on CUDA, 8 on CPU
+    kv_heads: int = 0  # K/V heads; 0 = heads
+    head_dim: int = 0  # 0 = 128 on CUDA, 64 on CPU
+    doc_len: int = 512  # mean document length in docs mode
+    max_math_len: int = 4096  # skip the math backend above this length (its memory is quadratic)
+    warmup: int = -1  # untimed calls first; -1 = 5 on CUDA, 1 on CPU
+    iters: int = -1  # timed calls; -1 = 20 on CUDA, 3 on CPU
+    json: str = ""  # also write the rows to this file
 
+
+def main(argv=None):
+    args = parse_options(BenchOptions, argv, prog="bench/bench_attention.py", description=__doc__)
+    args.device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     device = torch.device(args.device)
     cuda = device.type == "cuda"
     dtypes = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -133,9 +139,8 @@ def main(argv=None):
     args.heads = args.heads or (16 if cuda else 8)
     args.kv_heads = args.kv_heads or args.heads
     args.head_dim = args.head_dim or (128 if cuda else 64)
-    args.doc_len = args.doc_len or 512
-    args.warmup = args.warmup if args.warmup is not None else (5 if cuda else 1)
-    args.iters = args.iters if args.iters is not None else (20 if cuda else 3)
+    args.warmup = args.warmup if args.warmup >= 0 else (5 if cuda else 1)
+    args.iters = args.iters if args.iters >= 0 else (20 if cuda else 3)
 
     name = torch.cuda.get_device_name(device) if cuda else f"CPU ({torch.get_num_threads()} threads)"
     print(f"# attention fwd+bwd, {name}, {str(dtype).replace('torch.', '')}, heads {args.heads}/{args.kv_heads}, "
@@ -163,10 +168,8 @@ def main(argv=None):
                       f"{row['fwd_bwd_ms']:11.2f} {row['fwd_tflops']:9.3g} {row['tflops']:8.3g} "
                       f"{row['useful_tflops']:11.3g}", flush=True)
     if args.json:
-        tmp = args.json + ".tmp"
-        with open(tmp, "w") as f:
-            json.dump({"device": name, "dtype": str(dtype), "args": vars(args), "rows": rows}, f, indent=1)
-        os.replace(tmp, args.json)
+        atomic_write(args.json, to_json({"device": name, "dtype": str(dtype), "args": dataclasses.asdict(args),
+                                         "rows": rows}, indent=1))
 
 
 if __name__ == "__main__":

@@ -20,14 +20,37 @@ The peak includes the gradients both implementations must produce (the weight's 
 """
 from __future__ import annotations
 
-import argparse
+import dataclasses
 import json
 import os
 import subprocess
 import sys
 import time
+from dataclasses import dataclass, field
+from typing import Literal
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from minillm.files import atomic_write, to_json  # noqa: E402
+from minillm.options import parse_options  # noqa: E402
+
+IMPLS = ["naive", "fused-ce", "fused-logp"]
+
+
+@dataclass(kw_only=True)
+class BenchOptions:
+    tokens: int = 2048  # tokens per step
+    hidden: int = 2048  # hidden size
+    vocab: list[int] = field(default_factory=lambda: [32000, 128256])  # vocabulary sizes to measure
+    device: str = "cpu"  # cpu or cuda
+    dtype: Literal["fp32", "bf16"] = "fp32"  # hidden states and weight
+    chunk_size: int = 0  # tokens per chunk; 0 = minillm.losses.default_chunk_size of the vocabulary
+    ignore_frac: float = 0.0  # share of labels set to -100
+    repeats: int = 3  # timed steps after the measured first one
+    impl: list[str] = field(default_factory=lambda: list(IMPLS))  # implementations: naive, fused-ce, fused-logp
+    threads: int = 0  # torch.set_num_threads; 0 = torch's default
+    json: str = ""  # also write the results to this file
+    case: str = ""  # internal: "impl:vocab", run in this process
 
 
 def proc_status_kb(field: str) -> int:
@@ -103,22 +126,10 @@ def run_case(impl: str, vocab: int, args) -> dict:
 
 
 def main():
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--tokens", type=int, default=2048)
-    ap.add_argument("--hidden", type=int, default=2048)
-    ap.add_argument("--vocab", type=int, nargs="+", default=[32000, 128256])
-    ap.add_argument("--device", default="cpu")
-    ap.add_argument("--dtype", default="fp32", choices=["fp32", "bf16"])
-    ap.add_argument("--chunk-size", type=int, default=0,
-                    help="tokens per chunk (0: minillm.losses.default_chunk_size of the vocabulary)")
-    ap.add_argument("--ignore-frac", type=float, default=0.0, help="share of labels set to -100")
-    ap.add_argument("--repeats", type=int, default=3, help="timed steps after the measured first one")
-    impls = ["naive", "fused-ce", "fused-logp"]
-    ap.add_argument("--impl", nargs="+", default=impls, choices=impls)
-    ap.add_argument("--threads", type=int, default=0, help="torch.set_num_threads (0: torch's default)")
-    ap.add_argument("--json", help="also write the results to this file")
-    ap.add_argument("--case", help=argparse.SUPPRESS)  # internal: "impl:vocab", run in this process
-    args = ap.parse_args()
+    args = parse_options(BenchOptions, prog="bench/bench_loss.py", description=__doc__)
+    unknown = [i for i in args.impl if i not in IMPLS]
+    if unknown:
+        raise SystemExit(f"error: --impl {unknown[0]!r}: choose from {', '.join(IMPLS)}")
 
     if args.case:
         import torch
@@ -151,10 +162,7 @@ def main():
     print("gradients alone (hidden + weight), the floor of 'peak +': "
           + ", ".join(f"vocab {v}: {g:.3f} GB" for v, g in floor.items()))
     if args.json:
-        tmp = args.json + ".tmp"
-        with open(tmp, "w") as f:
-            json.dump({"args": vars(args), "results": rows}, f, indent=1)
-        os.replace(tmp, args.json)
+        atomic_write(args.json, to_json({"args": dataclasses.asdict(args), "results": rows}, indent=1))
 
 
 if __name__ == "__main__":

@@ -13,25 +13,27 @@ Needs `transformers` (the test extra) for the peer column; `--only minillm` skip
 """
 from __future__ import annotations
 
-import argparse
 import json
 import subprocess
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
+
+from minillm.options import parse_options  # noqa: E402
 
 
 def run_one(impl: str, args) -> dict:
     import torch
 
-    from minillm.losses import cross_entropy_sum
-    from minillm.model import Llama, LlamaConfig, flops_per_token
-    from minillm.training import peak_flops, peak_memory_gb
+    from minillm.model import Llama, LlamaConfig
+    from minillm.monitor import peak_flops, peak_memory_gb, step_flops
 
     torch.manual_seed(0)
-    device = torch.device(args.device)
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[args.dtype]
     overrides = {"max_seq_len": max(args.seq_len, 256)}
     if args.vocab_size:
@@ -40,12 +42,11 @@ def run_one(impl: str, args) -> dict:
     if impl == "minillm":
         base_gb = peak_memory_gb(device)
         model = Llama(config).to(device=device, dtype=dtype)
-        model.activation_checkpointing = args.activation_checkpointing
+        model.config.activation_checkpointing = args.activation_checkpointing
         blocks = model.layers
 
         def loss_fn(ids, labels):
-            total, n = cross_entropy_sum(model.hidden_states(ids), model.output.weight, labels)
-            return total / n
+            return model(ids, labels=labels) / (labels != -100).sum()
     else:
         from transformers import LlamaConfig as HFConfig
         from transformers import LlamaForCausalLM
@@ -68,7 +69,7 @@ def run_one(impl: str, args) -> dict:
     if args.compile:  # regional compilation, as the scripts' --compile: every block on its own
         for block in blocks:
             block.compile()
-    # The optimizer minillm's scripts use (minillm.training.build_engine), for both implementations.
+    # The optimizer minillm's scripts use (minillm.engine.build_engine), for both implementations.
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)
     ids = torch.randint(0, config.vocab_size, (args.batch_size, args.seq_len), device=device)
     labels = torch.cat([ids[:, 1:], torch.full_like(ids[:, :1], -100)], dim=1)
@@ -88,26 +89,28 @@ def run_one(impl: str, args) -> dict:
     dt = sorted(times)[len(times) // 2]
     tokens = args.batch_size * args.seq_len
     return {"impl": impl, "tok_s": tokens / dt, "step_s": dt,
-            "mfu": flops_per_token(config, args.seq_len) * tokens / dt / peak_flops(device),
+            "mfu": step_flops(config, [{"input_ids": ids, "labels": labels}]) / dt / peak_flops(device),
             "peak_mem_gb": peak_memory_gb(device), "base_mem_gb": base_gb, "loss": float(loss)}
 
 
+@dataclass(kw_only=True)
+class BenchOptions:
+    preset: str = "small"  # model size (minillm/model.py PRESETS)
+    vocab_size: int = 0  # override the preset's vocabulary; 0 = the preset's
+    seq_len: int = 512  # tokens per row
+    batch_size: int = 2  # rows per step
+    steps: int = 5  # timed steps (the median is reported)
+    warmup: int = 2  # untimed steps first
+    dtype: Literal["fp32", "bf16"] = "fp32"  # weights and activations
+    device: str = ""  # cpu or cuda; '' = cuda when available
+    activation_checkpointing: Literal["none", "selective", "full"] = "none"  # selective is minillm's only (no transformers run)
+    compile: bool = False  # torch.compile every block (both implementations)
+    only: Literal["", "minillm", "transformers"] = ""  # run one implementation only
+    child: str = ""  # internal: run this implementation in this process and print its JSON
+
+
 def main():
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--preset", default="small")
-    p.add_argument("--vocab-size", type=int, default=0)
-    p.add_argument("--seq-len", type=int, default=512)
-    p.add_argument("--batch-size", type=int, default=2)
-    p.add_argument("--steps", type=int, default=5)
-    p.add_argument("--warmup", type=int, default=2)
-    p.add_argument("--dtype", default="fp32", choices=["fp32", "bf16"])
-    p.add_argument("--device", default="cuda" if __import__("torch").cuda.is_available() else "cpu")
-    p.add_argument("--activation-checkpointing", default="none", choices=["none", "selective", "full"],
-                   help="selective is minillm's only (transformers' peer run is skipped)")
-    p.add_argument("--compile", action="store_true", help="torch.compile every block (both implementations)")
-    p.add_argument("--only", choices=["minillm", "transformers"])
-    p.add_argument("--child", help=argparse.SUPPRESS)
-    args = p.parse_args()
+    args = parse_options(BenchOptions, prog="bench/bench_train_step.py", description=__doc__)
     if args.child:
         print(json.dumps(run_one(args.child, args)))
         return

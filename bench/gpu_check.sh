@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The GPU half of issue 7 as one prepared run (under 10 minutes on one H100/H200): the compiled Triton
+# The GPU checks of the performance path as one prepared run (under 10 minutes on one H100/H200): the compiled Triton
 # kernels against math attention on the device, then the three benchmarks at the issue's GPU sizes.
 # Everything lands in ${OUT:-results/gpu}/ (machine, test log, one text + JSON file per benchmark),
 # ready to be copied into BENCHMARKS.md. Needs torch with CUDA, triton, transformers and pytest

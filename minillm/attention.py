@@ -1,6 +1,6 @@
 """The model's one attention call, dispatched to the fastest backend that can express the mask.
 
-    out = attention(q, k, v, q_doc=None, k_doc=None, backend=None)
+    out = attention(q, k, v, q_doc=None, k_doc=None, backend="auto", announce=False)
 
 q [B, H, T, hd]; k, v [B, Hkv, S, hd] with Hkv dividing H (grouped-query attention: query head h
 reads K/V head h // (H / Hkv)), S >= T. Causal, aligned bottom-right: query i sits at absolute
@@ -17,10 +17,10 @@ Backends
   'sdpa'    torch.nn.functional.scaled_dot_product_attention: the is_causal fast path when there
             are no document ids and S == T, otherwise a boolean mask.
   'math'    plain PyTorch, scores in fp32: the reference the tests compare everything with.
-backend=None uses the process-wide choice of set_attention_backend (the scripts' --attn), default
-'auto': triton for CUDA tensors when it is importable and supports the call, else sdpa (which
-every supported torch has; math is only used when asked for). Every
-distinct choice is printed once on rank 0, e.g. "attention: sdpa (triton not installed)".
+The model passes its config.attn_backend (the scripts' --attn). 'auto': triton for CUDA tensors when it
+is importable and supports the call, else sdpa (which every supported torch has; math only when asked
+for). With announce=True (the model's calls) every distinct choice is printed once on rank 0, e.g.
+"attention: sdpa (cpu tensors; triton is for CUDA)".
 A forced 'triton' raises if triton is missing or the tensors are on CPU without the interpreter,
 and falls back to sdpa (printed once) for calls the kernel does not cover, such as KV-cache
 decoding (S > T) or an unsupported head dim.
@@ -39,24 +39,8 @@ TRITON_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 # enable_gqa arrived in torch 2.5; older versions get K/V repeated per query head.
 SDPA_HAS_GQA = tuple(int(x) for x in torch.__version__.split(".")[:2]) >= (2, 5)
 
-_backend = "auto"
 _announced: set = set()  # (backend, reason) pairs already printed
 _triton_status: tuple[bool, str] | None = None  # cached: importing triton costs about a second
-
-
-def set_attention_backend(name: str):
-    """Process-wide backend for calls that pass backend=None: auto | triton | sdpa | math."""
-    global _backend
-    if name not in BACKENDS:
-        raise ValueError(f"unknown attention backend {name!r} (choose from {', '.join(BACKENDS)})")
-    _backend = name
-
-
-set_backend = set_attention_backend  # the name the shared spec uses
-
-
-def get_attention_backend() -> str:
-    return _backend
 
 
 # ------------------------------------------------------------------------------------------ masks
@@ -205,7 +189,7 @@ def _check_inputs(q, k, v, q_doc, k_doc):
         raise ValueError(f"attention: k_doc must be [B, S] = {(B, S)}, got {tuple(k_doc.shape)}")
 
 
-def attention(q, k, v, q_doc=None, k_doc=None, backend=None):
+def attention(q, k, v, q_doc=None, k_doc=None, backend: str = "auto", announce: bool = False):
     """Causal (document-masked) attention; see the module docstring for shapes and backends."""
     _check_inputs(q, k, v, q_doc, k_doc)
     T, S = q.shape[2], k.shape[2]
@@ -216,11 +200,10 @@ def attention(q, k, v, q_doc=None, k_doc=None, backend=None):
         k_doc = q_doc
     elif k_doc is not None and q_doc is None:
         q_doc = k_doc[:, S - T:]
-    requested = backend or _backend
-    if requested not in BACKENDS:
-        raise ValueError(f"unknown attention backend {requested!r} (choose from {', '.join(BACKENDS)})")
-    chosen, reason = choose_backend(q, k, v, requested)
-    if backend is None:  # explicit per-call backends (tests, benchmarks) are not news
+    if backend not in BACKENDS:
+        raise ValueError(f"unknown attention backend {backend!r} (choose from {', '.join(BACKENDS)})")
+    chosen, reason = choose_backend(q, k, v, backend)
+    if announce:
         _announce(chosen, reason)
     if chosen == "triton":
         return triton_attention(q, k, v, q_doc, k_doc)

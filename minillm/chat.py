@@ -11,15 +11,35 @@ repetition penalty 1.2); --temperature 0 is greedy.
 """
 from __future__ import annotations
 
-import argparse
 import sys
+from dataclasses import dataclass
 
 import torch
 
 from minillm.chat_format import render
 from minillm.generate import generate
-from minillm.model import Llama
+from minillm.hf import load_pretrained
+from minillm.options import cli, parse_options, require
 from minillm.tokenizer import Tokenizer
+
+
+@dataclass(kw_only=True)
+class ChatOptions:
+    model: str  # Hugging Face layout directory (a minillm export, with its tokenizer and chat template)
+    system: str = ""  # an optional system message before the conversation
+    max_new_tokens: int = 256  # longest reply, in tokens (capped by the context the conversation leaves)
+    temperature: float = 0.6  # sampling temperature; 0 = greedy
+    top_p: float = 0.9  # nucleus sampling: keep the most likely tokens up to this probability mass, in (0, 1]
+    top_k: int = 0  # keep only the k most likely tokens; 0 = all
+    repetition_penalty: float = 1.2  # > 1 makes tokens already in the conversation less likely (CTRL)
+    seed: int = 0  # sampling seed
+
+    def check(self):
+        require(self.max_new_tokens >= 1, "max_new_tokens", self.max_new_tokens, "must be at least 1")
+        require(self.temperature >= 0, "temperature", self.temperature, "must be >= 0 (0 = greedy)")
+        require(0 < self.top_p <= 1, "top_p", self.top_p, "must be in (0, 1]")
+        require(self.top_k >= 0, "top_k", self.top_k, "must be >= 0 (0 = all)")
+        require(self.repetition_penalty > 0, "repetition_penalty", self.repetition_penalty, "must be > 0")
 
 
 def reply(model, tokenizer, messages, args, out=sys.stdout) -> str:
@@ -52,22 +72,11 @@ def reply(model, tokenizer, messages, args, out=sys.stdout) -> str:
     return text.strip()
 
 
+@cli
 def main(argv=None):
-    p = argparse.ArgumentParser(prog="python -m minillm.chat", description="Chat with a minillm / HF Llama model.")
-    p.add_argument("--model", required=True, help="Hugging Face layout directory (with tokenizer.model)")
-    p.add_argument("--system", default="", help="optional system message")
-    p.add_argument("--max-new-tokens", type=int, default=256)
-    p.add_argument("--temperature", type=float, default=0.6)
-    p.add_argument("--top-p", type=float, default=0.9)
-    p.add_argument("--top-k", type=int, default=0)
-    p.add_argument("--repetition-penalty", type=float, default=1.2)
-    p.add_argument("--seed", type=int, default=0)
-    args = p.parse_args(argv)
-    try:
-        tokenizer = Tokenizer.from_pretrained(args.model)
-        model = Llama.from_pretrained(args.model, device="cuda" if torch.cuda.is_available() else "cpu")
-    except (ValueError, OSError) as e:
-        sys.exit(f"error: {e}")
+    args = parse_options(ChatOptions, argv, prog="python -m minillm.chat", description=__doc__.split("\n\n")[0])
+    tokenizer = Tokenizer.from_pretrained(args.model)
+    model = load_pretrained(args.model, device="cuda" if torch.cuda.is_available() else "cpu")
     interactive = sys.stdin.isatty()
     messages = [{"role": "system", "content": args.system}] if args.system else []
     while True:

@@ -1,4 +1,5 @@
-"""Instruction data: the Alpaca and Tulu chat templates, loss masks, SFT examples and preference pairs.
+"""Chat templates: one function, `render`, turns a record into token ids and a loss mask, for training and
+(with add_generation_prompt=True) for the inference prompt; `chat_template_jinja` is its Jinja twin.
 
 Two record formats (JSONL, one record a line):
   Alpaca  {"instruction": str, "input": str (optional, may be ""), "output": str}
@@ -32,23 +33,17 @@ right after a "\\n", and Llama-style tokenizers have no piece containing "\\n" (
 <0x0A>), so no token can straddle that cut; `render` checks this on every example (the pieces' tokens
 must concatenate to the whole text's tokens) and raises if a tokenizer ever merges across it.
 
-Labels convention (minillm/data.py pack_examples): examples are (ids, labels) with labels ALIGNED to ids,
-labels[i] = ids[i] where token i is trained on and -100 where not; pack_examples shifts them for
-next-token prediction. The loss covers each assistant reply and the EOS that ends it (train_on='assistant',
-every turn; 'last': the last reply only; 'all': every token but BOS).
+The loss mask covers each assistant reply and the EOS that ends it (train_on='assistant', every turn;
+'last': the last reply only; 'all': every token but BOS). minillm.sft_data turns records into batches.
 """
 from __future__ import annotations
 
-import json
 import logging
-from pathlib import Path
 
 log = logging.getLogger(__name__)
 
-IGNORE_INDEX = -100
 ROLES = ("system", "user", "assistant")
 TRAIN_ON = ("assistant", "last", "all")
-TRUNCATE = ("right", "left", "drop")
 FORMATS = ("chat", "alpaca")
 
 # Stanford Alpaca (github.com/tatsu-lab/stanford_alpaca, train.py PROMPT_DICT), verbatim.
@@ -122,10 +117,21 @@ def check_messages(messages, training: bool = True) -> None:
             raise ValueError(f"messages[{i}]: field 'content' is {type(m['content']).__name__}, expected a string")
         if m["role"] == "system" and i != 0:
             raise ValueError(f"messages[{i}]: a system message may only come first")
+    turns = [m["role"] for m in messages if m["role"] != "system"]
+    offset = len(messages) - len(turns)
+    for i, role in enumerate(turns):
+        expected = "user" if i % 2 == 0 else "assistant"
+        if role != expected:
+            raise ValueError(f"messages[{i + offset}]: {_a(role)} turn where {_a(expected)} turn must come (turns "
+                             "alternate user, assistant, ... after an optional system message)")
     if training:
         if messages[-1]["role"] != "assistant":
             raise ValueError(f"conversation does not end with an assistant turn (last role "
                              f"{messages[-1]['role']!r}); there is no reply to train on")
+
+
+def _a(word: str) -> str:
+    return ("an " if word == "assistant" else "a ") + word
 
 
 def check_alpaca(record: dict) -> None:
@@ -320,202 +326,3 @@ def chat_template_jinja(fmt: str = "chat", tokenizer=None) -> str:
             + lead + "{{ " + s(no_input_head) + " + messages[0]['content'] + " + s(tail) + " }}"
             "{% if messages | length == 2 %}{{ messages[1]['content'] + eos_token }}{% endif %}")
     raise ValueError(f"unknown template {fmt!r} (expected chat or alpaca)")
-
-
-# ============================================================================ reading JSONL
-
-def read_jsonl(path) -> list[tuple[int, object]]:
-    """(1-based line number, parsed JSON) for every non-blank line; ValueError 'path:LINE: ...'."""
-    path = Path(path)
-    try:
-        raw_lines = path.read_bytes().split(b"\n")
-    except OSError as e:
-        raise ValueError(f"{path}: cannot read ({e.strerror or e})") from None
-    out = []
-    for line_no, raw in enumerate(raw_lines, 1):
-        try:
-            line = raw.decode("utf-8")
-        except UnicodeDecodeError as e:
-            raise ValueError(f"{path}:{line_no}: not valid UTF-8 (byte {e.start})") from None
-        if line_no == 1:
-            line = line.removeprefix("\ufeff")
-        if not line.strip():
-            continue
-        try:
-            out.append((line_no, json.loads(line)))
-        except json.JSONDecodeError as e:
-            raise ValueError(f"{path}:{line_no}: not valid JSON ({e.msg} at column {e.colno})") from None
-    if not out:
-        raise ValueError(f"{path}: empty file (no records)")
-    return out
-
-
-def load_sft_jsonl(path, training: bool = True) -> list[dict]:
-    """SFT records of a JSONL file, each Alpaca or chat (detected per record), validated: a missing
-    'output' / 'messages' field, an unknown role, a conversation not ending with an assistant turn (when
-    training), an empty file or bad JSON raise ValueError('path:LINE: ...')."""
-    records = []
-    for line_no, record in read_jsonl(path):
-        try:
-            if not isinstance(record, dict):  # a file holds objects; bare message lists are for the API
-                raise ValueError(f"expected a JSON object, got {type(record).__name__}")
-            check_record(record, training)
-        except ValueError as e:
-            raise ValueError(f"{path}:{line_no}: {e}") from None
-        records.append(record)
-    return records
-
-
-# ============================================================================ SFT examples
-
-def truncate_example(ids: list[int], mask: list[int], seq_len: int, side: str):
-    """Cut an example to seq_len tokens. 'right' keeps the start (the end of the reply is lost, maybe its
-    EOS); 'left' keeps BOS and the last seq_len - 1 tokens (the start of the prompt is lost)."""
-    if side == "right":
-        return ids[:seq_len], mask[:seq_len]
-    keep = seq_len - 1
-    return ids[:1] + ids[len(ids) - keep:], mask[:1] + mask[len(mask) - keep:]
-
-
-def labels_from_mask(ids: list[int], mask: list[int]) -> list[int]:
-    """Aligned labels: the token where the loss covers it, -100 elsewhere. Position 0 is never a target
-    (pack_examples shifts labels left by one), so it is always -100."""
-    labels = [t if m else IGNORE_INDEX for t, m in zip(ids, mask)]
-    if labels:
-        labels[0] = IGNORE_INDEX
-    return labels
-
-
-def tokenize_sft_examples(records, tokenizer, seq_len: int, truncate: str = "right", train_on: str = "assistant",
-                          fmt: str = "auto") -> tuple[list[tuple[list[int], list[int]]], dict]:
-    """Render records into (ids, labels) examples of at most seq_len tokens; labels aligned with ids
-    (-100 = no loss; minillm.data.pack_examples shifts them).
-
-    truncate: what to do with an example longer than seq_len: 'right' (keep the start), 'left' (keep BOS
-    and the end) or 'drop'. An example left without a single trained token (e.g. the reply cut away) is
-    dropped, never trained on (it would give 0/0 = NaN as a per-sequence mean).
-    Returns (examples, stats) with stats counting truncated, dropped_too_long and
-    dropped_no_trainable_tokens."""
-    if truncate not in TRUNCATE:
-        raise ValueError(f"unknown truncate {truncate!r} (expected right, left or drop)")
-    if train_on not in TRAIN_ON:
-        raise ValueError(f"unknown train_on {train_on!r} (expected assistant, last or all)")
-    if seq_len < 2:
-        raise ValueError(f"seq_len {seq_len} is too short for a prompt and a reply")
-    examples = []
-    stats = {"truncated": 0, "dropped_too_long": 0, "dropped_no_trainable_tokens": 0}
-    for record in records:
-        ids, mask = render(record, tokenizer, fmt=fmt, train_on=train_on)
-        if len(ids) > seq_len:
-            if truncate == "drop":
-                stats["dropped_too_long"] += 1
-                continue
-            ids, mask = truncate_example(ids, mask, seq_len, truncate)
-            stats["truncated"] += 1
-        if not any(mask[1:]):
-            stats["dropped_no_trainable_tokens"] += 1
-            continue
-        examples.append((ids, labels_from_mask(ids, mask)))
-    if stats["dropped_no_trainable_tokens"]:
-        log.warning("%d examples had no trained token left after truncation and were dropped",
-                    stats["dropped_no_trainable_tokens"])
-    return examples, stats
-
-
-# ============================================================================ preference pairs
-
-def preference_parts(record) -> tuple[list[dict], str, str]:
-    """(prompt messages, chosen reply, rejected reply) of a preference record
-
-        {"prompt": str | [messages], "chosen": str | assistant message | [...messages, assistant message],
-         "rejected": same as chosen}
-
-    A string prompt is one user turn. A chosen/rejected list (the UltraFeedback layout) is the whole
-    conversation: it must start with the prompt's messages and end with one assistant message.
-    ValueError names the problem (callers prefix file and line)."""
-    if not isinstance(record, dict):
-        raise ValueError(f"expected a JSON object, got {type(record).__name__}")
-    for field in ("prompt", "chosen", "rejected"):
-        if field not in record:
-            raise ValueError(f"missing field '{field}'")
-    prompt = record["prompt"]
-    if isinstance(prompt, str):
-        messages = [{"role": "user", "content": prompt}]
-    else:
-        try:
-            check_messages(prompt, training=False)
-        except ValueError as e:
-            raise ValueError(f"'prompt': {e}") from None
-        messages = prompt
-        if messages[-1]["role"] == "assistant":
-            raise ValueError("'prompt' ends with an assistant turn; it must end with the turn to answer")
-    if not (messages[-1]["content"] or "").strip():
-        raise ValueError("empty 'prompt'")
-    replies = []
-    for field in ("chosen", "rejected"):
-        value = record[field]
-        if isinstance(value, list):
-            if len(value) > 1 and value[:-1] != messages:
-                raise ValueError(f"'{field}' is a conversation that does not start with the prompt")
-            value = value[-1] if value else None
-        if isinstance(value, dict):
-            if value.get("role", "assistant") != "assistant":
-                raise ValueError(f"'{field}' has role {value.get('role')!r}, expected 'assistant'")
-            value = value.get("content")
-        if not isinstance(value, str):
-            raise ValueError(f"'{field}' must be a string or an assistant message")
-        if not value.strip():
-            raise ValueError(f"empty '{field}' response")
-        replies.append(value)
-    return messages, replies[0], replies[1]
-
-
-def render_preference(record, tokenizer, seq_len: int, fmt: str = "chat") -> dict | None:
-    """Chosen and rejected examples of one preference record, rendered by `render` (train_on='last'), so
-    both start with the identical prompt ids (asserted). Returns {"chosen": (ids, labels), "rejected":
-    (ids, labels), "prompt_len": int, "truncated": bool} with labels aligned to ids (-100 on the prompt,
-    the reply and its EOS labelled), or None when the prompt leaves no room for a reply token within
-    seq_len. A reply that does not fit is cut from the right (its EOS is then lost)."""
-    messages, chosen, rejected = preference_parts(record)
-    prompt_ids, _ = render(messages, tokenizer, fmt=fmt, add_generation_prompt=True)
-    if len(prompt_ids) + 1 > seq_len:
-        return None
-    out = {"prompt_len": len(prompt_ids), "truncated": False}
-    for name, reply in (("chosen", chosen), ("rejected", rejected)):
-        ids, mask = render(messages + [{"role": "assistant", "content": reply}], tokenizer, fmt=fmt, train_on="last")
-        if ids[:len(prompt_ids)] != prompt_ids:  # encode_parts guarantees it; a cheap check against regressions
-            raise AssertionError("rendered conversation does not start with its inference prompt")
-        if len(ids) > seq_len:
-            ids, mask = ids[:seq_len], mask[:seq_len]
-            out["truncated"] = True
-        out[name] = (ids, labels_from_mask(ids, mask))
-    return out
-
-
-def load_preferences(path, tokenizer, seq_len: int, fmt: str = "chat") -> tuple[list[tuple], dict]:
-    """Preference pairs of a JSONL file as (chosen_ids, chosen_labels, rejected_ids, rejected_labels)
-    (labels aligned to ids, -100 on the prompt), and stats:
-      dropped_identical  chosen == rejected: no preference to learn (log-odds 0); warned and dropped
-      dropped_no_room    the prompt leaves no room for the reply within seq_len
-      truncated          a reply cut to fit seq_len
-    An empty chosen/rejected reply, a missing field or bad JSON raise ValueError('path:LINE: ...')."""
-    pairs, stats = [], {"dropped_identical": 0, "dropped_no_room": 0, "truncated": 0}
-    for line_no, record in read_jsonl(path):
-        try:
-            _, chosen, rejected = preference_parts(record)
-        except ValueError as e:
-            raise ValueError(f"{path}:{line_no}: {e}") from None
-        if chosen == rejected:
-            log.warning("%s:%d: chosen and rejected are identical; pair dropped", path, line_no)
-            stats["dropped_identical"] += 1
-            continue
-        pair = render_preference(record, tokenizer, seq_len, fmt)
-        if pair is None:
-            stats["dropped_no_room"] += 1
-            continue
-        stats["truncated"] += pair["truncated"]
-        pairs.append((*pair["chosen"], *pair["rejected"]))
-    if stats["dropped_no_room"]:
-        log.warning("%s: %d pairs dropped: the prompt leaves no room for the reply within %d tokens",
-                    path, stats["dropped_no_room"], seq_len)
-    return pairs, stats

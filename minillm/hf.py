@@ -16,8 +16,7 @@ Loading is streamed: the model is built on the meta device (no memory, no random
 storage for it is allocated once and every tensor is copied from the memory-mapped safetensors
 files one at a time, so peak RAM is about one model plus one tensor.
 
-Public API: load_pretrained(path, dtype=None, device='cpu') and save_pretrained(model, path, ...);
-`Llama.from_pretrained` / `model.save_pretrained` delegate here.
+Public API: load_pretrained(path, dtype=None, device='cpu') and save_pretrained(model, path, ...).
 """
 from __future__ import annotations
 
@@ -32,6 +31,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
+from minillm.files import to_json
 from minillm.model import Llama, LlamaConfig, rope_inv_freq
 
 SINGLE_FILE = "model.safetensors"
@@ -302,7 +302,8 @@ def _is_weight_file(name: str) -> bool:
     return name == INDEX_FILE or re.fullmatch(r"model(-\d{5}-of-\d{5})?\.safetensors", name) is not None
 
 
-def save_pretrained(model: Llama, path, dtype=None, max_shard_size="5GB", tokenizer=None):
+def save_pretrained(model: Llama, path, dtype=None, max_shard_size="5GB", tokenizer=None,
+                    chat_template: str | None = None, extra_files: dict[str, str] | None = None):
     """Write `model` in the Hugging Face layout that transformers.AutoModelForCausalLM loads.
 
     dtype: None keeps the model's dtype. Weights go into `model.safetensors`, or shards plus
@@ -310,7 +311,8 @@ def save_pretrained(model: Llama, path, dtype=None, max_shard_size="5GB", tokeni
     (HF re-ties it from tie_word_embeddings). Everything is first written to a temporary
     directory beside `path`: a new directory appears in one rename; into an existing directory
     each file is moved with os.replace (other files there, e.g. a tokenizer, are kept; weight
-    files left by an earlier save with a different sharding are deleted afterwards).
+    files left by an earlier save with a different sharding are deleted afterwards). The tokenizer (with
+    `chat_template`) and `extra_files` ({name: text}) are written alongside.
     """
     path = Path(path)
     params = dict(model.named_parameters())  # a tied head appears once, as tok_embeddings.weight
@@ -338,7 +340,9 @@ def save_pretrained(model: Llama, path, dtype=None, max_shard_size="5GB", tokeni
         _write_json(tmp / "config.json", config_to_hf(config, dtype))
         _write_json(tmp / "generation_config.json", generation_config(config))
         if tokenizer is not None:
-            tokenizer.save_pretrained(tmp)
+            tokenizer.save_pretrained(tmp, chat_template=chat_template)
+        for name, text in (extra_files or {}).items():
+            (tmp / name).write_text(text, encoding="utf-8")
         _move_into(tmp, path)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -346,7 +350,7 @@ def save_pretrained(model: Llama, path, dtype=None, max_shard_size="5GB", tokeni
 
 
 def _write_json(file: Path, obj):
-    file.write_text(json.dumps(obj, indent=2) + "\n")
+    file.write_text(to_json(obj), encoding="utf-8")
 
 
 def _move_into(tmp: Path, path: Path):
@@ -368,3 +372,4 @@ def _move_into(tmp: Path, path: Path):
     for stale in path.iterdir():
         if _is_weight_file(stale.name) and stale.name not in new:
             stale.unlink()
+

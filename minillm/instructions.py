@@ -41,41 +41,22 @@ Every output file is written atomically; bad input fails before anything is writ
 """
 from __future__ import annotations
 
-import argparse
 import json
 import math
 import random
 import re
-import sys
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal
 
-from minillm.chat_format import as_messages, load_sft_jsonl, read_jsonl, render
-from minillm.tokenizer import atomic_write_bytes, atomic_write_json
+from minillm.chat_format import as_messages, render
+from minillm.files import atomic_write, read_jsonl, read_lines, to_json, write_jsonl
+from minillm.languages import LANGUAGE_NAMES
+from minillm.options import cli, parse_options, require
+from minillm.sft_data import load_sft_jsonl
 
 # ============================================================================ reading bitext
-
-
-def read_lines(path) -> list[str]:
-    """Lines of a UTF-8 text file, without line ends; a final newline does not start another line."""
-    path = Path(path)
-    try:
-        data = path.read_bytes()
-    except OSError as e:
-        raise ValueError(f"{path}: cannot read ({e.strerror or e})") from None
-    lines = data.split(b"\n")
-    if lines and lines[-1] == b"":
-        lines.pop()
-    out = []
-    for line_no, raw in enumerate(lines, 1):
-        try:
-            out.append(raw.decode("utf-8").rstrip("\r"))
-        except UnicodeDecodeError as e:
-            raise ValueError(f"{path}:{line_no}: not valid UTF-8 (byte {e.start})") from None
-    if out:
-        out[0] = out[0].removeprefix("\ufeff")
-    return out
 
 
 def read_bitext(src=None, tgt=None, tsv=None, jsonl=None, src_lang="en", tgt_lang="et") -> list[tuple[str, str]]:
@@ -218,9 +199,9 @@ def format_filter_report(report: dict) -> str:
 
 # ============================================================================ instruction templates
 
-# Language names in the forms each template language needs.
-LANGUAGE_NAMES = {
-    "en": {"en": {"name": "English"}, "et": {"name": "Estonian"}, "pl": {"name": "Polish"}},
+# Language names in the forms each template language needs (English: the plain names).
+LANGUAGE_FORMS = {
+    "en": {code: {"name": LANGUAGE_NAMES[code]} for code in ("en", "et", "pl")},
     # illative (into), elative (from), inessive (in)
     "et": {"en": {"ill": "inglise keelde", "ela": "inglise keelest", "ine": "inglise keeles"},
            "et": {"ill": "eesti keelde", "ela": "eesti keelest", "ine": "eesti keeles"},
@@ -263,7 +244,7 @@ TEMPLATES = {
 def translation_record(text: str, translation: str, src_lang: str, tgt_lang: str, template_lang: str,
                        template: str, inline: bool, fmt: str) -> dict:
     """One instruction: translate `text` (in src_lang) to tgt_lang, answer `translation`."""
-    names = LANGUAGE_NAMES[template_lang]
+    names = LANGUAGE_FORMS[template_lang]
     instruction = template.format(src=names[src_lang], tgt=names[tgt_lang], text=text)
     record = {"instruction": instruction, "input": "" if inline else text, "output": translation}
     return record if fmt == "alpaca" else {"messages": as_messages(record)}
@@ -275,8 +256,8 @@ def build_translation_instructions(pairs, src_lang: str, tgt_lang: str, reverse_
     """Instruction records for filtered (src, tgt) pairs: exactly round(reverse_share * len(pairs)) of them,
     chosen at random, ask for tgt -> src; template language, template and placement are drawn at random."""
     for lang in (src_lang, tgt_lang):
-        if lang not in LANGUAGE_NAMES["en"]:
-            raise ValueError(f"no language names for {lang!r} (known: {', '.join(LANGUAGE_NAMES['en'])})")
+        if lang not in LANGUAGE_FORMS["en"]:
+            raise ValueError(f"no language names for {lang!r} (known: {', '.join(LANGUAGE_FORMS['en'])})")
     if src_lang == tgt_lang:
         raise ValueError(f"source and target language are both {src_lang!r}")
     if not 0.0 <= reverse_share <= 1.0 or not 0.0 <= inline_share <= 1.0:
@@ -300,13 +281,9 @@ def build_translation_instructions(pairs, src_lang: str, tgt_lang: str, reverse_
     return records
 
 
-def write_jsonl(path, records):
-    data = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records)
-    atomic_write_bytes(Path(path), data.encode("utf-8"))
-
-
 def translate_command(args) -> dict:
-    pairs = read_bitext(args.src, args.tgt, args.tsv, args.jsonl, args.src_lang, args.tgt_lang)
+    pairs = read_bitext(args.src or None, args.tgt or None, args.tsv or None, args.jsonl or None, args.src_lang,
+                        args.tgt_lang)
     cfg = FilterConfig(args.max_word_len, args.min_words, args.max_words, args.max_length_ratio, args.min_alpha_share)
     kept, report = filter_pairs(pairs, cfg)
     if not kept:
@@ -320,7 +297,7 @@ def translate_command(args) -> dict:
     write_jsonl(args.out, records)
     report["reversed"] = round(args.reverse_share * len(kept))
     if args.report:
-        atomic_write_json(args.report, report)
+        atomic_write(args.report, to_json(report))
     print(format_filter_report(report))
     print(f"{len(records)} instructions ({report['reversed']} reversed, {args.tgt_lang}->{args.src_lang}) "
           f"-> {args.out}")
@@ -490,7 +467,7 @@ def mix_command(args) -> dict:
     out.mkdir(parents=True, exist_ok=True)
     write_jsonl(out / "train.jsonl", train)
     write_jsonl(out / "valid.jsonl", valid)
-    atomic_write_json(out / "composition.json", composition)
+    atomic_write(out / "composition.json", to_json(composition))
     print(format_composition(composition))
     print(f"{len(train)} train / {len(valid)} valid examples -> {out}")
     return composition
@@ -498,43 +475,54 @@ def mix_command(args) -> dict:
 
 # ============================================================================ CLI
 
+@dataclass(kw_only=True)
+class TranslateOptions:
+    """Translation-task instructions from bitext, after OpusFilter-style filters."""
+    src: str = ""  # source-language text file, one sentence per line (with --tgt)
+    tgt: str = ""  # target-language text file, line-aligned with --src
+    tsv: str = ""  # or: one 'source<TAB>target' pair per line
+    jsonl: str = ""  # or: JSONL with {SRC_LANG: .., TGT_LANG: ..}, {source, target} or {translation: {..}}
+    src_lang: str = "en"  # language code of the source side
+    tgt_lang: str = "et"  # language code of the target side
+    reverse_share: float = 0.25  # share of pairs asked target -> source (LLAMMAS: 25%)
+    inline_share: float = 0.5  # share with the sentence inside the instruction (else in the input field)
+    template_langs: str = ""  # comma-separated template languages ('' = English and the other language)
+    format: Literal["alpaca", "chat"] = "alpaca"  # record format written
+    out: str  # output JSONL file
+    report: str = ""  # also write the filter report as JSON here
+    seed: int = 0  # seed of every random choice
+    max_word_len: int = FilterConfig.max_word_len  # long_word filter: longest allowed word (characters)
+    min_words: int = FilterConfig.min_words  # length filter: fewest words per side
+    max_words: int = FilterConfig.max_words  # length filter: most words per side
+    max_length_ratio: float = FilterConfig.max_length_ratio  # length_ratio filter: longer / shorter side, in characters
+    min_alpha_share: float = FilterConfig.min_alpha_share  # alpha filter: least share of letters per side
+
+    def check(self):
+        for name in ("reverse_share", "inline_share", "min_alpha_share"):
+            require(0 <= getattr(self, name) <= 1, name, getattr(self, name), "must be between 0 and 1")
+        require(self.max_length_ratio >= 1, "max_length_ratio", self.max_length_ratio, "must be at least 1")
+        for name in ("max_word_len", "min_words", "max_words"):
+            require(getattr(self, name) >= 0, name, getattr(self, name), "must be >= 0")
+
+
+@dataclass(kw_only=True)
+class MixOptions:
+    """An SFT mixture (train/valid split, caps, weights, dedup) from a recipe of sources."""
+    recipe: str  # the recipe JSON (see the module docstring)
+    out_dir: str  # where train.jsonl, valid.jsonl and composition.json go
+    valid_share: float = 0.02  # share of each source's selected unique examples held out for validation
+    tokenizer: str = ""  # count tokens with this tokenizer ('' = count words)
+    seed: int = 0  # seed of sampling and shuffling
+
+    def check(self):
+        require(0 <= self.valid_share < 1, "valid_share", self.valid_share, "must be in [0, 1)")
+
+
+@cli
 def main(argv=None):
-    parser = argparse.ArgumentParser(prog="python -m minillm.instructions",
-                                     description="instruction-data builders (see the module docstring)")
-    sub = parser.add_subparsers(dest="command", required=True)
-    t = sub.add_parser("translate", help="translation-task instructions from bitext")
-    t.add_argument("--src", help="source-language text file, one sentence per line")
-    t.add_argument("--tgt", help="target-language text file, line-aligned with --src")
-    t.add_argument("--tsv", help="or: one 'source<TAB>target' pair per line")
-    t.add_argument("--jsonl", help="or: JSONL with {SRC_LANG: .., TGT_LANG: ..} or {source, target}")
-    t.add_argument("--src-lang", default="en")
-    t.add_argument("--tgt-lang", default="et")
-    t.add_argument("--reverse-share", type=float, default=0.25, help="share of pairs asked target -> source")
-    t.add_argument("--inline-share", type=float, default=0.5,
-                   help="share with the sentence inside the instruction (else in the input field)")
-    t.add_argument("--template-langs", default="", help="comma-separated (default: en and the other language)")
-    t.add_argument("--format", choices=("alpaca", "chat"), default="alpaca")
-    t.add_argument("--out", required=True)
-    t.add_argument("--report", default="", help="also write the filter report as JSON here")
-    t.add_argument("--seed", type=int, default=0)
-    d = FilterConfig()
-    t.add_argument("--max-word-len", type=int, default=d.max_word_len)
-    t.add_argument("--min-words", type=int, default=d.min_words)
-    t.add_argument("--max-words", type=int, default=d.max_words)
-    t.add_argument("--max-length-ratio", type=float, default=d.max_length_ratio)
-    t.add_argument("--min-alpha-share", type=float, default=d.min_alpha_share)
-    m = sub.add_parser("mix", help="an instruction mixture from a recipe")
-    m.add_argument("--recipe", required=True)
-    m.add_argument("--out-dir", required=True)
-    m.add_argument("--valid-share", type=float, default=0.02)
-    m.add_argument("--tokenizer", default="", help="count tokens with this tokenizer (default: words)")
-    m.add_argument("--seed", type=int, default=0)
-    args = parser.parse_args(argv)
-    try:
-        return translate_command(args) if args.command == "translate" else mix_command(args)
-    except ValueError as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(1)
+    command, cfg = parse_options({"translate": TranslateOptions, "mix": MixOptions}, argv,
+                                 prog="python -m minillm.instructions", description=__doc__.split("\n\n")[0])
+    return translate_command(cfg) if command == "translate" else mix_command(cfg)
 
 
 if __name__ == "__main__":

@@ -15,7 +15,6 @@ from __future__ import annotations
 import math
 
 import torch
-import torch.distributed as dist
 import torch.nn.functional as F
 from torch.autograd.function import once_differentiable
 
@@ -218,13 +217,23 @@ def cross_entropy_sum(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.
     Averaging per-sequence or per-micro-batch means instead over-weights short sequences. Pattern:
         n_global = all-reduce(sum of n_tokens over the window's micro-batches)
         loss     = loss_sum * world_size * grad_accum / n_global   # DeepSpeed divides both back out
-    (`minillm.training.global_mean_scale` computes that factor).
+    (`global_mean_scale` computes that factor).
     """
     _check_inputs("cross_entropy_sum", hidden, weight, labels, chunk_size)
     total = _ChunkedCrossEntropySum.apply(hidden.reshape(-1, hidden.shape[-1]), weight, labels.reshape(-1),
                                           chunk_size or default_chunk_size(weight.shape[0]),
                                           torch.is_grad_enabled())
     return total, (labels != IGNORE_INDEX).sum()
+
+
+def global_mean_scale(n_tokens_global: float, world_size: int, grad_accum: int) -> float:
+    """Factor turning a micro-batch's summed NLL into its share of the step's global token-mean loss.
+
+    DeepSpeed divides each backward by grad_accum and averages gradients over ranks; multiplying by
+    world_size * grad_accum undoes both, so the step's gradient is that of sum(NLL) / n_tokens over the
+    whole global batch: every token weighs the same however tokens fall into sequences, micro-batches and
+    ranks (a mean of per-sequence or per-micro-batch means would over-weight short ones)."""
+    return world_size * grad_accum / max(n_tokens_global, 1.0)
 
 
 def sequence_logprobs(token_logps: torch.Tensor, mask: torch.Tensor
@@ -276,102 +285,76 @@ def odds_ratio_loss(chosen_logps: torch.Tensor, rejected_logps: torch.Tensor, ep
 
 
 def orpo_loss(chosen_nll: torch.Tensor, chosen_logps: torch.Tensor, rejected_logps: torch.Tensor,
-              beta: float = 0.1, *, chosen_lengths: torch.Tensor | None = None,
-              rejected_lengths: torch.Tensor | None = None, n_pairs: float | None = None,
-              eps: float = 1e-7) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """ORPO objective (Hong et al. 2024, arXiv:2403.07691, eq. 6):  L = NLL(chosen) + beta * L_OR.
+              beta: float = 0.1, *, n_pairs: float | None = None, pair_mask: torch.Tensor | None = None,
+              chosen_lengths: torch.Tensor | None = None, rejected_lengths: torch.Tensor | None = None,
+              eps: float = 1e-7) -> tuple[torch.Tensor, dict[str, float]]:
+    """ORPO objective (Hong et al. 2024, arXiv:2403.07691, eq. 6):  L = NLL(chosen) + beta * mean L_OR.
 
-    chosen_nll: the NLL term, already normalised by the caller (e.g. the summed chosen-token NLL over
-      the global token count, see `cross_entropy_sum`); which tokens it covers (response only, or
-      prompt + response as TRL does) is decided by the labels the caller scored.
+    chosen_nll: the NLL term, already normalised by the caller (the summed chosen-token NLL over the global
+      token count); which tokens it covers (response only, or prompt too as TRL) the caller's labels decide.
     chosen_logps, rejected_logps [P]: mean response-token log-probs a, b (`pair_logprobs`).
     beta: weight of the odds-ratio term (the paper's lambda; TRL's default 0.1).
-    n_pairs: what the summed L_OR is divided by; default P (the mean over these pairs). Pass the
-      global pair count, scaled like the NLL's, to weigh every pair of a step equally.
-    chosen_lengths, rejected_lengths [P] (optional): response token counts; when given, an empty
-      response raises ValueError (its mean log-prob would be 0/0) and the mean lengths are logged.
-    eps: the clamp of `odds_ratio_loss`. Near a = b = 0 the term's gradient is ~ beta / (P * |a|):
-      large but finite (TRL's unclamped formula gives -inf / NaN gradients at a = 0); gradient
-      clipping bounds it.
+    n_pairs: what the summed L_OR is divided by; default the number of real pairs here. Pass the global
+      pair count of the step (and the caller scales like the NLL) so every pair weighs the same.
+    pair_mask [P] bool: False for padding pairs (they add nothing; every rank needs the same number of rows).
+    chosen_lengths, rejected_lengths [P]: response token counts; an empty response of a real pair raises
+      ValueError (its mean log-prob would be 0/0), and the lengths are summed into the metrics.
+    eps: the clamp of `odds_ratio_loss`: near a = b = 0 the gradient is ~ beta / (P |a|), large but finite
+      (TRL's unclamped formula gives -inf / NaN there); gradient clipping bounds it.
 
-    Returns (loss, metrics); metrics are detached float32 scalars, each a mean over the P pairs:
-      nll             chosen_nll as passed in                          (TRL: nll_loss)
-      or_loss         mean L_OR = -log sigmoid(log_odds)               (TRL: -log_odds_ratio)
-      log_odds        mean log_odds                                    (TRL: log_odds_chosen)
-      chosen_logps    mean a; rejected_logps: mean b                   (TRL: logps/chosen, /rejected)
-      reward_accuracy share of pairs with a > b (ties count as wrong)  (TRL: rewards/accuracies)
-      margin          mean (a - b), in nats/token                      (TRL's rewards/margins is beta*this)
-      chosen_length, rejected_length  mean response tokens (only when lengths are given)
-      pairs           P, the weight for averaging over micro-batches / ranks (`mean_metrics`)
+    Returns (loss, sums): SUMS over the real pairs, so that means over micro-batches and ranks are exact
+    (sum everything, divide once by the total "pairs"; `orpo_means` does):
+      pairs            number of real pairs
+      or_loss          sum of L_OR = -log sigmoid(log_odds)             (TRL: -log_odds_ratio)
+      log_odds         sum of log_odds                                  (TRL: log_odds_chosen)
+      chosen_logps     sum of a; rejected_logps: sum of b               (TRL: logps/chosen, /rejected)
+      reward_accuracy  number of pairs with a > b (ties count as wrong) (TRL: rewards/accuracies)
+      margin           sum of (a - b), nats per token                   (TRL's rewards/margins is beta * this)
+      chosen_length, rejected_length  summed response tokens (when lengths are given)
     """
     if chosen_logps.shape != rejected_logps.shape or chosen_logps.dim() != 1:
         raise ValueError(f"orpo_loss: chosen_logps {tuple(chosen_logps.shape)} and rejected_logps "
                          f"{tuple(rejected_logps.shape)} must both be [pairs]")
+    real = torch.ones_like(chosen_logps, dtype=torch.bool) if pair_mask is None else pair_mask.bool()
     for name, lengths in (("chosen", chosen_lengths), ("rejected", rejected_lengths)):
-        if lengths is not None and (lengths == 0).any():
-            empty = (lengths == 0).nonzero().flatten().tolist()
-            raise ValueError(f"orpo_loss: empty {name} response in pair(s) {empty}; drop such pairs "
-                             "in the data code")
-    pairs = chosen_logps.shape[0]
-    if pairs == 0:
+        if lengths is not None and ((lengths == 0) & real).any():
+            empty = ((lengths == 0) & real).nonzero().flatten().tolist()
+            raise ValueError(f"orpo_loss: empty {name} response in pair(s) {empty}; drop such pairs in the data code")
+    pairs = int(real.sum())
+    if pairs == 0 and n_pairs is None:
         raise ValueError("orpo_loss: no pairs (every pair of the batch was dropped?)")
     l_or, log_odds = odds_ratio_loss(chosen_logps, rejected_logps, eps)
+    l_or = torch.where(real, l_or, 0.0)
     loss = chosen_nll + beta * l_or.sum() / (pairs if n_pairs is None else n_pairs)
     with torch.no_grad():
-        a, b = chosen_logps.float(), rejected_logps.float()
-        metrics = {
-            "nll": chosen_nll.detach().float(),
-            "or_loss": l_or.mean(),
-            "log_odds": log_odds.mean(),
-            "chosen_logps": a.mean(),
-            "rejected_logps": b.mean(),
-            "reward_accuracy": (a > b).float().mean(),
-            "margin": (a - b).mean(),
-        }
+        a, b = chosen_logps.float()[real], rejected_logps.float()[real]
+        sums = {"pairs": float(pairs), "or_loss": float(l_or.sum()), "log_odds": float(log_odds[real].sum()),
+                "chosen_logps": float(a.sum()), "rejected_logps": float(b.sum()),
+                "reward_accuracy": float((a > b).sum()), "margin": float((a - b).sum())}
         if chosen_lengths is not None:
-            metrics["chosen_length"] = chosen_lengths.float().mean()
+            sums["chosen_length"] = float(chosen_lengths[real].sum())
         if rejected_lengths is not None:
-            metrics["rejected_length"] = rejected_lengths.float().mean()
-        metrics["pairs"] = torch.tensor(float(pairs), device=a.device)
-    return loss, metrics
+            sums["rejected_length"] = float(rejected_lengths[real].sum())
+    return loss, sums
+
+
+def orpo_means(totals: dict[str, float], beta: float) -> dict[str, float]:
+    """Metrics from sums over a whole step or validation set (`orpo_loss`'s, plus "nll_sum" and "nll_tokens"
+    of the chosen tokens scored by the NLL): per-pair quantities divided by the pair count, nll by the
+    token count, and loss = nll + beta * or_loss, exactly as the training objective."""
+    pairs = max(totals["pairs"], 1.0)
+    out = {k: v / pairs for k, v in totals.items() if k not in ("pairs", "nll_sum", "nll_tokens")}
+    out["nll"] = totals["nll_sum"] / max(totals["nll_tokens"], 1.0)
+    out["loss"] = out["nll"] + beta * out["or_loss"]
+    out["pairs"] = totals["pairs"]
+    return out
 
 
 # ----------------------------------------------------------------------------- one pass for both answers
 
 
-def concat_pairs(chosen: dict, rejected: dict, pad_values: dict | None = None) -> dict:
-    """Stack a chosen batch [B, Tc] and a rejected batch [B, Tr] into one [2B, max(Tc, Tr)] batch.
-
-    Chosen rows come first, so `split_pairs` recovers the halves. One forward pass over both halves
-    is required under DeepSpeed ZeRO (two passes through the same module before one backward fail
-    with "gradient computed twice"), and is also what TRL's concatenated_forward does. Both halves
-    are right-padded to the longer width: labels with -100, masks (bool tensors) with False, doc_ids with -1 (so
-    padding is its own document), anything else with 0 or `pad_values[key]`. Right padding never
-    changes the outputs at earlier positions of a causal model.
-    """
-    if chosen.keys() != rejected.keys():
-        raise ValueError(f"concat_pairs: chosen keys {sorted(chosen)} != rejected keys {sorted(rejected)}")
-    defaults = {"labels": IGNORE_INDEX, "doc_ids": -1, **(pad_values or {})}
-    out = {}
-    for key in chosen:
-        c, r = chosen[key], rejected[key]
-        if c.shape[0] != r.shape[0]:
-            raise ValueError(f"concat_pairs: '{key}' has {c.shape[0]} chosen rows but {r.shape[0]} rejected")
-        if c.dim() != 2:  # per-pair values such as lengths: nothing to pad
-            out[key] = torch.cat([c, r])
-            continue
-        width = max(c.shape[1], r.shape[1])
-        fill = False if c.dtype == torch.bool else defaults.get(key, 0)
-        out[key] = torch.cat([_pad_right(c, width, fill), _pad_right(r, width, fill)])
-    return out
-
-
-def _pad_right(x: torch.Tensor, width: int, fill) -> torch.Tensor:
-    return torch.cat([x, x.new_full((x.shape[0], width - x.shape[1]), fill)], dim=1)
-
-
 def split_pairs(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """[2B, ...] -> (chosen [B, ...], rejected [B, ...]) for a batch built by `concat_pairs`."""
+    """[2B, ...] -> (chosen [B, ...], rejected [B, ...]) for a batch built by `minillm.sft_data.pair_batch`."""
     if x.shape[0] % 2:
         raise ValueError(f"split_pairs: batch of {x.shape[0]} rows is not chosen + rejected halves")
     half = x.shape[0] // 2
@@ -380,16 +363,14 @@ def split_pairs(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 def pair_logprobs(token_logps: torch.Tensor, labels: torch.Tensor,
                   response_mask: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
-    """Everything ORPO needs from one concatenated pass: token_logps [2B, T] = token_logprobs(...)
-    of a `concat_pairs` batch, labels [2B, T], response_mask [2B, T] bool (the response + EOS tokens;
-    default: labels != -100, i.e. the labels cover exactly the responses).
+    """Everything ORPO needs from one concatenated pass: token_logps [2B, T] (per-token log-probs of a
+    `pair_batch`, 0 where not scored), labels [2B, T], response_mask [2B, T] bool (the response + EOS
+    tokens; default: labels != -100).
 
-    Returns chosen_nll_sum (sum of -log p over the chosen half's scored labels, prompt included if
-    the labels include it), chosen_nll_tokens (their count), chosen_logps / rejected_logps [B] (mean
-    log-prob over response tokens: a and b of `odds_ratio_loss`), chosen_lengths / rejected_lengths
-    [B] (response token counts). An empty chosen or rejected response raises ValueError naming the
-    pair: the data code is expected to drop and count those pairs, this is the last guard.
-    """
+    Returns chosen_nll_sum (sum of -log p over the chosen half's labels, prompt included if the labels
+    include it), chosen_nll_tokens (their count), chosen_logps / rejected_logps [B] (mean log-prob over
+    the response tokens: a and b of `odds_ratio_loss`; 0 for a padding pair, which has none) and
+    chosen_lengths / rejected_lengths [B] (response token counts)."""
     if response_mask is None:
         response_mask = labels != IGNORE_INDEX
     logps_c, logps_r = split_pairs(token_logps)
@@ -397,51 +378,8 @@ def pair_logprobs(token_logps: torch.Tensor, labels: torch.Tensor,
     labels_c, _ = split_pairs(labels)
     _, len_c, a = sequence_logprobs(logps_c, mask_c)
     _, len_r, b = sequence_logprobs(logps_r, mask_r)
-    for name, lengths in (("chosen", len_c), ("rejected", len_r)):
-        if (lengths == 0).any():
-            raise ValueError(f"pair_logprobs: empty {name} response in pair(s) "
-                             f"{(lengths == 0).nonzero().flatten().tolist()}; drop such pairs in the data code")
     scored_c = labels_c != IGNORE_INDEX
     return {"chosen_nll_sum": -torch.where(scored_c, logps_c.float(), 0.0).sum(),
             "chosen_nll_tokens": scored_c.sum(),
             "chosen_logps": a, "rejected_logps": b,
             "chosen_lengths": len_c, "rejected_lengths": len_r}
-
-
-# ----------------------------------------------------------------------------- metrics over ranks
-
-
-def all_reduce_sums(sums: dict[str, float | torch.Tensor], device=None) -> dict[str, float]:
-    """Sum each scalar of `sums` over all ranks (one all_reduce of a float64 vector; never logits).
-
-    Without an initialised torch.distributed process group (or with one rank) it just converts to
-    floats. device: where the vector travels; default cuda for the NCCL backend, else cpu.
-    """
-    keys = sorted(sums)
-    values = [float(sums[k]) for k in keys]
-    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-        if device is None:
-            device = (torch.device("cuda", torch.cuda.current_device())
-                      if dist.get_backend() == "nccl" else torch.device("cpu"))
-        vector = torch.tensor(values, dtype=torch.float64, device=device)
-        dist.all_reduce(vector)
-        values = vector.tolist()
-    return dict(zip(keys, values))
-
-
-def mean_metrics(metric_dicts: list[dict], weight_key: str = "pairs", device=None) -> dict[str, float]:
-    """Combine per-call metric means (e.g. `orpo_loss`'s, one dict per micro-batch) into means over
-    every micro-batch on every rank, each call weighted by its `weight_key` entry (its pair count):
-        mean_k = sum_i w_i m_ik / sum_i w_i        (sums all-reduced across ranks)
-    The result keeps `weight_key` as the total weight. Every rank must pass the same keys. (`nll`
-    thus becomes a pair-weighted mean of the per-call values; the exact global token mean is
-    sum(NLL) / sum(tokens), which the training loop has from `pair_logprobs`' sums.)
-    """
-    sums: dict[str, float] = {}
-    for metrics in metric_dicts:
-        w = float(metrics[weight_key])
-        for key, value in metrics.items():
-            sums[key] = sums.get(key, 0.0) + (w if key == weight_key else w * float(value))
-    total = all_reduce_sums(sums, device)
-    weight = total[weight_key]
-    return {k: (v if k == weight_key else v / max(weight, 1e-30)) for k, v in total.items()}

@@ -2,7 +2,7 @@
 
 Read it top to bottom in the order the data flows. Parameter names follow llama2.c / Meta's
 original release (tok_embeddings, attention.wq, feed_forward.w1, ...); `minillm/hf.py` maps them
-to and from the Hugging Face names. Rotary embeddings use the Hugging Face "rotate half" layout
+to and from the Hugging Face names and loads/saves that layout. Rotary embeddings use the Hugging Face "rotate half" layout
 (the first half of each head's dims pairs with the second half), so HF checkpoints load as-is:
 HF permuted Meta's interleaved q/k weights once at conversion time so that this layout works, and
 adopting it means loading never has to permute (and never copies a tensor just to reorder it).
@@ -10,7 +10,7 @@ adopting it means loading never has to permute (and never copies a tensor just t
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass
 
 import torch
 import torch.nn as nn
@@ -18,6 +18,7 @@ import torch.nn.functional as F
 from torch.utils.checkpoint import CheckpointPolicy, checkpoint, create_selective_checkpoint_contexts, noop_context_fn
 
 from minillm.attention import attention
+from minillm.losses import cross_entropy_sum, token_logprobs
 
 
 @dataclass
@@ -36,6 +37,10 @@ class LlamaConfig:
     bos_id: int = 1
     eos_id: int = 2
     pad_id: int | None = None
+    # How to run it, not what it is (never written to config.json): the attention backend (auto | triton |
+    # sdpa | math, see minillm/attention.py) and activation checkpointing (none | selective | full, below).
+    attn_backend: str = "auto"
+    activation_checkpointing: str = "none"
 
     def __post_init__(self):
         if self.n_kv_heads is None:
@@ -54,13 +59,9 @@ class LlamaConfig:
             raise ValueError(f"unknown model preset {name!r}; choose one of {', '.join(PRESETS)}")
         return cls(**{**PRESETS[name], **overrides})
 
-    def to_dict(self) -> dict:
-        return asdict(self)
-
-    @classmethod
-    def from_dict(cls, d: dict) -> "LlamaConfig":
-        known = {f.name for f in fields(cls)}
-        return cls(**{k: v for k, v in d.items() if k in known})
+    def architecture(self) -> dict:
+        """The fields that define the weights (everything but the runtime choices)."""
+        return {k: v for k, v in asdict(self).items() if k not in ("attn_backend", "activation_checkpointing")}
 
 
 _LLAMA3_ROPE = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
@@ -170,7 +171,7 @@ class KVCache:
 class Attention(nn.Module):
     def __init__(self, config: LlamaConfig, layer_idx: int):
         super().__init__()
-        self.layer_idx = layer_idx
+        self.config, self.layer_idx = config, layer_idx
         self.n_heads, self.n_kv_heads, self.head_dim = config.n_heads, config.n_kv_heads, config.head_dim
         self.wq = nn.Linear(config.dim, config.n_heads * self.head_dim, bias=False)
         self.wk = nn.Linear(config.dim, config.n_kv_heads * self.head_dim, bias=False)
@@ -191,7 +192,7 @@ class Attention(nn.Module):
             k, v = cache.k[self.layer_idx, :, :, :end], cache.v[self.layer_idx, :, :, :end]
             k_doc = cache.doc[:, :end]
         # The K/V heads stay un-repeated: the attention backends handle GQA without copying them.
-        out = attention(q, k, v, q_doc=doc_ids, k_doc=k_doc)
+        out = attention(q, k, v, q_doc=doc_ids, k_doc=k_doc, backend=self.config.attn_backend, announce=True)
         return self.wo(out.transpose(1, 2).reshape(B, T, -1))
 
 
@@ -273,8 +274,6 @@ class Llama(nn.Module):
         # Rotary frequencies stay a plain fp32 tensor, not a buffer: model.to(bfloat16) would round a
         # buffer, putting the angle at position 4000 off by most of a radian. Moved per forward (tiny).
         self.inv_freq = rope_inv_freq(config)
-        # none | selective | full: recompute (part of) each block in backward instead of storing it.
-        self.activation_checkpointing = "none"
         self.apply(self._init_weights)
         # GPT-2 / llama2.c: scale the residual projections so the residual stream's variance
         # does not grow with depth at init.
@@ -312,7 +311,7 @@ class Llama(nn.Module):
                 cache.doc[:, start:start + T] = doc_ids
         h = self.tok_embeddings(input_ids)
         cos, sin = rotary_cos_sin(position_ids, self.inv_freq.to(h.device), h.dtype)  # shared by every layer
-        mode = self.activation_checkpointing if self.training and cache is None else "none"
+        mode = self.config.activation_checkpointing if self.training and cache is None else "none"
         if mode not in CHECKPOINTING:
             raise ValueError(f"activation_checkpointing {mode!r}: choose one of {', '.join(CHECKPOINTING)}")
         for layer in self.layers:
@@ -325,27 +324,27 @@ class Llama(nn.Module):
             cache.length += T
         return self.norm(h)
 
-    def forward(self, input_ids, position_ids=None, doc_ids=None, cache: KVCache | None = None):
-        """Logits [B, T, vocab_size]. Training scripts call `hidden_states` and a fused loss
-        instead, so the full logits tensor never exists at once (see minillm/losses.py)."""
-        return self.output(self.hidden_states(input_ids, position_ids, doc_ids, cache))
+    def forward(self, input_ids, labels=None, position_ids=None, doc_ids=None, cache: KVCache | None = None,
+                reduction: str = "sum"):
+        """Logits [B, T, vocab_size] without labels. With labels ([B, T], already shifted, -100 = not
+        scored) the loss instead, through the chunked fused head of minillm/losses.py, so the [B, T, vocab]
+        logits never exist at once: reduction "sum" gives the summed NLL over the scored tokens (a scalar,
+        what pretraining and SFT divide by the global token count), "none" the NLL per token [B, T] (0 where
+        not scored; ORPO averages its negation per response)."""
+        hidden = self.hidden_states(input_ids, position_ids, doc_ids, cache)
+        if labels is None:
+            return self.output(hidden)
+        if reduction == "sum":
+            return cross_entropy_sum(hidden, self.output.weight, labels)[0]
+        if reduction == "none":
+            return -token_logprobs(hidden, self.output.weight, labels)
+        raise ValueError(f"reduction must be 'sum' or 'none', got {reduction!r}")
 
     def num_params(self, exclude_embeddings: bool = False) -> int:
         n = sum(p.numel() for p in self.parameters())
         if exclude_embeddings:
             n -= self.tok_embeddings.weight.numel()
         return n
-
-    @classmethod
-    def from_pretrained(cls, path, dtype=None, device="cpu") -> "Llama":
-        """Load a Hugging Face Llama directory (config.json + *.safetensors)."""
-        from minillm.hf import load_pretrained
-        return load_pretrained(path, dtype=dtype, device=device)
-
-    def save_pretrained(self, path, dtype=None, **kwargs):
-        """Write the Hugging Face layout that transformers / vLLM / lm-eval-harness load."""
-        from minillm.hf import save_pretrained
-        return save_pretrained(self, path, dtype=dtype, **kwargs)
 
 
 def flops_per_token(config: LlamaConfig, seq_len: int) -> float:

@@ -18,9 +18,7 @@ not contain the character '▁' (U+2581), which sentencepiece uses internally as
 to ' '. Empty strings, newlines, tabs, runs of spaces and leading spaces all round-trip (newlines and other
 characters the model has no piece for go through byte fallback).
 
-The .model file is a protobuf message. We read and edit it with the ~60 lines of wire-format code at the
-bottom of this file instead of depending on the protobuf package (sentencepiece's own
-`sentencepiece_model_pb2` needs it, and it is not a runtime dependency of minillm).
+The .model file is a protobuf message, read and edited by minillm/sentencepiece_model.py.
 """
 from __future__ import annotations
 
@@ -28,13 +26,19 @@ import io
 import json
 import logging
 import os
-import struct
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable
+from typing import Iterable, Literal
 
 import sentencepiece as spm
+import torch
+
+from minillm.files import atomic_write, check_readable, iter_texts, to_json
+from minillm.options import cli, parse_options, require
+from minillm.sentencepiece_model import (
+    PIECE_BYTE, PIECE_CONTROL, PIECE_UNKNOWN, PIECE_USER_DEFINED, bpe_merges, read_normalizer_spec, read_pieces,
+    read_trainer_spec, rewrite_model_proto,
+)
 
 log = logging.getLogger(__name__)
 
@@ -169,6 +173,19 @@ class Tokenizer:
     def pieces(self) -> list[str]:
         return [self.sp.id_to_piece(i) for i in range(self.vocab_size)]
 
+    def byte_lengths(self) -> torch.Tensor:
+        """UTF-8 bytes each token id stands for (float64 [vocab]), so validation can report bits per byte: a
+        measure that does not depend on the tokenizer (an extended vocabulary stays comparable)."""
+        lengths = []
+        for i, (piece, _, kind) in enumerate(read_pieces(self.model_proto)):
+            if kind in (PIECE_CONTROL, PIECE_UNKNOWN, PIECE_USER_DEFINED) or i in self.special_ids:
+                lengths.append(0)  # control symbols, <unk> and the chat markers: no text
+            elif kind == PIECE_BYTE:
+                lengths.append(1)  # a byte-fallback piece <0xNN>
+            else:
+                lengths.append(len(piece.replace("\u2581", " ").encode("utf-8")))
+        return torch.tensor(lengths, dtype=torch.float64)
+
     # ------------------------------------------------------------------ training
     @classmethod
     def train(cls, inputs, model_prefix: str | os.PathLike, vocab_size: int, *,
@@ -228,7 +245,7 @@ class Tokenizer:
             raise ValueError(f"{source}: sentencepiece training failed: {e}") from None
         out = Path(str(model_prefix) + ".model")
         out.parent.mkdir(parents=True, exist_ok=True)
-        atomic_write_bytes(out, buffer.getvalue())
+        atomic_write(out, buffer.getvalue())
         return cls(out)
 
     # ------------------------------------------------------------------ Hugging Face layout
@@ -272,16 +289,16 @@ class Tokenizer:
             self.chat_template = chat_template
         if model_max_length is not None:
             self.model_max_length = model_max_length
-        atomic_write_bytes(path / MODEL_FILE, self.model_proto)
+        atomic_write(path / MODEL_FILE, self.model_proto)
         fast = self.hf_tokenizer_json()
         if fast is not None:
-            atomic_write_json(path / "tokenizer.json", fast)
+            atomic_write(path / "tokenizer.json", to_json(fast))
         else:  # let transformers convert tokenizer.model itself (needs the protobuf package)
             (path / "tokenizer.json").unlink(missing_ok=True)
-        atomic_write_json(path / "tokenizer_config.json", self.hf_tokenizer_config())
+        atomic_write(path / "tokenizer_config.json", to_json(self.hf_tokenizer_config()))
         special = {"bos_token": self.sp.id_to_piece(self.bos_id), "eos_token": self.sp.id_to_piece(self.eos_id),
                    "unk_token": self.sp.id_to_piece(self.unk_id), "pad_token": self.sp.id_to_piece(self.pad_id)}
-        atomic_write_json(path / "special_tokens_map.json", special)
+        atomic_write(path / "special_tokens_map.json", to_json(special))
 
     def hf_tokenizer_config(self) -> dict:
         piece = self.sp.id_to_piece
@@ -359,24 +376,6 @@ class Tokenizer:
         }
 
 
-def bpe_merges(pieces: list[tuple[str, float, int]]) -> list[list[str]]:
-    """Merge list for a `tokenizers` BPE model that segments like sentencepiece's BPE.
-
-    sentencepiece's BPE keeps no merge list: starting from characters it repeatedly joins the adjacent pair
-    whose concatenation is a vocabulary piece with the highest score. The equivalent merge list has one
-    rule (left, right) for every way of splitting a normal piece into two normal pieces, ranked by the
-    score of the joined piece (then by id, as transformers' own converter does)."""
-    normal = {p: i for i, (p, _, kind) in enumerate(pieces) if kind == PIECE_NORMAL}
-    rules = []
-    for joined, i in normal.items():
-        score = pieces[i][1]
-        for cut in range(1, len(joined)):
-            left, right = joined[:cut], joined[cut:]
-            if left in normal and right in normal:
-                rules.append((-score, i, normal[left], normal[right], left, right))
-    rules.sort()
-    return [[left, right] for *_, left, right in rules]
-
 
 def check_vocab_fits(tokenizer: "Tokenizer | int", model_vocab_size: int):
     """Raise ValueError (naming both sizes) when token ids could index past the model's embedding table.
@@ -391,209 +390,33 @@ def check_vocab_fits(tokenizer: "Tokenizer | int", model_vocab_size: int):
             f"use a matching tokenizer or resize the model (python -m minillm.vocab)")
 
 
-# ---------------------------------------------------------------------- atomic writes
-def atomic_write_bytes(path: str | os.PathLike, data: bytes):
-    """Write to a temporary file in the same directory, fsync, then rename over `path`: readers see the old
-    file or the new one, never half of one."""
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
-def atomic_write_json(path: str | os.PathLike, obj):
-    atomic_write_bytes(path, (json.dumps(obj, indent=2, ensure_ascii=False) + "\n").encode("utf-8"))
-
-
-# ---------------------------------------------------------------------- the .model file (protobuf wire format)
-# sentencepiece_model.proto, the parts we use:
-#   ModelProto     { repeated SentencePiece pieces = 1; TrainerSpec trainer_spec = 2;
-#                    NormalizerSpec normalizer_spec = 3; SelfTestData self_test_data = 4; ... }
-#   SentencePiece  { string piece = 1; float score = 2; Type type = 3 [default NORMAL]; }
-#   TrainerSpec    { ModelType model_type = 3 [default UNIGRAM]; int32 vocab_size = 4; bool byte_fallback = 35; }
-#   NormalizerSpec { string name = 1; bytes precompiled_charsmap = 2; bool add_dummy_prefix = 3 [default true];
-#                    bool remove_extra_whitespaces = 4 [default true]; bool escape_whitespaces = 5 [default true]; }
-# A message is a sequence of (tag = field_number << 3 | wire_type, value) records; a repeated field is just
-# its records in order, and for a non-repeated field the last record wins. So pieces can be appended or
-# replaced by rewriting field-1 records, and every other record is copied byte for byte.
-PIECE_NORMAL, PIECE_UNKNOWN, PIECE_CONTROL, PIECE_USER_DEFINED, PIECE_UNUSED, PIECE_BYTE = 1, 2, 3, 4, 5, 6
-_VARINT, _FIXED64, _LENGTH, _FIXED32 = 0, 1, 2, 5
-
-
-def _read_varint(buf: bytes, pos: int) -> tuple[int, int]:
-    value, shift = 0, 0
-    while True:
-        if pos >= len(buf):
-            raise ValueError("truncated varint")
-        b = buf[pos]
-        pos += 1
-        value |= (b & 0x7F) << shift
-        if not b & 0x80:
-            return value, pos
-        shift += 7
-
-
-def _encode_varint(value: int) -> bytes:
-    value &= (1 << 64) - 1  # negative int32 values are sent as 10-byte two's complement
-    out = bytearray()
-    while True:
-        low = value & 0x7F
-        value >>= 7
-        if value:
-            out.append(low | 0x80)
-        else:
-            out.append(low)
-            return bytes(out)
-
-
-@dataclass
-class _Record:
-    field: int
-    wire_type: int
-    value: int | bytes  # int for varint/fixed, bytes for length-delimited
-    raw: bytes          # the whole record as it appeared, for verbatim copying
-
-
-def _records(buf: bytes) -> list[_Record]:
-    out, pos = [], 0
-    while pos < len(buf):
-        start = pos
-        tag, pos = _read_varint(buf, pos)
-        field, wire_type = tag >> 3, tag & 7
-        if wire_type == _VARINT:
-            value, pos = _read_varint(buf, pos)
-        elif wire_type == _FIXED64:
-            value, pos = int.from_bytes(buf[pos:pos + 8], "little"), pos + 8
-        elif wire_type == _FIXED32:
-            value, pos = int.from_bytes(buf[pos:pos + 4], "little"), pos + 4
-        elif wire_type == _LENGTH:
-            length, pos = _read_varint(buf, pos)
-            value, pos = buf[pos:pos + length], pos + length
-        else:
-            raise ValueError(f"unsupported protobuf wire type {wire_type}")
-        if pos > len(buf):
-            raise ValueError("truncated protobuf message")
-        out.append(_Record(field, wire_type, value, buf[start:pos]))
-    return out
-
-
-def _length_record(field: int, payload: bytes) -> bytes:
-    return _encode_varint(field << 3 | _LENGTH) + _encode_varint(len(payload)) + payload
-
-
-def _varint_record(field: int, value: int) -> bytes:
-    return _encode_varint(field << 3 | _VARINT) + _encode_varint(value)
-
-
-def _submessage(proto: bytes, field: int) -> list[_Record]:
-    """Records of a (non-repeated) sub-message; several occurrences merge, so concatenate them."""
-    return _records(b"".join(r.value for r in _records(proto) if r.field == field and r.wire_type == _LENGTH))
-
-
-def _last(records: list[_Record], field: int, default):
-    values = [r.value for r in records if r.field == field]
-    return values[-1] if values else default
-
-
-def read_pieces(proto: bytes) -> list[tuple[str, float, int]]:
-    """(piece, score, type) for every vocabulary entry, in id order."""
-    pieces = []
-    for r in _records(proto):
-        if r.field == 1 and r.wire_type == _LENGTH:
-            sub = _records(r.value)
-            piece = _last(sub, 1, b"").decode("utf-8")
-            score = struct.unpack("<f", _last(sub, 2, 0).to_bytes(4, "little"))[0]
-            pieces.append((piece, score, _last(sub, 3, PIECE_NORMAL)))
-    return pieces
-
-
-def read_trainer_spec(proto: bytes) -> dict:
-    spec = _submessage(proto, 2)
-    return {"model_type": _last(spec, 3, 1), "vocab_size": _last(spec, 4, 8000),
-            "byte_fallback": bool(_last(spec, 35, 0))}
-
-
-def read_normalizer_spec(proto: bytes) -> dict:
-    spec = _submessage(proto, 3)
-    return {"name": _last(spec, 1, b"").decode("utf-8"), "precompiled_charsmap": _last(spec, 2, b""),
-            "add_dummy_prefix": bool(_last(spec, 3, 1)), "remove_extra_whitespaces": bool(_last(spec, 4, 1)),
-            "escape_whitespaces": bool(_last(spec, 5, 1))}
-
-
-def encode_piece(piece: str, score: float, kind: int = PIECE_NORMAL) -> bytes:
-    payload = (_length_record(1, piece.encode("utf-8")) + _encode_varint(2 << 3 | _FIXED32)
-               + struct.pack("<f", score) + _varint_record(3, kind))
-    return _length_record(1, payload)
-
-
-def rewrite_model_proto(proto: bytes, pieces: list[tuple[str, float, int]] | None = None,
-                        add_dummy_prefix: bool | None = None, drop_self_test: bool = False) -> bytes:
-    """A copy of `proto` with its vocabulary replaced by `pieces` (and trainer_spec.vocab_size updated),
-    and/or normalizer_spec.add_dummy_prefix set. Everything else is copied byte for byte.
-    drop_self_test removes the self-test samples, whose expected segmentations a changed vocabulary breaks
-    (sentencepiece refuses to load a model that fails its own self-test)."""
-    records = _records(proto)
-    if add_dummy_prefix is not None and not any(r.field == 3 for r in records):
-        records.append(_Record(3, _LENGTH, b"", b""))  # no normalizer_spec yet: start an empty one
-    out = []
-    for r in records:
-        if r.field == 1 and pieces is not None:
-            continue  # replaced below
-        if r.field == 4 and drop_self_test:
-            continue
-        if r.field == 2 and pieces is not None and r.wire_type == _LENGTH:
-            out.append(_length_record(2, r.value + _varint_record(4, len(pieces))))  # last value wins
-            continue
-        if r.field == 3 and add_dummy_prefix is not None and r.wire_type == _LENGTH:
-            out.append(_length_record(3, r.value + _varint_record(3, int(add_dummy_prefix))))
-            continue
-        out.append(r.raw)
-    if pieces is not None:
-        out.insert(0, b"".join(encode_piece(*p) for p in pieces))
-    return b"".join(out)
-
 
 # ---------------------------------------------------------------------- CLI
+@dataclass(kw_only=True)
+class TrainOptions:
+    """Train a Llama-style BPE tokenizer (byte fallback, split digits, chat markers) on text corpora."""
+    input: list[str]  # corpus files: .txt (one document per line) / .jsonl, optionally .gz
+    vocab_size: int  # pieces in the trained vocabulary
+    out: str  # output directory, written in the Hugging Face layout (tokenizer.model, tokenizer.json, ...)
+    format: Literal["auto", "text", "jsonl"] = "auto"  # input format; auto = from each file's name
+    text_field: str = "text"  # JSONL field holding the document
+    seed: int = 0  # sentencepiece's random seed (sampling of training lines)
+
+    def check(self):
+        require(self.vocab_size >= 1, "vocab_size", self.vocab_size, "must be a positive number of pieces")
+
+
+@cli
 def main(argv=None):
-    """python -m minillm.tokenizer train --input F [F ...] --vocab-size N --out DIR [--text-field text]
-
-    Trains a Llama-style tokenizer on .txt / .jsonl(.gz) corpora (read as by `python -m minillm.data`)
-    and writes it to DIR in the Hugging Face layout (tokenizer.model, tokenizer.json, ...)."""
-    import argparse
-    import sys
-
-    from minillm.data import input_format, iter_records, record_text
-
-    parser = argparse.ArgumentParser(prog="python -m minillm.tokenizer", description=main.__doc__.split("\n")[0])
-    sub = parser.add_subparsers(dest="command", required=True)
-    p = sub.add_parser("train", help="train a BPE tokenizer with byte fallback")
-    p.add_argument("--input", nargs="+", required=True)
-    p.add_argument("--vocab-size", type=int, required=True)
-    p.add_argument("--out", required=True)
-    p.add_argument("--text-field", default="text")
-    p.add_argument("--seed", type=int, default=0)
-    args = parser.parse_args(argv)
-
-    def texts():
-        for path in args.input:
-            fmt, _ = input_format(path)
-            for line_no, raw, _ in iter_records(path):
-                yield record_text(path, line_no, raw, fmt, args.text_field)
-    try:
-        out = Path(args.out)
-        out.mkdir(parents=True, exist_ok=True)
-        tok = Tokenizer.train(texts(), out / "tokenizer", args.vocab_size, seed=args.seed)
-        tok.save_pretrained(out)
-    except ValueError as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(1)
+    _, cfg = parse_options({"train": TrainOptions}, argv, prog="python -m minillm.tokenizer",
+                           description="Tokenizer tools.")
+    for path in cfg.input:
+        check_readable(path, cfg.format)
+    out = Path(cfg.out)
+    out.mkdir(parents=True, exist_ok=True)
+    tok = Tokenizer.train(iter_texts(cfg.input, cfg.format, cfg.text_field), out / "tokenizer", cfg.vocab_size,
+                          seed=cfg.seed)
+    tok.save_pretrained(out)
     print(f"trained {tok.vocab_size}-piece tokenizer -> {out}")
 
 

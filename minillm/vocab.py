@@ -22,23 +22,20 @@ OUT/vocab_extension.json.
 """
 from __future__ import annotations
 
-import argparse
 import itertools
-import logging
 import math
-import sys
 import tempfile
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 from torch import nn
 
-from minillm.tokenizer import (
-    CHAT_TOKENS, PIECE_NORMAL, PIECE_USER_DEFINED, Tokenizer, atomic_write_bytes, atomic_write_json, check_vocab_fits, read_pieces,
-    rewrite_model_proto,
-)
-
-log = logging.getLogger(__name__)
+from minillm.files import atomic_write, read_lines, to_json
+from minillm.hf import load_pretrained, save_pretrained
+from minillm.options import cli, parse_options, require
+from minillm.sentencepiece_model import PIECE_NORMAL, PIECE_USER_DEFINED, read_pieces, rewrite_model_proto
+from minillm.tokenizer import CHAT_TOKENS, Tokenizer, check_vocab_fits
 
 
 def train_target_tokenizer(corpus, vocab_size: int, workdir, **train_options) -> Tokenizer:
@@ -149,36 +146,18 @@ def tokens_per_word(tokenizer: Tokenizer, lines: list[str]) -> float:
     return sum(len(ids) for ids in tokenizer.encode_batch(lines)) / words
 
 
-def read_lines(files, max_lines: int) -> list[str]:
-    lines = []
-    for f in files:
-        lineno = 0
-        try:
-            with open(f, encoding="utf-8") as fh:
-                for lineno, line in enumerate(fh, 1):
-                    if len(lines) >= max_lines:
-                        return lines
-                    if line.strip():
-                        lines.append(line.rstrip("\n"))
-        except UnicodeDecodeError as e:
-            raise ValueError(f"{f}:{lineno + 1}: not UTF-8 text ({e.reason})") from None
-        except OSError as e:
-            raise ValueError(f"{f}: cannot read ({e.strerror or e})") from None
-    return lines
-
-
 # ---------------------------------------------------------------------- command line
 def extend(args) -> dict:
     base = Tokenizer.from_pretrained(args.base)
-    if bool(args.model_in) != bool(args.model_out):
-        raise ValueError("--model-in and --model-out go together")
     model = None
     if args.model_in:
-        from minillm.model import Llama
-        model = Llama.from_pretrained(args.model_in)
+        if not (Path(args.model_in) / "config.json").is_file():
+            raise ValueError(f"--model-in {args.model_in}: no config.json there (not a Hugging Face model directory)")
+        model = load_pretrained(args.model_in)
         check_vocab_fits(base, model.config.vocab_size)
-
     out = Path(args.out)
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"--out {out}: exists and is not a directory")
     with tempfile.TemporaryDirectory() as work:
         target = train_target_tokenizer(args.corpus, args.new_vocab_size, work,
                                         character_coverage=args.character_coverage,
@@ -186,14 +165,15 @@ def extend(args) -> dict:
         target_proto = target.model_proto
     pieces = new_pieces(base, target)
     if not pieces:
-        log.warning("the target tokenizer has no piece the base lacks; nothing to add (try a larger "
-                    "--new-vocab-size)")
+        print("warning: the target tokenizer has no piece the base lacks; nothing to add (try a larger "
+              "--new-vocab-size)")
     chat = [t for t in CHAT_TOKENS if t not in set(base.pieces())] if args.add_chat_tokens else []
     merged = extend_tokenizer(base, pieces, user_defined=chat)
     merged.save_pretrained(out)
-    atomic_write_bytes(out / "target.model", target_proto)  # kept for inspection; not needed to use OUT
+    atomic_write(out / "target.model", target_proto)  # kept for inspection; not needed to use OUT
 
-    eval_lines = read_lines(args.eval_text or args.corpus, args.eval_lines)
+    eval_lines = [line for f in (args.eval_text or args.corpus) for line in read_lines(f, args.eval_lines)
+                  if line.strip()][:args.eval_lines]
     report = {
         "base_vocab_size": base.vocab_size, "target_vocab_size": target.vocab_size,
         "added_pieces": merged.vocab_size - base.vocab_size, "added_chat_tokens": chat,
@@ -205,9 +185,9 @@ def extend(args) -> dict:
     if model is not None:
         rows = max(_round_up(merged.vocab_size, args.pad_to_multiple_of), model.config.vocab_size)
         resize_embeddings(model, rows, init_rows_from_old(base, merged))
-        model.save_pretrained(args.model_out, tokenizer=merged)  # weights + the tokenizer that matches them
+        save_pretrained(model, args.model_out, tokenizer=merged)  # weights + the tokenizer that matches them
         report["model_vocab_size"] = rows
-    atomic_write_json(out / "vocab_extension.json", report)
+    atomic_write(out / "vocab_extension.json", to_json(report))
     return report
 
 
@@ -215,44 +195,45 @@ def _round_up(n: int, multiple: int) -> int:
     return math.ceil(n / multiple) * multiple
 
 
+@dataclass(kw_only=True)
+class ExtendOptions:
+    """Add target-language pieces to a tokenizer (and resize a model's embeddings to match)."""
+    base: str  # tokenizer directory (with tokenizer.model) or a .model file
+    corpus: list[str]  # target-language text files, one document or sentence per line
+    new_vocab_size: int  # size of the target-language tokenizer trained on --corpus; its pieces the base lacks are added
+    out: str  # directory for the merged tokenizer (Hugging Face layout)
+    model_in: str = ""  # Hugging Face Llama directory whose embeddings to resize ('' = tokenizer only)
+    model_out: str = ""  # where to write the resized model, with the merged tokenizer
+    pad_to_multiple_of: int = 1  # round the model's new vocabulary size up to a multiple of this (64 suits GPUs)
+    add_chat_tokens: bool = False  # also add the chat markers <|system|> <|user|> <|assistant|> if the base lacks them
+    eval_text: list[str] = field(default_factory=list)  # target-language text for tokens per word ([] = --corpus)
+    eval_lines: int = 10000  # lines of eval text to measure
+    character_coverage: float = 0.9999  # sentencepiece: share of characters the target tokenizer must cover
+    input_sentence_size: int = 2_000_000  # train the target tokenizer on at most this many sampled lines (0 = all)
+    seed: int = 0  # sentencepiece's random seed
+
+    def check(self):
+        require(self.new_vocab_size >= 1, "new_vocab_size", self.new_vocab_size, "must be at least 1")
+        require(self.pad_to_multiple_of >= 1, "pad_to_multiple_of", self.pad_to_multiple_of, "must be at least 1")
+        require(self.eval_lines >= 1, "eval_lines", self.eval_lines, "must be at least 1")
+        require(0 < self.character_coverage <= 1, "character_coverage", self.character_coverage, "must be in (0, 1]")
+        require(self.input_sentence_size >= 0, "input_sentence_size", self.input_sentence_size, "must be >= 0")
+        if bool(self.model_in) != bool(self.model_out):
+            raise ValueError("--model-in and --model-out go together")
+
+
+@cli
 def main(argv=None):
-    parser = argparse.ArgumentParser(prog="python -m minillm.vocab", description=__doc__.split("\n\n")[0])
-    sub = parser.add_subparsers(dest="command", required=True)
-    p = sub.add_parser("extend", help="add target-language pieces to a tokenizer (and resize a model)")
-    p.add_argument("--base", required=True, help="tokenizer directory (with tokenizer.model) or a .model file")
-    p.add_argument("--corpus", required=True, nargs="+", help="target-language text files, one document or "
-                   "sentence per line")
-    p.add_argument("--new-vocab-size", type=int, required=True,
-                   help="vocabulary size of the target-language tokenizer trained on --corpus; its pieces "
-                        "that the base lacks are added")
-    p.add_argument("--out", required=True, help="directory for the merged tokenizer (Hugging Face layout)")
-    p.add_argument("--model-in", help="Hugging Face Llama directory whose embeddings to resize")
-    p.add_argument("--model-out", help="where to write the resized model (with the merged tokenizer)")
-    p.add_argument("--pad-to-multiple-of", type=int, default=1,
-                   help="round the model's new vocab size up to a multiple of this (64 suits GPU matmuls)")
-    p.add_argument("--add-chat-tokens", action="store_true",
-                   help=f"also add the chat markers {' '.join(CHAT_TOKENS)} if the base lacks them")
-    p.add_argument("--eval-text", nargs="+", help="target-language text for tokens-per-word (default: --corpus)")
-    p.add_argument("--eval-lines", type=int, default=10000, help="lines of eval text to measure")
-    p.add_argument("--character-coverage", type=float, default=0.9999)
-    p.add_argument("--input-sentence-size", type=int, default=2_000_000,
-                   help="train the target tokenizer on at most this many sampled lines (0 = all)")
-    p.add_argument("--seed", type=int, default=0)
-    args = parser.parse_args(argv)
-    if args.pad_to_multiple_of < 1:
-        parser.error("--pad-to-multiple-of must be >= 1")
-    logging.basicConfig(level=logging.INFO, format="%(message)s")
-    try:
-        report = extend(args)
-    except ValueError as e:
-        sys.exit(f"error: {e}")
+    _, cfg = parse_options({"extend": ExtendOptions}, argv, prog="python -m minillm.vocab",
+                           description=__doc__.split("\n\n")[0])
+    report = extend(cfg)
     before, after = report["tokens_per_word_before"], report["tokens_per_word_after"]
     print(f"base {report['base_vocab_size']} pieces + {report['added_pieces']} new = {report['merged_vocab_size']}"
-          f" -> {args.out}")
+          f" -> {cfg.out}")
     print(f"tokens per word on {report['eval_lines']} lines: {before:.3f} -> {after:.3f} "
           f"({100 * (after - before) / before:+.1f}%)")
-    if args.model_out:
-        print(f"model resized to {report['model_vocab_size']} rows -> {args.model_out}")
+    if cfg.model_out:
+        print(f"model resized to {report['model_vocab_size']} rows -> {cfg.model_out}")
 
 
 if __name__ == "__main__":

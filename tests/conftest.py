@@ -1,9 +1,13 @@
-"""Shared helpers for the end-to-end tests that run the training scripts as real subprocesses."""
+"""Shared test helpers: running the scripts as real subprocesses, reading their metrics, and a small chat
+tokenizer (sentencepiece, with the chat markers) for the template and SFT-data tests."""
 import json
 import os
+import random
 import subprocess
 import sys
 from pathlib import Path
+
+import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -26,3 +30,29 @@ def run_script(script: str, args: list, nproc: int = 1, check: bool = True, pope
 def read_metrics(out_dir) -> list[dict]:
     """The JSON lines a run wrote to OUT_DIR/metrics.jsonl."""
     return [json.loads(line) for line in (Path(out_dir) / "metrics.jsonl").read_text().splitlines()]
+
+
+# Words and a conversation the chat tests render (the tokenizer below is trained on the words).
+WORDS = ("the red cat dog Translate to Estonian English punane kass koer Mari elab Kivilas Kus tere maailm "
+         "kõik hästi õun äri öö šokolaad žürii Below is an instruction that describes a task Write response "
+         "appropriately completes request Instruction Input Response paired with provides further context "
+         "And What colour has three cows Maril on kolm lehma").split()
+
+THREE_TURNS = [
+    {"role": "system", "content": "Ole abivalmis."},
+    {"role": "user", "content": "Translate to Estonian: the red cat"},
+    {"role": "assistant", "content": "punane kass"},
+    {"role": "user", "content": "And the dog?"},
+    {"role": "assistant", "content": "koer"},
+    {"role": "user", "content": "Kus elab Mari?"},
+    {"role": "assistant", "content": "Mari elab Kivilas."},
+]
+
+
+@pytest.fixture(scope="module")
+def chat_tok(tmp_path_factory):
+    from minillm.tokenizer import Tokenizer
+    rng = random.Random(0)
+    lines = [" ".join(rng.choice(WORDS) for _ in range(12)) + rng.choice([".", "?", "!", ":", " ###"])
+             for _ in range(3000)]
+    return Tokenizer.train(iter(lines), tmp_path_factory.mktemp("tok") / "sp", 400)

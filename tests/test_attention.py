@@ -28,7 +28,7 @@ import pytest
 import torch
 
 import minillm.attention as attn_mod
-from minillm.attention import attention, math_attention, set_attention_backend, visibility_mask
+from minillm.attention import attention, math_attention, visibility_mask
 
 
 # ------------------------------------------------------------------------------------- the oracle
@@ -155,28 +155,23 @@ def training_losses(backend, steps=3):
     constructing a torch.optim optimizer imports torch._dynamo, seconds of test time)."""
     from minillm.model import Llama, LlamaConfig
 
-    previous = attn_mod.get_attention_backend()
-    set_attention_backend(backend)
-    try:
-        torch.manual_seed(0)
-        model = Llama(LlamaConfig.from_preset("tiny", vocab_size=64))
-        gen = torch.Generator().manual_seed(0)
-        ids = torch.randint(0, 64, (1, 40), generator=gen)
-        doc = packed_doc_ids(1, 40, gen, max_docs=3)
-        losses = []
-        with contextlib.redirect_stdout(io.StringIO()):  # the dispatcher's one-line notice
-            for _ in range(steps):
-                logits = model(ids, doc_ids=doc)
-                loss = torch.nn.functional.cross_entropy(logits[:, :-1].reshape(-1, 64), ids[:, 1:].reshape(-1))
-                model.zero_grad()
-                loss.backward()
-                with torch.no_grad():
-                    for p in model.parameters():
-                        p -= 0.5 * p.grad
-                losses.append(loss.item())
-        return losses
-    finally:
-        set_attention_backend(previous)
+    torch.manual_seed(0)
+    model = Llama(LlamaConfig.from_preset("tiny", vocab_size=64, attn_backend=backend))
+    gen = torch.Generator().manual_seed(0)
+    ids = torch.randint(0, 64, (1, 40), generator=gen)
+    doc = packed_doc_ids(1, 40, gen, max_docs=3)
+    losses = []
+    with contextlib.redirect_stdout(io.StringIO()):  # the dispatcher's one-line notice
+        for _ in range(steps):
+            logits = model(ids, doc_ids=doc)
+            loss = torch.nn.functional.cross_entropy(logits[:, :-1].reshape(-1, 64), ids[:, 1:].reshape(-1))
+            model.zero_grad()
+            loss.backward()
+            with torch.no_grad():
+                for p in model.parameters():
+                    p -= 0.5 * p.grad
+            losses.append(loss.item())
+    return losses
 
 
 # Triton-only checks (they run in the worker, where the kernel module is interpreted).
@@ -258,17 +253,12 @@ def check_triton_unsorted_doc_ids():
 
 def check_forced_triton_falls_back_for_kv_cache():
     """--attn triton with a KV cache (S > T): sdpa does it, and says so once."""
-    previous = attn_mod.get_attention_backend()
     attn_mod._announced.clear()
-    set_attention_backend("triton")
     q, k, v, q_doc, k_doc, _ = make_inputs(*CASES["cache-docs"])
     printed = io.StringIO()
-    try:
-        with contextlib.redirect_stdout(printed):
-            out = attention(q, k, v, q_doc, k_doc)
-            attention(q, k, v, q_doc, k_doc)
-    finally:
-        set_attention_backend(previous)
+    with contextlib.redirect_stdout(printed):
+        out = attention(q, k, v, q_doc, k_doc, backend="triton", announce=True)
+        attention(q, k, v, q_doc, k_doc, backend="triton", announce=True)
     assert printed.getvalue() == "attention: sdpa (triton requested; query length != key length (KV cache))\n"
     assert rel_err(out, oracle_attention(q, k, v, q_doc, k_doc)) < 1e-5
 
@@ -493,14 +483,14 @@ def test_triton_compiled_on_cuda(shape, dtype):
 @pytest.fixture
 def fresh_dispatch(monkeypatch):
     monkeypatch.setattr(attn_mod, "_announced", set())
-    monkeypatch.setattr(attn_mod, "_backend", "auto")
     return attn_mod
 
 
 def test_auto_on_cpu_picks_sdpa_and_says_so_once(fresh_dispatch, capsys):
     q, k, v, q_doc, k_doc, _ = make_inputs(*CASES["docs"])
-    out1 = attention(q, k, v, q_doc, k_doc)
-    out2 = attention(q, k, v, q_doc, k_doc)
+    out1 = attention(q, k, v, q_doc, k_doc, announce=True)
+    out2 = attention(q, k, v, q_doc, k_doc, announce=True)
+    assert attention(q, k, v, q_doc, k_doc, backend="math") is not None  # not announced: announce=False
     lines = [line for line in capsys.readouterr().out.splitlines() if line.startswith("attention:")]
     assert lines == ["attention: sdpa (cpu tensors; triton is for CUDA)"]
     assert torch.equal(out1, out2)
@@ -531,19 +521,33 @@ def test_auto_choice_for_cuda_tensors(monkeypatch):
 
 
 @pytest.mark.parametrize("name", ["math", "sdpa"])
-def test_set_attention_backend_routes_calls(fresh_dispatch, monkeypatch, name):
+def test_backend_argument_routes_calls(fresh_dispatch, monkeypatch, name):
     calls = []
     real = getattr(attn_mod, f"{name}_attention")
     monkeypatch.setattr(attn_mod, f"{name}_attention", lambda *a: calls.append(name) or real(*a))
-    set_attention_backend(name)
     q, k, v, q_doc, k_doc, _ = make_inputs(*CASES["cache-docs"])
-    attention(q, k, v, q_doc, k_doc)
+    attention(q, k, v, q_doc, k_doc, backend=name)
     assert calls == [name]
 
 
-def test_set_attention_backend_rejects_unknown():
+@pytest.mark.parametrize("name", ["math", "sdpa"])
+def test_model_config_chooses_the_backend(fresh_dispatch, monkeypatch, capsys, name):
+    """The backend is the model's choice (config.attn_backend, the scripts' --attn): every layer's call
+    goes there, and the dispatcher says so once."""
+    from minillm.model import Llama, LlamaConfig
+    calls = []
+    real = getattr(attn_mod, f"{name}_attention")
+    monkeypatch.setattr(attn_mod, f"{name}_attention", lambda *a: calls.append(name) or real(*a))
+    model = Llama(LlamaConfig.from_preset("tiny", vocab_size=64, attn_backend=name))
+    model(torch.randint(0, 64, (1, 8)))
+    assert calls == [name] * model.config.n_layers
+    assert capsys.readouterr().out == f"attention: {name} (requested)\n"
+
+
+def test_unknown_backend_is_rejected():
+    q, k, v, _, _, _ = make_inputs(*CASES["docs"])
     with pytest.raises(ValueError, match="unknown attention backend 'flash'"):
-        set_attention_backend("flash")
+        attention(q, k, v, backend="flash")
 
 
 def test_forced_triton_on_cpu_without_interpreter_is_an_error(monkeypatch):
@@ -575,7 +579,7 @@ def test_import_and_fallback_without_triton():
         from minillm.kernels import triton_status
         print(triton_status())
         q = torch.randn(1, 2, 5, 16)
-        print(attention(q, q, q).shape)
+        print(attention(q, q, q, announce=True).shape)
         try:
             attention(q, q, q, backend="triton")
         except RuntimeError as e:

@@ -1,20 +1,14 @@
-"""Chat / Alpaca templates, loss masks, SFT examples and preference pairs (minillm/chat_format.py).
+"""Chat / Alpaca templates and their loss masks, and the exported Jinja twin (minillm/chat_format.py).
 
 Run: cd /work/main && python -m pytest -q tests/test_chat_format.py
 Oracles: hand-written template strings and token spans; tokenizing the whole rendered string at once;
 transformers' AutoTokenizer.apply_chat_template with the exported Jinja template (test-only dependency).
 """
-import json
-import logging
 import random
 
 import pytest
 
-from minillm.chat_format import (
-    ALPACA_PROMPT_NO_INPUT, ALPACA_PROMPT_WITH_INPUT, IGNORE_INDEX, chat_template_jinja, load_preferences,
-    load_sft_jsonl, render, render_preference, tokenize_sft_examples,
-)
-from minillm.data import pack_examples
+from minillm.chat_format import ALPACA_PROMPT_NO_INPUT, ALPACA_PROMPT_WITH_INPUT, chat_template_jinja, render
 from minillm.tokenizer import CHAT_TOKENS, Tokenizer
 
 # The Stanford Alpaca prompts, typed here independently of the module's constants.
@@ -24,31 +18,14 @@ ALPACA_WITH_INPUT = ("Below is an instruction that describes a task, paired with
 ALPACA_NO_INPUT = ("Below is an instruction that describes a task. Write a response that appropriately completes "
                    "the request.\n\n### Instruction:\n{instruction}\n\n### Response:\n")
 
-WORDS = ("the red cat dog Translate to Estonian English punane kass koer Mari elab Kivilas Kus tere maailm "
-         "kõik hästi õun äri öö šokolaad žürii Below is an instruction that describes a task Write response "
-         "appropriately completes request Instruction Input Response paired with provides further context "
-         "And What colour has three cows Maril on kolm lehma").split()
-
-THREE_TURNS = [
-    {"role": "system", "content": "Ole abivalmis."},
-    {"role": "user", "content": "Translate to Estonian: the red cat"},
-    {"role": "assistant", "content": "punane kass"},
-    {"role": "user", "content": "And the dog?"},
-    {"role": "assistant", "content": "koer"},
-    {"role": "user", "content": "Kus elab Mari?"},
-    {"role": "assistant", "content": "Mari elab Kivilas."},
-]
-
+from conftest import THREE_TURNS, WORDS  # noqa: E402
 
 MARKER = {"system": "<|system|>\n", "user": "<|user|>\n", "assistant": "<|assistant|>\n"}
 
 
 @pytest.fixture(scope="module")
-def tok(tmp_path_factory):
-    rng = random.Random(0)
-    lines = [" ".join(rng.choice(WORDS) for _ in range(12)) + rng.choice([".", "?", "!", ":", " ###"])
-             for _ in range(3000)]
-    return Tokenizer.train(iter(lines), tmp_path_factory.mktemp("tok") / "sp", 400)
+def tok(chat_tok):
+    return chat_tok
 
 
 @pytest.fixture(scope="module")
@@ -239,166 +216,3 @@ def test_template_reloads_through_from_pretrained(tok, hf_dirs):
     assert Tokenizer.from_pretrained(hf_dirs["chat"]).chat_template == chat_template_jinja()
     for fmt in ("chat", "alpaca"):  # the tokenizer-specific template equals the default for a minillm tokenizer
         assert chat_template_jinja(fmt, tok) == chat_template_jinja(fmt)
-
-
-# ----------------------------------------------------------------------------- SFT examples
-
-def long_record(n_words: int, reply: str = "punane kass") -> dict:
-    return {"instruction": " ".join(["tere"] * n_words), "input": "", "output": reply}
-
-
-def test_labels_are_aligned_and_pack(tok):
-    records = [{"messages": THREE_TURNS}, {"instruction": "Translate.", "input": "the cat", "output": "kass"}]
-    examples, stats = tokenize_sft_examples(records, tok, seq_len=256)
-    assert stats == {"truncated": 0, "dropped_too_long": 0, "dropped_no_trainable_tokens": 0}
-    for record, (ids, labels) in zip(records, examples):
-        ref_ids, mask = render(record, tok, fmt="auto")
-        assert ids == ref_ids
-        assert labels == [t if m else IGNORE_INDEX for t, m in zip(ids, mask)]
-        assert labels[0] == IGNORE_INDEX
-    rows = pack_examples(examples, 256, pad_id=tok.pad_id)  # the lead's packer takes them as they are
-    assert int((rows["labels"] != IGNORE_INDEX).sum()) == sum(sum(1 for x in lab if x != IGNORE_INDEX)
-                                                              for _, lab in examples)
-
-
-def test_truncation_and_drop_counts(tok):
-    short = {"instruction": "Translate.", "input": "", "output": "kass"}
-    records = [short, long_record(60), long_record(60), long_record(300)]
-    seq_len = len(render(long_record(60), tok, fmt="alpaca")[0]) - 2  # the 60-word ones are 2 tokens too long
-    reply = tok.encode_continuation("punane kass") + [tok.eos_id]
-
-    right, stats = tokenize_sft_examples(records, tok, seq_len, truncate="right")
-    # 60 words cut at the right: 2 reply tokens are lost but some remain; 300 words: the reply is gone.
-    assert stats == {"truncated": 3, "dropped_too_long": 0, "dropped_no_trainable_tokens": 1}
-    assert len(right) == 3 and all(len(ids) <= seq_len for ids, _ in right)
-    full, _ = render(long_record(60), tok, fmt="alpaca")
-    assert right[1][0] == full[:seq_len]
-    assert [t for t in right[1][1] if t != IGNORE_INDEX] == reply[:-2]
-
-    left, stats = tokenize_sft_examples(records, tok, seq_len, truncate="left")
-    assert stats == {"truncated": 3, "dropped_too_long": 0, "dropped_no_trainable_tokens": 0}
-    for ids, labels in left[1:]:  # BOS kept, then the last seq_len - 1 tokens: the whole reply survives
-        assert len(ids) == seq_len and ids[0] == tok.bos_id and ids[-len(reply):] == reply
-        assert [t for t in labels if t != IGNORE_INDEX] == reply
-
-    dropped, stats = tokenize_sft_examples(records, tok, seq_len, truncate="drop")
-    assert stats == {"truncated": 0, "dropped_too_long": 3, "dropped_no_trainable_tokens": 0}
-    assert len(dropped) == 1
-    with pytest.raises(ValueError, match="truncate"):
-        tokenize_sft_examples(records, tok, seq_len, truncate="middle")
-
-
-def test_zero_trainable_examples_are_dropped_never_kept(tok, caplog):
-    # train_on='last' with the last reply cut away leaves no trained token even though earlier replies fit.
-    messages = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "tere"},
-                {"role": "user", "content": " ".join(["tere"] * 200)}, {"role": "assistant", "content": "kass"}]
-    with caplog.at_level(logging.WARNING):
-        examples, stats = tokenize_sft_examples([{"messages": messages}], tok, 64, train_on="last")
-    assert examples == [] and stats["dropped_no_trainable_tokens"] == 1
-    assert "no trained token" in caplog.text
-    examples, stats = tokenize_sft_examples([{"messages": messages}], tok, 64, train_on="assistant")
-    assert len(examples) == 1 and stats["dropped_no_trainable_tokens"] == 0
-
-
-# ----------------------------------------------------------------------------- bad input
-
-def write(path, lines):
-    path.write_text("".join((x if isinstance(x, str) else json.dumps(x)) + "\n" for x in lines), encoding="utf-8")
-    return path
-
-
-GOOD = {"instruction": "Translate.", "input": "", "output": "kass"}
-
-
-@pytest.mark.parametrize("bad, message", [
-    ({"instruction": "Translate."}, "missing field 'output'"),
-    ({"output": "kass"}, "missing field 'instruction'"),
-    ({"text": "no instruction at all"}, "neither 'messages'"),
-    ({"messages": []}, "'messages' must be a non-empty list"),
-    ({"messages": [{"role": "robot", "content": "hi"}, {"role": "assistant", "content": "x"}]}, "unknown role 'robot'"),
-    ({"messages": [{"role": "user", "content": "hi"}]}, "does not end with an assistant turn"),
-    ({"messages": [{"role": "user"}, {"role": "assistant", "content": "x"}]}, "missing field 'content'"),
-    ({"messages": [{"role": "user", "content": 5}, {"role": "assistant", "content": "x"}]}, "expected a string"),
-    ({"messages": [{"role": "user", "content": "a"}, {"role": "system", "content": "b"},
-                   {"role": "assistant", "content": "c"}]}, "system message may only come first"),
-    ({"instruction": "x", "output": 3}, "field 'output' is int"),
-    ("[1, 2]", "expected a JSON object"),
-    ('{"instruction": "x", "output": ', "not valid JSON"),
-])
-def test_bad_sft_records_name_file_and_line(tmp_path, bad, message):
-    path = write(tmp_path / "bad.jsonl", [GOOD, "", bad, GOOD])  # a blank line 2 does not shift the count
-    with pytest.raises(ValueError) as e:
-        load_sft_jsonl(path)
-    assert str(e.value).startswith(f"{path}:3: ") and message in str(e.value)
-
-
-def test_empty_file_and_inference_conversations(tmp_path):
-    with pytest.raises(ValueError, match="empty file"):
-        load_sft_jsonl(write(tmp_path / "empty.jsonl", ["", "  "]))
-    with pytest.raises(ValueError, match="cannot read"):
-        load_sft_jsonl(tmp_path / "missing.jsonl")
-    prompts = write(tmp_path / "prompts.jsonl", [{"messages": [{"role": "user", "content": "hi"}]}])
-    assert load_sft_jsonl(prompts, training=False) == [{"messages": [{"role": "user", "content": "hi"}]}]
-    mixed = write(tmp_path / "mixed.jsonl", [GOOD, {"messages": THREE_TURNS}, {**GOOD, "kind": "extra fields ok"}])
-    assert len(load_sft_jsonl(mixed)) == 3
-
-
-# ----------------------------------------------------------------------------- preference pairs
-
-def test_preference_pair_shares_the_prompt_ids(tok):
-    record = {"prompt": [{"role": "system", "content": "Ole abivalmis."},
-                         {"role": "user", "content": "Kus elab Mari?"}],
-              "chosen": "Mari elab Kivilas.", "rejected": {"role": "assistant", "content": "Mari elab kass."}}
-    pair = render_preference(record, tok, 256)
-    prompt, _ = render(record["prompt"], tok, add_generation_prompt=True)
-    assert pair["prompt_len"] == len(prompt) and not pair["truncated"]
-    for key, reply in (("chosen", "Mari elab Kivilas."), ("rejected", "Mari elab kass.")):
-        ids, labels = pair[key]
-        full, mask = render(record["prompt"] + [{"role": "assistant", "content": reply}], tok)
-        assert ids == full and ids[:len(prompt)] == prompt
-        assert all(x == IGNORE_INDEX for x in labels[:len(prompt)])
-        assert [x for x in labels if x != IGNORE_INDEX] == tok.encode_continuation(reply) + [tok.eos_id]
-    # A string prompt is one user turn; a chosen conversation (UltraFeedback layout) is its last reply.
-    as_string = {"prompt": "Kus elab Mari?", "chosen": "Kivilas.", "rejected": "Tartus."}
-    as_lists = {"prompt": [{"role": "user", "content": "Kus elab Mari?"}],
-                "chosen": [{"role": "user", "content": "Kus elab Mari?"}, {"role": "assistant", "content": "Kivilas."}],
-                "rejected": [{"role": "assistant", "content": "Tartus."}]}
-    assert render_preference(as_string, tok, 256) == render_preference(as_lists, tok, 256)
-
-
-def test_load_preferences_counts_identical_no_room_and_truncated(tok, tmp_path, caplog):
-    long_prompt = " ".join(["tere"] * 200)
-    lines = [{"prompt": "Kus elab Mari?", "chosen": "Kivilas.", "rejected": "Tartus."},
-             {"prompt": "Kus elab Mari?", "chosen": "Kivilas.", "rejected": "Kivilas."},
-             {"prompt": long_prompt, "chosen": "Kivilas.", "rejected": "Tartus."},
-             {"prompt": "hi", "chosen": " ".join(["kass"] * 100), "rejected": "koer"}]
-    path = write(tmp_path / "prefs.jsonl", lines)
-    with caplog.at_level(logging.WARNING):
-        pairs, stats = load_preferences(path, tok, 64)
-    assert stats == {"dropped_identical": 1, "dropped_no_room": 1, "truncated": 1}
-    assert f"{path}:2: chosen and rejected are identical" in caplog.text
-    assert len(pairs) == 2
-    chosen_ids, chosen_labels, rejected_ids, rejected_labels = pairs[1]
-    assert len(chosen_ids) == 64 and len(chosen_labels) == 64 and chosen_labels[-1] != IGNORE_INDEX
-    assert rejected_labels[-2] == tok.eos_id  # the short reply keeps its EOS (then the masked "\n")
-    prompt, _ = render([{"role": "user", "content": "hi"}], tok, add_generation_prompt=True)
-    assert chosen_ids[:len(prompt)] == rejected_ids[:len(prompt)] == prompt
-
-
-@pytest.mark.parametrize("bad, message", [
-    ({"prompt": "x", "chosen": "", "rejected": "b"}, "empty 'chosen' response"),
-    ({"prompt": "x", "chosen": "a", "rejected": "  "}, "empty 'rejected' response"),
-    ({"prompt": "x", "chosen": "a"}, "missing field 'rejected'"),
-    ({"prompt": [{"role": "user", "content": "x"}, {"role": "assistant", "content": "y"}], "chosen": "a",
-      "rejected": "b"}, "ends with an assistant turn"),
-    ({"prompt": [{"role": "bot", "content": "x"}], "chosen": "a", "rejected": "b"}, "unknown role 'bot'"),
-    ({"prompt": "x", "chosen": {"role": "user", "content": "a"}, "rejected": "b"}, "expected 'assistant'"),
-    ({"prompt": "x", "chosen": [{"role": "user", "content": "other"}, {"role": "assistant", "content": "a"}],
-      "rejected": "b"}, "does not start with the prompt"),
-])
-def test_bad_preference_records_name_file_and_line(tok, tmp_path, bad, message):
-    good = {"prompt": "x", "chosen": "a", "rejected": "b"}
-    path = write(tmp_path / "bad.jsonl", [good, bad])
-    with pytest.raises(ValueError) as e:
-        load_preferences(path, tok, 64)
-    assert str(e.value).startswith(f"{path}:2: ") and message in str(e.value)

@@ -17,6 +17,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 import evaluate  # noqa: E402
+from minillm.options import parse_options  # noqa: E402
+from minillm.hf import load_pretrained, save_pretrained  # noqa: E402
 from minillm.model import Llama, LlamaConfig  # noqa: E402
 from minillm.tasks import TASK_TYPES  # noqa: E402
 from minillm.tasks import multiple_choice, perplexity  # noqa: E402
@@ -45,7 +47,7 @@ def model_dir(tmp_path_factory):
     model = Llama(config)
     with torch.no_grad():  # larger logits than the default init, so outputs vary from token to token
         model.output.weight.mul_(25)
-    model.save_pretrained(d)
+    save_pretrained(model, d)
     tokenizer.save_pretrained(d)
     return d
 
@@ -54,7 +56,7 @@ def model_dir(tmp_path_factory):
 def ctx(model_dir):
     """float64, so batched and one-by-one computations agree far beyond any argmax margin."""
     tokenizer = Tokenizer.from_pretrained(model_dir)
-    model = Llama.from_pretrained(model_dir).double().eval()
+    model = load_pretrained(model_dir).double().eval()
     return EvalContext(model=model, tokenizer=tokenizer, batch_size=3, max_new_tokens=6, progress=False)
 
 
@@ -336,14 +338,18 @@ def test_end_to_end_every_task_type(model_dir, tmp_path, capsys):
     assert "| qa | f1 |" in capsys.readouterr().out
 
 
-def test_a_failing_task_keeps_the_others(model_dir, tmp_path, monkeypatch):
+def test_a_failing_task_keeps_the_others(model_dir, tmp_path, monkeypatch, capsys):
     files = all_task_files(tmp_path)
     def broken(*args, **kwargs):
         raise RuntimeError("boom")
     monkeypatch.setattr(TASK_TYPES["qa"], "run", broken)
     out = tmp_path / "results"
-    evaluate.main(["--model", str(model_dir), "--tasks", str(files[1]), str(files[3]), str(files[5]),
-                   "--out", str(out), "--progress", "false", "--max-new-tokens", "3"])
+    with pytest.raises(SystemExit) as e:  # the other tasks are evaluated and kept, but the run failed
+        evaluate.main(["--model", str(model_dir), "--tasks", str(files[1]), str(files[3]), str(files[5]),
+                       "--out", str(out), "--progress", "false", "--max-new-tokens", "3"])
+    assert e.value.code == 1
+    assert capsys.readouterr().err.strip().splitlines()[-1] == (
+        f"error: 1 of 3 tasks failed (qa); the others' results are in {out}")
     rows = json.loads((out / "results.json").read_text())["results"]
     assert [r for r in rows if "error" in r] == [{"task": "qa", "type": "qa", "error": "RuntimeError: boom"}]
     assert {r["task"] for r in rows if "error" not in r} == {"copa", "gec"}  # before and after the failure
@@ -369,16 +375,18 @@ def test_compare_prints_side_by_side_with_deltas(tmp_path, capsys):
 def test_options_lists_config_file_and_errors(tmp_path):
     config = tmp_path / "eval.json"
     config.write_text(json.dumps({"model": "m", "batch_size": 4, "tasks": "a.task.json"}))
-    cfg = evaluate.parse_options(["--config", str(config), "--tasks", "x.task.json", "y.task.json",
-                                  "--max-new-tokens=7", "--prompt-format", "chat"])
+    def parse(argv):
+        return parse_options(evaluate.EvalOptions, argv)
+    cfg = parse(["--config", str(config), "--tasks", "x.task.json", "y.task.json", "--max-new-tokens=7",
+                 "--prompt-format", "chat"])
     assert (cfg.model, cfg.batch_size, cfg.tasks, cfg.max_new_tokens) == ("m", 4, ["x.task.json", "y.task.json"], 7)
-    assert evaluate.parse_options(["--config", str(config)]).tasks == ["a.task.json"]
-    with pytest.raises(SystemExit, match="unknown option --batchsize"):
-        evaluate.parse_options(["--model", "m", "--batchsize", "2"])
-    with pytest.raises(SystemExit, match="prompt-format"):
-        evaluate.parse_options(["--model", "m", "--prompt-format", "jinja"])
-    with pytest.raises(SystemExit, match="--compare takes two"):
-        evaluate.parse_options(["--compare", "a.json"])
+    assert parse(["--config", str(config)]).tasks == ["a.task.json"]
+    with pytest.raises(ValueError, match="unknown option --batchsize"):
+        parse(["--model", "m", "--batchsize", "2"])
+    with pytest.raises(ValueError, match="--prompt-format 'jinja': choose one of raw, chat, alpaca"):
+        parse(["--model", "m", "--prompt-format", "jinja"])
+    with pytest.raises(ValueError, match="--compare .*takes two results files"):
+        parse(["--compare", "a.json"])
 
 
 # ----------------------------------------------------------------------------- bad input
@@ -407,7 +415,7 @@ def test_label_out_of_range(tmp_path):
 
 def test_empty_task_files(tmp_path):
     msg = load_error(tmp_path, {"type": "qa"}, [])
-    assert msg == f"{tmp_path / 't.jsonl'}:1: empty task file (no records)"
+    assert msg == f"{tmp_path / 't.jsonl'}: empty file (no records)"
     empty_spec = tmp_path / "empty.task.json"
     empty_spec.write_text("")
     with pytest.raises(ValueError, match=r"empty\.task\.json:1: empty task file"):
@@ -420,7 +428,7 @@ def test_other_bad_records(tmp_path):
     assert load_error(tmp_path, {"type": "qa"}, ["just a string"]).endswith(
         "t.jsonl:1: expected a JSON object, got str")
     (tmp_path / "t.jsonl").write_text('{"text": "ok"}\n{broken\n')
-    with pytest.raises(ValueError, match=r"t\.jsonl:2: invalid JSON"):
+    with pytest.raises(ValueError, match=r"t\.jsonl:2: not valid JSON"):
         load_task(tmp_path / "t.task.json", TASK_TYPES)
     msg = load_error(tmp_path, {"type": "qa", "templates": ["{context} {questoin}"]}, QA[:1])
     assert msg.startswith(f"{tmp_path / 't.jsonl'}:1: template 0: template uses {{questoin}}")
@@ -428,10 +436,11 @@ def test_other_bad_records(tmp_path):
     assert msg == f"{tmp_path / 't.task.json'}:5: 'mode' must be 'loglik' or 'generate', got 'vote'"
 
 
-def test_cli_reports_bad_input_as_one_line(model_dir, tmp_path):
+def test_cli_reports_bad_input_as_one_line(model_dir, tmp_path, capsys):
     path = write_task(tmp_path, "t", {"type": "multiple_choice"}, [{"question": "q", "choices": ["a", "b"],
                                                                       "label": -1}])
     with pytest.raises(SystemExit) as e:
         evaluate.main(["--model", str(model_dir), "--tasks", str(path), "--out", str(tmp_path / "r")])
-    assert str(e.value) == f"error: {tmp_path / 't.jsonl'}:1: label -1 out of range for 2 choices (0..1)"
+    assert e.value.code == 1
+    assert capsys.readouterr().err == f"error: {tmp_path / 't.jsonl'}:1: label -1 out of range for 2 choices (0..1)\n"
     assert not (tmp_path / "r").exists()  # nothing evaluated, model never loaded

@@ -16,9 +16,9 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from minillm.losses import (all_reduce_sums, concat_pairs, cross_entropy_sum, log1mexp, mean_metrics,
-                            odds_ratio_loss, orpo_loss, pair_logprobs, sequence_logprobs, split_pairs,
-                            token_logprobs)
+from minillm.losses import (cross_entropy_sum, global_mean_scale, log1mexp, odds_ratio_loss, orpo_loss, orpo_means,
+                            pair_logprobs, sequence_logprobs, split_pairs, token_logprobs)
+from minillm.sft_data import pair_batch
 
 EPS = 1e-7  # odds_ratio_loss's clamp, part of the documented formula
 
@@ -305,10 +305,12 @@ def test_orpo_loss_and_every_metric_match_float64_and_trl():
     b[0] = a[0]  # a tie: counts as not accurate
     nll = torch.tensor(1.7)
     len_c, len_r = torch.randint(1, 30, (p,), generator=g), torch.randint(1, 30, (p,), generator=g)
-    loss, m = orpo_loss(nll, a, b, beta=beta, chosen_lengths=len_c, rejected_lengths=len_r)
+    loss, sums = orpo_loss(nll, a, b, beta=beta, chosen_lengths=len_c, rejected_lengths=len_r)
+    m = orpo_means({**sums, "nll_sum": 1.7 * 40, "nll_tokens": 40.0}, beta)  # sums -> means, as the script does
     pairs = [f64_odds_ratio(float(x), float(y)) for x, y in zip(a, b)]
     want = {
         "nll": 1.7,
+        "loss": 1.7 + beta * sum(l for l, _ in pairs) / p,
         "or_loss": sum(l for l, _ in pairs) / p,
         "log_odds": sum(lo for _, lo in pairs) / p,
         "chosen_logps": sum(a.double().tolist()) / p,
@@ -318,10 +320,10 @@ def test_orpo_loss_and_every_metric_match_float64_and_trl():
         "chosen_length": sum(len_c.tolist()) / p, "rejected_length": sum(len_r.tolist()) / p,
         "pairs": p,
     }
-    assert set(m) == set(want)
+    assert set(m) == set(want) and set(sums) == set(want) - {"nll", "loss"}
     for k, v in want.items():
         assert abs(float(m[k]) - v) <= 1e-5 * max(1.0, abs(v)), k
-        assert not m[k].requires_grad
+        assert k in ("nll", "loss") or isinstance(sums[k], float)  # plain numbers: nothing keeps the graph alive
     assert abs(float(loss) - (1.7 + beta * want["or_loss"])) < 1e-5
     # TRL's formula in float64 (no clamp needed away from 0): same loss and the mapped metrics.
     trl_loss, trl_m = trl_orpo_loss_f64(nll.double(), a.double(), b.double(), beta)
@@ -338,7 +340,7 @@ def test_orpo_loss_near_zero_logps_no_nan_and_n_pairs_normaliser():
     nll = torch.tensor(0.2, requires_grad=True)
     loss, m = orpo_loss(nll, a, b, beta=0.25, n_pairs=6.0)
     loss.backward()
-    assert all(torch.isfinite(t).all() for t in (loss, a.grad, b.grad, *m.values()))
+    assert all(torch.isfinite(t).all() for t in (loss, a.grad, b.grad)) and all(map(math.isfinite, m.values()))
     want = 0.2 + 0.25 * sum(f64_odds_ratio(float(x), float(y))[0] for x, y in zip(a.tolist(), b.tolist())) / 6.0
     assert abs(float(loss.detach()) - want) < 1e-5 * max(1.0, want)
 
@@ -351,31 +353,43 @@ def test_orpo_loss_rejects_empty_responses_and_bad_shapes():
         orpo_loss(torch.tensor(1.0), a, b[:1])
     with pytest.raises(ValueError, match="no pairs"):
         orpo_loss(torch.tensor(1.0), a[:0], b[:0])
+    # a padding pair (pair_mask False) may be empty: it adds nothing to the loss or the sums
+    loss, sums = orpo_loss(torch.tensor(1.0), a, b, rejected_lengths=torch.tensor([3, 0]),
+                           pair_mask=torch.tensor([True, False]), n_pairs=1.0)
+    only, only_sums = orpo_loss(torch.tensor(1.0), a[:1], b[:1], rejected_lengths=torch.tensor([3]))
+    torch.testing.assert_close(loss, only)
+    assert sums == only_sums and sums["pairs"] == 1.0
 
 
 # ----------------------------------------------------------------------------- one concatenated pass
 
 
 def make_pairs(seed=12):
-    """Two pairs with prompts of different lengths and responses of different lengths."""
+    """Two pairs with prompts and responses of different lengths: the chosen and rejected halves built by
+    hand (ids, next-token labels with the prompt scored too, response mask), and the same pairs as
+    minillm.sft_data pairs (aligned labels) for pair_batch."""
     g = torch.Generator().manual_seed(seed)
+    prompts = [torch.randint(1, 30, (n,), generator=g).tolist() for n in (3, 5)]
 
-    def seqs(prompt_lens, resp_lens):
-        t = max(p + r for p, r in zip(prompt_lens, resp_lens))
-        ids = torch.zeros(len(prompt_lens), t, dtype=torch.long)
+    def seqs(resp_lens):
+        t = max(len(p) + r for p, r in zip(prompts, resp_lens))
+        ids = torch.zeros(len(prompts), t, dtype=torch.long)
         labels = torch.full_like(ids, -100)
         resp = torch.zeros_like(ids, dtype=torch.bool)
-        for i, (p, r) in enumerate(zip(prompt_lens, resp_lens)):
-            ids[i, :p + r] = torch.randint(1, 30, (p + r,), generator=g)
-            labels[i, :p + r - 1] = ids[i, 1:p + r]   # shifted by the data code; prompt scored too
-            labels[i, p + r - 1] = 2                  # EOS is the response's last target
-            resp[i, p - 1:p + r] = True               # targets that are response tokens (+ EOS)
-        return {"input_ids": ids, "labels": labels, "response_mask": resp}
+        aligned = []
+        for i, (prompt, r) in enumerate(zip(prompts, resp_lens)):
+            p = len(prompt)
+            row = prompt + torch.randint(3, 30, (r - 1,), generator=g).tolist() + [2]  # the reply ends with EOS 2
+            ids[i, :p + r] = torch.tensor(row)
+            labels[i, :p + r - 1] = ids[i, 1:p + r]  # shifted; the prompt is scored too (nll_on_prompt)
+            resp[i, p - 1:p + r - 1] = True  # positions whose target is a response token (or EOS)
+            aligned.append((row, [-100] * p + row[p:]))
+        return {"input_ids": ids, "labels": labels, "response_mask": resp}, aligned
 
-    chosen = seqs([3, 5], [4, 2])
-    rejected = seqs([3, 5], [7, 1])
-    rejected["input_ids"][:, :3] = chosen["input_ids"][:, :3]
-    return chosen, rejected
+    chosen, c = seqs([4, 2])
+    rejected, r = seqs([7, 1])
+    pairs = [(*c[i], *r[i]) for i in range(2)]
+    return chosen, rejected, pairs
 
 
 class StandIn(nn.Module):
@@ -402,10 +416,12 @@ def orpo_from_logps(token_logps, labels, resp):
 
 
 def test_one_concatenated_pass_equals_two_separate_passes():
-    chosen, rejected = make_pairs()
+    chosen, rejected, pairs = make_pairs()
     model = StandIn()
-    batch = concat_pairs(chosen, rejected)
+    batch = pair_batch(pairs, [0, 1], nll_on_prompt=True, pad_id=0)
     assert batch["input_ids"].shape == (4, 10)  # chosen [2, 7] right-padded to rejected's [2, 10]
+    for key in ("input_ids", "labels", "response_mask"):  # exactly the hand-built halves, right-padded
+        assert torch.equal(batch[key][:2, :7], chosen[key]) and torch.equal(batch[key][2:], rejected[key])
     assert (batch["labels"][:2, 7:] == -100).all() and not batch["response_mask"][:2, 7:].any()
     logps = token_logprobs(model.hidden_states(batch["input_ids"]), model.output.weight, batch["labels"],
                            chunk_size=3)
@@ -427,12 +443,12 @@ def test_one_concatenated_pass_equals_two_separate_passes():
         torch.testing.assert_close(metrics[k], metrics2[k], rtol=1e-6, atol=1e-6)
     for k, p in model.named_parameters():
         torch.testing.assert_close(grads_one[k], p.grad, rtol=1e-5, atol=1e-7)
-    assert float(metrics["chosen_length"]) == (5 + 3) / 2 and float(metrics["rejected_length"]) == (8 + 2) / 2
+    assert metrics["chosen_length"] == 4 + 2 and metrics["rejected_length"] == 7 + 1  # sums over the 2 pairs
 
 
-def test_pair_logprobs_matches_float64_loop_and_guards_empty():
-    chosen, rejected = make_pairs(seed=14)
-    batch = concat_pairs(chosen, rejected)
+def test_pair_logprobs_matches_float64_loop_and_empty_responses():
+    _, _, pairs = make_pairs(seed=14)
+    batch = pair_batch(pairs, [0, 1], nll_on_prompt=True, pad_id=0)
     logps = -torch.rand(batch["labels"].shape, generator=torch.Generator().manual_seed(15)) * 3
     logps = torch.where(batch["labels"] != -100, logps, 0.0)
     stats = pair_logprobs(logps, batch["labels"], batch["response_mask"])
@@ -447,9 +463,12 @@ def test_pair_logprobs_matches_float64_loop_and_guards_empty():
     assert int(stats["chosen_nll_tokens"]) == len(nll_vals)
 
     resp = batch["response_mask"].clone()
-    resp[3] = False  # second pair's rejected response is empty
-    with pytest.raises(ValueError, match=r"empty rejected response in pair\(s\) \[1\]"):
-        pair_logprobs(logps, batch["labels"], resp)
+    resp[3] = False  # second pair's rejected response is empty: length 0, mean 0 (not NaN) ...
+    stats = pair_logprobs(logps, batch["labels"], resp)
+    assert int(stats["rejected_lengths"][1]) == 0 and float(stats["rejected_logps"][1]) == 0.0
+    with pytest.raises(ValueError, match=r"empty rejected response in pair\(s\) \[1\]"):  # ... refused for a real pair
+        orpo_loss(stats["chosen_nll_sum"], stats["chosen_logps"], stats["rejected_logps"],
+                  chosen_lengths=stats["chosen_lengths"], rejected_lengths=stats["rejected_lengths"])
     with pytest.raises(ValueError, match="not chosen \\+ rejected"):
         split_pairs(logps[:3])
 
@@ -457,27 +476,40 @@ def test_pair_logprobs_matches_float64_loop_and_guards_empty():
 # ----------------------------------------------------------------------------- metrics across ranks
 
 
-def test_mean_metrics_single_process_weights_by_pairs():
-    m1 = {"or_loss": torch.tensor(1.0), "margin": torch.tensor(0.5), "pairs": torch.tensor(2.0)}
-    m2 = {"or_loss": torch.tensor(4.0), "margin": torch.tensor(-1.0), "pairs": torch.tensor(6.0)}
-    out = mean_metrics([m1, m2])
-    assert out == pytest.approx({"or_loss": (2 * 1 + 6 * 4) / 8, "margin": (2 * 0.5 - 6) / 8, "pairs": 8.0})
-    assert all_reduce_sums({"x": torch.tensor(3.0), "n": 2}) == {"n": 2.0, "x": 3.0}
+def test_orpo_means_are_exact_means_of_the_sums():
+    """Two micro-batches of 2 and 6 pairs: summing orpo_loss's sums and dividing once gives the per-pair
+    means over all 8 pairs (not a mean of the two micro-batch means), and nll per token."""
+    g = torch.Generator().manual_seed(21)
+    a, b = -torch.rand(8, generator=g) * 2 - 0.01, -torch.rand(8, generator=g) * 2 - 0.01
+    parts = [orpo_loss(torch.tensor(0.0), a[s], b[s])[1] for s in (slice(0, 2), slice(2, 8))]
+    totals = {k: parts[0][k] + parts[1][k] for k in parts[0]}
+    totals.update(nll_sum=30.0, nll_tokens=12.0)
+    means = orpo_means(totals, beta=0.5)
+    whole = [f64_odds_ratio(float(x), float(y)) for x, y in zip(a, b)]
+    assert means["or_loss"] == pytest.approx(sum(l for l, _ in whole) / 8, rel=1e-6)
+    assert means["margin"] == pytest.approx(float((a.double() - b.double()).mean()), rel=1e-6)
+    assert means["nll"] == 2.5 and means["loss"] == pytest.approx(2.5 + 0.5 * means["or_loss"])
+    assert means["pairs"] == 8.0
+
+
+def test_global_mean_scale_undoes_deepspeeds_averaging():
+    # 3 ranks x 2 micro-batches, 60 target tokens in the global batch: each micro-batch's summed NLL times
+    # the scale, averaged over the 6 backward passes as DeepSpeed does, is sum(NLL) / 60.
+    assert global_mean_scale(60, world_size=3, grad_accum=2) == pytest.approx(6 / 60)
+    assert global_mean_scale(0, 1, 1) == 1.0  # no target at all: no division by zero
 
 
 RANK_SCRIPT = textwrap.dedent("""
-    import json, sys, torch, torch.distributed as dist
-    from minillm.losses import all_reduce_sums, mean_metrics
+    import json, sys, torch.distributed as dist
+    from minillm.engine import all_reduce_sum
     rank = int(sys.argv[1])
     dist.init_process_group("gloo", init_method="file://" + sys.argv[2], rank=rank, world_size=2)
-    mine = [{"or_loss": torch.tensor(1.0 + rank), "pairs": torch.tensor(2.0 + 3 * rank)}]
-    out = {"mean": mean_metrics(mine), "sums": all_reduce_sums({"tokens": 10.0 * (rank + 1)})}
-    print(json.dumps(out))
+    print(json.dumps(all_reduce_sum([10.0 * (rank + 1), 2.0 + 3 * rank], "cpu")))
     dist.destroy_process_group()
 """)
 
 
-def test_mean_metrics_across_two_gloo_ranks(tmp_path):
+def test_all_reduce_sum_across_two_gloo_ranks(tmp_path):
     repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [repo, os.environ.get("PYTHONPATH")]))}
     procs = [subprocess.Popen([sys.executable, "-c", RANK_SCRIPT, str(r), str(tmp_path / "rendezvous")],
@@ -488,7 +520,4 @@ def test_mean_metrics_across_two_gloo_ranks(tmp_path):
         assert p.returncode == 0, err
     import json
     for out, _ in outs:
-        result = json.loads(out.strip().splitlines()[-1])
-        # rank 0: or_loss 1 over 2 pairs; rank 1: or_loss 2 over 5 pairs
-        assert result["mean"] == pytest.approx({"or_loss": (2 * 1 + 5 * 2) / 7, "pairs": 7.0})
-        assert result["sums"] == {"tokens": 30.0}
+        assert json.loads(out.strip().splitlines()[-1]) == [30.0, 7.0]  # every rank gets the sums

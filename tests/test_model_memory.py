@@ -142,7 +142,7 @@ def test_checkpointing_modes_same_gradients_less_memory():
     ref_loss, ref_grads = loss_and_grads(model, ids, doc_ids)
     kept = {}
     for mode in ("none", "selective", "full"):
-        model.activation_checkpointing = mode
+        model.config.activation_checkpointing = mode
         loss, got = loss_and_grads(model, ids, doc_ids)
         assert torch.allclose(loss, ref_loss, rtol=1e-6), mode
         for name, g in got.items():
@@ -150,7 +150,7 @@ def test_checkpointing_modes_same_gradients_less_memory():
         kept[mode] = kept_bytes(lambda: model.hidden_states(ids, doc_ids=doc_ids))
     # full keeps each block's input only; selective keeps the matmul and attention outputs
     assert kept["full"] < 0.5 * kept["selective"] and kept["selective"] < 0.9 * kept["none"], kept
-    model.activation_checkpointing = "sometimes"
+    model.config.activation_checkpointing = "sometimes"
     with pytest.raises(ValueError, match="choose one of none, selective, full"):
         model.hidden_states(ids)
 
@@ -164,7 +164,7 @@ def test_compiled_blocks_match_eager(mode):
     ref_loss, ref_grads = loss_and_grads(model, ids, doc_ids)
     torch._dynamo.reset()
     torch._dynamo.utils.counters.clear()
-    model.activation_checkpointing = mode
+    model.config.activation_checkpointing = mode
     for layer in model.layers:
         layer.compile()
     loss, got = loss_and_grads(model, ids, doc_ids)

@@ -1,6 +1,6 @@
-"""The bundled bilingual sample world (minillm/sample_world.py).
+"""The bundled bilingual sample world (demo/sample_world.py, its lexicon in demo/words.py).
 
-Run: cd /work/main && python -m pytest -q tests/test_sample_world.py   (CPU, a few seconds)
+Run: .venv/bin/python -m pytest -q tests/test_sample_world.py   (CPU, a few seconds)
 
 Oracles: hand-written Estonian for every template family (checked by a speaker's rules, not by the
 generator's own tables), byte comparison of two independent runs, digit-run extraction for the bitext
@@ -9,12 +9,14 @@ numeral check, and a schema check per file written against the spec of each reco
 import io
 import json
 import re
+import sys
 from contextlib import redirect_stdout
 from pathlib import Path
 
 import pytest
 
-from minillm import sample_world as sw
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "demo"))
+import sample_world as sw  # noqa: E402
 
 
 @pytest.fixture(scope="module")

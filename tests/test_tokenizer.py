@@ -10,10 +10,11 @@ import random
 import pytest
 import transformers  # test-only oracle
 
-from minillm.tokenizer import (
-    CHAT_TOKENS, PIECE_BYTE, PIECE_CONTROL, PIECE_NORMAL, PIECE_UNKNOWN, PIECE_USER_DEFINED, Tokenizer,
-    check_vocab_fits, read_normalizer_spec, read_pieces, read_trainer_spec, rewrite_model_proto,
+from minillm.sentencepiece_model import (
+    PIECE_BYTE, PIECE_CONTROL, PIECE_NORMAL, PIECE_UNKNOWN, PIECE_USER_DEFINED, read_normalizer_spec, read_pieces,
+    read_trainer_spec, rewrite_model_proto,
 )
+from minillm.tokenizer import CHAT_TOKENS, Tokenizer, check_vocab_fits
 
 ESTONIAN = ("tere maailm kõik jõgi õun äri öö üks šokolaad žürii päev kool raamat sõber tänav metsas "
             "linnas hästi väga mõnus ülikool õpetaja õhtu öösel").split()

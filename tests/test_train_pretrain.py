@@ -23,7 +23,7 @@ def _text(rng, words, n_sentences):
 @pytest.fixture(scope="module")
 def world(tmp_path_factory):
     """A tokenizer and token shards for two 'languages', built from seeded random sentences."""
-    from minillm.data import prepare
+    from minillm.prepare import prepare
     from minillm.tokenizer import Tokenizer
 
     root = tmp_path_factory.mktemp("pretrain")
@@ -50,7 +50,7 @@ def run(world, out, *args, nproc=1, check=True, popen=False):
         "--preset", "tiny", "--tokenizer", world / "tokenizer",
         "--data", f"et={world / 'et_train'},en={world / 'en_train'}", "--mixture", "et=0.75,en=0.25",
         "--valid-data", f"et={world / 'et_valid'}", "--seq-len", "32", "--max-steps", STEPS, "--warmup-steps", "2",
-        "--lr", "1e-2", "--min-lr", "1e-3", "--eval-interval", "2", "--eval-batches", "1", "--log-interval", "1",
+        "--lr", "1e-2", "--min-lr", "1e-3", "--eval-interval", "2", "--eval-tokens", "128", "--log-interval", "1",
         "--out-dir", out, *args], nproc=nproc, check=check, popen=popen)
 
 
@@ -139,12 +139,12 @@ def test_sigterm_then_resume_equals_uninterrupted(world, tmp_path):
 
 def test_continue_from_hf_directory_starts_at_its_loss(world, single, tmp_path):
     """--init-from an exported model: step 1's loss is that model's loss on the first batch."""
-    from minillm.data import PackedLoader, parse_sources
-    from minillm.model import Llama
+    from minillm.hf import load_pretrained
+    from minillm.pretrain_data import PackedLoader, parse_sources
 
     run(world, tmp_path, "--init-from", str(single / "model"), "--tokenizer", "", "--micro-batch-size", "4",
         "--max-steps", "1", "--valid-data", "")
-    model = Llama.from_pretrained(single / "model").eval()
+    model = load_pretrained(single / "model").eval()
     loader = PackedLoader(parse_sources(f"et={world / 'et_train'},en={world / 'en_train'}"),
                           {"et": 0.75, "en": 0.25}, seq_len=32, batch_size=4, seed=1337)
     batch = loader.next_batch()

@@ -33,6 +33,7 @@ def translation_records(rng, n, held_out=()):
 @pytest.fixture(scope="module")
 def world(tmp_path_factory):
     """A tokenizer, a tiny random model in Hugging Face layout, and instruction files."""
+    from minillm.hf import save_pretrained
     from minillm.model import Llama, LlamaConfig
     from minillm.tokenizer import Tokenizer
 
@@ -41,7 +42,7 @@ def world(tmp_path_factory):
     texts = [json.dumps(r) for r in translation_records(random.Random(2), 200)]
     tok = Tokenizer.train(iter(texts), root / "tok", 400)
     config = LlamaConfig.from_preset("tiny", vocab_size=tok.vocab_size, max_seq_len=128)
-    Llama(config).save_pretrained(root / "init", tokenizer=tok)
+    save_pretrained(Llama(config), root / "init", tokenizer=tok)
     held_out = {("white", "fish")}
     for name, n in (("train", 48), ("valid", 8)):
         with open(root / f"{name}.jsonl", "w") as f:
@@ -78,7 +79,7 @@ def test_packed_and_unpacked_give_the_same_loss(world, tmp_path):
     p, u = metrics(tmp_path / "packed")[0], metrics(tmp_path / "plain")[0]
     assert p["response_tokens"] == u["response_tokens"]
     assert p["loss"] == pytest.approx(u["loss"], rel=1e-5)
-    assert p["val_loss_sft"] == pytest.approx(u["val_loss_sft"], rel=1e-5)
+    assert p["val_loss"] == pytest.approx(u["val_loss"], rel=1e-5)
 
 
 def test_loss_is_the_token_mean_over_all_responses(world, tmp_path):
@@ -86,12 +87,13 @@ def test_loss_is_the_token_mean_over_all_responses(world, tmp_path):
     independently with the plain model and F.cross_entropy in float64."""
     import torch.nn.functional as F
 
-    from minillm.chat_format import load_sft_jsonl, render
-    from minillm.model import Llama
+    from minillm.chat_format import render
+    from minillm.hf import load_pretrained
+    from minillm.sft_data import load_sft_jsonl
     from minillm.tokenizer import Tokenizer
 
     run(world, tmp_path, "--micro-batch-size", "64")
-    model, tok = Llama.from_pretrained(world / "init").double(), Tokenizer.from_pretrained(world / "init")
+    model, tok = load_pretrained(world / "init").double(), Tokenizer.from_pretrained(world / "init")
     nll, count = 0.0, 0
     with torch.no_grad():
         for record in load_sft_jsonl(world / "train.jsonl"):
@@ -113,7 +115,7 @@ def test_zero3_two_ranks_match_single_process(world, tmp_path):
     assert len(one) == len(two)
     for x, y in zip(one, two):
         assert y["loss"] == pytest.approx(x["loss"], rel=1e-4), x["step"]
-    assert two[-1]["val_loss_sft"] == pytest.approx(one[-1]["val_loss_sft"], rel=1e-4)
+    assert two[-1]["val_loss"] == pytest.approx(one[-1]["val_loss"], rel=1e-4)
 
 
 def test_stages_best_export_and_chat_template(world, tmp_path):
@@ -129,10 +131,10 @@ def test_stages_best_export_and_chat_template(world, tmp_path):
     run(world, out, "--train-data", f"{train};{train}", "--epochs", "2", "--micro-batch-size", "8")
     m = metrics(out)
     assert {r["stage"] for r in m} == {1, 2} and {r["epoch"] for r in m} == {1, 2}
-    vals = [r["val_loss_sft"] for r in m if "val_loss_sft" in r]
+    vals = [r["val_loss"] for r in m if "val_loss" in r]
     assert len(vals) == 4  # end of every epoch of every stage
     best = [r for r in m if r.get("best")]
-    assert best and best[-1]["val_loss_sft"] == min(vals)
+    assert best and best[-1]["val_loss"] == min(vals)
     model_dir = out / "model"
     assert (model_dir / "model.safetensors").exists()
     hf_tok = AutoTokenizer.from_pretrained(model_dir)
@@ -163,6 +165,7 @@ def test_fine_tuned_tiny_model_answers_a_held_out_instruction(world, tmp_path):
     (both formats) with the white fish held out: it must answer the unseen instruction."""
     from minillm.chat_format import render
     from minillm.generate import generate
+    from minillm.hf import load_pretrained, save_pretrained
     from minillm.model import Llama, LlamaConfig
     from minillm.tokenizer import Tokenizer
 
@@ -178,12 +181,12 @@ def test_fine_tuned_tiny_model_answers_a_held_out_instruction(world, tmp_path):
     data.write_text("".join(json.dumps(r) + "\n" for r in records))
     tok = Tokenizer.from_pretrained(world / "init")
     torch.manual_seed(0)
-    Llama(LlamaConfig.from_preset("tiny", vocab_size=tok.vocab_size, max_seq_len=128)).save_pretrained(
-        tmp_path / "init", tokenizer=tok)
+    save_pretrained(Llama(LlamaConfig.from_preset("tiny", vocab_size=tok.vocab_size, max_seq_len=128)),
+                    tmp_path / "init", tokenizer=tok)
     run(world, tmp_path / "run", "--init-from", str(tmp_path / "init"), "--train-data", str(data),
         "--valid-data", "", "--epochs", "30", "--micro-batch-size", "16", "--warmup-steps", "5",
         "--min-lr", "3e-4", "--log-interval", "50")
-    model = Llama.from_pretrained(tmp_path / "run" / "model")
+    model = load_pretrained(tmp_path / "run" / "model")
     tok = Tokenizer.from_pretrained(tmp_path / "run" / "model")
     prompt, _ = render([{"role": "user", "content": "The fish is white. What colour is the fish?"}], tok,
                        add_generation_prompt=True)

@@ -13,8 +13,10 @@ import pytest
 import torch
 import transformers  # test-only oracle
 
+from minillm.hf import load_pretrained, save_pretrained
 from minillm.model import Llama, LlamaConfig
-from minillm.tokenizer import CHAT_TOKENS, PIECE_NORMAL, PIECE_USER_DEFINED, Tokenizer, read_pieces
+from minillm.sentencepiece_model import PIECE_NORMAL, PIECE_USER_DEFINED, read_pieces
+from minillm.tokenizer import CHAT_TOKENS, Tokenizer
 from minillm.vocab import (
     extend_tokenizer, init_rows_from_old, main, new_pieces, resize_embeddings, tokens_per_word,
     train_target_tokenizer,
@@ -176,7 +178,7 @@ def test_resize_embeddings_rejects_bad_requests(setup):
 def test_cli_extends_tokenizer_and_model(setup, tmp_path, capsys):
     root, base, _, _ = setup
     model = tiny_model(base.vocab_size, tie=False)
-    model.save_pretrained(tmp_path / "base_model", tokenizer=base)
+    save_pretrained(model, tmp_path / "base_model", tokenizer=base)
     ids = torch.tensor([base.encode("the water was long", bos=True)])
     with torch.no_grad():
         old_logits = model(ids)
@@ -195,7 +197,7 @@ def test_cli_extends_tokenizer_and_model(setup, tmp_path, capsys):
     assert merged.vocab_size == report["merged_vocab_size"] == base.vocab_size + report["added_pieces"]
     assert Tokenizer.from_pretrained(tmp_path / "et_model").model_proto == merged.model_proto
 
-    resized = Llama.from_pretrained(tmp_path / "et_model").eval()
+    resized = load_pretrained(tmp_path / "et_model").eval()
     assert resized.config.vocab_size == report["model_vocab_size"] == ((merged.vocab_size + 63) // 64) * 64
     with torch.no_grad():
         torch.testing.assert_close(resized(ids)[..., :base.vocab_size], old_logits, atol=1e-5, rtol=1e-5)
@@ -203,12 +205,16 @@ def test_cli_extends_tokenizer_and_model(setup, tmp_path, capsys):
     assert hf.get_input_embeddings().weight.shape[0] == resized.config.vocab_size
 
 
-def test_cli_errors_are_one_line(setup, tmp_path):
+def test_cli_errors_are_one_line(setup, tmp_path, capsys):
     root, base, _, _ = setup
-    with pytest.raises(SystemExit, match="tokenizer.model"):
+    with pytest.raises(SystemExit) as e:
         main(["extend", "--base", str(tmp_path), "--corpus", str(root / "et.txt"),
               "--new-vocab-size", "700", "--out", str(tmp_path / "o")])
+    err = capsys.readouterr().err
+    assert e.value.code == 1 and err.startswith("error: ") and "tokenizer.model" in err and err.count("\n") == 1
     base.save_pretrained(tmp_path / "base")
-    with pytest.raises(SystemExit, match="missing.txt"):
+    with pytest.raises(SystemExit) as e:
         main(["extend", "--base", str(tmp_path / "base"), "--corpus", str(tmp_path / "missing.txt"),
               "--new-vocab-size", "700", "--out", str(tmp_path / "o")])
+    err = capsys.readouterr().err
+    assert e.value.code == 1 and err.startswith("error: ") and "missing.txt" in err and err.count("\n") == 1

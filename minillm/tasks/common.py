@@ -6,11 +6,10 @@ A task file `<name>.task.json` describes one task:
     {"name": "estcopa", "type": "multiple_choice", "language": "et", "data": "estcopa.test.jsonl",
      "dev_data": "estcopa.dev.jsonl", "templates": ["{premise} ...", ...], "few_shot": 0}
 Paths are relative to the task file. Records are JSON Lines, one object per line; each task module lists
-the fields it needs and checks them (see docs/evaluation.md for every schema).
+the fields it needs and checks them (the README's evaluation section lists every schema).
 """
 from __future__ import annotations
 
-import json
 import random
 import string
 from dataclasses import dataclass
@@ -19,37 +18,14 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
+from minillm.files import json_object, read_json_objects
+
 SPEC_KEYS = {"name", "type", "language", "data", "dev_data", "templates", "few_shot", "description",
              "mode", "choice_format",  # multiple_choice
              "refusal_patterns"}  # safety
 
 
 # ----------------------------------------------------------------------------- reading task files
-
-def read_jsonl(path: Path) -> tuple[list[dict], list[int]]:
-    """Records of a JSON Lines file and their 1-based line numbers; blank lines are skipped."""
-    try:
-        lines = path.read_text(encoding="utf-8").splitlines()
-    except OSError as e:
-        raise ValueError(f"{path}:1: cannot read data file ({e.strerror or e})") from None
-    except UnicodeDecodeError as e:
-        raise ValueError(f"{path}:1: not UTF-8 text ({e})") from None
-    records, numbers = [], []
-    for number, line in enumerate(lines, 1):
-        if not line.strip():
-            continue
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise ValueError(f"{path}:{number}: invalid JSON ({e.msg})") from None
-        if not isinstance(record, dict):
-            raise ValueError(f"{path}:{number}: expected a JSON object, got {type(record).__name__}")
-        records.append(record)
-        numbers.append(number)
-    if not records:
-        raise ValueError(f"{path}:1: empty task file (no records)")
-    return records, numbers
-
 
 def _line_of_key(text: str, key: str) -> int:
     """1-based line of `"key"` in a JSON text (for errors about the task spec itself), else 1."""
@@ -120,12 +96,7 @@ def load_task(spec_path, task_types: dict, mc_mode: str | None = None, limit: in
         raise ValueError(f"{spec_path}:1: cannot read task file ({e.strerror or e})") from None
     if not text.strip():
         raise ValueError(f"{spec_path}:1: empty task file")
-    try:
-        spec = json.loads(text)
-    except json.JSONDecodeError as e:
-        raise ValueError(f"{spec_path}:{e.lineno}: invalid JSON ({e.msg})") from None
-    if not isinstance(spec, dict):
-        raise ValueError(f"{spec_path}:1: a task file must be a JSON object")
+    spec = json_object(text, spec_path)
     for key in spec:
         if key not in SPEC_KEYS:
             raise ValueError(f"{spec_path}:{_line_of_key(text, key)}: unknown key '{key}' "
@@ -158,7 +129,8 @@ def load_task(spec_path, task_types: dict, mc_mode: str | None = None, limit: in
         if not isinstance(spec[key], str):
             raise ValueError(f"{spec_path}:{_line_of_key(text, key)}: '{key}' must be a file name")
         data_path = spec_path.parent / spec[key]
-        records, lines = read_jsonl(data_path)
+        numbered = read_json_objects(data_path)
+        records, lines = [r for _, r in numbered], [n for n, _ in numbered]
         if limit > 0:
             records, lines = records[:limit], lines[:limit]
         prefix = "" if key == "data" else "dev_"
@@ -180,19 +152,25 @@ def load_task(spec_path, task_types: dict, mc_mode: str | None = None, limit: in
 
 # ----------------------------------------------------------------------------- evaluation context
 
-@dataclass
-class EvalContext:
+@dataclass(kw_only=True)
+class GenerationOptions:
+    """How generative tasks generate: greedy by default; LLAMMAS samples with temperature 0.6, top_p 0.9,
+    repetition_penalty 1.2."""
+    max_new_tokens: int = 128  # longest answer, in tokens
+    temperature: float = 0.0  # 0 = greedy
+    top_k: int = 0  # keep the k most likely tokens; 0 = all
+    top_p: float = 1.0  # nucleus sampling mass, in (0, 1]
+    repetition_penalty: float = 1.0  # > 1 makes tokens already seen less likely (CTRL)
+    seed: int = 0  # sampling seed
+    batch_size: int = 8  # prompts per forward pass
+
+
+@dataclass(kw_only=True)
+class EvalContext(GenerationOptions):
     """The model, its tokenizer and the run's settings, handed to every task."""
     model: torch.nn.Module
     tokenizer: object
     prompt_format: str = "raw"  # 'chat' | 'alpaca' | 'raw'
-    batch_size: int = 8
-    max_new_tokens: int = 128
-    temperature: float = 0.0
-    top_k: int = 0
-    top_p: float = 1.0
-    repetition_penalty: float = 1.0
-    seed: int = 0
     progress: bool = True
     few_shot: int | None = None  # overrides every task file's "few_shot" when set
     system_prompt: str | None = None  # chat format only: a system turn before the prompt
@@ -410,10 +388,6 @@ PROMPT_WORDS = {
     "en": {"context": "Context", "question": "Question", "answer": "Answer"},
     "et": {"context": "Kontekst", "question": "Küsimus", "answer": "Vastus"},
     "pl": {"context": "Kontekst", "question": "Pytanie", "answer": "Odpowiedź"},
-}
-LANGUAGE_NAMES = {
-    "en": "English", "et": "Estonian", "pl": "Polish", "fi": "Finnish", "lv": "Latvian", "lt": "Lithuanian",
-    "de": "German", "fr": "French", "ru": "Russian", "uk": "Ukrainian", "cs": "Czech", "es": "Spanish",
 }
 
 

@@ -11,7 +11,8 @@ from __future__ import annotations
 import sys
 
 from minillm.metrics import bleu, chrf_pp
-from minillm.tasks.common import (LANGUAGE_NAMES, default_stop, mean, prompt_and_generate, require,
+from minillm.languages import language_name
+from minillm.tasks.common import (default_stop, mean, prompt_and_generate, require,
                                   verbosity_metrics)
 
 PRIMARY = "chrf++"
@@ -25,8 +26,7 @@ def check_record(record: dict, where: str, spec: dict):
 
 def template_fields(record: dict, spec: dict) -> dict:
     """The record plus {src_name} / {tgt_name}: English names of the languages ('Estonian')."""
-    return {**record, "src_name": LANGUAGE_NAMES.get(record["src_lang"], record["src_lang"]),
-            "tgt_name": LANGUAGE_NAMES.get(record["tgt_lang"], record["tgt_lang"])}
+    return {**record, "src_name": language_name(record["src_lang"]), "tgt_name": language_name(record["tgt_lang"])}
 
 
 def default_templates(spec: dict) -> list[str]:

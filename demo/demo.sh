@@ -1,38 +1,38 @@
 #!/usr/bin/env bash
 # The whole pipeline on the bundled sample world, on CPU: `make demo` runs this.
-#   bash scripts/demo.sh PYTHON DATA_DIR RUN_DIR
+#   bash demo/demo.sh PYTHON DATA_DIR RUN_DIR
 set -euo pipefail
 PY=${1:-python}; DATA=${2:-data/sample}; RUN=${3:-runs/demo}
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-2}
 
 echo "== 1. sample world (English + Estonian) -> $DATA"
-$PY -m minillm.sample_world --out "$DATA" --seed 0 | tail -1
+$PY demo/sample_world.py --out "$DATA" --seed 0 | tail -1
 echo "== 2. tokenizer (BPE, byte fallback, 2000 pieces)"
 $PY -m minillm.tokenizer train --input "$DATA"/pretrain/et/train.jsonl "$DATA"/pretrain/en/train.jsonl \
     --vocab-size 2000 --out "$RUN/tokenizer"
 echo "== 3. token shards"
 for lang in et en; do for split in train valid; do
-  $PY -m minillm.data prepare --tokenizer "$RUN/tokenizer" --input "$DATA/pretrain/$lang/$split.jsonl" \
+  $PY -m minillm.prepare --tokenizer "$RUN/tokenizer" --input "$DATA/pretrain/$lang/$split.jsonl" \
       --out "$RUN/tokens/${lang}_$split" --name "${lang}_$split"
 done; done
 echo "== 4. continual pretraining, 75% Estonian / 25% English"
-$PY train_pretrain.py --out-dir "$RUN/pretrain" --tokenizer "$RUN/tokenizer" \
+$PY train_pretrain.py --overwrite --out-dir "$RUN/pretrain" --tokenizer "$RUN/tokenizer" \
     --data "et=$RUN/tokens/et_train,en=$RUN/tokens/en_train" \
     --valid-data "et=$RUN/tokens/et_valid,en=$RUN/tokens/en_valid"
 echo "== 5. translation-task instructions from the bitext (25% Estonian -> English, as LLAMMAS)"
 $PY -m minillm.instructions translate --tsv "$DATA/bitext/en-et.tsv" --src-lang en --tgt-lang et \
     --reverse-share 0.25 --format chat --out "$RUN/sft_data/trtask.jsonl" --seed 0 | tail -3
 echo "== 6. instruction tuning: translation tasks + Estonian/English instructions, loss on responses only"
-$PY train_sft.py --init-from "$RUN/pretrain/model" --out-dir "$RUN/sft" \
+$PY train_sft.py --overwrite --init-from "$RUN/pretrain/model" --out-dir "$RUN/sft" \
     --train-data "$RUN/sft_data/trtask.jsonl,$DATA/sft/alpaca_et.jsonl,$DATA/sft/alpaca_en.jsonl,$DATA/sft/chat_en.jsonl" \
     --valid-data "$DATA/sft/valid.jsonl" --epochs 2 --seq-len 256 --micro-batch-size 16 --lr 1e-3 --min-lr 1e-4 \
     --log-interval 20
 echo "== 7. ORPO preference alignment"
-$PY train_orpo.py --init-from "$RUN/sft/model" --out-dir "$RUN/orpo" --train-data "$DATA/preferences/train.jsonl" \
+$PY train_orpo.py --overwrite --init-from "$RUN/sft/model" --out-dir "$RUN/orpo" --train-data "$DATA/preferences/train.jsonl" \
     --valid-data "$DATA/preferences/valid.jsonl" --epochs 1 --seq-len 256 --micro-batch-size 8 --lr 2e-4 \
     --min-lr 2e-5 --eval-interval 25 --log-interval 25
 echo "== 8. held-out instructions (never seen in training)"
-$PY scripts/heldout_check.py --model "$RUN/orpo/model" --data "$DATA/sft/heldout.jsonl" --limit 10
+$PY demo/heldout_check.py --model "$RUN/orpo/model" --data "$DATA/sft/heldout.jsonl" --limit 10
 echo "== 9. evaluation of the SFT and ORPO models on the sample tasks"
 $PY evaluate.py --model "$RUN/sft/model" --tasks "$DATA/eval" --prompt-format chat --out "$RUN/eval_sft" \
     --max-new-tokens 48 --limit 20 --progress false > /dev/null

@@ -1,0 +1,312 @@
+"""A run's directory: resumable checkpoints, the exported model, the options, and what protects them.
+
+    OUT_DIR/options.json            the options of the run (written once the run has really started)
+    OUT_DIR/metrics.jsonl           one JSON object per step (minillm.monitor.MetricsLog)
+    OUT_DIR/checkpoints/step_N/     DeepSpeed's shards, trainer_state.json, RNG states (safetensors)
+    OUT_DIR/checkpoints/latest      the name of the newest complete checkpoint ("step_0000200")
+    OUT_DIR/model/                  the exported model in Hugging Face layout, + training_state.json
+    OUT_DIR/README.md               what is where, how to resume, how to evaluate
+
+Promises (each tested): a checkpoint appears complete or not at all (written under checkpoints/.tmp,
+renamed in, then `latest` replaced atomically); `latest` never names a missing directory; a step is saved
+once; a failed save (a full disk) removes its temporary files, leaves `latest` and the older
+checkpoints as they were, and stops with one line naming the path and the free space; resuming loads
+no pickled object other than tensors and DeepSpeed's own bookkeeping types (a planted pickle is
+refused), and `latest` must name a step_N directory of this run.
+"""
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import errno
+import hashlib
+import json
+import os
+import pickle
+import re
+import shutil
+import signal
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+from minillm.engine import all_reduce_sum
+from minillm.files import atomic_write, to_json
+from minillm.options import RUN_FILES
+
+TAG = re.compile(r"step_\d{7}")
+
+
+def options_hash(cfg) -> str:
+    return hashlib.sha256(json.dumps(dataclasses.asdict(cfg), sort_keys=True).encode()).hexdigest()[:16]
+
+
+# ----------------------------------------------------------------------------- the run directory
+
+def start_run(cfg, rank: int, resumed_step: int, readme: str):
+    """Once the run has really started (data read, engine built): with --overwrite delete the old run's
+    files, keep only metrics of steps up to the resumed one, write options.json and README.md (rank 0)."""
+    out = Path(cfg.out_dir)
+    if rank == 0:
+        out.mkdir(parents=True, exist_ok=True)
+        if cfg.overwrite:
+            for name in RUN_FILES:
+                path = out / name
+                shutil.rmtree(path) if path.is_dir() else path.unlink(missing_ok=True)
+        metrics = out / "metrics.jsonl"
+        if metrics.exists():  # a resumed run rewrites the steps after its checkpoint
+            kept = [line for line in metrics.read_text(encoding="utf-8").splitlines()
+                    if line.strip() and json.loads(line).get("step", 0) <= resumed_step]
+            atomic_write(metrics, "".join(line + "\n" for line in kept))
+        atomic_write(out / "options.json", to_json(dataclasses.asdict(cfg)))
+        atomic_write(out / "README.md", readme)
+    if dist.is_initialized():
+        dist.barrier()
+
+
+def run_readme(script: str, cfg, what: str) -> str:
+    """The README.md written into each run directory."""
+    return f"""# {Path(cfg.out_dir).name}: {what}
+
+Written by `{script}`; `options.json` holds every option of the run.
+
+| path | what |
+|---|---|
+| `options.json` | the options this run used (also saved inside every checkpoint) |
+| `metrics.jsonl` | one JSON object per optimizer step: loss, learning rate, tokens/s, MFU, validation metrics |
+| `checkpoints/step_N/` | resumable state: weights, optimizer, data position, RNG (DeepSpeed format) |
+| `checkpoints/latest` | the name of the newest complete checkpoint |
+| `model/` | the result in Hugging Face layout (safetensors, config, tokenizer); `training_state.json` says which step it is |
+
+Resume after an interruption: the same command with `--resume` (same `--out-dir`).
+Plots: `python -m minillm.report {cfg.out_dir}`.
+Evaluate: `python evaluate.py --model {Path(cfg.out_dir) / 'model'} --tasks TASK_DIR --prompt-format chat`
+(`raw` for a pretrained model).
+"""
+
+
+# ----------------------------------------------------------------------------- saving
+
+def latest_tag(root: Path) -> str | None:
+    try:
+        return (root / "latest").read_text(encoding="utf-8").strip()
+    except OSError:
+        return None
+
+
+def _write_error(e: BaseException, path: Path) -> str:
+    """One line for a failed checkpoint write: what failed, where, and how much space is left."""
+    try:
+        free = shutil.disk_usage(path if path.exists() else path.parent).free
+    except OSError:
+        free = -1
+    text = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+    no_space = getattr(e, "errno", None) == errno.ENOSPC or "no space left" in str(e).lower() or 0 <= free < 16 << 20
+    reason = "no space left on device" if no_space else text
+    return f"cannot write checkpoint {path}: {reason} ({free / 2**30:.2f} GiB free there); removed the partial " \
+           f"checkpoint, the previous one and 'latest' are intact"
+
+
+def save_checkpoint(engine, out_dir, step: int, trainer_state: dict, keep: int = 2) -> Path:
+    """Write `out_dir/checkpoints/step_N` (every rank calls this), then point `latest` at it.
+
+    DeepSpeed writes each rank's shard into `.tmp/step_N`; only when every rank succeeded does rank 0
+    rename it into place, replace `latest` (atomic_write) and delete the oldest checkpoints beyond `keep`
+    (never the one `latest` names). trainer_state (step, data position, options) goes in
+    trainer_state.json, RNG states in safetensors: nothing of ours is pickled."""
+    from safetensors.torch import save_file
+
+    root = Path(out_dir) / "checkpoints"
+    tag = f"step_{step:07d}"
+    final, tmp = root / tag, root / ".tmp" / tag
+    rank = dist.get_rank()
+    if latest_tag(root) == tag and final.is_dir():
+        return final  # this step is saved already (a step is saved once)
+    failed = 0.0
+    try:
+        if rank == 0:
+            shutil.rmtree(tmp, ignore_errors=True)
+            tmp.mkdir(parents=True)
+        dist.barrier()
+        engine.save_checkpoint(str(root / ".tmp"), tag=tag, save_latest=False)
+        rng = {"torch": torch.get_rng_state()}
+        if torch.cuda.is_available():
+            rng["cuda"] = torch.cuda.get_rng_state()
+        save_file(rng, str(tmp / f"rng_state_rank{rank}.safetensors"))
+        if rank == 0:
+            atomic_write(tmp / "trainer_state.json", to_json(trainer_state, indent=1))
+    except Exception as e:  # noqa: BLE001 - every rank must reach the agreement below
+        failed, error = 1.0, e
+    if all_reduce_sum([failed], engine.device)[0] > 0:
+        message = _write_error(error, tmp) if failed else f"cannot write checkpoint {tmp}: another rank failed"
+        if rank == 0:
+            shutil.rmtree(root / ".tmp", ignore_errors=True)
+        raise OSError(message) from None
+    if rank == 0:
+        if final.exists():  # a leftover that `latest` does not name (checked above): replace it
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+        shutil.rmtree(root / ".tmp", ignore_errors=True)
+        atomic_write(root / "latest", tag)
+        old = sorted(p for p in root.glob("step_*") if p.is_dir() and p.name != tag)
+        for p in old[: max(len(old) - (keep - 1), 0)]:
+            shutil.rmtree(p, ignore_errors=True)
+    dist.barrier()
+    return final
+
+
+# ----------------------------------------------------------------------------- loading
+
+def _deepspeed_safe_globals() -> list:
+    """The non-tensor types DeepSpeed's checkpoints hold (ZeRO 0-3, fp32 and bf16): bookkeeping enums
+    and containers. Everything else is refused when resuming."""
+    import collections
+
+    from deepspeed.runtime.zero.config import ZeroStageEnum
+    from deepspeed.utils.tensor_fragment import fragment_address
+    safe = [ZeroStageEnum, fragment_address, collections.OrderedDict, collections.defaultdict, dict, set]
+    try:
+        from deepspeed.runtime.fp16.loss_scaler import LossScaler, DynamicLossScaler
+        safe += [LossScaler, DynamicLossScaler]
+    except ImportError:
+        pass
+    return safe
+
+
+@contextlib.contextmanager
+def weights_only_loading():
+    """Every torch.load inside (DeepSpeed's too, which asks for weights_only=False) unpickles only tensors,
+    plain containers and DeepSpeed's bookkeeping types."""
+    before = os.environ.get("TORCH_FORCE_WEIGHTS_ONLY_LOAD")
+    os.environ["TORCH_FORCE_WEIGHTS_ONLY_LOAD"] = "1"
+    try:
+        with torch.serialization.safe_globals(_deepspeed_safe_globals()):
+            yield
+    finally:
+        if before is None:
+            os.environ.pop("TORCH_FORCE_WEIGHTS_ONLY_LOAD", None)
+        else:
+            os.environ["TORCH_FORCE_WEIGHTS_ONLY_LOAD"] = before
+
+
+def load_checkpoint(engine, out_dir, model_config: dict | None = None) -> dict | None:
+    """Restore engine (weights, optimizer, DeepSpeed state) and RNG from the `latest` checkpoint.
+    Returns its trainer_state, or None when there is nothing to resume. Every problem (a `latest` that
+    does not name a checkpoint of this run, missing or damaged files, a checkpoint of another model, a
+    file holding anything but tensors) is a ValueError naming the file."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    root = Path(out_dir) / "checkpoints"
+    tag = latest_tag(root)
+    if tag is None:
+        return None
+    path = root / tag
+    if not TAG.fullmatch(tag) or not path.is_dir() or path.is_symlink() or path.resolve().parent != root.resolve():
+        raise ValueError(f"{root / 'latest'}: names {tag[:60]!r}, which is not a step_NNNNNNN checkpoint directory "
+                         f"of this run")
+    state_file = path / "trainer_state.json"
+    try:
+        state = json.loads(state_file.read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError) as e:
+        raise ValueError(f"{state_file}: missing or damaged ({e})") from None
+    if model_config is not None and state.get("model_config") not in (None, model_config):
+        diff = [k for k in model_config if state["model_config"].get(k) != model_config[k]]
+        raise ValueError(f"{state_file}: the checkpoint is of another model ({', '.join(diff[:3])} differ); "
+                         "resume with the options it was written with")
+    try:
+        with weights_only_loading():
+            loaded, _ = engine.load_checkpoint(str(root), tag=tag)
+    except pickle.UnpicklingError as e:
+        culprit = re.search(r"GLOBAL ([\w.]+)", str(e))
+        raise ValueError(f"{path}: refused to load: a file there holds a pickled object that is not a tensor or "
+                         f"DeepSpeed state ({culprit.group(1) if culprit else 'unknown type'}); resume only from "
+                         "checkpoints minillm wrote") from None
+    except (RuntimeError, OSError, EOFError, KeyError, AssertionError) as e:
+        text = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise ValueError(f"{path}: cannot load this checkpoint ({text[:200]})") from None
+    if loaded is None:
+        raise ValueError(f"{path}: DeepSpeed found no checkpoint there (files missing?)")
+    rng_file = path / f"rng_state_rank{dist.get_rank()}.safetensors"
+    try:
+        rng = load_file(str(rng_file))
+    except (OSError, SafetensorError) as e:
+        raise ValueError(f"{rng_file}: missing or damaged ({e}); was the run on another number of ranks?") from None
+    torch.set_rng_state(rng["torch"])
+    if "cuda" in rng and torch.cuda.is_available():
+        torch.cuda.set_rng_state(rng["cuda"])
+    return state
+
+
+# ----------------------------------------------------------------------------- exporting
+
+def export_model(engine, model, out_dir, tokenizer, chat_template: str | None = None, state: dict | None = None):
+    """Write the model in Hugging Face layout (+ tokenizer, chat template and training_state.json: which step,
+    which validation loss, which options) to out_dir, for the next stage, transformers, vLLM or lm-eval.
+    Under ZeRO-3 each rank holds a slice of every weight: GatheredParameters assembles them (rank 0 writes)."""
+    import deepspeed
+
+    from minillm.hf import save_pretrained
+
+    zero3 = engine.zero_optimization_stage() == 3
+    gathered = deepspeed.zero.GatheredParameters(list(model.parameters()), modifier_rank=None) if zero3 \
+        else contextlib.nullcontext()
+    with gathered:
+        if dist.get_rank() == 0:
+            save_pretrained(model, out_dir, tokenizer=tokenizer, chat_template=chat_template,
+                            extra_files={"training_state.json": to_json(state or {})})
+    dist.barrier()
+
+
+class ExportedModel:
+    """OUT_DIR/model, the result of a stage: with `by_validation` the model with the best validation loss so
+    far (LLAMMAS keeps that checkpoint), else the model after the last step. `update(record, last)` after
+    every step exports when the record makes it so (and marks the record "best"); training_state.json in
+    the directory names the step, its validation loss and the options' hash; `best` goes into checkpoints
+    so a resumed run keeps comparing against it."""
+
+    def __init__(self, engine, model, tokenizer, cfg, chat_template: str | None = None, by_validation: bool = True,
+                 best: dict | None = None):
+        self.engine, self.model, self.tokenizer, self.cfg = engine, model, tokenizer, cfg
+        self.chat_template, self.by_validation = chat_template, by_validation
+        self.best = best or {"step": 0, "val_loss": None}
+        self.path = Path(cfg.out_dir) / "model"
+
+    def update(self, record: dict, last: bool):
+        val = record.get("val_loss")
+        better = self.by_validation and val is not None and (self.best["val_loss"] is None or val < self.best["val_loss"])
+        if better or (last and not self.by_validation):
+            self.best = {"step": record["step"], "val_loss": val}
+            record["best"] = True
+            export_model(self.engine, self.model, self.path, self.tokenizer, self.chat_template,
+                         state={**self.best, "options_sha256": options_hash(self.cfg)})
+
+    def summary(self) -> str:
+        how = f", the best val_loss {self.best['val_loss']:.4f}" if self.by_validation else ", the last step"
+        return f"exported {self.path} (Hugging Face layout): step {self.best['step']}{how}"
+
+
+def save_checkpoint_if_due(engine, cfg, step: int, total: int, trainer_state, preemption):
+    """save_checkpoint after every --save-interval steps (0 = none in between), after the last step, and when a
+    SIGTERM arrived (every rank agrees; the loop then stops, see Preemption.stop). trainer_state() gives
+    what the checkpoint records besides DeepSpeed's state."""
+    if preemption.requested(engine.device) or step == total or (cfg.save_interval and step % cfg.save_interval == 0):
+        save_checkpoint(engine, cfg.out_dir, step, trainer_state(), keep=cfg.keep_checkpoints)
+
+
+class Preemption:
+    """SIGTERM (cluster preemption) sets a flag; at the end of the step every rank asks `requested()` together
+    (an all-reduce), so all save the same step even if the signal reached only some of them; then `stop` is
+    True and the loop ends."""
+
+    def __init__(self):
+        self.flag, self.stop = False, False
+        signal.signal(signal.SIGTERM, self._handler)
+
+    def _handler(self, signum, frame):
+        self.flag = True
+
+    def requested(self, device) -> bool:
+        self.stop = all_reduce_sum([float(self.flag)], device)[0] > 0
+        return self.stop

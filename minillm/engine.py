@@ -1,0 +1,250 @@
+"""The training machinery the three scripts share: process group, DeepSpeed engine, LR schedule, metric sums.
+
+The scripts hold the loop; this module holds what one loop iteration calls: `setup_distributed` (a group
+of one for `python script.py`, the torchrun group otherwise), `build_engine` (AdamW in a DeepSpeed
+engine, ZeRO 0-3), `lr_at`, `engine_step` (one micro-batch's optimizer step, reporting the gradient
+norm) and `all_reduce_sum` (scalars summed over ranks: every logged metric is a global sum / count).
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import random
+import socket
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+
+# ----------------------------------------------------------------------------- processes
+
+
+def setup_distributed(seed: int):
+    """Join (or create) the process group and seed every generator; returns (rank, world_size, device).
+
+    Under torchrun the environment names the group. A plain `python train_x.py` becomes a group of one on
+    a free local port (without RANK/WORLD_SIZE DeepSpeed tries MPI discovery: "No module named 'mpi4py'").
+    On CPU, DeepSpeed's shared-memory all-reduce extension is not used: it is JIT-compiled at every
+    start under a lock in ~/.cache/torch_extensions, and a start killed while holding that lock makes
+    every later DeepSpeed process on the machine wait forever. gloo's all-reduce serves instead.
+    """
+    import importlib
+
+    import deepspeed
+
+    if "RANK" not in os.environ:
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    cuda = torch.cuda.is_available()
+    if not cuda:  # (the attribute deepspeed.comm.torch is PyTorch itself: fetch the submodule by name)
+        importlib.import_module("deepspeed.comm.torch").build_shm_op = lambda: None
+    local_rank = int(os.environ.get("LOCAL_RANK", 0))
+    if cuda:
+        torch.cuda.set_device(local_rank)
+    deepspeed.init_distributed(dist_backend="nccl" if cuda else "gloo", verbose=False)
+    device = torch.device("cuda", local_rank) if cuda else torch.device("cpu")
+    seed_everything(seed)
+    return dist.get_rank(), dist.get_world_size(), device
+
+
+def teardown_distributed():
+    """Destroy the group explicitly: leaving it to interpreter exit aborts (SIGABRT) under ZeRO-3 + gloo."""
+    if dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
+
+
+def all_reduce_sum(values: list[float], device) -> list[float]:
+    """Sum a few Python scalars over ranks, in float64 (metrics travel as sums, never as tensors of logits)."""
+    t = torch.tensor([float(v) for v in values], dtype=torch.float64, device=device)
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        dist.all_reduce(t)
+    return t.tolist()
+
+
+def print0(*args, **kwargs):
+    """print on rank 0 only (every rank runs the script; one of them speaks)."""
+    if not dist.is_initialized() or dist.get_rank() == 0:
+        print(*args, **kwargs, flush=True)
+
+
+def seed_everything(seed: int):
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def batch_to(batch: dict, device) -> dict:
+    return {k: v.to(device, non_blocking=True) for k, v in batch.items()}
+
+
+def model_inputs(batch: dict) -> dict:
+    """The keys of a batch that Llama.forward takes."""
+    return {k: batch[k] for k in ("input_ids", "labels", "position_ids", "doc_ids") if k in batch}
+
+
+# ----------------------------------------------------------------------------- engine
+
+def use_bf16(device) -> bool:
+    """bf16 on GPUs that support it; fp32 on CPU (CPU bf16 matmuls are slow and not what tests need)."""
+    return device.type == "cuda" and torch.cuda.is_bf16_supported()
+
+
+def deepspeed_config(cfg, device) -> dict:
+    """The DeepSpeed JSON built from the script's options; a user's `--deepspeed file.json` is merged on top."""
+    ds = {
+        "train_micro_batch_size_per_gpu": cfg.micro_batch_size,
+        "gradient_accumulation_steps": cfg.grad_accum,
+        "gradient_clipping": cfg.grad_clip,
+        "zero_optimization": {"stage": cfg.zero_stage},
+        "bf16": {"enabled": use_bf16(device)},
+        "steps_per_print": 10**9,  # we print our own log line
+        "wall_clock_breakdown": False,
+    }
+    if cfg.zero_stage == 3:  # gather the whole model when saving, so export needs no offline conversion
+        ds["zero_optimization"]["stage3_gather_16bit_weights_on_model_save"] = True
+    if cfg.deepspeed:
+        try:
+            user = json.loads(Path(cfg.deepspeed).read_text(encoding="utf-8"))
+        except (OSError, json.JSONDecodeError) as e:
+            raise ValueError(f"{cfg.deepspeed}: cannot read DeepSpeed config ({e})") from None
+        if not isinstance(user, dict):
+            raise ValueError(f"{cfg.deepspeed}: a DeepSpeed config must be a JSON object")
+        ds = _merge(ds, user)
+        for key, option, ours in (("train_micro_batch_size_per_gpu", "--micro-batch-size", cfg.micro_batch_size),
+                                  ("gradient_accumulation_steps", "--grad-accum", cfg.grad_accum)):
+            if ds.get(key, ours) != ours:  # the data loader and the LR schedule are built from ours
+                raise ValueError(f"{cfg.deepspeed}: {key}={ds[key]} disagrees with {option} {ours}; "
+                                 "set it through the script option")
+    return ds
+
+
+def _merge(base: dict, over: dict) -> dict:
+    out = dict(base)
+    for k, v in over.items():
+        out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+def load_model_and_tokenizer(cfg, device, preset: str = ""):
+    """What a training script starts from, with the options' memory and speed settings applied: the Hugging
+    Face directory cfg.init_from (and its tokenizer, unless cfg.tokenizer names another), or the model
+    `preset` at random, sized to cfg.tokenizer's vocabulary. Fails early, naming both numbers, if the
+    tokenizer or the context does not fit the model."""
+    from minillm.hf import load_pretrained
+    from minillm.model import Llama, LlamaConfig
+    from minillm.tokenizer import Tokenizer, check_vocab_fits
+
+    if cfg.init_from:
+        model = load_pretrained(cfg.init_from)
+        tokenizer = Tokenizer.from_pretrained(cfg.tokenizer or cfg.init_from)
+    else:
+        if not cfg.tokenizer:
+            raise ValueError("--tokenizer is required to build a random --preset model (or give --init-from)")
+        tokenizer = Tokenizer.from_pretrained(cfg.tokenizer)
+        model = Llama(LlamaConfig.from_preset(preset, vocab_size=tokenizer.vocab_size, bos_id=tokenizer.bos_id,
+                                              eos_id=tokenizer.eos_id, pad_id=tokenizer.pad_id))
+    check_vocab_fits(tokenizer, model.config.vocab_size)
+    if cfg.seq_len > model.config.max_seq_len:
+        raise ValueError(f"--seq-len {cfg.seq_len} is larger than the model's context (max_seq_len "
+                         f"{model.config.max_seq_len})")
+    configure_model(model, cfg)
+    return model.to(device), tokenizer
+
+
+def configure_model(model: nn.Module, cfg):
+    """The scripts' memory and speed options on the model, before the engine wraps it.
+
+    attn and activation_checkpointing are model settings (config.attn_backend, config.activation_checkpointing).
+    compile: torch.compile each transformer block rather than the whole model ("regional" compilation):
+    every block has the same code, so one compiled graph serves them all and compiling takes seconds; the
+    chunked loss and the DeepSpeed engine stay eager. With ZeRO 0, 1 and 3 two ranks give the loss curve
+    of one process (tested); with ZeRO-2 they do not (its gradient hooks, DeepSpeed 0.19): refused.
+    """
+    model.config.attn_backend = cfg.attn
+    model.config.activation_checkpointing = cfg.activation_checkpointing
+    if cfg.compile:
+        if cfg.zero_stage == 2:
+            raise ValueError("--compile gives wrong gradients with --zero-stage 2; use ZeRO 1 or 3, or drop --compile")
+        for layer in model.layers:
+            layer.compile()
+
+
+def build_engine(model: nn.Module, cfg, device, param_groups: list[dict] | None = None):
+    """AdamW (decoupled weight decay on matrices only, as Llama) inside a DeepSpeed engine.
+
+    param_groups: optional [{"params": [...], "lr_scale": x, ...}] replacing the default two groups
+    (matrices with weight decay, the rest without)."""
+    import deepspeed
+
+    if param_groups is None:
+        params = [p for p in model.parameters() if p.requires_grad]
+        param_groups = [{"params": [p for p in params if p.dim() >= 2], "weight_decay": cfg.weight_decay},
+                        {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
+    param_groups = [g for g in param_groups if g["params"]]
+    # fused: one kernel per step, on CPU too (torch >= 2.4). The default multi-tensor path allocates a
+    # temporary the size of all parameters (sqrt of the second moment) during every step.
+    optimizer = torch.optim.AdamW(param_groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=1e-8, fused=True)
+    if cfg.zero_stage == 3:
+        # Llama.forward's fused loss reads the output matrix directly instead of calling its module, so
+        # ZeRO-3 must gather it whenever the model runs.
+        deepspeed.zero.register_external_parameter(model, model.output.weight)
+    engine, optimizer, _, _ = deepspeed.initialize(model=model, optimizer=optimizer,
+                                                   config=deepspeed_config(cfg, device))
+    return engine, optimizer
+
+
+def engine_step(engine, model) -> float | None:
+    """engine.step() for one micro-batch; at the end of the accumulation window it updates the weights and
+    returns the global gradient norm before clipping (None between updates).
+
+    DeepSpeed's ZeRO and bf16 optimizers report that norm; its plain fp32 path (ZeRO-0, as on CPU) does
+    not, so there it is computed here from the averaged gradients, before the update clears them."""
+    boundary = engine.is_gradient_accumulation_boundary()
+    own = None
+    if boundary and engine.zero_optimization_stage() == 0:
+        norms = [p.grad.float().norm() for p in model.parameters() if p.grad is not None]
+        own = float(torch.stack(norms).norm()) if norms else 0.0
+    engine.step()
+    if not boundary:
+        return None
+    reported = engine.get_global_grad_norm()
+    return own if reported is None or own is not None else float(reported)
+
+
+# ----------------------------------------------------------------------------- schedule
+
+def lr_at(step: int, cfg, max_steps: int) -> float:
+    """Learning rate for optimizer step `step` (0-based) of a run (or SFT stage) of `max_steps` steps.
+
+    warmup: linear from 0 to lr over warmup_steps. Then by `lr_schedule`:
+      linear   straight down to min_lr at max_steps (LLAMMAS: 2e-5 -> 2e-6)
+      cosine   half a cosine down to min_lr
+      wsd      warmup-stable-decay: hold lr, then decay linearly to min_lr over the last decay_fraction of
+               the run (the "annealing phase" PLLuM ends pretraining with)
+      constant lr throughout
+    """
+    if step < cfg.warmup_steps:
+        return cfg.lr * (step + 1) / cfg.warmup_steps
+    progress = min((step - cfg.warmup_steps) / max(max_steps - cfg.warmup_steps, 1), 1.0)
+    if cfg.lr_schedule == "constant":
+        return cfg.lr
+    if cfg.lr_schedule == "linear":
+        return cfg.lr + (cfg.min_lr - cfg.lr) * progress
+    if cfg.lr_schedule == "cosine":
+        return cfg.min_lr + 0.5 * (cfg.lr - cfg.min_lr) * (1 + math.cos(math.pi * progress))
+    decay_start = max_steps - int(cfg.decay_fraction * max_steps)  # wsd
+    if step < decay_start:
+        return cfg.lr
+    return cfg.lr + (cfg.min_lr - cfg.lr) * (step - decay_start) / max(max_steps - decay_start, 1)
+
+
+def set_lr(optimizer, lr: float):
+    """Every parameter group at `lr` times its "lr_scale" (1 unless the script set one)."""
+    for group in optimizer.param_groups:
+        group["lr"] = lr * group.get("lr_scale", 1.0)

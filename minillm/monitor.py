@@ -1,0 +1,167 @@
+"""What a training run reports: the fixed-format step line, metrics.jsonl, validation loss, MFU and memory.
+
+Every script prints, on rank 0 only, one line per logged step:
+    step    120/400    | loss  2.3417 | lr 2.500e-04 |     51234 tok/s | MFU 31.20% | ETA 00:04:10 | ...
+and appends one JSON object per step to OUT_DIR/metrics.jsonl (rank 0, flushed each write). The tqdm bar
+is drawn only when stdout is a terminal: in CI, `nohup` or cluster logs there are just the step lines.
+"""
+from __future__ import annotations
+
+import functools
+import json
+import math
+import sys
+import time
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+from minillm.engine import all_reduce_sum, batch_to, model_inputs
+
+# ----------------------------------------------------------------------------- MFU
+
+# Dense bf16 peak (TFLOP/s, without sparsity) of GPUs by name.
+PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0, "A10G": 125.0, "L40S": 362.0, "L4": 121.0,
+               "4090": 165.0}
+
+
+def peak_flops(device, override_tflops: float = 0.0) -> float:
+    """Peak FLOP/s of one device, for MFU: --peak-tflops when given, the published bf16 figure of known GPUs,
+    and on CPUs (which publish none) the measured fp32 throughput of a large matmul with the threads the
+    training step uses: MFU on CPU is the share of what this machine's matmul achieves."""
+    if override_tflops:
+        return override_tflops * 1e12
+    if device.type == "cuda":
+        name = torch.cuda.get_device_name(device)
+        return next((t for key, t in PEAK_TFLOPS.items() if key in name), 312.0) * 1e12
+    return measured_cpu_matmul_flops(torch.get_num_threads())
+
+
+@functools.lru_cache(maxsize=4)
+def measured_cpu_matmul_flops(threads: int, n: int = 2048, repeats: int = 4) -> float:
+    a, b = torch.randn(n, n), torch.randn(n, n)
+    a @ b  # warm-up
+    best = float("inf")
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        a @ b
+        best = min(best, time.perf_counter() - t0)
+    return 2 * n**3 / best
+
+
+def step_flops(config, batches: list[dict]) -> float:
+    """Training FLOPs of the micro-batches of one step, on this rank, from their real shapes: the 6N rule
+    per token for the blocks (forward 2N + backward 4N), attention's score and value products (6 * 2 *
+    n_layers * T * dim per token, halved as causal: PaLM appendix B, nanoGPT's estimate_mfu), and the
+    output head only for the tokens that have a label (the chunked loss skips the others)."""
+    d, hd = config.dim, config.head_dim
+    block = config.n_layers * (2 * d * config.n_heads * hd + 2 * d * config.n_kv_heads * hd
+                               + 3 * d * config.hidden_dim)
+    total = 0.0
+    for b in batches:
+        rows, width = b["input_ids"].shape
+        labelled = int((b["labels"] != -100).sum())
+        total += rows * width * (6 * block + 6 * config.n_layers * width * config.n_heads * hd)
+        total += labelled * 6 * config.vocab_size * d
+    return total
+
+
+def peak_memory_gb(device) -> float:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**30
+    try:  # resident-set high-water mark of this process
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 2**20
+    except OSError:
+        pass
+    return float("nan")
+
+
+# ----------------------------------------------------------------------------- validation
+
+@torch.no_grad()
+def validation_loss(engine, sets: dict, byte_lengths: torch.Tensor, device) -> dict:
+    """Held-out loss (nats per target token), bits per byte and target tokens: val_loss / val_bpb over
+    every set together, and val_loss_NAME / val_bpb_NAME per named set (a set named '' has none). Sums over
+    every row of every rank are divided once, so the values do not depend on how rows fall into
+    micro-batches or ranks; pad rows (label -100 everywhere) add nothing."""
+    engine.eval()
+    out, totals = {}, [0.0, 0.0, 0.0]
+    byte_lengths = byte_lengths.to(device)
+    for name, batches in sets.items():
+        nll = tokens = nbytes = 0.0
+        for batch in batches:
+            batch = batch_to(batch, device)
+            nll += engine(**model_inputs(batch)).item()  # Llama.forward with labels: the summed NLL
+            mask = batch["labels"] != -100
+            tokens += mask.sum().item()
+            nbytes += byte_lengths[batch["labels"][mask]].sum().item()
+        nll, tokens, nbytes = all_reduce_sum([nll, tokens, nbytes], device)
+        totals = [totals[0] + nll, totals[1] + tokens, totals[2] + nbytes]
+        if name:
+            out[f"val_loss_{name}"] = nll / max(tokens, 1)
+            out[f"val_bpb_{name}"] = nll / math.log(2) / max(nbytes, 1)
+    engine.train()
+    nll, tokens, nbytes = totals
+    return {"val_loss": nll / max(tokens, 1), "val_bpb": nll / math.log(2) / max(nbytes, 1), "val_tokens": tokens,
+            **out}
+
+
+# ----------------------------------------------------------------------------- logging
+
+def log_line(record: dict, total: int, eta_s: float, extra: tuple[str, ...] = ()) -> str:
+    """The one fixed-format progress line: step/total | loss | lr | tok/s | MFU | ETA, then `extra` keys of
+    the record that are present (validation metrics, ORPO's reward accuracy)."""
+    eta = time.strftime("%H:%M:%S", time.gmtime(max(eta_s, 0))) if math.isfinite(eta_s) else "--:--:--"
+    mfu = record.get("mfu")
+    line = (f"step {record['step']:>6d}/{total:<6d} | loss {record['loss']:7.4f} | lr {record['lr']:.3e} | "
+            f"{record['tokens_per_s']:9.0f} tok/s | MFU " + (f"{100 * mfu:5.2f}%" if mfu is not None else "  n/a ")
+            + f" | ETA {eta}")
+    for key in extra:
+        if key in record:
+            value = record[key]
+            line += f" | {key} {value:.4f}" if isinstance(value, float) else f" | {key} {value}"
+    return line + (" (best)" if record.get("best") else "")
+
+
+class RunLog:
+    """What rank 0 reports while a script trains: metrics.jsonl (one JSON object per step, flushed), the
+    fixed-format step line every `log_interval` steps, at every validation and after the last step, and a
+    tqdm bar when stdout is a terminal."""
+
+    def __init__(self, out_dir, rank: int, total: int, start: int, log_interval: int, desc: str):
+        self.rank, self.total, self.start, self.log_interval, self.t0 = rank, total, start, log_interval, time.time()
+        self.file = open(Path(out_dir) / "metrics.jsonl", "a", encoding="utf-8") if rank == 0 else None
+        self.bar = tqdm(total=total, initial=start, desc=desc, dynamic_ncols=True,
+                        disable=rank != 0 or not sys.stdout.isatty())
+
+    def write(self, record: dict):
+        """One line of metrics.jsonl."""
+        if self.file:
+            self.file.write(json.dumps(record) + "\n")
+            self.file.flush()
+
+    def step(self, record: dict, extra: tuple[str, ...] = ()):
+        """metrics.jsonl, the bar, and the step line when it is due (with the `extra` keys of the record)."""
+        self.write(record)
+        self.bar.update(1)
+        step = record["step"]
+        if step % self.log_interval == 0 or step == self.total or "val_loss" in record:
+            eta = (time.time() - self.t0) / max(step - self.start, 1) * (self.total - step)
+            self.print(log_line(record, self.total, eta, extra))
+
+    def print(self, text: str):
+        if self.rank == 0:
+            if self.bar.disable:
+                print(text, flush=True)
+            else:
+                self.bar.write(text)
+
+    def close(self, text: str = ""):
+        self.bar.close()
+        if self.file:
+            self.file.close()
+        if text:
+            self.print(text)

@@ -1,0 +1,393 @@
+"""Corpora -> token shards: tokenize text files in worker processes into a directory that
+`minillm.pretrain_data` reads (layout: see there).
+
+    python -m minillm.prepare --tokenizer TOKENIZER_DIR --input et/*.jsonl.gz --out tok/et --workers 16
+    python -m minillm.prepare info --dir tok/et
+
+Inputs are read by minillm.files (text or JSONL, optionally gzip'd; the format from the name or --format).
+Atomicity: shards are written under `*.tmp` names, so bad input found anywhere (or a kill) leaves the
+previous output untouched; only after every input was read does the commit remove meta.json, rename the
+shards into place and write the new meta.json. Re-running with the same inputs (path, size, mtime),
+tokenizer (sha256) and options is a no-op, detected via meta.json.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import itertools
+import multiprocessing
+import os
+import time
+from collections import deque
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
+
+import numpy as np
+from tqdm import tqdm
+
+from minillm.files import atomic_write, check_readable, corpus_format, iter_records, record_text, to_json
+from minillm.options import cli, parse_options, require
+from minillm.pretrain_data import FORMAT, FORMAT_VERSION, META_FILE, TokenShards, shard_names, token_dtype
+from minillm.tokenizer import MODEL_FILE, Tokenizer
+
+DEFAULT_SHARD_TOKENS = 1 << 28  # 512 MiB of uint16 per shard; documents never straddle shards
+
+# ============================================================================ tokenizing (worker processes)
+_worker_tokenizer: Tokenizer | None = None
+
+
+def _init_worker(model_file: str):
+    global _worker_tokenizer
+    _worker_tokenizer = Tokenizer(model_file)  # each process loads its own copy; nothing is pickled
+
+
+def _tokenize_chunk(job) -> dict:
+    """Parse and tokenize a chunk of records; returns the documents as one flat array plus lengths."""
+    path, fmt, text_field, records = job
+    texts = [record_text(path, line_no, raw, fmt, text_field) for line_no, raw in records]
+    texts = [t for t in texts if t.strip()]
+    tok = _worker_tokenizer
+    ids = tok.encode_batch(texts, num_threads=1) if texts else []
+    # Each document becomes BOS + ids + EOS; built with numpy (a Python loop over every id is the slow part).
+    lengths = np.fromiter(map(len, ids), dtype=np.int64, count=len(ids)) + 2
+    ends = np.cumsum(lengths)
+    flat = np.empty(int(ends[-1]) if len(ends) else 0, dtype=np.int32)  # half the bytes to pickle back
+    is_text = np.ones(len(flat), dtype=bool)
+    is_text[ends - lengths] = is_text[ends - 1] = False
+    flat[ends - lengths], flat[ends - 1] = tok.bos_id, tok.eos_id
+    flat[is_text] = np.fromiter(itertools.chain.from_iterable(ids), dtype=np.int32, count=int(is_text.sum()))
+    return {"tokens": flat, "lengths": lengths, "words": sum(len(t.split()) for t in texts),
+            "skipped": len(records) - len(texts)}
+
+
+def _chunks(inputs, fmt_of, text_field, txt_docs, chunk_bytes=1 << 20):
+    """Group records into jobs of about chunk_bytes; yields (job, progress bytes of the job)."""
+    for path in inputs:
+        fmt = fmt_of[path]
+        records, size, last_pos = [], 0, 0
+        for line_no, raw, pos in iter_records(path, fmt, txt_docs):
+            records.append((line_no, raw))
+            size += len(raw)
+            if size >= chunk_bytes:
+                yield (str(path), fmt, text_field, records), pos - last_pos
+                records, size, last_pos = [], 0, pos
+        final = os.path.getsize(path)
+        if records or final > last_pos:
+            yield (str(path), fmt, text_field, records), final - last_pos
+
+
+def _run_jobs(jobs, model_file: str, workers: int):
+    """Results of _tokenize_chunk in input order. workers > 1: a process pool with a bounded window of jobs
+    in flight (Pool.imap would read the whole corpus into its queue)."""
+    if workers <= 1:
+        _init_worker(model_file)
+        for job, nbytes in jobs:
+            yield _tokenize_chunk(job), nbytes
+        return
+    # spawn: workers start clean (no forked torch/OpenMP state); they import this module and load the model.
+    ctx = multiprocessing.get_context("spawn")
+    with ctx.Pool(workers, initializer=_init_worker, initargs=(model_file,)) as pool:
+        window = deque()
+        for job, nbytes in jobs:
+            window.append((pool.apply_async(_tokenize_chunk, (job,)), nbytes))
+            if len(window) >= 2 * workers:
+                result, n = window.popleft()
+                yield result.get(), n
+        while window:
+            result, n = window.popleft()
+            yield result.get(), n
+
+
+# ============================================================================ writing shards
+
+class ShardWriter:
+    """Appends documents to `tokens_XXXXX.bin.tmp` files; close() returns the shard list, abort() cleans up.
+    Nothing under a final name is touched until commit_shards()."""
+
+    def __init__(self, out_dir, dtype, vocab_size: int, shard_tokens: int = DEFAULT_SHARD_TOKENS):
+        self.out_dir, self.dtype, self.vocab_size = Path(out_dir), np.dtype(dtype), vocab_size
+        self.shard_tokens = shard_tokens
+        self.shards: list[dict] = []
+        self.tmp_files: list[Path] = []
+        self._file = None
+        self._offsets: list[np.ndarray] = []
+        self._length = 0
+
+    def add(self, tokens: np.ndarray, lengths: np.ndarray):
+        """Append documents given as one flat id array and their lengths."""
+        tokens, lengths = np.asarray(tokens), np.asarray(lengths, dtype=np.int64)
+        if len(tokens) and (tokens.min() < 0 or tokens.max() >= self.vocab_size):
+            raise ValueError(f"token id {int(tokens.max())} outside the vocabulary (size {self.vocab_size})")
+        if np.iinfo(self.dtype).max < self.vocab_size - 1:
+            raise ValueError(f"dtype {self.dtype} cannot hold ids of a {self.vocab_size}-piece vocabulary")
+        starts = np.concatenate([[0], np.cumsum(lengths)])
+        i = 0
+        while i < len(lengths):
+            if self._file is None:
+                self._open()
+            # whole documents until the shard reaches shard_tokens (so it may exceed it by part of one)
+            room = self.shard_tokens - self._length
+            j = min(len(lengths), max(i + 1, int(np.searchsorted(starts, starts[i] + room, side="left"))))
+            self._file.write(tokens[starts[i]:starts[j]].astype(self.dtype).tobytes())
+            self._offsets.append(self._length + starts[i:j] - starts[i])
+            self._length += int(starts[j] - starts[i])
+            i = j
+            if self._length >= self.shard_tokens:
+                self._close_shard()
+
+    def _open(self):
+        bin_name, _ = shard_names(len(self.shards))
+        tmp = self.out_dir / (bin_name + ".tmp")
+        self.tmp_files.append(tmp)
+        self._file = open(tmp, "wb")
+        self._offsets, self._length = [], 0
+
+    def _close_shard(self):
+        self._file.flush()
+        os.fsync(self._file.fileno())
+        self._file.close()
+        self._file = None
+        bin_name, idx_name = shard_names(len(self.shards))
+        idx = np.concatenate(self._offsets + [np.array([self._length], dtype=np.int64)]).astype(np.int64)
+        tmp = self.out_dir / (idx_name + ".tmp")
+        self.tmp_files.append(tmp)
+        with open(tmp, "wb") as f:  # np.save to a file object: it would append .npy to a path
+            np.save(f, idx)
+            f.flush()
+            os.fsync(f.fileno())
+        self.shards.append({"bin": bin_name, "idx": idx_name, "num_docs": len(idx) - 1,
+                            "num_tokens": self._length})
+
+    def close(self) -> list[dict]:
+        if self._file is not None:
+            self._close_shard()
+        return self.shards
+
+    def abort(self):
+        if self._file is not None:
+            self._file.close()
+            self._file = None
+        for p in self.tmp_files:
+            p.unlink(missing_ok=True)
+
+
+def commit_shards(out_dir, shards: list[dict], meta: dict):
+    """Put finished .tmp shards in place and write meta.json last.
+
+    meta.json goes first so that no moment exists where an old meta describes new (or half-renamed) shards;
+    shards of an older, larger run that are no longer listed are removed."""
+    out_dir = Path(out_dir)
+    (out_dir / META_FILE).unlink(missing_ok=True)
+    keep = set()
+    for s in shards:
+        for name in (s["bin"], s["idx"]):
+            os.replace(out_dir / (name + ".tmp"), out_dir / name)
+            keep.add(name)
+    for p in out_dir.glob("tokens_*"):
+        if p.name not in keep:
+            p.unlink(missing_ok=True)
+    atomic_write(out_dir / META_FILE, to_json({**meta, "shards": shards}))
+
+
+def _remove_leftovers(out_dir: Path):
+    """Temp files of a killed run; never read, removed so they do not pile up."""
+    for p in list(out_dir.glob("tokens_*.tmp")) + list(out_dir.glob(META_FILE + ".tmp")):
+        p.unlink(missing_ok=True)
+
+
+def write_shards(out_dir, docs, vocab_size: int, *, dtype=None, shard_tokens: int = DEFAULT_SHARD_TOKENS,
+                 meta: dict | None = None) -> dict:
+    """Write already-tokenized documents (an iterable of int sequences, each complete with BOS/EOS if
+    wanted) as a shard directory. For synthetic data and tests; corpora go through `prepare`."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    dtype = np.dtype(dtype) if dtype is not None else token_dtype(vocab_size)
+    writer = ShardWriter(out_dir, dtype, vocab_size, shard_tokens)
+    n_docs = n_tokens = 0
+    try:
+        for d in docs:
+            d = np.asarray(d, dtype=np.int64)
+            if len(d) == 0:
+                raise ValueError(f"document {n_docs} is empty")
+            writer.add(d, np.array([len(d)]))
+            n_docs, n_tokens = n_docs + 1, n_tokens + len(d)
+        if n_docs == 0:
+            raise ValueError(f"{out_dir}: no documents to write")
+        shards = writer.close()
+    except BaseException:
+        writer.abort()
+        raise
+    full = {"format": FORMAT, "version": FORMAT_VERSION, "name": out_dir.name, "dtype": dtype.name,
+            "vocab_size": vocab_size, "tokenizer": None, "num_docs": n_docs, "num_tokens": n_tokens,
+            **(meta or {})}
+    commit_shards(out_dir, shards, full)
+    return full
+
+
+# ============================================================================ prepare (the CLI's work)
+
+def file_sha256(path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _resolve_tokenizer(path) -> Path:
+    path = Path(path)
+    model_file = path / MODEL_FILE if path.is_dir() else path
+    if not model_file.is_file():
+        raise ValueError(f"{model_file}: no sentencepiece tokenizer model there")
+    return model_file
+
+
+def _fingerprint(inputs, model_file: Path, dtype, fmt, text_field, txt_docs, shard_tokens) -> dict:
+    """What the output depends on. Inputs are identified by path, size and mtime (hashing a 100 GB corpus to
+    decide that nothing changed would cost as much as tokenizing it); the tokenizer by its sha256."""
+    files = []
+    for p in inputs:
+        st = os.stat(p)
+        files.append({"path": str(Path(p).resolve()), "size": st.st_size, "mtime_ns": st.st_mtime_ns})
+    return {"version": FORMAT_VERSION, "inputs": files, "tokenizer_sha256": file_sha256(model_file),
+            "dtype": np.dtype(dtype).name, "format": fmt, "text_field": text_field, "txt_docs": txt_docs,
+            "shard_tokens": shard_tokens}
+
+
+def _up_to_date(out_dir: Path, fingerprint: dict) -> dict | None:
+    """The existing meta when out_dir already holds exactly this preparation, intact."""
+    try:
+        meta = json.loads((out_dir / META_FILE).read_text())
+    except (OSError, ValueError):
+        return None
+    if meta.get("fingerprint") != fingerprint:
+        return None
+    for s in meta.get("shards", []):
+        bin_file = out_dir / s["bin"]
+        if not (out_dir / s["idx"]).is_file() or not bin_file.is_file() or \
+                bin_file.stat().st_size != s["num_tokens"] * np.dtype(meta["dtype"]).itemsize:
+            return None
+    return meta
+
+
+def prepare(inputs, tokenizer, out_dir, *, fmt: str = "auto", text_field: str = "text", txt_docs: str = "line",
+            workers: int = 1, name: str | None = None, dtype=None, shard_tokens: int = DEFAULT_SHARD_TOKENS,
+            progress: bool = True) -> dict:
+    """Tokenize `inputs` (paths) with `tokenizer` (a .model file or a directory holding tokenizer.model)
+    into shards in `out_dir`. Returns the meta dict (with "skipped": True when nothing had to be done).
+    dtype: None = uint16 when the vocabulary fits, else uint32. See the module docstring for the layout.
+    workers > 1 starts 'spawn' processes: a script calling this must guard its entry point with
+    `if __name__ == "__main__":` (the CLI does)."""
+    inputs = [Path(p) for p in inputs]
+    if not inputs:
+        raise ValueError("no input files given")
+    if txt_docs not in ("line", "paragraph"):
+        raise ValueError(f"txt_docs must be 'line' or 'paragraph', got {txt_docs!r}")
+    for p in inputs:
+        check_readable(p, fmt)
+    model_file = _resolve_tokenizer(tokenizer)
+    tok = Tokenizer(model_file)
+    dtype = np.dtype(dtype) if dtype is not None else token_dtype(tok.vocab_size)
+    out_dir = Path(out_dir)
+    name = name or out_dir.name
+    fingerprint = _fingerprint(inputs, model_file, dtype, fmt, text_field, txt_docs, shard_tokens)
+    if (meta := _up_to_date(out_dir, fingerprint)) is not None:
+        if progress:
+            print(f"{out_dir}: up to date (same inputs, tokenizer and options); nothing to do")
+        return {**meta, "skipped": True}
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    _remove_leftovers(out_dir)
+    fmt_of = {p: corpus_format(p, fmt)[0] for p in inputs}
+    writer = ShardWriter(out_dir, dtype, tok.vocab_size, shard_tokens)
+    n_docs = n_tokens = n_words = n_skipped = 0
+    t0 = time.time()
+    bar = tqdm(total=sum(os.path.getsize(p) for p in inputs), unit="B", unit_scale=True,
+               desc=f"tokenizing {name}", disable=not progress, dynamic_ncols=True)
+    results = _run_jobs(_chunks(inputs, fmt_of, text_field, txt_docs), str(model_file), workers)
+    try:
+        for result, nbytes in results:
+            writer.add(result["tokens"], result["lengths"])
+            n_docs += len(result["lengths"])
+            n_tokens += len(result["tokens"])
+            n_words += result["words"]
+            n_skipped += result["skipped"]
+            bar.update(nbytes)
+            bar.set_postfix(docs=f"{n_docs:,}", tokens=f"{n_tokens:,}", refresh=False)
+        if n_docs == 0:
+            raise ValueError(f"{', '.join(map(str, inputs))}: empty corpus (no non-empty documents"
+                             + (f" in field '{text_field}'" if "jsonl" in fmt_of.values() else "") + ")")
+        shards = writer.close()
+    except BaseException:
+        writer.abort()
+        raise
+    finally:
+        results.close()  # stops the worker pool now, also on error
+        bar.close()
+    text_tokens = n_tokens - 2 * n_docs  # without each document's BOS and EOS
+    meta = {"format": FORMAT, "version": FORMAT_VERSION, "name": name, "dtype": dtype.name,
+            "vocab_size": tok.vocab_size, "bos_id": tok.bos_id, "eos_id": tok.eos_id,
+            "document_layout": "BOS + tokens + EOS",
+            "tokenizer": {"path": str(model_file.resolve()), "sha256": fingerprint["tokenizer_sha256"]},
+            "fingerprint": fingerprint, "num_docs": n_docs, "num_tokens": n_tokens,
+            "num_text_tokens": text_tokens, "num_words": n_words,
+            "tokens_per_word": text_tokens / max(n_words, 1), "skipped_empty_docs": n_skipped,
+            "seconds": round(time.time() - t0, 3)}
+    commit_shards(out_dir, shards, meta)
+    meta["shards"] = shards
+    if progress:
+        print(summary_line(meta, out_dir))
+    return {**meta, "skipped": False}
+
+
+def summary_line(meta: dict, out_dir) -> str:
+    return (f"{meta['name']}: {meta['num_docs']:,} documents, {meta['num_tokens']:,} tokens "
+            f"({meta.get('num_text_tokens', meta['num_tokens']):,} without BOS/EOS), "
+            f"{meta.get('num_words', 0):,} words, {meta.get('tokens_per_word', 0):.3f} tokens/word "
+            f"-> {out_dir} ({len(meta['shards'])} shard(s), {meta['dtype']})")
+
+
+
+
+# ============================================================================ CLI
+
+@dataclass(kw_only=True)
+class PrepareOptions:
+    """Tokenize text corpora into a token shard directory."""
+    tokenizer: str  # tokenizer directory (or a tokenizer.model file)
+    input: list[str]  # input files: .txt / .jsonl, optionally .gz (any name with --format)
+    out: str  # output directory
+    format: Literal["auto", "text", "jsonl"] = "auto"  # input format; auto = from each file's name
+    text_field: str = "text"  # JSONL field holding the document
+    txt_docs: Literal["line", "paragraph"] = "line"  # text documents: one per line, or per blank-line paragraph
+    workers: int = field(default_factory=lambda: max(1, min(os.cpu_count() or 1, 16)))  # tokenizer processes
+    name: str = ""  # name of this source in the summary; '' = the output directory's name
+    shard_tokens: int = DEFAULT_SHARD_TOKENS  # tokens per shard (about: documents never straddle shards)
+    dtype: Literal["auto", "uint16", "uint32"] = "auto"  # token dtype on disk; auto = uint16 when the vocabulary fits
+
+    def check(self):
+        require(self.workers >= 1, "workers", self.workers, "must be at least 1")
+        require(self.shard_tokens >= 1, "shard_tokens", self.shard_tokens, "must be at least 1")
+
+
+@dataclass(kw_only=True)
+class InfoOptions:
+    """Print the summary of a prepared directory."""
+    dir: str  # a directory written by `prepare`
+
+
+@cli
+def main(argv=None):
+    command, cfg = parse_options({"prepare": PrepareOptions, "info": InfoOptions}, argv, prog="python -m minillm.prepare",
+                                 description=__doc__.split("\n\n")[0])
+    if command == "info":
+        print(summary_line(TokenShards(cfg.dir).meta, cfg.dir))
+        return
+    prepare(cfg.input, cfg.tokenizer, cfg.out, fmt=cfg.format, text_field=cfg.text_field, txt_docs=cfg.txt_docs,
+            workers=cfg.workers, name=cfg.name or None, dtype=None if cfg.dtype == "auto" else cfg.dtype,
+            shard_tokens=cfg.shard_tokens)
+
+
+if __name__ == "__main__":
+    main()
