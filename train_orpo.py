@@ -133,10 +133,7 @@ def main(argv=None):
 
     log = RunLog(cfg.out_dir, rank, total_steps, step, cfg.log_interval, "orpo")
     if valid_pairs and step == 0:  # where alignment starts from
-        record = {"step": 0, **validate()}
-        log.write(record)
-        log.print(f"step {0:>6d}/{total_steps:<6d} | val_loss {record['val_loss']:.4f} | "
-                  f"val_reward_accuracy {record['val_reward_accuracy']:.3f}")
+        log.start({"step": 0, **validate()})
     peak, preemption, order_epoch, order = peak_flops(device, cfg.peak_tflops) * world_size, Preemption(), None, None
     while step < total_steps and not preemption.stop:
         t0 = time.time()

@@ -86,6 +86,8 @@ def main(argv=None):
                 "model_config": model.config.architecture()}
 
     log = RunLog(cfg.out_dir, rank, cfg.max_steps, step, cfg.log_interval, "pretrain")
+    if valid and step == 0:  # where pretraining starts from
+        log.start({"step": 0, **validation_loss(engine, valid, byte_lengths, device)})
     peak, preemption = peak_flops(device, cfg.peak_tflops) * world_size, Preemption()
     while step < cfg.max_steps and not preemption.stop:
         t0 = time.time()

@@ -107,6 +107,8 @@ def main(argv=None):
         return {"step": step, "best": result.best, "options": asdict(cfg), "model_config": model.config.architecture()}
 
     log = RunLog(cfg.out_dir, rank, total_steps, step, cfg.log_interval, "sft")
+    if valid and step == 0:  # where instruction tuning starts from
+        log.start({"step": 0, **validation_loss(engine, valid, byte_lengths, device)})
     peak, preemption, rows_key, rows = peak_flops(device, cfg.peak_tflops) * world_size, Preemption(), None, None
     while step < total_steps and not preemption.stop:
         t0 = time.time()

@@ -132,7 +132,7 @@ class RunLog:
     tqdm bar when stdout is a terminal."""
 
     def __init__(self, out_dir, rank: int, total: int, start: int, log_interval: int, desc: str):
-        self.rank, self.total, self.start, self.log_interval, self.t0 = rank, total, start, log_interval, time.time()
+        self.rank, self.total, self.first, self.log_interval, self.t0 = rank, total, start, log_interval, time.time()
         self.file = open(Path(out_dir) / "metrics.jsonl", "a", encoding="utf-8") if rank == 0 else None
         self.bar = tqdm(total=total, initial=start, desc=desc, dynamic_ncols=True,
                         disable=rank != 0 or not sys.stdout.isatty())
@@ -149,8 +149,14 @@ class RunLog:
         self.bar.update(1)
         step = record["step"]
         if step % self.log_interval == 0 or step == self.total or "val_loss" in record:
-            eta = (time.time() - self.t0) / max(step - self.start, 1) * (self.total - step)
+            eta = (time.time() - self.t0) / max(step - self.first, 1) * (self.total - step)
             self.print(log_line(record, self.total, eta, extra))
+
+    def start(self, record: dict):
+        """The step-0 record (validation before the first step: where training starts from)."""
+        self.write(record)
+        self.print(f"step {0:>6d}/{self.total:<6d} | " + " | ".join(f"{k} {v:.4f}" for k, v in record.items()
+                                                              if k.startswith("val_") and "tokens" not in k))
 
     def print(self, text: str):
         if self.rank == 0:

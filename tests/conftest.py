@@ -27,9 +27,11 @@ def run_script(script: str, args: list, nproc: int = 1, check: bool = True, pope
     return proc
 
 
-def read_metrics(out_dir) -> list[dict]:
-    """The JSON lines a run wrote to OUT_DIR/metrics.jsonl."""
-    return [json.loads(line) for line in (Path(out_dir) / "metrics.jsonl").read_text().splitlines()]
+def read_metrics(out_dir, with_start: bool = False) -> list[dict]:
+    """The JSON lines a run wrote to OUT_DIR/metrics.jsonl: one per optimizer step (with_start: also the step-0
+    record, the validation before the first step)."""
+    records = [json.loads(line) for line in (Path(out_dir) / "metrics.jsonl").read_text().splitlines()]
+    return [r for r in records if with_start or r["step"] > 0]
 
 
 # Words and a conversation the chat tests render (the tokenizer below is trained on the words).

@@ -1,9 +1,11 @@
 """End-to-end tests of train_orpo.py: the one concatenated pass on the real model, ORPO raising reward
-accuracy, ZeRO-3 on 2 ranks == 1 process, and bad preference data. Real subprocesses.
+accuracy, ZeRO-3 on 2 ranks == 1 process, exact validation on any split, and bad preference data. Real
+subprocesses.
 
     .venv/bin/python -m pytest -q tests/test_train_orpo.py
 """
 import json
+import math
 import random
 
 import pytest
@@ -98,7 +100,7 @@ def test_one_concatenated_pass_equals_two_passes(world):
 def test_orpo_raises_reward_accuracy_and_exports(world, tmp_path):
     run(world, tmp_path, "--epochs", "6", "--micro-batch-size", "8", "--lr", "3e-3", "--min-lr", "3e-4",
         "--eval-interval", "24")
-    m = metrics(tmp_path)
+    m = metrics(tmp_path, with_start=True)
     start, end = m[0], m[-1]
     assert start["step"] == 0 and "val_reward_accuracy" in start
     assert end["val_reward_accuracy"] >= 0.9 and end["val_reward_accuracy"] > start["val_reward_accuracy"]
@@ -152,3 +154,64 @@ def test_bad_pairs(world, tmp_path):
     assert proc.returncode != 0
     last = proc.stderr.strip().splitlines()[-1]
     assert f"{empty}:2" in last and "chosen" in last
+
+
+# ----------------------------------------------------------------------------- exact validation
+
+
+def float64_orpo_metrics(world, valid_file, beta=0.1):
+    """The ORPO validation metrics of the initial model, computed directly: every pair rendered with the chat
+    template, scored by the plain model in float64 (full logits, log_softmax), averaged once."""
+    from minillm.chat_format import render
+    from minillm.files import read_jsonl
+    from minillm.hf import load_pretrained
+    from minillm.sft_data import preference_parts
+    from minillm.tokenizer import Tokenizer
+
+    model = load_pretrained(world / "init").double().eval()
+    tok = Tokenizer.from_pretrained(world / "init")
+    per_pair, nll, n_tokens = [], 0.0, 0
+    with torch.no_grad():
+        for _, record in read_jsonl(valid_file):
+            messages, chosen, rejected = preference_parts(record)
+            sides = []
+            for reply in (chosen, rejected):
+                ids, mask = render(messages + [{"role": "assistant", "content": reply}], tok, train_on="last")
+                logp = torch.log_softmax(model(torch.tensor([ids]))[0, :-1], -1)
+                picked = logp.gather(1, torch.tensor(ids[1:])[:, None])[:, 0]
+                scored = torch.tensor(mask[1:], dtype=torch.bool)  # targets: the reply and its EOS
+                sides.append((float(picked[scored].mean()), int(scored.sum()), float(-picked[scored].sum())))
+            (a, len_a, nll_a), (b, len_b, _) = sides
+            log_odds = (a - b) - (math.log1p(-math.exp(a)) - math.log1p(-math.exp(b)))
+            per_pair.append({"or_loss": -math.log(1 / (1 + math.exp(-log_odds))), "log_odds": log_odds,
+                             "chosen_logps": a, "rejected_logps": b, "reward_accuracy": float(a > b),
+                             "margin": a - b, "chosen_length": len_a, "rejected_length": len_b})
+            nll, n_tokens = nll + nll_a, n_tokens + len_a
+    out = {f"val_{k}": sum(p[k] for p in per_pair) / len(per_pair) for k in per_pair[0]}
+    out["val_nll"] = nll / n_tokens
+    out["val_loss"] = out["val_nll"] + beta * out["val_or_loss"]
+    out["val_pairs"] = len(per_pair)
+    return out
+
+
+def test_validation_scores_every_pair_once_with_exact_means(world, tmp_path):
+    """10 held-out pairs, micro-batch 3, 4 and 16 on one process and 3 on two ranks: the validation before
+    the first step (same weights) scores each pair exactly once and every metric is the mean it names,
+    equal to a direct float64 computation (per pair for per-pair quantities, per token for the NLL)."""
+    records = [json.loads(line) for line in (world / "valid.jsonl").read_text().splitlines()]
+    records += preference_records(random.Random(9), 10 - len(records))
+    valid = tmp_path / "valid10.jsonl"
+    valid.write_text("".join(json.dumps(r) + "\n" for r in records[:10]))
+    train = tmp_path / "train16.jsonl"
+    train.write_text("".join(line + "\n" for line in (world / "train.jsonl").read_text().splitlines()[:16]))
+    want = float64_orpo_metrics(world, valid)
+    assert want["val_pairs"] == 10
+    runs = {"mb3": ([], 1), "mb4": ([], 1), "mb16": ([], 1), "2 ranks mb3": (["--zero-stage", "3"], 2)}
+    for name, (extra, nproc) in runs.items():
+        mb = name.split("mb")[1]
+        run(world, tmp_path / name.replace(" ", "_"), "--train-data", train, "--valid-data", valid,
+            "--micro-batch-size", "8" if mb == "16" else mb, *extra, nproc=nproc)  # 8: 16 training pairs = 1 step
+        start = metrics(tmp_path / name.replace(" ", "_"), with_start=True)[0]
+        assert start["step"] == 0
+        for key, value in want.items():
+            assert start[key] == pytest.approx(value, rel=1e-6, abs=1e-6), (name, key)

@@ -182,3 +182,45 @@ def test_tokenizer_larger_than_the_model_fails_naming_both_sizes(world, single, 
     assert proc.returncode != 0
     last = proc.stderr.strip().splitlines()[-1]
     assert "900" in last and "400" in last, last
+
+
+def test_validation_scores_every_token_once_whatever_the_split(world, tmp_path):
+    """The validation before the first step (same weights): micro-batch 3, 4 and 16, one process or two
+    ranks, the whole held-out set or a token budget: val_loss_et is the mean NLL over the scored tokens,
+    equal to a direct float64 computation (rows of seq_len + 1 stream tokens cut into their documents,
+    each document scored alone by the plain model, the first token of a document never a target)."""
+    from minillm.hf import load_pretrained
+    from minillm.pretrain_data import TokenShards
+
+    run(world, tmp_path / "ref", "--micro-batch-size", "4", "--max-steps", "1", "--eval-tokens", "0")
+    model = load_pretrained(tmp_path / "ref" / "model")  # any fixed weights will do: use them as init for all
+    shards = TokenShards(world / "et_valid")
+    stream = [int(t) for i in range(len(shards)) for t in shards.doc(i)]
+    bos = int(stream[0])
+
+    def oracle(budget):
+        total = len(stream) if budget == 0 else min(len(stream), budget + 1)
+        nll, count = 0.0, 0
+        m = model.double().eval()
+        with torch.no_grad():
+            for start in range(0, total - 1, 32):
+                row = stream[start:min(start + 33, total)]
+                cuts = [0] + [i for i in range(1, len(row)) if row[i] == bos] + [len(row)]
+                for a, b in zip(cuts, cuts[1:]):
+                    seg = row[a:b]
+                    if len(seg) > 1:
+                        logp = torch.log_softmax(m(torch.tensor([seg]))[0, :-1], -1)
+                        nll -= float(logp.gather(1, torch.tensor(seg[1:])[:, None]).sum())
+                        count += len(seg) - 1
+        return nll / count, count
+
+    for budget in (0, 100):
+        want, count = oracle(budget)
+        for name, mb, nproc in (("mb3", 3, 1), ("mb4", 4, 1), ("mb16", 16, 1), ("two", 3, 2)):
+            out = tmp_path / f"{name}_{budget}"
+            run(world, out, "--init-from", tmp_path / "ref" / "model", "--tokenizer", "", "--max-steps", "1",
+                "--micro-batch-size", mb, "--eval-tokens", budget, "--valid-data", f"et={world / 'et_valid'}",
+                *(["--zero-stage", "3"] if nproc > 1 else []), nproc=nproc)
+            start = metrics(out, with_start=True)[0]
+            assert start["step"] == 0 and start["val_tokens"] == count, (name, budget)
+            assert start["val_loss_et"] == pytest.approx(want, rel=1e-6), (name, budget)

@@ -192,3 +192,39 @@ def test_fine_tuned_tiny_model_answers_a_held_out_instruction(world, tmp_path):
                        add_generation_prompt=True)
     reply = tok.decode(generate(model, [prompt], max_new_tokens=10, eos_id=tok.eos_id)[0])
     assert reply.strip() == "white"
+
+
+def test_validation_scores_every_example_once_whatever_the_split(world, tmp_path):
+    """The validation before the first step (same weights) on 10 held-out records: micro-batch 3, 4, 16,
+    packed or not, one process or two ranks: val_loss is the mean NLL over every response token of every
+    record, equal to a direct float64 computation."""
+    import torch.nn.functional as F
+
+    from minillm.chat_format import render
+    from minillm.hf import load_pretrained
+    from minillm.sft_data import load_sft_jsonl
+    from minillm.tokenizer import Tokenizer
+
+    valid = tmp_path / "valid10.jsonl"
+    valid.write_text("".join(json.dumps(r) + "\n" for r in translation_records(random.Random(7), 10)))
+    train = tmp_path / "train16.jsonl"
+    train.write_text("".join(line + "\n" for line in (world / "train.jsonl").read_text().splitlines()[:16]))
+    model, tok = load_pretrained(world / "init").double().eval(), Tokenizer.from_pretrained(world / "init")
+    nll, count = 0.0, 0
+    with torch.no_grad():
+        for record in load_sft_jsonl(valid):
+            ids, mask = render(record, tok)
+            keep = torch.tensor(mask[1:], dtype=torch.bool)
+            logits = model(torch.tensor([ids]))[0, :-1]
+            nll += F.cross_entropy(logits[keep], torch.tensor(ids[1:])[keep], reduction="sum").item()
+            count += int(keep.sum())
+    splits = {"mb3": ["--micro-batch-size", "3"], "mb4-unpacked": ["--micro-batch-size", "4", "--pack", "false"],
+              "mb16": ["--micro-batch-size", "16"]}
+    for name, args in splits.items():
+        run(world, tmp_path / name, "--train-data", train, "--valid-data", valid, *args)
+    run(world, tmp_path / "two", "--train-data", train, "--valid-data", valid, "--micro-batch-size", "3",
+        "--zero-stage", "3", nproc=2)
+    for name in [*splits, "two"]:
+        start = metrics(tmp_path / name, with_start=True)[0]
+        assert start["step"] == 0 and start["val_tokens"] == count, name
+        assert start["val_loss"] == pytest.approx(nll / count, rel=1e-6), name
