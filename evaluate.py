@@ -34,6 +34,7 @@ from typing import Literal
 
 import minillm
 from minillm.files import atomic_write
+from minillm.metrics import degenerate_outputs
 from minillm.options import cli, parse_options, require
 from minillm.tasks import TASK_TYPES
 from minillm.tasks.common import EvalContext, GenerationOptions, load_task
@@ -43,7 +44,7 @@ from minillm.tasks.common import EvalContext, GenerationOptions, load_task
 class EvalOptions(GenerationOptions):
     # what to evaluate
     model: str = ""  # Hugging Face layout directory (a minillm export or any HF Llama checkpoint)
-    tokenizer: str = ""  # directory with tokenizer.model; '' = the model directory
+    tokenizer: str = ""  # tokenizer directory; '' = the model directory
     tasks: list[str] = field(default_factory=lambda: ["data/sample/eval"])  # task files or directories of them
     # how to prompt
     prompt_format: Literal["raw", "chat", "alpaca"] = "raw"  # chat (the tokenizer's chat template), alpaca, or raw for base models
@@ -55,7 +56,7 @@ class EvalOptions(GenerationOptions):
     device: str = "auto"  # auto = cuda when available, else cpu
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"  # auto = bfloat16 on GPUs that support it, else float32
     # output
-    out: str = "results"
+    out: str = "results"  # directory for results.json, results.md and predictions/
     progress: bool = True  # a tqdm bar per task
     compare: list[str] = field(default_factory=list)  # two results.json files: print them side by side and exit
 
@@ -175,9 +176,9 @@ def write_atomic(path: Path, text: str):
 
 
 def safe_file_name(name: str) -> str:
-    """A task name as a file name inside --out: path separators, leading dots and other characters outside
-    letters, digits, '-', '_' and '.' become '_', so no name can write (or delete) outside --out."""
-    cleaned = re.sub(r"[^\w.-]", "_", name, flags=re.ASCII).lstrip(".")
+    """A task name as a file name inside --out: runs of characters other than letters, digits, '-', '_' and
+    '.' become '_', and leading or trailing dots go, so no name can write (or delete) outside --out."""
+    cleaned = re.sub(r"[^\w.-]+", "_", name, flags=re.ASCII).strip("._")
     return cleaned[:100] or "task"
 
 
@@ -261,8 +262,8 @@ def load_model(cfg: EvalOptions):
         dtype = torch.bfloat16 if bf16 else torch.float32
     else:
         dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[cfg.dtype]
-    tokenizer = Tokenizer.from_pretrained(cfg.tokenizer or cfg.model)
     model = load_pretrained(cfg.model, dtype=dtype, device=device)
+    tokenizer = Tokenizer.from_pretrained(cfg.tokenizer or cfg.model)
     check_vocab_fits(tokenizer, model.config.vocab_size)
     model.eval()
     return model, tokenizer
@@ -307,6 +308,9 @@ def run(cfg: EvalOptions) -> dict:
             head = [r for r in rows if r["headline"]][:2]
             print(f"[{spec['name']}] " + ", ".join(f"{r['metric']} {format_value(r['value'])}" for r in head)
                   + f" ({time.time() - t0:.1f}s)", file=sys.stderr)
+            counts = {r["metric"]: r["value"] for r in rows if r["headline"]}
+            if warning := degenerate_outputs(counts, len(spec["records"])):
+                print(f"warning: [{spec['name']}] {warning}: its scores say little about the model", file=sys.stderr)
         results["finished"] = time.strftime("%Y-%m-%dT%H:%M:%S")
         write_atomic(out / "results.json", json.dumps(results, ensure_ascii=False, indent=1) + "\n")
     table = markdown_table(results)

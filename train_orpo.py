@@ -34,7 +34,7 @@ import torch
 from minillm.chat_format import chat_template_jinja
 from minillm.checkpoints import (ExportedModel, Preemption, load_checkpoint, run_readme, save_checkpoint_if_due,
                                  start_run)
-from minillm.engine import (all_reduce_sum, batch_to, build_engine, engine_step, load_model_and_tokenizer, lr_at,
+from minillm.engine import (all_reduce_sum, batch_to, build_engine, end_validation, engine_step, load_model_and_tokenizer, lr_at,
                             model_inputs, print0, set_lr, setup_distributed, teardown_distributed)
 from minillm.losses import IGNORE_INDEX, orpo_loss, orpo_means, pair_logprobs, split_pairs
 from minillm.monitor import RunLog, peak_flops, peak_memory_gb, step_flops
@@ -115,7 +115,7 @@ def main(argv=None):
                                                                         rank, world_size))
             for sums in (pair_sums(engine, b, n_tokens, n_pairs, cfg)[1] for b in micro):
                 totals = {k: totals.get(k, 0.0) + v for k, v in sums.items()}
-        engine.train()
+        end_validation(engine)
         totals = dict(zip(totals, all_reduce_sum(list(totals.values()), device)))
         return {f"val_{k}": v for k, v in orpo_means(totals, cfg.orpo_lambda).items()}
 

@@ -42,13 +42,30 @@ class ChatOptions:
         require(self.repetition_penalty > 0, "repetition_penalty", self.repetition_penalty, "must be > 0")
 
 
-def reply(model, tokenizer, messages, args, out=sys.stdout) -> str:
-    """Generate the assistant's next turn for `messages`, streaming its text to `out`."""
-    prompt, _ = render(messages, tokenizer, fmt="chat", add_generation_prompt=True)
+MIN_REPLY_TOKENS = 32  # a conversation is cut to leave at least this much room for the reply
+
+
+def fit_context(messages: list[dict], tokenizer, max_seq_len: int, max_new_tokens: int) -> tuple[list[int], int, int]:
+    """(prompt ids, reply budget, turns dropped): the conversation's inference prompt, its oldest
+    user/assistant turns dropped (a system message kept) until the reply has room, and the reply budget
+    capped by the context left. A single turn too long for the context keeps its end."""
+    want = min(max_new_tokens, MIN_REPLY_TOKENS, max_seq_len // 2)
+    system = messages[:1] if messages and messages[0]["role"] == "system" else []
+    turns, dropped = messages[len(system):], 0
+    prompt, _ = render(system + turns, tokenizer, fmt="chat", add_generation_prompt=True)
+    while len(prompt) > max_seq_len - want and len(turns) > 1:
+        turns, dropped = turns[2:], dropped + 1
+        prompt, _ = render(system + turns, tokenizer, fmt="chat", add_generation_prompt=True)
     prompt = list(prompt)
-    room = model.config.max_seq_len - args.max_new_tokens
-    if len(prompt) > room:  # forget the oldest context rather than fail mid-conversation
-        prompt = prompt[-room:]
+    if len(prompt) > max_seq_len - want:
+        prompt = prompt[:1] + prompt[len(prompt) - (max_seq_len - want - 1):]
+    return prompt, min(max_new_tokens, max_seq_len - len(prompt)), dropped
+
+
+def reply(model, tokenizer, messages, args, out=sys.stdout) -> tuple[str, int]:
+    """Generate the assistant's next turn for `messages`, streaming its text to `out`; returns (the text,
+    how many old turns had to be left out). The reply is capped by the context the conversation leaves."""
+    prompt, budget, dropped = fit_context(messages, tokenizer, model.config.max_seq_len, args.max_new_tokens)
     printed = ""
     tokens: list[int] = []
 
@@ -61,7 +78,7 @@ def reply(model, tokenizer, messages, args, out=sys.stdout) -> str:
             out.flush()
             printed = text
 
-    new = generate(model, [prompt], max_new_tokens=args.max_new_tokens, temperature=args.temperature,
+    new = generate(model, [prompt], max_new_tokens=budget, temperature=args.temperature,
                    top_k=args.top_k, top_p=args.top_p, repetition_penalty=args.repetition_penalty,
                    eos_id=tokenizer.eos_id, stop_strings=["<|user|>"], tokenizer=tokenizer, seed=args.seed,
                    stream=stream)[0]
@@ -69,16 +86,17 @@ def reply(model, tokenizer, messages, args, out=sys.stdout) -> str:
     if text.startswith(printed):  # what the stream held back (an unfinished character)
         out.write(text[len(printed):])
     out.write("\n")
-    return text.strip()
+    return text.strip(), dropped
 
 
 @cli
 def main(argv=None):
     args = parse_options(ChatOptions, argv, prog="python -m minillm.chat", description=__doc__.split("\n\n")[0])
-    tokenizer = Tokenizer.from_pretrained(args.model)
     model = load_pretrained(args.model, device="cuda" if torch.cuda.is_available() else "cpu")
+    tokenizer = Tokenizer.from_pretrained(args.model)
     interactive = sys.stdin.isatty()
     messages = [{"role": "system", "content": args.system}] if args.system else []
+    said_dropping = False
     while True:
         try:
             user = input("you> ") if interactive else sys.stdin.readline()
@@ -97,7 +115,12 @@ def main(argv=None):
         messages.append({"role": "user", "content": user})
         if interactive:
             sys.stdout.write("model> ")
-        messages.append({"role": "assistant", "content": reply(model, tokenizer, messages, args)})
+        text, dropped = reply(model, tokenizer, messages, args)
+        if dropped and not said_dropping:
+            print(f"(the conversation outgrew the model's context of {model.config.max_seq_len} tokens: its oldest "
+                  "turns are left out of the prompt from now on)", file=sys.stderr)
+            said_dropping = True
+        messages.append({"role": "assistant", "content": text})
 
 
 if __name__ == "__main__":

@@ -21,6 +21,7 @@ import dataclasses
 import errno
 import hashlib
 import json
+import math
 import os
 import pickle
 import re
@@ -108,6 +109,18 @@ def _write_error(e: BaseException, path: Path) -> str:
            f"checkpoint, the previous one and 'latest' are intact"
 
 
+def weights_finite(model, device) -> bool:
+    """Whether every weight (this rank's ZeRO-3 partition, or the whole tensor) is finite, on all ranks."""
+    bad = 0.0
+    for p in model.parameters():
+        t = getattr(p, "ds_tensor", None)  # ZeRO-3 keeps each rank's slice there
+        t = p.detach() if t is None else t
+        if t.numel() and not torch.isfinite(t).all():
+            bad = 1.0
+            break
+    return all_reduce_sum([bad], device)[0] == 0
+
+
 def save_checkpoint(engine, out_dir, step: int, trainer_state: dict, keep: int = 2) -> Path:
     """Write `out_dir/checkpoints/step_N` (every rank calls this), then point `latest` at it.
 
@@ -123,6 +136,9 @@ def save_checkpoint(engine, out_dir, step: int, trainer_state: dict, keep: int =
     rank = dist.get_rank()
     if latest_tag(root) == tag and final.is_dir():
         return final  # this step is saved already (a step is saved once)
+    if not weights_finite(engine.module, engine.device):  # never save (or rotate away a good one) over NaN
+        raise ValueError(f"step {step}: the weights are not finite; stopped without saving, the last checkpoint "
+                         f"({latest_tag(root) or 'none'}) is the last finite state (lower --lr?)")
     failed = 0.0
     try:
         if rank == 0:
@@ -249,6 +265,8 @@ def export_model(engine, model, out_dir, tokenizer, chat_template: str | None = 
 
     from minillm.hf import save_pretrained
 
+    if not weights_finite(model, engine.device):
+        raise ValueError(f"{out_dir}: the weights are not finite; not exported (the previous export is kept)")
     zero3 = engine.zero_optimization_stage() == 3
     gathered = deepspeed.zero.GatheredParameters(list(model.parameters()), modifier_rank=None) if zero3 \
         else contextlib.nullcontext()
@@ -275,15 +293,21 @@ class ExportedModel:
 
     def update(self, record: dict, last: bool):
         val = record.get("val_loss")
+        if val is not None and not math.isfinite(val):
+            raise ValueError(f"step {record['step']}: the validation loss is {val}; stopped without exporting over "
+                             f"{self.path} (the best so far: step {self.best['step']})")
         better = self.by_validation and val is not None and (self.best["val_loss"] is None or val < self.best["val_loss"])
         if better or (last and not self.by_validation):
             self.best = {"step": record["step"], "val_loss": val}
-            record["best"] = True
+            if self.by_validation:  # the step line says "(best)"
+                record["best"] = True
             export_model(self.engine, self.model, self.path, self.tokenizer, self.chat_template,
                          state={**self.best, "options_sha256": options_hash(self.cfg)})
 
     def summary(self) -> str:
         how = f", the best val_loss {self.best['val_loss']:.4f}" if self.by_validation else ", the last step"
+        if self.by_validation and self.best["val_loss"] is None:
+            return f"no validation happened, so nothing was exported to {self.path}"
         return f"exported {self.path} (Hugging Face layout): step {self.best['step']}{how}"
 
 

@@ -33,6 +33,8 @@ def setup_distributed(seed: int):
     """
     import importlib
 
+    if not torch.cuda.is_available():  # say so ourselves: else DeepSpeed warns "unable to detect" in every run
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")
     import deepspeed
 
     if "RANK" not in os.environ:
@@ -197,6 +199,19 @@ def build_engine(model: nn.Module, cfg, device, param_groups: list[dict] | None 
     engine, optimizer, _, _ = deepspeed.initialize(model=model, optimizer=optimizer,
                                                    config=deepspeed_config(cfg, device))
     return engine, optimizer
+
+
+def end_validation(engine):
+    """Back to training after a validation pass. Under ZeRO-3 DeepSpeed prefetches weights along the module
+    order it recorded on its first step; a forward-only validation before any training step (the step-0
+    validation) must not become that record: the training step's backward would not follow it, and with
+    selective checkpointing its recomputation would then differ from its forward. So a record still being
+    taken is dropped, and the first training step records its own. (A complete record is left alone.)"""
+    engine.train()
+    if engine.zero_optimization_stage() == 3:
+        coordinator = engine.optimizer.parameter_offload.get_param_coordinator()
+        if coordinator.is_record_trace():
+            coordinator._invalidate_trace()
 
 
 def engine_step(engine, model) -> float | None:

@@ -9,15 +9,18 @@
 translate (LLAMMAS' translation-task instructions). Sentence pairs pass OpusFilter-style filters, in this
 order; a pair is counted under the first filter that rejects it, and the report lists kept/removed:
   empty           a side is empty or whitespace
+  control_chars   a side holds a control character (U+0000-U+001F other than tab and newline, or U+007F)
   identical       the target is a copy of the source (an untranslated line)
   long_word       a "word" longer than --max-word-len characters (URLs, base64, glued text)
   length          a side with fewer than --min-words or more than --max-words words
   length_ratio    the longer side has more than --max-length-ratio times the characters of the shorter
                   (a sentence aligned with a paragraph, or with a fragment)
   alpha           fewer than --min-alpha-share of a side's non-space characters are letters
-  terminal_punct  the sentences end differently: '.', '!', '?' or none (after closing quotes/brackets)
-  numerals        the digit runs differ (separators between digits are ignored, so 1.50 = 1,50 and
-                  12,500 = 12 500)
+  terminal_punct  the sentences end differently: '.', '!', '?' or none (after closing quotes/brackets); a
+                  missing final period is not a difference ("Unknown media type." = "Tundmatu meedia
+                  tüüp"), unless --strict-terminal-punct
+  numerals        the numbers differ as numbers: 1.50 = 1,5, 12,500 = 12 500, 0 = the language's word for
+                  zero ("division by 0" = "nulliga jagamine"); --strict-numerals compares the digit runs
   duplicate       the same pair (whitespace-normalised) was kept before
 Each kept pair becomes one instruction: the template language (English or the pair's other language, each
 with several templates) and the template are chosen at random; the source sentence sits either in the
@@ -47,6 +50,7 @@ import random
 import re
 from collections import Counter
 from dataclasses import dataclass
+from decimal import Decimal
 from pathlib import Path
 from typing import Literal
 
@@ -111,13 +115,21 @@ class FilterConfig:
     max_words: int = 100        # OpusFilter LengthFilter (unit word) default
     max_length_ratio: float = 3.0  # OpusFilter LengthRatioFilter default (here on characters)
     min_alpha_share: float = 0.5
-    # terminal_punct, numerals and duplicate take no parameters
+    strict_terminal_punct: bool = False  # a missing final period counts as a difference too
+    strict_numerals: bool = False  # digit runs must be equal as strings; no number words
 
 
 TERMINAL = {".": ".", "!": "!", "?": "?", "…": ".", "。": ".", "！": "!", "？": "?"}
 CLOSERS = "\"'”’»)]}"
 _SEPARATOR_BETWEEN_DIGITS = re.compile(r"(?<=\d)[.,\s\u00a0\u202f'’](?=\d)")
 _DIGIT_RUN = re.compile(r"\d+")
+_NUMBER = re.compile(r"\d+(?:[.,\s\u00a0\u202f'’]\d+)*")
+_THOUSANDS = re.compile(r"[.,\s\u00a0\u202f'’](?=\d{3}(?!\d))")  # 12,500 / 12 500 / 12.500
+_CONTROL = re.compile(r"[\x00-\x08\x0b-\x1f\x7f]")
+# The words for zero with their inflected forms (nulli, nulliga; zera, zerem); lists exist for these languages
+# only. Other number words are left alone: "one" and "üks" are pronouns as often as numerals.
+ZERO_WORDS = {"en": re.compile(r"zeros?|zeroes|noughts?"), "et": re.compile(r"null\w*"),
+              "pl": re.compile(r"zer(o|a|u|em|ze|ami|ach|om)?")}
 
 
 def terminal_punctuation(text: str) -> str:
@@ -127,8 +139,25 @@ def terminal_punctuation(text: str) -> str:
 
 
 def digit_runs(text: str) -> list[str]:
-    """The numbers of a text as sorted digit strings, thousands and decimal separators removed."""
+    """The numbers of a text as sorted digit strings, thousands and decimal separators removed (strict)."""
     return sorted(_DIGIT_RUN.findall(_SEPARATOR_BETWEEN_DIGITS.sub("", text)))
+
+
+def numbers(text: str, lang: str) -> list[Decimal]:
+    """The numbers of a text as values, sorted: a separator before exactly three digits groups thousands
+    (12,500 = 12 500 = 12500), another one is the decimal point (1,50 = 1.5), and the language's words for
+    zero count as 0."""
+    values = []
+    for token in _NUMBER.findall(text):
+        plain = _THOUSANDS.sub("", token)
+        plain = re.sub(r"[,\s\u00a0\u202f'’]", ".", plain)
+        if plain.count(".") > 1:  # not one number (a date, a list): compare its digit groups
+            values += [Decimal(part) for part in plain.split(".")]
+        else:
+            values.append(Decimal(plain).normalize())
+    zero = ZERO_WORDS.get(lang)
+    values += [Decimal(0) for word in re.findall(r"\w+", text.lower()) if zero and zero.fullmatch(word)]
+    return sorted(values)
 
 
 def alpha_share(text: str) -> float:
@@ -140,15 +169,18 @@ def whitespace_normalised(text: str) -> str:
     return " ".join(text.split())
 
 
-FILTERS = ("empty", "identical", "long_word", "length", "length_ratio", "alpha", "terminal_punct", "numerals",
-           "duplicate")
+FILTERS = ("empty", "control_chars", "identical", "long_word", "length", "length_ratio", "alpha", "terminal_punct",
+           "numerals", "duplicate")
 
 
-def first_failing_filter(src: str, tgt: str, cfg: FilterConfig) -> str | None:
+def first_failing_filter(src: str, tgt: str, cfg: FilterConfig, src_lang: str = "en", tgt_lang: str = "et"
+                         ) -> str | None:
     """Name of the first filter that rejects the pair, or None (duplicates are checked by the caller)."""
     s, t = src.strip(), tgt.strip()
     if not s or not t:
         return "empty"
+    if _CONTROL.search(s) or _CONTROL.search(t):
+        return "control_chars"
     if whitespace_normalised(s).casefold() == whitespace_normalised(t).casefold():
         return "identical"
     sw, tw = s.split(), t.split()
@@ -160,20 +192,22 @@ def first_failing_filter(src: str, tgt: str, cfg: FilterConfig) -> str | None:
         return "length_ratio"
     if min(alpha_share(s), alpha_share(t)) < cfg.min_alpha_share:
         return "alpha"
-    if terminal_punctuation(s) != terminal_punctuation(t):
+    ends = {terminal_punctuation(s), terminal_punctuation(t)}
+    if len(ends) > 1 and (cfg.strict_terminal_punct or ends != {".", ""}):
         return "terminal_punct"
-    if digit_runs(s) != digit_runs(t):
+    if (digit_runs(s) != digit_runs(t)) if cfg.strict_numerals else (numbers(s, src_lang) != numbers(t, tgt_lang)):
         return "numerals"
     return None
 
 
-def filter_pairs(pairs: list[tuple[str, str]], cfg: FilterConfig | None = None):
+def filter_pairs(pairs: list[tuple[str, str]], cfg: FilterConfig | None = None, src_lang: str = "en",
+                 tgt_lang: str = "et"):
     """(kept pairs with their 1-based line numbers, report {filter: removed count, 'kept', 'total'})."""
     cfg = cfg or FilterConfig()
     removed = Counter()
     seen, kept = set(), []
     for line_no, (src, tgt) in enumerate(pairs, 1):
-        reason = first_failing_filter(src, tgt, cfg)
+        reason = first_failing_filter(src, tgt, cfg, src_lang, tgt_lang)
         if reason is None:
             key = (whitespace_normalised(src), whitespace_normalised(tgt))
             if key in seen:
@@ -284,8 +318,9 @@ def build_translation_instructions(pairs, src_lang: str, tgt_lang: str, reverse_
 def translate_command(args) -> dict:
     pairs = read_bitext(args.src or None, args.tgt or None, args.tsv or None, args.jsonl or None, args.src_lang,
                         args.tgt_lang)
-    cfg = FilterConfig(args.max_word_len, args.min_words, args.max_words, args.max_length_ratio, args.min_alpha_share)
-    kept, report = filter_pairs(pairs, cfg)
+    cfg = FilterConfig(args.max_word_len, args.min_words, args.max_words, args.max_length_ratio, args.min_alpha_share,
+                       args.strict_terminal_punct, args.strict_numerals)
+    kept, report = filter_pairs(pairs, cfg, args.src_lang, args.tgt_lang)
     if not kept:
         raise ValueError(f"{args.src or args.tsv or args.jsonl}: no sentence pair passed the filters\n"
                          + format_filter_report(report))
@@ -496,6 +531,8 @@ class TranslateOptions:
     max_words: int = FilterConfig.max_words  # length filter: most words per side
     max_length_ratio: float = FilterConfig.max_length_ratio  # length_ratio filter: longer / shorter side, in characters
     min_alpha_share: float = FilterConfig.min_alpha_share  # alpha filter: least share of letters per side
+    strict_terminal_punct: bool = False  # terminal_punct filter: a missing final period is a difference too
+    strict_numerals: bool = False  # numerals filter: digit runs equal as strings, no words for zero
 
     def check(self):
         for name in ("reverse_share", "inline_share", "min_alpha_share"):

@@ -280,12 +280,26 @@ def safety_rates(refused: list[bool], harmful: list[bool]) -> dict:
 # ----------------------------------------------------------------------------- verbosity
 
 def verbosity(texts: list[str], token_counts: list[int]) -> dict:
-    """Mean and median response length in model tokens and in whitespace-separated words."""
+    """Mean and median response length in model tokens and in whitespace-separated words, and two counts that
+    reveal a model saying nothing useful: empty responses, and how many responses are one and the same
+    (the most frequent stripped text; 1 when every response differs)."""
     if not texts:
         return {}
     words = [len(t.split()) for t in texts]
     return {"mean_tokens": statistics.fmean(token_counts), "median_tokens": float(statistics.median(token_counts)),
-            "mean_words": statistics.fmean(words), "median_words": float(statistics.median(words))}
+            "mean_words": statistics.fmean(words), "median_words": float(statistics.median(words)),
+            "empty_outputs": sum(not t.strip() for t in texts),
+            "same_output": Counter(t.strip() for t in texts).most_common(1)[0][1]}
+
+
+def degenerate_outputs(metrics: dict, n: int) -> str | None:
+    """A warning when most of a task's n outputs are empty or identical (BLEU 0.0 alone says nothing)."""
+    empty, same = int(metrics.get("empty_outputs") or 0), int(metrics.get("same_output") or 0)
+    if n > 1 and empty > n / 2:
+        return f"{empty} of {n} outputs are empty"
+    if n > 1 and same > n / 2:
+        return f"{same} of {n} outputs are the same text"
+    return None
 
 
 # ----------------------------------------------------------------------------- translation

@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from minillm.engine import all_reduce_sum, batch_to, model_inputs
+from minillm.engine import all_reduce_sum, batch_to, end_validation, model_inputs
 
 # ----------------------------------------------------------------------------- MFU
 
@@ -103,7 +103,7 @@ def validation_loss(engine, sets: dict, byte_lengths: torch.Tensor, device) -> d
         if name:
             out[f"val_loss_{name}"] = nll / max(tokens, 1)
             out[f"val_bpb_{name}"] = nll / math.log(2) / max(nbytes, 1)
-    engine.train()
+    end_validation(engine)
     nll, tokens, nbytes = totals
     return {"val_loss": nll / max(tokens, 1), "val_bpb": nll / math.log(2) / max(nbytes, 1), "val_tokens": tokens,
             **out}
@@ -135,7 +135,7 @@ class RunLog:
         self.rank, self.total, self.first, self.log_interval, self.t0 = rank, total, start, log_interval, time.time()
         self.file = open(Path(out_dir) / "metrics.jsonl", "a", encoding="utf-8") if rank == 0 else None
         self.bar = tqdm(total=total, initial=start, desc=desc, dynamic_ncols=True,
-                        disable=rank != 0 or not sys.stdout.isatty())
+                        disable=rank != 0 or not (sys.stdout.isatty() and sys.stderr.isatty()))
 
     def write(self, record: dict):
         """One line of metrics.jsonl."""

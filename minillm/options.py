@@ -166,13 +166,16 @@ def help_text(cls, prog: str, description: str = "") -> str:
     if description:
         lines += ["", description.strip()]
     lines += ["", "options:"]
-    for f in dataclasses.fields(cls):
+    # The command's own options first, then those it shares with others (a base class's fields).
+    by_name = {f.name: f for f in dataclasses.fields(cls)}
+    order = [n for klass in cls.__mro__ for n in getattr(klass, "__annotations__", {}) if n in by_name]
+    for f in (by_name[n] for n in dict.fromkeys(order)):
         default = _default(f)
         shown = "required" if default is dataclasses.MISSING else f"default: {json.dumps(default)}"
         lines.append(f"  {flag(f.name)} {_type_name(hints[f.name])}")
         lines.append(f"      {comments.get(f.name, '')} ({shown})".replace("       (", "      ("))
     lines.append("  --config FILE.json")
-    lines.append("      any of the options above as a JSON object; flags given too override it")
+    lines.append("      any of the options above as a JSON object; flags given too override it (default: none)")
     return "\n".join(lines)
 
 

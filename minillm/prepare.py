@@ -17,6 +17,8 @@ import json
 import itertools
 import multiprocessing
 import os
+import shutil
+import sys
 import time
 from collections import deque
 from dataclasses import dataclass, field
@@ -297,6 +299,9 @@ def prepare(inputs, tokenizer, out_dir, *, fmt: str = "auto", text_field: str = 
             print(f"{out_dir}: up to date (same inputs, tokenizer and options); nothing to do")
         return {**meta, "skipped": True}
 
+    if out_dir.exists() and not out_dir.is_dir():
+        raise ValueError(f"--out {out_dir}: exists and is not a directory")
+    created = not out_dir.exists()  # removed again if this run fails: a failed start leaves nothing behind
     out_dir.mkdir(parents=True, exist_ok=True)
     _remove_leftovers(out_dir)
     fmt_of = {p: corpus_format(p, fmt)[0] for p in inputs}
@@ -304,7 +309,7 @@ def prepare(inputs, tokenizer, out_dir, *, fmt: str = "auto", text_field: str = 
     n_docs = n_tokens = n_words = n_skipped = 0
     t0 = time.time()
     bar = tqdm(total=sum(os.path.getsize(p) for p in inputs), unit="B", unit_scale=True,
-               desc=f"tokenizing {name}", disable=not progress, dynamic_ncols=True)
+               desc=f"tokenizing {name}", disable=not progress or not sys.stderr.isatty(), dynamic_ncols=True)
     results = _run_jobs(_chunks(inputs, fmt_of, text_field, txt_docs), str(model_file), workers)
     try:
         for result, nbytes in results:
@@ -321,6 +326,8 @@ def prepare(inputs, tokenizer, out_dir, *, fmt: str = "auto", text_field: str = 
         shards = writer.close()
     except BaseException:
         writer.abort()
+        if created:
+            shutil.rmtree(out_dir, ignore_errors=True)
         raise
     finally:
         results.close()  # stops the worker pool now, also on error

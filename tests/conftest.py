@@ -58,3 +58,41 @@ def chat_tok(tmp_path_factory):
     lines = [" ".join(rng.choice(WORDS) for _ in range(12)) + rng.choice([".", "?", "!", ":", " ###"])
              for _ in range(3000)]
     return Tokenizer.train(iter(lines), tmp_path_factory.mktemp("tok") / "sp", 400)
+
+
+@pytest.fixture(scope="session")
+def tiny_world(tmp_path_factory):
+    """A small sample world (demo/sample_world.py), a tokenizer trained on it, its token shards, a random tiny
+    model in Hugging Face layout and a finished 2-step pretraining run with checkpoints: inputs for the
+    fault and bad-input tests."""
+    sys.path.insert(0, str(ROOT / "demo"))
+    import sample_world
+
+    from minillm.files import iter_texts
+    from minillm.hf import save_pretrained
+    from minillm.model import Llama, LlamaConfig
+    from minillm.prepare import prepare
+    from minillm.tokenizer import Tokenizer
+
+    root = tmp_path_factory.mktemp("tiny_world")
+    sample_world.write_sample_world(root / "data", seed=0, scale=0.02)
+    texts = list(iter_texts([root / f"data/pretrain/{lang}/train.jsonl" for lang in ("et", "en")]))
+    tok = Tokenizer.train(iter(texts), root / "tok" / "tokenizer", 400)
+    tok.save_pretrained(root / "tok")
+    for lang in ("et", "en"):
+        for split in ("train", "valid"):
+            prepare([root / f"data/pretrain/{lang}/{split}.jsonl"], root / "tok", root / f"shards/{lang}_{split}",
+                    progress=False)
+    import torch
+    torch.manual_seed(0)
+    save_pretrained(Llama(LlamaConfig.from_preset("tiny", vocab_size=tok.vocab_size)), root / "init", tokenizer=tok)
+    run_script("train_pretrain.py", pretrain_args(root, root / "run") + ["--max-steps", "2", "--save-interval", "1"])
+    return root
+
+
+def pretrain_args(world, out) -> list:
+    """A tiny pretraining run on the tiny world's shards."""
+    return ["--preset", "tiny", "--tokenizer", str(world / "tok"), "--data",
+            f"et={world / 'shards/et_train'},en={world / 'shards/en_train'}", "--valid-data",
+            f"et={world / 'shards/et_valid'}", "--eval-tokens", "64", "--seq-len", "32", "--micro-batch-size", "2",
+            "--warmup-steps", "1", "--log-interval", "1", "--out-dir", str(out)]

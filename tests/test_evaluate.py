@@ -444,3 +444,20 @@ def test_cli_reports_bad_input_as_one_line(model_dir, tmp_path, capsys):
     assert e.value.code == 1
     assert capsys.readouterr().err == f"error: {tmp_path / 't.jsonl'}:1: label -1 out of range for 2 choices (0..1)\n"
     assert not (tmp_path / "r").exists()  # nothing evaluated, model never loaded
+
+
+def test_a_model_that_says_nothing_is_flagged(model_dir, tmp_path, capsys):
+    """A model whose every output is empty (its final norm zeroed: all logits equal, the argmax is the pad
+    id, which decodes to nothing) gets translation scores of 0 with a warning, and the table shows the count."""
+    model = load_pretrained(model_dir)
+    with torch.no_grad():
+        model.norm.weight.zero_()
+    save_pretrained(model, tmp_path / "mute", tokenizer=Tokenizer.from_pretrained(model_dir))
+    mt = write_task(tmp_path, "mt", {"type": "translation", "language": "et"},
+                    [{"source": f"good morning {i}", "reference": "tere hommikust", "src_lang": "en", "tgt_lang": "et"}
+                     for i in range(4)])
+    evaluate.main(["--model", str(tmp_path / "mute"), "--tasks", str(mt), "--out", str(tmp_path / "r"),
+                   "--progress", "false", "--max-new-tokens", "4"])
+    captured = capsys.readouterr()
+    assert "warning: [mt] 4 of 4 outputs are empty" in captured.err
+    assert "| mt | empty_outputs | 4.00 | 4 |" in captured.out.replace("4.0000", "4.00")

@@ -8,6 +8,7 @@ import json
 import os
 import subprocess
 import sys
+from decimal import Decimal
 from pathlib import Path
 
 import pytest
@@ -15,7 +16,7 @@ import pytest
 from minillm.chat_format import render
 from minillm.instructions import (
     FILTERS, FilterConfig, build_translation_instructions, digit_runs, filter_pairs, first_failing_filter, main,
-    terminal_punctuation,
+    numbers, terminal_punctuation,
 )
 from minillm.tokenizer import Tokenizer
 
@@ -44,9 +45,18 @@ def good_pairs(n: int) -> list[tuple[str, str]]:
     ("Hello.", "Tere, kuidas sul täna läheb, mu kallis sõber?", "length_ratio"),
     ("Call 555-1234-5678!", "Helista 555-1234-5678!", "alpha"),
     ("Is it raining?", "Kas sajab vihma.", "terminal_punct"),
-    ("It is raining", "Sajab vihma.", "terminal_punct"),
+    ("Is it raining?", "Kas sajab vihma", "terminal_punct"),
     ("A cake costs 8.00 euros.", "Kook maksab 13,00 eurot.", "numerals"),
     ("Tiina has 3 cats.", "Tiinal on kolm kassi.", "numerals"),
+    ("Tiina has 0 cats.", "Tiinal on üks kass.", "numerals"),
+    ("Tab\there.", "Tabel\x07 siin.", "control_chars"),
+    ("Bell \x1b[1m here.", "Kell siin.", "control_chars"),
+    # kept: a missing final period, the word for zero, equal values written differently
+    ("It is raining", "Sajab vihma.", None),
+    ("Unknown media type.", "Tundmatu meedia tüüp", None),
+    ("division by 0", "nulliga jagamine", None),
+    ("It costs 1.50 euros.", "See maksab 1,5 eurot.", None),
+    ("Line one.\nLine\ttwo.", "Rida üks.\nRida\tkaks.", None),
     # kept: separators between digits are ignored, terminal punctuation is read past closing quotes
     ("A loaf of bread costs 6.30 euros.", "Leib maksab 6,30 eurot.", None),
     ("12,500 people live in Kivila.", "Kivilas elab 12 500 inimest.", None),
@@ -55,7 +65,32 @@ def good_pairs(n: int) -> list[tuple[str, str]]:
     ("the red cat", "punane kass", None),
 ])
 def test_each_filter_on_a_hand_case(src, tgt, expected):
-    assert first_failing_filter(src, tgt, FilterConfig()) == expected
+    assert first_failing_filter(src, tgt, FilterConfig(), "en", "et") == expected
+
+
+@pytest.mark.parametrize("src, tgt", [
+    ("It is raining", "Sajab vihma."),
+    ("Unknown media type.", "Tundmatu meedia tüüp"),
+])
+def test_strict_terminal_punctuation(src, tgt):
+    assert first_failing_filter(src, tgt, FilterConfig(strict_terminal_punct=True)) == "terminal_punct"
+
+
+@pytest.mark.parametrize("src, tgt", [
+    ("division by 0", "nulliga jagamine"),
+    ("It costs 1.50 euros.", "See maksab 1,5 eurot."),
+])
+def test_strict_numerals(src, tgt):
+    assert first_failing_filter(src, tgt, FilterConfig(strict_numerals=True)) == "numerals"
+
+
+def test_numbers_as_values():
+    assert numbers("1,50 or 1.5 or 12,500 or 12 500 and 0007", "en") == sorted(
+        [Decimal("1.5"), Decimal("1.5"), Decimal(12500), Decimal(12500), Decimal(7)])
+    assert numbers("jagamine nulliga, null korda", "et") == [0, 0]
+    assert numbers("zero, nought, none", "en") == [0, 0]
+    assert numbers("podzielić przez zero, bez zer, zerwać", "pl") == [0, 0]
+    assert numbers("Nulliga", "de") == []  # no list of zero words for the language: no words counted
 
 
 def test_filter_helpers():
@@ -75,8 +110,8 @@ def test_filter_report_counts_each_pair_once_under_its_first_failing_filter():
            ("A cake costs 8.00 euros.", "Kook maksab 13,00 eurot."),  # numerals
            ("Yes.", "Jah, seda ma tõesti arvan ja usun kindlalt.")]   # length_ratio
     kept, report = filter_pairs(pairs + bad)
-    assert report == {"empty": 1, "identical": 1, "long_word": 0, "length": 0, "length_ratio": 1, "alpha": 0,
-                      "terminal_punct": 0, "numerals": 1, "duplicate": 2, "kept": 20, "total": 26}
+    assert report == {"empty": 1, "control_chars": 0, "identical": 1, "long_word": 0, "length": 0, "length_ratio": 1,
+                      "alpha": 0, "terminal_punct": 0, "numerals": 1, "duplicate": 2, "kept": 20, "total": 26}
     assert [line for line, _, _ in kept] == list(range(1, 21))
     assert set(report) == set(FILTERS) | {"kept", "total"}
 

@@ -6,7 +6,7 @@ import math
 
 import pytest
 
-from minillm.metrics import (bits_per_byte, bleu, chrf_pp, compile_refusal, exact_match, f_beta, gec_scores,
+from minillm.metrics import (bits_per_byte, degenerate_outputs, bleu, chrf_pp, compile_refusal, exact_match, f_beta, gec_scores,
                              gec_tokenize, is_refusal, normalize_answer, perplexity, refusal_patterns,
                              safety_rates, token_edits, token_f1, verbosity)
 
@@ -124,7 +124,14 @@ def test_attack_success_and_false_refusal_rates():
 
 def test_verbosity():
     out = verbosity(["a b c", "d", "e f"], [5, 1, 3])
-    assert out == {"mean_tokens": 3.0, "median_tokens": 3.0, "mean_words": 2.0, "median_words": 2.0}
+    assert out == {"mean_tokens": 3.0, "median_tokens": 3.0, "mean_words": 2.0, "median_words": 2.0,
+                   "empty_outputs": 0, "same_output": 1}
+    texts = ["", " ", "ok", "ok ", "other"]
+    out = verbosity(texts, [0, 1, 1, 1, 1])
+    assert out["empty_outputs"] == 2 and out["same_output"] == 2  # "ok" twice; the two empty ones too
+    assert degenerate_outputs({"empty_outputs": 3, "same_output": 3}, 5) == "3 of 5 outputs are empty"
+    assert degenerate_outputs({"empty_outputs": 0, "same_output": 4}, 5) == "4 of 5 outputs are the same text"
+    assert degenerate_outputs(out, 5) is None
     assert verbosity(["x y", "z"], [4, 1])["median_tokens"] == 2.5
 
 

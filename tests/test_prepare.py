@@ -193,3 +193,20 @@ def test_bad_input_names_file_and_line_and_keeps_previous_output(tok_file, corpu
     assert "\n" not in str(e.value)
     assert {p.name: p.read_bytes() for p in out.iterdir()} == before  # nothing lost, no temp files left
     assert shard_docs(out) == expected_docs(tok_file, texts)
+
+
+def test_plain_text_of_any_name_with_format_text(tok_file, tmp_path):
+    """`train.et` is not named .txt: --format text (prepare and the tokenizer trainer) reads it as text."""
+    rng = random.Random(5)
+    texts = [sentence(rng) for _ in range(30)]
+    (tmp_path / "train.et").write_text("\n".join(texts) + "\n", encoding="utf-8")
+    with pytest.raises(ValueError, match=r"train\.et: unknown input format .* --format"):
+        prepare([tmp_path / "train.et"], tok_file, tmp_path / "auto", progress=False)
+    prepare([tmp_path / "train.et"], tok_file, tmp_path / "out", fmt="text", progress=False)
+    assert shard_docs(tmp_path / "out") == expected_docs(tok_file, texts)
+    env = {**os.environ, "PYTHONPATH": str(Path(minillm.__file__).parents[1])}
+    r = subprocess.run([sys.executable, "-m", "minillm.tokenizer", "train", "--input", str(tmp_path / "train.et"),
+                        "--format", "text", "--vocab-size", "300", "--out", str(tmp_path / "tok")],
+                       capture_output=True, text=True, env=env, timeout=120)
+    assert r.returncode == 0, r.stderr
+    assert Tokenizer.from_pretrained(tmp_path / "tok").vocab_size == 300

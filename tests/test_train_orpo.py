@@ -7,6 +7,7 @@ subprocesses.
 import json
 import math
 import random
+import re
 
 import pytest
 import torch
@@ -98,8 +99,12 @@ def test_one_concatenated_pass_equals_two_passes(world):
 
 
 def test_orpo_raises_reward_accuracy_and_exports(world, tmp_path):
-    run(world, tmp_path, "--epochs", "6", "--micro-batch-size", "8", "--lr", "3e-3", "--min-lr", "3e-4",
-        "--eval-interval", "24")
+    proc = run(world, tmp_path, "--epochs", "6", "--micro-batch-size", "8", "--lr", "3e-3", "--min-lr", "3e-4",
+               "--eval-interval", "24")
+    # The log holds what a person needs: no warnings, no progress bar when stdout is not a terminal.
+    assert proc.stderr == "", proc.stderr
+    known = re.compile(r"(.*: \d+ pairs.*|attention: .*|step +\d+/\d+ +\| .*|exported .*)")
+    assert all(known.fullmatch(line) for line in proc.stdout.splitlines()), proc.stdout
     m = metrics(tmp_path, with_start=True)
     start, end = m[0], m[-1]
     assert start["step"] == 0 and "val_reward_accuracy" in start

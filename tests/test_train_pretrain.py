@@ -73,6 +73,12 @@ def test_single_process_learns_and_exports(single):
         assert key in m[0]
     assert (single / "model" / "config.json").exists() and (single / "model" / "tokenizer.model").exists()
     assert (single / "checkpoints" / "latest").read_text().strip() == f"step_{STEPS:07d}"
+    assert not (single / "checkpoints" / ".tmp").exists()  # no empty temporary folders left behind
+    assert all(0 < r["mfu"] <= 1 for r in m), [r["mfu"] for r in m]  # a share of this CPU's measured matmul peak
+    state = json.loads((single / "model" / "training_state.json").read_text())
+    assert state["step"] == STEPS and state["val_loss"] == pytest.approx(m[-1]["val_loss"])
+    readme = (single / "README.md").read_text()
+    assert "metrics.jsonl" in readme and "--resume" in readme and "evaluate.py" in readme
 
 
 @pytest.mark.parametrize("zero_stage", [0, 2, 3])

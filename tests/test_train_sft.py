@@ -228,3 +228,18 @@ def test_validation_scores_every_example_once_whatever_the_split(world, tmp_path
         start = metrics(tmp_path / name, with_start=True)[0]
         assert start["step"] == 0 and start["val_tokens"] == count, name
         assert start["val_loss"] == pytest.approx(nll / count, rel=1e-6), name
+
+
+def test_the_last_step_is_validated_and_the_export_names_its_step(world, tmp_path):
+    """--eval-interval 5 over 12 steps: steps 5, 10 and the last one (12) are validated; the exported model
+    is the best of them, and the closing line and model/training_state.json say which step it is."""
+    proc = run(world, tmp_path, "--micro-batch-size", "4", "--pack", "false", "--eval-interval", "5")
+    m = metrics(tmp_path)
+    validated = [r["step"] for r in m if "val_loss" in r]
+    assert validated == [5, 10, 12]
+    best = min((r for r in m if "val_loss" in r), key=lambda r: r["val_loss"])
+    state = json.loads((tmp_path / "model" / "training_state.json").read_text())
+    assert state["step"] == best["step"] and state["val_loss"] == pytest.approx(best["val_loss"])
+    assert f"exported {tmp_path / 'model'} (Hugging Face layout): step {best['step']}, the best val_loss " \
+           f"{best['val_loss']:.4f}" in proc.stdout
+    assert best["step"] == 12  # the loss is still falling: the last step is the best one, and it was exported

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import random
 import string
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -183,7 +184,8 @@ class EvalContext(GenerationOptions):
         return self.model.config.max_seq_len
 
     def bar(self, total: int, desc: str):
-        return tqdm(total=total, desc=desc, disable=not self.progress, leave=False, dynamic_ncols=True)
+        return tqdm(total=total, desc=desc, disable=not self.progress or not sys.stderr.isatty(), leave=False,
+                    dynamic_ncols=True)
 
 
 # ----------------------------------------------------------------------------- prompts

@@ -1,0 +1,269 @@
+"""Fault experiments: what a run does when the loss goes non-finite, a SIGTERM arrives on a step that also
+saves, the disk fills up, a finished run is started again, a checkpoint holds a planted pickle, a stale
+extension-build lock lies around, a task name points outside --out, a chat outgrows the context. Real
+subprocesses on the tiny world (tests/conftest.py), a few seconds each.
+
+    .venv/bin/python -m pytest -q tests/test_faults.py
+"""
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import ROOT, pretrain_args, read_metrics, run_script
+
+
+def error_line(proc) -> str:
+    lines = [line for line in proc.stderr.splitlines() if line.strip()]
+    assert proc.returncode != 0 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
+    assert len(lines) == 1 and lines[0].startswith("error: "), proc.stderr[-2000:]
+    return lines[0]
+
+
+def latest(out) -> str:
+    return (out / "checkpoints" / "latest").read_text().strip()
+
+
+def finite_checkpoint(path) -> bool:
+    """Every tensor of a ZeRO-0 checkpoint's model states is finite (test-side read of our own file)."""
+    states = torch.load(path / "mp_rank_00_model_states.pt", weights_only=False)["module"]
+    return all(torch.isfinite(t).all() for t in states.values())
+
+
+# ----------------------------------------------------------------------------- non-finite loss
+
+def test_nonfinite_loss_stops_pretraining_before_saving_or_exporting(tiny_world, tmp_path):
+    out = tmp_path / "run"
+    proc = run_script("train_pretrain.py", pretrain_args(tiny_world, out) + [
+        "--lr", "1e6", "--min-lr", "0", "--warmup-steps", "0", "--max-steps", "30", "--save-interval", "1",
+        "--keep-checkpoints", "2"], check=False)
+    line = error_line(proc)
+    steps = [r["step"] for r in read_metrics(out)]
+    bad = steps[-1] + 1  # the step whose loss was not finite is not logged
+    assert f"step {bad}: the loss is nan" in line or f"step {bad}: the loss is inf" in line, line
+    assert latest(out) == f"step_{bad - 1:07d}"  # the last finite state is kept, not rotated away
+    for d in (out / "checkpoints").glob("step_*"):
+        assert finite_checkpoint(d)
+    assert not (out / "model").exists() and not (out / "checkpoints" / ".tmp").exists()
+
+
+@pytest.mark.parametrize("script", ["train_sft.py", "train_orpo.py"])
+def test_nonfinite_loss_stops_sft_and_orpo(tiny_world, tmp_path, script):
+    """A model with one NaN weight (a damaged base): the first step's loss is NaN; the run stops there."""
+    from minillm.hf import load_pretrained, save_pretrained
+    from minillm.tokenizer import Tokenizer
+    model = load_pretrained(tiny_world / "init")
+    with torch.no_grad():
+        model.layers[0].feed_forward.w2.weight[0, 0] = float("nan")
+    save_pretrained(model, tmp_path / "broken", tokenizer=Tokenizer.from_pretrained(tiny_world / "init"))
+    data = tiny_world / "data"
+    files = {"train_sft.py": ["--train-data", data / "sft/alpaca_et.jsonl", "--valid-data", ""],
+             "train_orpo.py": ["--train-data", data / "preferences/train.jsonl", "--valid-data", ""]}[script]
+    proc = run_script(script, ["--init-from", tmp_path / "broken", *files, "--seq-len", "128", "--epochs", "1",
+                               "--micro-batch-size", "4", "--save-interval", "1", "--out-dir", tmp_path / "run"],
+                      check=False)
+    line = error_line(proc)
+    assert "step 1: the loss is nan" in line and "stopped without saving or exporting" in line
+    assert not (tmp_path / "run" / "model").exists() and not (tmp_path / "run" / "checkpoints").exists()
+    with_validation = {"train_sft.py": ["--valid-data", data / "sft/valid.jsonl"],
+                       "train_orpo.py": ["--valid-data", data / "preferences/valid.jsonl"]}[script]
+    proc = run_script(script, ["--init-from", tmp_path / "broken", *files, *with_validation, "--seq-len", "128",
+                               "--epochs", "1", "--micro-batch-size", "4", "--out-dir", tmp_path / "run2"], check=False)
+    assert "step 1: the loss is nan" in error_line(proc)  # the step-0 validation is NaN too: nothing exported
+    assert not (tmp_path / "run2" / "model").exists()
+
+
+# ----------------------------------------------------------------------------- SIGTERM on a saving step
+
+def test_sigterm_on_a_saving_step_saves_it_once_and_resumes(tiny_world, tmp_path):
+    out = tmp_path / "run"
+    args = pretrain_args(tiny_world, out) + ["--max-steps", "400", "--save-interval", "1", "--keep-checkpoints", "2"]
+    proc = run_script("train_pretrain.py", args, popen=True)
+    deadline = time.time() + 240
+    while time.time() < deadline and not ((out / "metrics.jsonl").exists() and len(read_metrics(out)) >= 3):
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGTERM)
+    output, _ = proc.communicate(timeout=240)
+    assert proc.returncode == 0, output[-3000:]
+    stopped = read_metrics(out)[-1]["step"]
+    assert f"SIGTERM: saved step {stopped}" in output
+    assert latest(out) == f"step_{stopped:07d}"
+    kept = sorted(p.name for p in (out / "checkpoints").iterdir())
+    assert kept == ["latest", f"step_{stopped - 1:07d}", f"step_{stopped:07d}"]  # saved once: nothing rotated twice
+    state = json.loads((out / "checkpoints" / f"step_{stopped:07d}" / "trainer_state.json").read_text())
+    assert state["step"] == stopped
+    run_script("train_pretrain.py", args[:-6] + ["--max-steps", str(stopped + 2), "--resume"])
+    assert [r["step"] for r in read_metrics(out)] == list(range(1, stopped + 3))
+
+
+@pytest.fixture
+def one_process_group():
+    import torch.distributed as dist
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=0, world_size=1)
+    yield
+    dist.destroy_process_group()
+
+
+class FakeEngine:
+    """What save_checkpoint needs of a DeepSpeed engine: it writes one file per save and counts the saves."""
+
+    def __init__(self):
+        self.device, self.saves = torch.device("cpu"), []
+        self.module = torch.nn.Linear(2, 2)
+
+    def save_checkpoint(self, save_dir, tag, save_latest):
+        self.saves.append(tag)
+        (Path(save_dir) / tag / "model.bin").write_bytes(b"weights")
+
+
+def test_save_replaces_checkpoints_without_a_missing_latest(one_process_group, tmp_path, monkeypatch):
+    """A step is saved once; whenever a directory is deleted, `latest` names another one that exists."""
+    import shutil
+
+    from minillm import checkpoints
+    engine, root = FakeEngine(), tmp_path / "checkpoints"
+    real_rmtree = shutil.rmtree
+
+    def watched_rmtree(path, *a, **kw):
+        if (root / "latest").exists() and Path(path).parent == root:
+            named = root / (root / "latest").read_text().strip()
+            assert Path(path) != named and named.is_dir(), f"deleting {path} while latest names {named}"
+        return real_rmtree(path, *a, **kw)
+
+    monkeypatch.setattr(checkpoints.shutil, "rmtree", watched_rmtree)
+    for step in (1, 2, 2, 3, 3, 4):  # the repeated steps: a SIGTERM on a step that was saved already
+        checkpoints.save_checkpoint(engine, tmp_path, step, {"step": step}, keep=2)
+        assert latest(tmp_path) == f"step_{step:07d}"
+    assert engine.saves == [f"step_{s:07d}" for s in (1, 2, 3, 4)]
+    assert sorted(p.name for p in root.iterdir()) == ["latest", "step_0000003", "step_0000004"]
+    (root / "step_0000005").mkdir()  # a leftover that `latest` does not name (a run killed before its rename)
+    checkpoints.save_checkpoint(engine, tmp_path, 5, {"step": 5}, keep=2)
+    assert latest(tmp_path) == "step_0000005" and (root / "step_0000005" / "model.bin").exists()
+
+
+# ----------------------------------------------------------------------------- a full disk
+
+def test_full_disk_keeps_the_previous_checkpoint_and_says_so(tiny_world, tmp_path):
+    out = tmp_path / "run"
+    cmd = [sys.executable, str(ROOT / "tests" / "inject_fault.py"), "enospc", "2", str(ROOT / "train_pretrain.py"),
+           *pretrain_args(tiny_world, out), "--max-steps", "6", "--save-interval", "1"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    line = error_line(proc)
+    assert "cannot write checkpoint" in line and "step_0000003" in line and "no space left on device" in line
+    assert "GiB free" in line
+    assert latest(out) == "step_0000002" and finite_checkpoint(out / "checkpoints" / "step_0000002")
+    assert not (out / "checkpoints" / ".tmp").exists() and not (out / "checkpoints" / "step_0000003").exists()
+    assert [r["step"] for r in read_metrics(out)] == [1, 2, 3]
+
+
+# ----------------------------------------------------------------------------- re-running a finished run
+
+def test_rerun_is_refused_and_overwrite_starts_afresh(tiny_world, tmp_path):
+    out = tmp_path / "run"
+    args = pretrain_args(tiny_world, out) + ["--max-steps", "2"]
+    run_script("train_pretrain.py", args)
+    before = {p: p.read_bytes() for p in out.rglob("*") if p.is_file()}
+    line = error_line(run_script("train_pretrain.py", args, check=False))
+    assert "holds a run already" in line
+    bad = run_script("train_pretrain.py", args + ["--overwrite", "--mixture", "et=1,fr=1"], check=False)
+    assert "fr" in error_line(bad)  # a failed start: nothing of the old run is touched
+    assert {p: p.read_bytes() for p in out.rglob("*") if p.is_file()} == before
+    run_script("train_pretrain.py", args[:-2] + ["--max-steps", "3", "--overwrite"])
+    assert [r["step"] for r in read_metrics(out)] == [1, 2, 3]  # no lines of the old run
+    assert json.loads((out / "options.json").read_text())["max_steps"] == 3
+    assert json.loads((out / "model" / "training_state.json").read_text())["step"] == 3
+    assert "--resume" in (out / "README.md").read_text()
+
+
+# ----------------------------------------------------------------------------- unpickling on resume
+
+def test_planted_pickle_is_refused_on_resume(tiny_world, tmp_path):
+    import shutil
+    out = tmp_path / "run"
+    shutil.copytree(tiny_world / "run", out)
+    states = out / "checkpoints" / "step_0000002" / "mp_rank_00_model_states.pt"
+    marker = tmp_path / "PWNED"
+    payload = (f"import torch, os\nclass E:\n    def __reduce__(self):\n        return (os.system, ('touch {marker}',))\n"
+               f"sd = torch.load({str(states)!r}, weights_only=False)\nsd['x'] = E()\ntorch.save(sd, {str(states)!r})\n")
+    subprocess.run([sys.executable, "-c", payload], check=True)
+    proc = run_script("train_pretrain.py", pretrain_args(tiny_world, out) + ["--max-steps", "3", "--resume"],
+                      check=False)
+    line = error_line(proc)
+    assert "refused to load" in line and "posix.system" in line and not marker.exists()
+
+
+# ----------------------------------------------------------------------------- a stale build lock
+
+def test_a_stale_extension_lock_does_not_hang_a_start(tiny_world, tmp_path):
+    """A start killed while DeepSpeed built its CPU extension leaves a lock file; minillm never builds it."""
+    ext = tmp_path / "extensions"
+    for name in ("deepspeed_shm_comm", "py311_cpu/deepspeed_shm_comm"):
+        (ext / name).mkdir(parents=True)
+        (ext / name / "lock").write_text("")
+    proc = subprocess.run([sys.executable, str(ROOT / "train_pretrain.py"), *pretrain_args(tiny_world, tmp_path / "r"),
+                           "--max-steps", "1"], capture_output=True, text=True, timeout=120,
+                          env={**os.environ, "TORCH_EXTENSIONS_DIR": str(ext), "OMP_NUM_THREADS": "1"})
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "built successfully" not in proc.stdout + proc.stderr
+
+
+# ----------------------------------------------------------------------------- evaluate
+
+def test_task_names_cannot_write_outside_out(tiny_world, tmp_path):
+    tasks = tmp_path / "tasks"
+    tasks.mkdir()
+    (tasks / "t.jsonl").write_text(json.dumps({"text": "tere maailm"}) + "\n")
+    (tasks / "t.task.json").write_text(json.dumps({"name": "../../escape", "type": "perplexity", "data": "t.jsonl"}))
+    out = tmp_path / "deep" / "er" / "results"
+    proc = subprocess.run([sys.executable, str(ROOT / "evaluate.py"), "--model", str(tiny_world / "init"), "--tasks",
+                           str(tasks), "--out", str(out), "--progress", "false"], capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    written = sorted(str(p.relative_to(tmp_path)) for p in tmp_path.rglob("*") if p.is_file() and "tasks" not in p.parts)
+    assert all(w.startswith("deep/er/results/") for w in written), written
+    assert (out / "predictions" / "escape.jsonl").exists()
+
+
+# ----------------------------------------------------------------------------- chat
+
+def test_chat_keeps_answering_past_the_context(tiny_world, tmp_path):
+    """A model with a 64-token context, the default --max-new-tokens 256 and a conversation that outgrows the
+    context: every turn is answered, and the dropping of old turns is said once."""
+    from minillm.hf import load_pretrained, save_pretrained
+    from minillm.tokenizer import Tokenizer
+    model = load_pretrained(tiny_world / "init")
+    model.config.max_seq_len = 64
+    save_pretrained(model, tmp_path / "short", tokenizer=Tokenizer.from_pretrained(tiny_world / "init"))
+    turns = "".join(f"Tere, kuidas läheb? Räägi mulle linnast number {i}.\n" for i in range(6))
+    proc = subprocess.run([sys.executable, "-m", "minillm.chat", "--model", str(tmp_path / "short"), "--temperature",
+                           "0"], input=turns, capture_output=True, text=True, timeout=300, cwd=ROOT)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert proc.stderr.count("outgrew the model's context of 64 tokens") == 1
+
+
+def test_fit_context_drops_the_oldest_turns_and_caps_the_reply(tiny_world):
+    from minillm.chat import MIN_REPLY_TOKENS, fit_context
+    from minillm.chat_format import render
+    from minillm.tokenizer import Tokenizer
+    tok = Tokenizer.from_pretrained(tiny_world / "init")
+    system = [{"role": "system", "content": "Ole lühike."}]
+    turns = []
+    for i in range(8):
+        turns += [{"role": "user", "content": f"Räägi mulle linnast number {i}."},
+                  {"role": "assistant", "content": f"Linn {i} on väike ja ilus."}]
+    messages = system + turns + [{"role": "user", "content": "Ja viimane?"}]
+    prompt, budget, dropped = fit_context(messages, tok, 96, 256)
+    assert dropped > 0 and len(prompt) <= 96 - MIN_REPLY_TOKENS and budget == 96 - len(prompt)
+    kept = system + (turns + [messages[-1]])[2 * dropped:]  # whole user/assistant pairs left out, oldest first
+    assert prompt == render(kept, tok, add_generation_prompt=True)[0]
+    short, budget, dropped = fit_context(system + turns[:2] + [messages[-1]], tok, 96, 10)
+    assert dropped == 0 and budget == 10  # room enough: nothing dropped, the asked-for budget
