@@ -12,9 +12,9 @@ One GPU:
 8 GPUs (global batch = micro_batch_size x grad_accum x 8 sequences):
     torchrun --nproc_per_node=8 train_pretrain.py --init-from llama-2-7b-hf ... --grad-accum 4 --zero-stage 3
 Resume after an interruption or preemption (same --out-dir): add --resume.
-After extending the vocabulary (python -m minillm.vocab extend), train the new embedding rows first, everything else
-frozen, then all weights: --trainable embeddings --embedding-lr 1e-4 for a few hundred steps, then --init-from
-that run's model without them.
+After extending the vocabulary (python -m minillm.vocab extend), train the embedding and head first, everything else
+frozen (--trainable embeddings --lr 1e-4, a few hundred steps), then --init-from that run's model with all weights
+trainable, the embeddings optionally faster (--embedding-lr 5e-5 beside --lr 2e-5).
 """
 from __future__ import annotations
 
