@@ -46,8 +46,7 @@ class LlamaConfig:
     family: str = "llama"  # the Hugging Face model_type it is saved as: llama | mistral | qwen2
     bos_id: int = 1
     eos_id: int = 2
-    eos_ids: list[int] | None = None  # when config.json lists several EOS ids (Llama-3 Instruct): all of them,
-    #                                   generation stops on each; eos_id is then the first
+    eos_ids: list[int] | None = None  # all of them when config.json lists several (Llama-3 Instruct); eos_id = the first
     pad_id: int | None = None
     # How to run it, not what it is (never written to config.json): the attention backend (auto | triton |
     # sdpa | math, see minillm/attention.py) and activation checkpointing (none | selective | full, below).
