@@ -12,6 +12,9 @@ One GPU:
 8 GPUs (global batch = micro_batch_size x grad_accum x 8 sequences):
     torchrun --nproc_per_node=8 train_pretrain.py --init-from llama-2-7b-hf ... --grad-accum 4 --zero-stage 3
 Resume after an interruption or preemption (same --out-dir): add --resume.
+After extending the vocabulary (python -m minillm.vocab extend), train the embedding and head first, everything else
+frozen (--trainable embeddings --lr 1e-4, a few hundred steps), then --init-from that run's model with all weights
+trainable, the embeddings optionally faster (--embedding-lr 5e-5 beside --lr 2e-5).
 """
 from __future__ import annotations
 
@@ -23,7 +26,7 @@ from typing import Literal
 from minillm.checkpoints import (ExportedModel, Preemption, load_checkpoint, run_readme, save_checkpoint_if_due,
                                  start_run)
 from minillm.engine import (all_reduce_sum, batch_to, build_engine, engine_step, load_model_and_tokenizer, lr_at,
-                            model_inputs, print0, set_lr, setup_distributed, teardown_distributed)
+                            model_inputs, optimizer_groups, print0, set_lr, setup_distributed, teardown_distributed)
 from minillm.losses import IGNORE_INDEX, global_mean_scale
 from minillm.monitor import RunLog, peak_flops, peak_memory_gb, step_flops, validation_loss
 from minillm.options import TrainOptions, cli, parse_options, require
@@ -43,9 +46,11 @@ class PretrainOptions(TrainOptions):
     preset: str = "demo"  # model size built at random when --init-from is '' (see minillm/model.py PRESETS)
     tokenizer: str = "runs/demo/tokenizer"  # tokenizer directory; '' = init_from's own
     seq_len: int = 256
+    trainable: Literal["all", "embeddings"] = "all"  # embeddings: train only the input embedding and the output head, every other weight frozen (first, after extending the vocabulary)
     # optimisation: the demo's tiny model from scratch; continuing a 7B model wants lr 2e-5 (LLAMMAS)
     lr: float = 3e-3
     min_lr: float = 3e-4
+    embedding_lr: float = 0.0  # peak learning rate of the embedding and output head, on the same schedule (its end is min_lr x embedding_lr / lr); 0 = --lr
     warmup_steps: int = 20
     weight_decay: float = 0.1
     save_interval: int = 100
@@ -55,6 +60,7 @@ class PretrainOptions(TrainOptions):
         super().check()
         require(self.max_steps >= 1, "max_steps", self.max_steps, "must be at least 1")
         require(self.eval_tokens >= 0, "eval_tokens", self.eval_tokens, "must be >= 0 (0 = all)")
+        require(self.embedding_lr >= 0, "embedding_lr", self.embedding_lr, "must be >= 0 (0 = --lr)")
 
 
 @cli
@@ -71,7 +77,10 @@ def main(argv=None):
                                       pad_id=tokenizer.pad_id)
              for name, path in (parse_sources(cfg.valid_data).items() if cfg.valid_data else [])}
     byte_lengths = tokenizer.byte_lengths()
-    engine, optimizer = build_engine(model, cfg, device)
+    # --trainable embeddings freezes all but the embedding and head; --embedding-lr scales their rate (set_lr).
+    embedding_lr_scale = cfg.embedding_lr / cfg.lr if cfg.embedding_lr else 1.0
+    engine, optimizer = build_engine(model, cfg, device,
+                                     optimizer_groups(model, cfg.weight_decay, cfg.trainable, embedding_lr_scale))
 
     step, tokens_seen = 0, 0
     if cfg.resume and (state := load_checkpoint(engine, cfg.out_dir, model.config.architecture())) is not None:

@@ -52,7 +52,7 @@ def run_one(impl: str, args) -> dict:
         from transformers import LlamaForCausalLM
         base_gb = peak_memory_gb(device)
         hf = HFConfig(vocab_size=config.vocab_size, hidden_size=config.dim, intermediate_size=config.hidden_dim,
-                      num_hidden_layers=config.n_layers, num_attention_heads=config.n_heads,
+                      num_hidden_layers=config.n_layers, num_attention_heads=config.n_heads, head_dim=config.head_dim,
                       num_key_value_heads=config.n_kv_heads, max_position_embeddings=config.max_seq_len,
                       rms_norm_eps=config.norm_eps, rope_theta=config.rope_theta, tie_word_embeddings=False)
         model = LlamaForCausalLM(hf).to(device=device, dtype=dtype)

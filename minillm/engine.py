@@ -177,21 +177,38 @@ def configure_model(model: nn.Module, cfg):
             layer.compile()
 
 
+def optimizer_groups(model: nn.Module, weight_decay: float, trainable: str = "all",
+                     embedding_lr_scale: float = 1.0) -> list[dict]:
+    """AdamW's parameter groups: matrices with weight decay (as Llama), vectors (norms, biases) without, and the
+    input embedding and output head (one matrix when tied) as their own group, whose learning rate is the
+    schedule's times "lr_scale" (set_lr). trainable="embeddings" trains that group alone and freezes every
+    other parameter (requires_grad False: no gradient, no optimizer state, the weights stay bit-identical),
+    what continual pretraining after vocabulary extension does first, while the new rows settle in."""
+    if trainable not in ("all", "embeddings"):
+        raise ValueError(f"trainable {trainable!r}: choose all or embeddings")
+    embedding_ids = {id(model.tok_embeddings.weight), id(model.output.weight)}
+    matrices, vectors, embeddings = [], [], []
+    for p in model.parameters():  # a tied matrix is listed once
+        if id(p) in embedding_ids:
+            embeddings.append(p)
+        elif trainable == "embeddings":
+            p.requires_grad_(False)
+        elif p.requires_grad:
+            (matrices if p.dim() >= 2 else vectors).append(p)
+    return [{"params": matrices, "weight_decay": weight_decay}, {"params": vectors, "weight_decay": 0.0},
+            {"params": embeddings, "weight_decay": weight_decay, "lr_scale": embedding_lr_scale}]
+
+
 def build_engine(model: nn.Module, cfg, device, param_groups: list[dict] | None = None):
     """AdamW (decoupled weight decay on matrices only, as Llama) inside a DeepSpeed engine.
 
-    param_groups: optional [{"params": [...], "lr_scale": x, ...}] replacing the default two groups
-    (matrices with weight decay, the rest without)."""
+    param_groups: [{"params": [...], "lr_scale": x, ...}], default `optimizer_groups(model, cfg.weight_decay)`."""
     import deepspeed
 
-    if param_groups is None:
-        params = [p for p in model.parameters() if p.requires_grad]
-        param_groups = [{"params": [p for p in params if p.dim() >= 2], "weight_decay": cfg.weight_decay},
-                        {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
-    param_groups = [g for g in param_groups if g["params"]]
+    groups = [g for g in (param_groups or optimizer_groups(model, cfg.weight_decay)) if g["params"]]
     # fused: one kernel per step, on CPU too (torch >= 2.4). The default multi-tensor path allocates a
     # temporary the size of all parameters (sqrt of the second moment) during every step.
-    optimizer = torch.optim.AdamW(param_groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=1e-8, fused=True)
+    optimizer = torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=1e-8, fused=True)
     if cfg.zero_stage == 3:
         # Llama.forward's fused loss reads the output matrix directly instead of calling its module, so
         # ZeRO-3 must gather it whenever the model runs.

@@ -89,7 +89,8 @@ def generate(model, prompts, max_new_tokens=128, temperature=0.0, top_k=0, top_p
     """Continue each prompt (a list of token ids); returns the new tokens of each, list[list[int]].
 
     temperature 0 = greedy. eos_id: int or list of ids that end a row, default the model's
-    config.eos_id; pass [] to always generate max_new_tokens. The stop token is not returned.
+    config.eos_ids (or config.eos_id); pass [] to always generate max_new_tokens. The stop token
+    is not returned.
     stop_strings: a row also ends once its decoded text contains one of them (needs `tokenizer`);
     tokens from the one that starts the stop string onwards are trimmed. seed: sampling draws
     from a private torch.Generator, so equal seeds give equal samples. stream(row, token_id) is
@@ -100,7 +101,9 @@ def generate(model, prompts, max_new_tokens=128, temperature=0.0, top_k=0, top_p
     if stop_strings and tokenizer is None:
         raise ValueError("generate: stop_strings need a tokenizer to decode the generated text")
     config = model.config
-    eos_ids = [config.eos_id] if eos_id is None else ([eos_id] if isinstance(eos_id, int) else list(eos_id))
+    if eos_id is None:  # every EOS id the model declares (Llama-3 Instruct lists several)
+        eos_id = config.eos_ids or config.eos_id
+    eos_ids = [eos_id] if isinstance(eos_id, int) else list(eos_id)
     device = model.tok_embeddings.weight.device
     generator = None
     if seed is not None and temperature > 0:

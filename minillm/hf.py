@@ -1,6 +1,12 @@
-"""Hugging Face checkpoint interop: read and write the `transformers` Llama directory layout.
+"""Hugging Face checkpoint interop: read and write the `transformers` Llama / Mistral / Qwen2 directory layout.
 
-A Hugging Face Llama directory holds `config.json`, the weights as `model.safetensors` (or shards
+The three model types are one architecture (minillm/model.py): Mistral's config.json may set head_dim
+(Nemo: 128 with hidden 5120 and 32 heads), Qwen2 has q/k/v biases. A directory is saved back as the
+model_type and architectures it was loaded from, with the fields that type's own config.json has, so
+transformers, vLLM and lm-eval load the result as that family. Sliding-window attention (Mistral-7B-v0.1,
+Qwen2 with use_sliding_window) is not implemented and refused with the field named.
+
+A Hugging Face directory holds `config.json`, the weights as `model.safetensors` (or shards
 `model-00001-of-0000N.safetensors` listed in `model.safetensors.index.json`) and
 `generation_config.json`. This module maps both the config and the parameter names between that
 layout and minillm's (llama2.c-style names, see minillm/model.py).
@@ -51,6 +57,9 @@ LAYER_NAMES = {
     "attention.wk.weight": "self_attn.k_proj.weight",
     "attention.wv.weight": "self_attn.v_proj.weight",
     "attention.wo.weight": "self_attn.o_proj.weight",
+    "attention.wq.bias": "self_attn.q_proj.bias",  # attention_bias (Qwen2) only
+    "attention.wk.bias": "self_attn.k_proj.bias",
+    "attention.wv.bias": "self_attn.v_proj.bias",
     "feed_forward.w1.weight": "mlp.gate_proj.weight",
     "feed_forward.w2.weight": "mlp.down_proj.weight",
     "feed_forward.w3.weight": "mlp.up_proj.weight",
@@ -76,24 +85,41 @@ DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.
           "fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 
+# model_type -> the class name config.json's "architectures" gives (what vLLM and lm-eval dispatch on).
+ARCHITECTURES = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", "qwen2": "Qwen2ForCausalLM"}
+
+
 def _first(x):
-    """HF allows a list of eos ids (Llama-3 instruct); minillm keeps one, the first."""
-    return x[0] if isinstance(x, list) and x else x
+    """HF allows a list of token ids where one is usual (eos: Llama-3 Instruct); the first of them."""
+    return (x[0] if x else None) if isinstance(x, list) else x
 
 
 def config_from_hf(hf: dict, source: str = "config.json") -> LlamaConfig:
-    """LlamaConfig from a Hugging Face config.json dict; unsupported architectures are an error."""
-    if hf.get("model_type", "llama") != "llama":
-        raise ValueError(f"{source}: model_type {hf.get('model_type')!r} is not a Llama model")
-    for key, ok in (("hidden_act", "silu"), ("attention_bias", False), ("mlp_bias", False)):
+    """LlamaConfig from a Hugging Face config.json dict (model_type llama, mistral or qwen2); anything minillm
+    does not implement (sliding-window attention, other activations, MLP or o-projection biases, rope
+    scalings other than Llama-3's) is an error naming the field."""
+    family = hf.get("model_type", "llama")
+    if family not in ARCHITECTURES:
+        raise ValueError(f"{source}: model_type {family!r} is not supported (minillm loads "
+                         f"{', '.join(ARCHITECTURES)})")
+    refused = [("hidden_act", "silu"), ("mlp_bias", False)]
+    if family == "llama":  # HF Llama's attention_bias also biases o_proj; Qwen2's biases are q/k/v only
+        refused.append(("attention_bias", False))
+    if family == "qwen2":  # Qwen2 configs carry sliding_window and max_window_layers even when unused
+        refused.append(("use_sliding_window", False))
+    for key, ok in refused:
         if hf.get(key, ok) != ok:
             raise ValueError(f"{source}: {key}={hf[key]!r} is not supported (minillm needs {ok!r})")
+    window = hf.get("sliding_window") if family == "mistral" else None
+    if window is not None and window < hf.get("max_position_embeddings", 0):
+        raise ValueError(f"{source}: sliding_window={window} is not supported (minillm attends over the whole "
+                         f"context); set it to null to load the model as full attention, exact up to {window} tokens")
+    if any(kind != "full_attention" for kind in hf.get("layer_types") or []):
+        raise ValueError(f"{source}: layer_types {hf['layer_types']} is not supported (only full_attention)")
     for key in ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads", "vocab_size"):
         if key not in hf:
             raise ValueError(f"{source}: missing field {key!r}")
     n_heads = hf["num_attention_heads"]
-    if hf.get("head_dim") not in (None, hf["hidden_size"] // n_heads):
-        raise ValueError(f"{source}: head_dim={hf['head_dim']} != hidden_size/num_attention_heads is not supported")
     # transformers >= 5 nests rope_theta and the scaling dict in "rope_parameters"; older configs
     # (and every Hub Llama) have top-level "rope_theta" and "rope_scaling".
     rope = dict(hf.get("rope_parameters") or {})
@@ -101,30 +127,39 @@ def config_from_hf(hf: dict, source: str = "config.json") -> LlamaConfig:
     scaling = hf.get("rope_scaling") or (rope if rope.get("rope_type", "default") != "default" else None)
     if scaling and scaling.get("rope_type", scaling.get("type")) not in ("llama3", "default"):
         raise ValueError(f"{source}: rope_scaling {scaling!r} is not supported (only 'llama3')")
-    return LlamaConfig(
-        vocab_size=hf["vocab_size"],
-        dim=hf["hidden_size"],
-        n_layers=hf["num_hidden_layers"],
-        n_heads=n_heads,
-        n_kv_heads=hf.get("num_key_value_heads") or n_heads,
-        hidden_dim=hf["intermediate_size"],
-        norm_eps=hf.get("rms_norm_eps", 1e-6),
-        rope_theta=float(rope_theta),
-        rope_scaling=dict(scaling) if scaling else None,
-        max_seq_len=hf.get("max_position_embeddings", 2048),
-        tie_embeddings=bool(hf.get("tie_word_embeddings", False)),  # LlamaConfig's default is untied
-        bos_id=_first(hf.get("bos_token_id", 1)),
-        eos_id=_first(hf.get("eos_token_id", 2)),
-        pad_id=_first(hf.get("pad_token_id")),
-    )
+    eos = hf.get("eos_token_id", 2)
+    try:
+        return LlamaConfig(
+            vocab_size=hf["vocab_size"],
+            dim=hf["hidden_size"],
+            n_layers=hf["num_hidden_layers"],
+            n_heads=n_heads,
+            n_kv_heads=hf.get("num_key_value_heads") or n_heads,
+            head_dim=hf.get("head_dim"),  # absent or null: hidden_size // num_attention_heads
+            hidden_dim=hf["intermediate_size"],
+            attention_bias=family == "qwen2",
+            norm_eps=hf.get("rms_norm_eps", 1e-6),
+            rope_theta=float(rope_theta),
+            rope_scaling=dict(scaling) if scaling else None,
+            max_seq_len=hf.get("max_position_embeddings", 2048),
+            tie_embeddings=bool(hf.get("tie_word_embeddings", False)),  # LlamaConfig's default is untied
+            family=family,
+            bos_id=_first(hf.get("bos_token_id", 1)),
+            eos_id=_first(eos),
+            eos_ids=list(eos) if isinstance(eos, list) and eos else None,  # written back as a list
+            pad_id=_first(hf.get("pad_token_id")),
+        )
+    except ValueError as e:  # shapes that do not divide evenly
+        raise ValueError(f"{source}: {e}") from None
 
 
 def config_to_hf(config: LlamaConfig, dtype: torch.dtype) -> dict:
-    """config.json content. Written in the classic layout (top-level rope_theta / rope_scaling)
-    that every transformers version, vLLM and llama.cpp's converter read."""
-    return {
-        "architectures": ["LlamaForCausalLM"],
-        "model_type": "llama",
+    """config.json content, in the classic layout (top-level rope_theta / rope_scaling) that every
+    transformers version, vLLM and llama.cpp's converter read, with the fields config.family's own
+    config.json has (transformers' own values for the sliding window that minillm never uses)."""
+    hf = {
+        "architectures": [ARCHITECTURES[config.family]],
+        "model_type": config.family,
         "vocab_size": config.vocab_size,
         "hidden_size": config.dim,
         "intermediate_size": config.hidden_dim,
@@ -138,18 +173,26 @@ def config_to_hf(config: LlamaConfig, dtype: torch.dtype) -> dict:
         "rope_scaling": config.rope_scaling,
         "max_position_embeddings": config.max_seq_len,
         "tie_word_embeddings": config.tie_embeddings,
-        "attention_bias": False,
-        "mlp_bias": False,
+        "attention_dropout": 0.0,
         "bos_token_id": config.bos_id,
-        "eos_token_id": config.eos_id,
+        "eos_token_id": config.eos_ids or config.eos_id,
         "pad_token_id": config.pad_id,
         "torch_dtype": str(dtype).removeprefix("torch."),
         "use_cache": True,
     }
+    if config.family == "llama":
+        hf.update(attention_bias=False, mlp_bias=False)
+    elif config.family == "mistral":
+        hf.update(sliding_window=None)
+    else:  # qwen2: the biases are implied; head_dim only when it is not hidden_size / heads (as Qwen's own)
+        hf.update(use_sliding_window=False, sliding_window=None, max_window_layers=config.n_layers)
+        if config.head_dim == config.dim // config.n_heads:
+            del hf["head_dim"]
+    return hf
 
 
 def generation_config(config: LlamaConfig) -> dict:
-    gen = {"bos_token_id": config.bos_id, "eos_token_id": config.eos_id}
+    gen = {"bos_token_id": config.bos_id, "eos_token_id": config.eos_ids or config.eos_id}
     if config.pad_id is not None:
         gen["pad_token_id"] = config.pad_id
     return gen
@@ -206,7 +249,7 @@ def _keys(file: Path) -> list[str]:
 
 
 def load_pretrained(path, dtype=None, device="cpu") -> Llama:
-    """Load a Hugging Face Llama directory into a minillm Llama.
+    """Load a Hugging Face Llama, Mistral or Qwen2 directory into a minillm Llama.
 
     dtype: None -> float32 (what training wants), 'auto' -> config.json's torch_dtype, or
     torch.float32 / torch.bfloat16 / torch.float16 (or their names). Tensors are converted as
@@ -241,7 +284,7 @@ def load_pretrained(path, dtype=None, device="cpu") -> Llama:
                   and not (config.tie_embeddings and n == GLOBAL_NAMES["output.weight"])]
     if unexpected:
         raise ValueError(f"{files[unexpected[0]]}: unexpected tensor {unexpected[0]!r} "
-                         f"({len(unexpected)} unexpected in all; is this a plain Llama checkpoint?)")
+                         f"({len(unexpected)} unexpected in all; is this a plain {config.family} checkpoint?)")
     missing = [n for n in wanted if n not in files]
     if missing:
         where = path / (INDEX_FILE if (path / INDEX_FILE).is_file() and not (path / SINGLE_FILE).is_file()

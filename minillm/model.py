@@ -6,6 +6,8 @@ to and from the Hugging Face names and loads/saves that layout. Rotary embedding
 (the first half of each head's dims pairs with the second half), so HF checkpoints load as-is:
 HF permuted Meta's interleaved q/k weights once at conversion time so that this layout works, and
 adopting it means loading never has to permute (and never copies a tensor just to reorder it).
+Mistral (incl. Nemo's head_dim != dim / n_heads) and Qwen2 (q/k/v biases) are this same architecture:
+config.family only says which Hugging Face model_type the weights came from and go back to.
 """
 from __future__ import annotations
 
@@ -21,6 +23,11 @@ from minillm.attention import attention
 from minillm.losses import cross_entropy_sum, token_logprobs
 
 
+# The Hugging Face model types this architecture covers. They differ only in what config.json calls
+# things and in Qwen2's q/k/v biases; minillm/hf.py writes each back as the family it was.
+FAMILIES = ("llama", "mistral", "qwen2")
+
+
 @dataclass
 class LlamaConfig:
     vocab_size: int = 32000
@@ -28,14 +35,18 @@ class LlamaConfig:
     n_layers: int = 32
     n_heads: int = 32
     n_kv_heads: int | None = None  # < n_heads means grouped-query attention; None = n_heads
+    head_dim: int | None = None  # width of one head; None = dim // n_heads (Mistral-Nemo: 128 with dim 5120, 32 heads)
     hidden_dim: int = 11008  # SwiGLU inner width (HF: intermediate_size)
+    attention_bias: bool = False  # biases on the q/k/v projections, never on the output one (Qwen2 has them)
     norm_eps: float = 1e-5
     rope_theta: float = 10000.0
     rope_scaling: dict | None = None  # HF format, e.g. {"rope_type": "llama3", "factor": 8.0, ...}
     max_seq_len: int = 4096
     tie_embeddings: bool = False  # output matrix shares the embedding table (Llama-3.2 1B/3B do)
+    family: str = "llama"  # the Hugging Face model_type it is saved as: llama | mistral | qwen2
     bos_id: int = 1
     eos_id: int = 2
+    eos_ids: list[int] | None = None  # all of them when config.json lists several (Llama-3 Instruct); eos_id = the first
     pad_id: int | None = None
     # How to run it, not what it is (never written to config.json): the attention backend (auto | triton |
     # sdpa | math, see minillm/attention.py) and activation checkpointing (none | selective | full, below).
@@ -45,13 +56,23 @@ class LlamaConfig:
     def __post_init__(self):
         if self.n_kv_heads is None:
             self.n_kv_heads = self.n_heads
-        if self.dim % self.n_heads or self.n_heads % self.n_kv_heads:
-            raise ValueError(f"dim {self.dim}, n_heads {self.n_heads} and n_kv_heads {self.n_kv_heads} "
-                             "must divide evenly (dim by n_heads, n_heads by n_kv_heads)")
-
-    @property
-    def head_dim(self) -> int:
-        return self.dim // self.n_heads
+        if self.head_dim is None:
+            if self.dim % self.n_heads:
+                raise ValueError(f"dim {self.dim} is not divisible by n_heads {self.n_heads}; give head_dim")
+            self.head_dim = self.dim // self.n_heads
+        if self.n_heads % self.n_kv_heads or self.head_dim % 2:
+            raise ValueError(f"n_heads {self.n_heads} must be a multiple of n_kv_heads {self.n_kv_heads} and "
+                             f"head_dim {self.head_dim} even (rotary pairs its dims)")
+        if self.family not in FAMILIES:
+            raise ValueError(f"family {self.family!r}: choose one of {', '.join(FAMILIES)}")
+        if self.attention_bias != (self.family == "qwen2"):  # what each family's Hugging Face code builds
+            raise ValueError(f"attention_bias={self.attention_bias} does not fit family {self.family!r}: "
+                             "Qwen2 always has q/k/v biases, Llama and Mistral never")
+        if self.eos_ids is not None:
+            if not self.eos_ids:
+                raise ValueError("eos_ids is empty; use None for the single eos_id")
+            self.eos_ids = [int(i) for i in self.eos_ids]
+            self.eos_id = self.eos_ids[0]
 
     @classmethod
     def from_preset(cls, name: str, **overrides) -> "LlamaConfig":
@@ -64,17 +85,28 @@ class LlamaConfig:
         return {k: v for k, v in asdict(self).items() if k not in ("attn_backend", "activation_checkpointing")}
 
 
-_LLAMA3_ROPE = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
-                "high_freq_factor": 4.0, "original_max_position_embeddings": 8192}
+# The published configurations (their config.json on the Hugging Face Hub); tests/test_presets.py checks
+# each parameter count against the published size and against transformers building the same config.
+_LLAMA3 = dict(vocab_size=128256, n_kv_heads=8, rope_theta=500000.0, bos_id=128000, eos_id=128001)
+_LLAMA31_ROPE = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                 "original_max_position_embeddings": 8192}
+_LLAMA32_ROPE = {**_LLAMA31_ROPE, "factor": 32.0}
 PRESETS = {
     "llama2-7b": dict(vocab_size=32000, dim=4096, n_layers=32, n_heads=32, hidden_dim=11008, max_seq_len=4096),
-    "llama3-8b": dict(vocab_size=128256, dim=4096, n_layers=32, n_heads=32, n_kv_heads=8, hidden_dim=14336,
-                      rope_theta=500000.0, max_seq_len=8192, bos_id=128000, eos_id=128001),
-    "llama3.1-8b": dict(vocab_size=128256, dim=4096, n_layers=32, n_heads=32, n_kv_heads=8, hidden_dim=14336,
-                        rope_theta=500000.0, rope_scaling=_LLAMA3_ROPE, max_seq_len=131072,
-                        bos_id=128000, eos_id=128001),
     "tinyllama-1.1b": dict(vocab_size=32000, dim=2048, n_layers=22, n_heads=32, n_kv_heads=4, hidden_dim=5632,
                            max_seq_len=2048),
+    "llama3-8b": dict(**_LLAMA3, dim=4096, n_layers=32, n_heads=32, hidden_dim=14336, max_seq_len=8192),
+    "llama3.1-8b": dict(**_LLAMA3, dim=4096, n_layers=32, n_heads=32, hidden_dim=14336, rope_scaling=_LLAMA31_ROPE,
+                        max_seq_len=131072),
+    "llama3.2-1b": dict(**_LLAMA3, dim=2048, n_layers=16, n_heads=32, hidden_dim=8192, rope_scaling=_LLAMA32_ROPE,
+                        max_seq_len=131072, tie_embeddings=True),
+    "llama3.2-3b": dict(**_LLAMA3, dim=3072, n_layers=28, n_heads=24, hidden_dim=8192, rope_scaling=_LLAMA32_ROPE,
+                        max_seq_len=131072, tie_embeddings=True),
+    "mistral-nemo-12b": dict(family="mistral", vocab_size=131072, dim=5120, n_layers=40, n_heads=32, n_kv_heads=8,
+                             head_dim=128, hidden_dim=14336, rope_theta=1000000.0, max_seq_len=1024000),
+    "qwen2.5-7b": dict(family="qwen2", attention_bias=True, vocab_size=152064, dim=3584, n_layers=28, n_heads=28,
+                       n_kv_heads=4, hidden_dim=18944, norm_eps=1e-6, rope_theta=1000000.0, max_seq_len=131072,
+                       bos_id=151643, eos_id=151643),
     # Tiny sizes for tests, the CPU demo and benchmarks.
     "tiny": dict(vocab_size=512, dim=64, n_layers=2, n_heads=4, n_kv_heads=2, hidden_dim=176, max_seq_len=256),
     "demo": dict(vocab_size=2048, dim=128, n_layers=4, n_heads=4, n_kv_heads=2, hidden_dim=352, max_seq_len=512),
@@ -173,9 +205,10 @@ class Attention(nn.Module):
         super().__init__()
         self.config, self.layer_idx = config, layer_idx
         self.n_heads, self.n_kv_heads, self.head_dim = config.n_heads, config.n_kv_heads, config.head_dim
-        self.wq = nn.Linear(config.dim, config.n_heads * self.head_dim, bias=False)
-        self.wk = nn.Linear(config.dim, config.n_kv_heads * self.head_dim, bias=False)
-        self.wv = nn.Linear(config.dim, config.n_kv_heads * self.head_dim, bias=False)
+        bias = config.attention_bias  # heads are head_dim wide, so n_heads * head_dim need not equal dim
+        self.wq = nn.Linear(config.dim, config.n_heads * self.head_dim, bias=bias)
+        self.wk = nn.Linear(config.dim, config.n_kv_heads * self.head_dim, bias=bias)
+        self.wv = nn.Linear(config.dim, config.n_kv_heads * self.head_dim, bias=bias)
         self.wo = nn.Linear(config.n_heads * self.head_dim, config.dim, bias=False)
 
     def forward(self, x, cos, sin, doc_ids, cache: KVCache | None):
@@ -285,6 +318,8 @@ class Llama(nn.Module):
     def _init_weights(module):
         if isinstance(module, (nn.Linear, nn.Embedding)):
             nn.init.normal_(module.weight, mean=0.0, std=0.02)
+        if isinstance(module, nn.Linear) and module.bias is not None:
+            nn.init.zeros_(module.bias)
 
     def new_cache(self, batch_size: int, max_len: int, dtype=None, device=None) -> KVCache:
         weight = self.tok_embeddings.weight
@@ -346,15 +381,3 @@ class Llama(nn.Module):
             n -= self.tok_embeddings.weight.numel()
         return n
 
-
-def flops_per_token(config: LlamaConfig, seq_len: int) -> float:
-    """Training FLOPs per token: 6N for the matmuls (forward 2N + backward 4N) plus attention's
-    score and value products, 6 * 2 * n_layers * seq_len * dim, halved because attention is causal
-    (the PaLM appendix B accounting, as nanoGPT's estimate_mfu)."""
-    n = sum((
-        config.vocab_size * config.dim * (1 if config.tie_embeddings else 2),  # embeddings + head
-        config.n_layers * (2 * config.dim * config.dim + 2 * config.dim * config.n_kv_heads * config.head_dim),
-        config.n_layers * 3 * config.dim * config.hidden_dim,
-    ))
-    n -= config.vocab_size * config.dim  # the embedding lookup is not a matmul
-    return 6 * n + 6 * config.n_layers * seq_len * config.dim

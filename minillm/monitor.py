@@ -52,9 +52,11 @@ def measured_cpu_matmul_flops(threads: int, n: int = 2048, repeats: int = 4) -> 
 
 def step_flops(config, batches: list[dict]) -> float:
     """Training FLOPs of the micro-batches of one step, on this rank, from their real shapes: the 6N rule
-    per token for the blocks (forward 2N + backward 4N), attention's score and value products (6 * 2 *
-    n_layers * T * dim per token, halved as causal: PaLM appendix B, nanoGPT's estimate_mfu), and the
-    output head only for the tokens that have a label (the chunked loss skips the others)."""
+    per token for the block matrices (forward 2N + backward 4N; q and o are n_heads * head_dim wide, which
+    need not be dim), attention's score and value products (6 * 2 * n_layers * T * n_heads * head_dim per
+    token, halved as causal: PaLM appendix B, nanoGPT's estimate_mfu), and the output head only for the
+    tokens that have a label (the chunked loss skips the others). Norms and biases are elementwise: not
+    counted. tests/test_presets.py re-derives it from the parameters of every preset."""
     d, hd = config.dim, config.head_dim
     block = config.n_layers * (2 * d * config.n_heads * hd + 2 * d * config.n_kv_heads * hd
                                + 3 * d * config.hidden_dim)

@@ -1,5 +1,6 @@
 """End-to-end tests of train_pretrain.py: distributed == single process, resume == uninterrupted,
-continuing a Hugging Face directory, bad options. Each run is a real subprocess (python or torchrun).
+continuing a Hugging Face directory, training only the embeddings, the embeddings' own learning rate, bad
+options. Each run is a real subprocess (python or torchrun).
 
     .venv/bin/python -m pytest -q tests/test_train_pretrain.py
 """
@@ -13,6 +14,7 @@ import torch
 from conftest import read_metrics, run_script
 
 STEPS = 4
+EMBEDDINGS = {"model.embed_tokens.weight", "lm_head.weight"}  # the input embedding and the output head (untied)
 
 
 def _text(rng, words, n_sentences):
@@ -55,6 +57,17 @@ def run(world, out, *args, nproc=1, check=True, popen=False):
 
 
 metrics = read_metrics
+
+
+def weights(model_dir) -> dict:
+    from safetensors.torch import load_file
+    return load_file(str(model_dir / "model" / "model.safetensors"))
+
+
+def moved(before: dict, after: dict) -> set:
+    """The tensors that are not bit-identical."""
+    assert before.keys() == after.keys()
+    return {name for name in before if not torch.equal(before[name], after[name])}
 
 
 @pytest.fixture(scope="module")
@@ -168,6 +181,8 @@ def test_continue_from_hf_directory_starts_at_its_loss(world, single, tmp_path):
     (["--max-stepz", "3"], "unknown option --max-stepz"),
     (["--activation-checkpointing", "some"], "--activation-checkpointing 'some': choose one of none, selective, full"),
     (["--compile", "--zero-stage", "2"], "--compile gives wrong gradients with --zero-stage 2"),
+    (["--embedding-lr", "-1"], "--embedding-lr -1.0: must be >= 0 (0 = --lr)"),
+    (["--trainable", "head"], "--trainable 'head'"),
 ])
 def test_bad_options_fail_with_one_clear_line(world, tmp_path, args, message):
     proc = run(world, tmp_path, *args, check=False)
@@ -230,3 +245,62 @@ def test_validation_scores_every_token_once_whatever_the_split(world, tmp_path):
             start = metrics(out, with_start=True)[0]
             assert start["step"] == 0 and start["val_tokens"] == count, (name, budget)
             assert start["val_loss_et"] == pytest.approx(want, rel=1e-6), (name, budget)
+
+
+def continue_single(world, single, out, *args, nproc=1):
+    """Continue the `single` run's exported model (every weight already trained a little) for a few steps."""
+    return run(world, out, "--init-from", str(single / "model"), "--tokenizer", "", "--valid-data", "", "--max-steps",
+               "3", *args, nproc=nproc)
+
+
+@pytest.fixture(scope="module")
+def embeddings_only(world, single, tmp_path_factory):
+    out = tmp_path_factory.mktemp("embeddings_only")
+    continue_single(world, single, out, "--trainable", "embeddings", "--micro-batch-size", "4", "--grad-accum", "2")
+    return out
+
+
+def test_trainable_embeddings_freezes_every_other_weight(single, embeddings_only):
+    """After vocabulary extension the new rows are trained first: every other weight stays bit-identical."""
+    assert moved(weights(single), weights(embeddings_only)) == EMBEDDINGS
+    losses = [r["loss"] for r in metrics(embeddings_only)]
+    assert losses[-1] < losses[0]
+
+
+def test_trainable_embeddings_under_zero3_on_two_ranks_matches_single_process(world, single, embeddings_only, tmp_path):
+    """ZeRO-3 partitions the frozen weights too: they still never change, and the loss curve is the single
+    process's (same global batch: 2 ranks x 2 rows x 2 accumulation)."""
+    continue_single(world, single, tmp_path, "--trainable", "embeddings", "--micro-batch-size", "2", "--grad-accum",
+                    "2", "--zero-stage", "3", nproc=2)
+    assert moved(weights(single), weights(tmp_path)) == EMBEDDINGS
+    assert [g["loss"] for g in metrics(tmp_path)] == pytest.approx([r["loss"] for r in metrics(embeddings_only)],
+                                                                   rel=1e-4)
+
+
+@pytest.mark.parametrize("trainable", ["all", "embeddings"])
+def test_embedding_lr_is_the_rate_of_the_embeddings_and_only_theirs(world, single, tmp_path, trainable):
+    """Adam's first update of a weight is lr * g / (|g| + eps): each element moves by at most its group's lr, and
+    the element with the largest gradient by that lr. One step, constant schedule, no weight decay: the largest
+    move of the embedding and the head is --embedding-lr, of every other tensor --lr (0 when frozen)."""
+    lr, embedding_lr = 1e-3, 4e-3
+    continue_single(world, single, tmp_path, "--max-steps", "1", "--lr-schedule", "constant", "--warmup-steps", "0",
+                    "--lr", str(lr), "--min-lr", str(lr), "--embedding-lr", str(embedding_lr), "--weight-decay", "0",
+                    "--micro-batch-size", "4", "--trainable", trainable)
+    before, after = weights(single), weights(tmp_path)
+    for name in before:
+        rate = embedding_lr if name in EMBEDDINGS else lr if trainable == "all" else 0.0
+        largest_move = (after[name] - before[name]).abs().max().item()
+        assert largest_move == pytest.approx(rate, rel=1e-2), name
+
+
+def test_optimizer_groups_list_a_tied_matrix_once_and_freeze_the_rest():
+    from minillm.engine import optimizer_groups, set_lr
+    from minillm.model import Llama, LlamaConfig
+
+    model = Llama(LlamaConfig.from_preset("tiny", tie_embeddings=True))
+    groups = optimizer_groups(model, 0.1, "embeddings", embedding_lr_scale=3.0)
+    assert [len(g["params"]) for g in groups] == [0, 0, 1] and groups[2]["params"][0] is model.output.weight
+    assert [n for n, p in model.named_parameters() if p.requires_grad] == ["tok_embeddings.weight"]
+    optimizer = torch.optim.AdamW([g for g in groups if g["params"]], lr=1.0)
+    set_lr(optimizer, 0.5)
+    assert [g["lr"] for g in optimizer.param_groups] == [1.5]
