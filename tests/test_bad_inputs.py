@@ -217,6 +217,15 @@ CASES = [
     ("world-scale", ["demo/sample_world.py", "--out", "{ws}/world", "--scale", "-1"], None, ["--scale -1.0"]),
     ("world-out-file", ["demo/sample_world.py", "--out", "{ws}/f", "--scale", "0.01"], write("f", "x"),
      ["--out", "not a directory"]),
+    # ---------------------------------------------------------------- outputs that cannot be written
+    ("pt-out-dir-unwritable", ["train_pretrain.py", *["{pretrain}"], "--out-dir", "/proc/minillm-run"], None,
+     ["/proc/minillm-run"]),
+    ("eval-out-unwritable", EVAL_ARGS[:-4] + ["--tasks", "{w}/data/eval/mt_en_et.task.json", "--limit", "1",
+                                              "--out", "/proc/minillm-results"], None, ["/proc/minillm-results"]),
+    ("tokenizer-out-unwritable", ["-m", "minillm.tokenizer", "train", "--input", "{ws}/c.txt", "--vocab-size", "50",
+                                  "--out", "/proc/minillm-tok"], write("c.txt", "tere\n"), ["/proc/minillm-tok"]),
+    ("instructions-out-unwritable", ["-m", "minillm.instructions", "translate", "--tsv", "{w}/data/bitext/en-et.tsv",
+                                     "--out", "/proc/minillm/o.jsonl"], None, ["/proc/minillm"]),
 ]
 
 
@@ -242,6 +251,9 @@ def results(tiny_world, tmp_path_factory):
             setup(ws, tiny_world)
         if argv[0] == "__pretrain__":
             argv = ["train_pretrain.py", *pretrain_args(tiny_world, ws / "out"), *argv[1:]]
+        if "{pretrain}" in argv:  # the tiny-world pretraining options, then the case's own
+            i = argv.index("{pretrain}")
+            argv = argv[:i] + pretrain_args(tiny_world, ws / "out") + argv[i + 1:]
         argv = [a.replace("{w}", str(tiny_world)).replace("{ws}", str(ws)) for a in argv]
         before[case_id] = snapshot(ws)
         cases.append({"argv": argv, "cwd": str(ws), "stdout": str(base / f"{case_id}.out"),
