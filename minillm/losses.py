@@ -185,14 +185,11 @@ def token_logprobs(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Ten
     Returns float32 [...] (float64 for float64 inputs) with 0 at ignored positions, whose hidden rows
     get exactly zero gradient.
 
-    The [N, V] logits are never materialised at once: at most `chunk_size` tokens' logits exist at a
-    time, in forward and again (recomputed) in backward; gradients w.r.t. hidden and weight are the
-    exact ones of the naive `F.log_softmax(F.linear(hidden, weight).float(), -1).gather(label)` (up to
-    summation order). Works for fp32 and bf16/fp16 inputs (hidden and weight in the same dtype; the
-    logits come out of the matmul in that dtype, like model.output(hidden), then every softmax
-    statistic is fp32). In bf16 the weight gradient is summed over chunks in bf16, one rounding per
-    chunk, as Liger does; a larger chunk_size means fewer roundings and more memory per chunk
-    (chunk_size x vocab x 4 bytes). Default: `default_chunk_size(vocab)`, about 128 MB of logits.
+    At most `chunk_size` tokens' logits exist at a time (default `default_chunk_size`: ~128 MB); the
+    gradients are those of the naive `F.log_softmax(F.linear(hidden, weight).float(), -1).gather(label)`
+    up to summation order. fp32, bf16 or fp16 inputs (hidden and weight alike): the matmul runs in that
+    dtype as model.output(hidden) would, every softmax statistic in fp32; in bf16 the weight gradient is
+    summed over chunks in bf16 (one rounding per chunk, as Liger does).
     """
     _check_inputs("token_logprobs", hidden, weight, labels, chunk_size)
     flat = _ChunkedTokenLogprobs.apply(hidden.reshape(-1, hidden.shape[-1]), weight, labels.reshape(-1),
@@ -204,20 +201,13 @@ def cross_entropy_sum(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.
                       chunk_size: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Summed token negative log-likelihood, sum_t -log p(label_t), and the number of scored tokens.
 
-    Chunked like `token_logprobs`, but faster when only the sum is needed (pretraining, SFT): the
-    loss is a scalar, so the gradients w.r.t. hidden and weight are computed during the forward
-    pass, chunk by chunk, and no softmax is ever recomputed (3 matmuls, like the naive path, against
-    token_logprobs' 4). They are held until backward, which may therefore run only once per graph.
-    Under torch.no_grad() nothing but the loss is computed.
+    Chunked like `token_logprobs`, but faster when only the sum is needed (pretraining, SFT): the loss is
+    a scalar, so its gradients are computed in the forward pass and no softmax is recomputed (3 matmuls
+    per chunk, as the naive path, against token_logprobs' 4); backward may therefore run once per graph.
+    Under torch.no_grad() only the loss is computed.
 
-    Returns (loss_sum float32 scalar, n_tokens int64 scalar). Returning the sum, not the mean, is
-    deliberate: the loss of a training step is  sum(NLL over all its tokens) / (its token count),
-    where both run over every micro-batch of the gradient-accumulation window and every rank, so
-    each token weighs the same however the tokens fall into sequences, micro-batches and ranks.
-    Averaging per-sequence or per-micro-batch means instead over-weights short sequences. Pattern:
-        n_global = all-reduce(sum of n_tokens over the window's micro-batches)
-        loss     = loss_sum * world_size * grad_accum / n_global   # DeepSpeed divides both back out
-    (`global_mean_scale` computes that factor).
+    Returns (loss_sum float32 scalar, n_tokens int64 scalar): a sum, because a step's loss is the sum over
+    every target token of the global batch divided by their count (see `global_mean_scale`).
     """
     _check_inputs("cross_entropy_sum", hidden, weight, labels, chunk_size)
     total = _ChunkedCrossEntropySum.apply(hidden.reshape(-1, hidden.shape[-1]), weight, labels.reshape(-1),
@@ -242,7 +232,7 @@ def sequence_logprobs(token_logps: torch.Tensor, mask: torch.Tensor
 
     token_logps [B, T] float, mask [B, T] bool -> three [B] tensors: sum_t m_t lp_t (float32),
     count = sum_t m_t (int64), mean = sum / count. A sequence with count 0 gets mean 0 (not NaN);
-    callers that must not see empty sequences (ORPO) check counts first, see `pair_logprobs`.
+    ORPO refuses empty responses of real pairs (`orpo_loss`).
     """
     mask = mask.bool()
     total = torch.where(mask, token_logps.float(), 0.0).sum(-1)
