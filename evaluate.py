@@ -43,7 +43,7 @@ from minillm.tasks.common import EvalContext, GenerationOptions, load_task
 class EvalOptions(GenerationOptions):
     # what to evaluate
     model: str = ""  # Hugging Face layout directory (a minillm export or any HF Llama checkpoint)
-    tokenizer: str = ""  # directory with tokenizer.model; '' = the model directory
+    tokenizer: str = ""  # tokenizer directory (tokenizer.model or tokenizer.json); '' = the model directory
     tasks: list[str] = field(default_factory=lambda: ["data/sample/eval"])  # task files or directories of them
     # how to prompt
     prompt_format: Literal["raw", "chat", "alpaca"] = "raw"  # chat (the tokenizer's chat template), alpaca, or raw for base models
@@ -251,7 +251,7 @@ def load_model(cfg: EvalOptions):
     import torch
 
     from minillm.hf import load_pretrained
-    from minillm.tokenizer import Tokenizer, check_vocab_fits
+    from minillm.tokenizer import check_vocab_fits, load_tokenizer
     try:
         device = torch.device(cfg.device if cfg.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu"))
     except RuntimeError as e:
@@ -261,7 +261,7 @@ def load_model(cfg: EvalOptions):
         dtype = torch.bfloat16 if bf16 else torch.float32
     else:
         dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[cfg.dtype]
-    tokenizer = Tokenizer.from_pretrained(cfg.tokenizer or cfg.model)
+    tokenizer = load_tokenizer(cfg.tokenizer or cfg.model)
     model = load_pretrained(cfg.model, dtype=dtype, device=device)
     check_vocab_fits(tokenizer, model.config.vocab_size)
     model.eval()

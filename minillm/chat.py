@@ -1,5 +1,7 @@
 """Talk to a model in the terminal: multi-turn history, streamed output, the sampling options of
-minillm.generate. Prompts are built by minillm.chat_format.render — the function SFT trained with.
+minillm.generate. Prompts are built by minillm.chat_format.render — the function SFT trained with — in the
+layout the model's chat template names (or whose markers its tokenizer has); a reply ends at any end id the
+model declares or any marker of the layout.
 
     python -m minillm.chat --model runs/demo/sft/model
     python -m minillm.chat --model runs/demo/orpo/model --temperature 0.6 --top-p 0.9 --repetition-penalty 1.2
@@ -16,11 +18,11 @@ from dataclasses import dataclass
 
 import torch
 
-from minillm.chat_format import render
+from minillm.chat_format import render, resolve_template, stop_ids
 from minillm.generate import generate
 from minillm.hf import load_pretrained
 from minillm.options import cli, parse_options, require
-from minillm.tokenizer import Tokenizer
+from minillm.tokenizer import load_tokenizer
 
 
 @dataclass(kw_only=True)
@@ -42,9 +44,9 @@ class ChatOptions:
         require(self.repetition_penalty > 0, "repetition_penalty", self.repetition_penalty, "must be > 0")
 
 
-def reply(model, tokenizer, messages, args, out=sys.stdout) -> str:
-    """Generate the assistant's next turn for `messages`, streaming its text to `out`."""
-    prompt, _ = render(messages, tokenizer, fmt="chat", add_generation_prompt=True)
+def reply(model, tokenizer, messages, args, template: str, out=sys.stdout) -> str:
+    """Generate the assistant's next turn for `messages` in chat_format's `template`, streaming its text to `out`."""
+    prompt, _ = render(messages, tokenizer, template=template, add_generation_prompt=True)
     prompt = list(prompt)
     room = model.config.max_seq_len - args.max_new_tokens
     if len(prompt) > room:  # forget the oldest context rather than fail mid-conversation
@@ -63,8 +65,7 @@ def reply(model, tokenizer, messages, args, out=sys.stdout) -> str:
 
     new = generate(model, [prompt], max_new_tokens=args.max_new_tokens, temperature=args.temperature,
                    top_k=args.top_k, top_p=args.top_p, repetition_penalty=args.repetition_penalty,
-                   eos_id=tokenizer.eos_id, stop_strings=["<|user|>"], tokenizer=tokenizer, seed=args.seed,
-                   stream=stream)[0]
+                   eos_id=stop_ids(tokenizer, template), tokenizer=tokenizer, seed=args.seed, stream=stream)[0]
     text = tokenizer.decode(new)
     if text.startswith(printed):  # what the stream held back (an unfinished character)
         out.write(text[len(printed):])
@@ -75,7 +76,8 @@ def reply(model, tokenizer, messages, args, out=sys.stdout) -> str:
 @cli
 def main(argv=None):
     args = parse_options(ChatOptions, argv, prog="python -m minillm.chat", description=__doc__.split("\n\n")[0])
-    tokenizer = Tokenizer.from_pretrained(args.model)
+    tokenizer = load_tokenizer(args.model)
+    template = resolve_template("auto", tokenizer)
     model = load_pretrained(args.model, device="cuda" if torch.cuda.is_available() else "cpu")
     interactive = sys.stdin.isatty()
     messages = [{"role": "system", "content": args.system}] if args.system else []
@@ -97,7 +99,7 @@ def main(argv=None):
         messages.append({"role": "user", "content": user})
         if interactive:
             sys.stdout.write("model> ")
-        messages.append({"role": "assistant", "content": reply(model, tokenizer, messages, args)})
+        messages.append({"role": "assistant", "content": reply(model, tokenizer, messages, args, template)})
 
 
 if __name__ == "__main__":

@@ -35,22 +35,22 @@ from minillm.files import atomic_write, read_lines, to_json
 from minillm.hf import load_pretrained, save_pretrained
 from minillm.options import cli, parse_options, require
 from minillm.sentencepiece_model import PIECE_NORMAL, PIECE_USER_DEFINED, read_pieces, rewrite_model_proto
-from minillm.tokenizer import CHAT_TOKENS, Tokenizer, check_vocab_fits
+from minillm.tokenizer import CHAT_TOKENS, SentencePieceTokenizer, check_vocab_fits, load_tokenizer
 
 
-def train_target_tokenizer(corpus, vocab_size: int, workdir, **train_options) -> Tokenizer:
+def train_target_tokenizer(corpus, vocab_size: int, workdir, **train_options) -> SentencePieceTokenizer:
     """A Llama-style BPE model of the target language alone (no chat markers: those are added, if wanted,
     as user-defined symbols by extend_tokenizer)."""
-    return Tokenizer.train(corpus, Path(workdir) / "target", vocab_size, user_defined_symbols=(), **train_options)
+    return SentencePieceTokenizer.train(corpus, Path(workdir) / "target", vocab_size, user_defined_symbols=(), **train_options)
 
 
-def new_pieces(base: Tokenizer, target: Tokenizer) -> list[str]:
+def new_pieces(base: SentencePieceTokenizer, target: SentencePieceTokenizer) -> list[str]:
     """Normal pieces of `target` that `base` does not have, in the target's priority order."""
     have = set(base.pieces())
     return [p for p, _, kind in read_pieces(target.model_proto) if kind == PIECE_NORMAL and p not in have]
 
 
-def extend_tokenizer(base: Tokenizer, pieces: list[str], user_defined: list[str] = ()) -> Tokenizer:
+def extend_tokenizer(base: SentencePieceTokenizer, pieces: list[str], user_defined: list[str] = ()) -> SentencePieceTokenizer:
     """`base` with `pieces` appended as normal pieces and `user_defined` as user-defined symbols.
 
     Ids 0..base.vocab_size-1 keep their pieces, scores and types. The appended pieces get scores below the
@@ -73,12 +73,13 @@ def extend_tokenizer(base: Tokenizer, pieces: list[str], user_defined: list[str]
             added.append((p, lowest, PIECE_NORMAL))
     # The base's self-test samples (if any) describe its old segmentations; the merged model would fail them.
     proto = rewrite_model_proto(base.model_proto, old + added, drop_self_test=True)
-    merged = Tokenizer.from_model_proto(proto, name=f"{base.name}+{len(added)} pieces")
+    merged = SentencePieceTokenizer.from_model_proto(proto, name=f"{base.name}+{len(added)} pieces")
     merged.chat_template, merged.model_max_length = base.chat_template, base.model_max_length
+    merged.eos_ids = base.eos_ids
     return merged
 
 
-def init_rows_from_old(base: Tokenizer, merged: Tokenizer) -> dict[int, list[int]]:
+def init_rows_from_old(base: SentencePieceTokenizer, merged: SentencePieceTokenizer) -> dict[int, list[int]]:
     """For every piece merged has beyond base: the ids of the old pieces the base tokenizer splits its
     text into ('▁kõik' -> the old segmentation of ' kõik' as a word start; 'mine' -> of 'mine' inside a
     word). These are the rows whose mean initialises the new row."""
@@ -138,7 +139,7 @@ def _grown_rows(weight: torch.Tensor, new_rows: int, init_rows: dict[int, list[i
     return out
 
 
-def tokens_per_word(tokenizer: Tokenizer, lines: list[str]) -> float:
+def tokens_per_word(tokenizer: SentencePieceTokenizer, lines: list[str]) -> float:
     """Tokens per whitespace-separated word (lower = cheaper training and longer effective context)."""
     words = sum(len(line.split()) for line in lines)
     if words == 0:
@@ -148,7 +149,7 @@ def tokens_per_word(tokenizer: Tokenizer, lines: list[str]) -> float:
 
 # ---------------------------------------------------------------------- command line
 def extend(args) -> dict:
-    base = Tokenizer.from_pretrained(args.base)
+    base = load_tokenizer(args.base)
     model = None
     if args.model_in:
         if not (Path(args.model_in) / "config.json").is_file():
@@ -167,7 +168,7 @@ def extend(args) -> dict:
     if not pieces:
         print("warning: the target tokenizer has no piece the base lacks; nothing to add (try a larger "
               "--new-vocab-size)")
-    chat = [t for t in CHAT_TOKENS if t not in set(base.pieces())] if args.add_chat_tokens else []
+    chat = [t for t in CHAT_TOKENS if base.piece_to_id(t) is None] if args.add_chat_tokens else []
     merged = extend_tokenizer(base, pieces, user_defined=chat)
     merged.save_pretrained(out)
     atomic_write(out / "target.model", target_proto)  # kept for inspection; not needed to use OUT

@@ -32,12 +32,12 @@ def preference_records(rng, n):
 def world(tmp_path_factory):
     from minillm.hf import save_pretrained
     from minillm.model import Llama, LlamaConfig
-    from minillm.tokenizer import Tokenizer
+    from minillm.tokenizer import SentencePieceTokenizer
 
     root = tmp_path_factory.mktemp("orpo")
     rng = random.Random(0)
     records = preference_records(rng, 80)
-    tok = Tokenizer.train(iter(json.dumps(r) for r in records), root / "tok", 400)
+    tok = SentencePieceTokenizer.train(iter(json.dumps(r) for r in records), root / "tok", 400)
     torch.manual_seed(0)
     save_pretrained(Llama(LlamaConfig.from_preset("tiny", vocab_size=tok.vocab_size, max_seq_len=128)),
                     root / "init", tokenizer=tok)
@@ -61,10 +61,10 @@ def test_one_concatenated_pass_equals_two_passes(world):
     from minillm.hf import load_pretrained
     from minillm.losses import split_pairs, token_logprobs
     from minillm.sft_data import load_preferences, pair_batch
-    from minillm.tokenizer import Tokenizer
+    from minillm.tokenizer import load_tokenizer
 
     model = load_pretrained(world / "init")
-    tok = Tokenizer.from_pretrained(world / "init")
+    tok = load_tokenizer(world / "init")
     pairs, _ = load_preferences(world / "train.jsonl", tok, 96)
     batch = pair_batch(pairs, [0, 1, 2], nll_on_prompt=False, pad_id=tok.pad_id)
 

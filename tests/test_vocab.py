@@ -16,11 +16,13 @@ import transformers  # test-only oracle
 from minillm.hf import load_pretrained, save_pretrained
 from minillm.model import Llama, LlamaConfig
 from minillm.sentencepiece_model import PIECE_NORMAL, PIECE_USER_DEFINED, read_pieces
-from minillm.tokenizer import CHAT_TOKENS, Tokenizer
+from minillm.tokenizer import CHAT_TOKENS, SentencePieceTokenizer, load_tokenizer
 from minillm.vocab import (
     extend_tokenizer, init_rows_from_old, main, new_pieces, resize_embeddings, tokens_per_word,
     train_target_tokenizer,
 )
+
+from conftest import ids_with_markers  # noqa: E402
 
 ENGLISH = ("the of and to in is that it was for on are with as his they be at one have this from or had by "
            "word but what some we can out other were all there when up use your how said an each she which "
@@ -51,7 +53,7 @@ def setup(tmp_path_factory):
     (root / "et.txt").write_text("\n".join(lines_from(et_vocab, rng, 3000)) + "\n", encoding="utf-8")
     (root / "et_eval.txt").write_text("\n".join(lines_from(et_vocab, random.Random(1), 300)) + "\n",
                                       encoding="utf-8")
-    base = Tokenizer.train(root / "en.txt", root / "base", vocab_size=450, user_defined_symbols=())
+    base = SentencePieceTokenizer.train(root / "en.txt", root / "base", vocab_size=450, user_defined_symbols=())
     target = train_target_tokenizer(root / "et.txt", 700, root)
     merged = extend_tokenizer(base, new_pieces(base, target), user_defined=list(CHAT_TOKENS))
     return root, base, target, merged
@@ -94,12 +96,14 @@ def test_merged_tokenizer_matches_transformers(setup, tmp_path):
     rng = random.Random(5)
     texts = rng.sample((root / "et_eval.txt").read_text(encoding="utf-8").splitlines(), 100)
     texts += rng.sample((root / "en.txt").read_text(encoding="utf-8").splitlines(), 100)
-    texts += ["<|user|>\n" + texts[0] + "<|assistant|>\n" + texts[1]]
     for text in texts:
         assert hf(text).input_ids == merged.encode(text, bos=True), text
+    # the added chat markers: transformers reads them in text as tokens, minillm inserts them by id
+    chat = "<|user|>\n" + texts[0] + "<|assistant|>\n" + texts[1]
+    assert hf(chat).input_ids == [merged.bos_id] + ids_with_markers(chat, merged)
 
 
-def segment_bytes(tok: Tokenizer, ids: list[int]) -> bytes:
+def segment_bytes(tok: SentencePieceTokenizer, ids: list[int]) -> bytes:
     """Independent decoding of a piece sequence: byte pieces are their byte, others their UTF-8 text."""
     out = b""
     for i in ids:
@@ -193,9 +197,9 @@ def test_cli_extends_tokenizer_and_model(setup, tmp_path, capsys):
     report = json.loads((tmp_path / "tok" / "vocab_extension.json").read_text())
     assert report["tokens_per_word_after"] < 0.6 * report["tokens_per_word_before"]
     assert report["added_chat_tokens"] == list(CHAT_TOKENS)
-    merged = Tokenizer.from_pretrained(tmp_path / "tok")
+    merged = load_tokenizer(tmp_path / "tok")
     assert merged.vocab_size == report["merged_vocab_size"] == base.vocab_size + report["added_pieces"]
-    assert Tokenizer.from_pretrained(tmp_path / "et_model").model_proto == merged.model_proto
+    assert load_tokenizer(tmp_path / "et_model").model_proto == merged.model_proto
 
     resized = load_pretrained(tmp_path / "et_model").eval()
     assert resized.config.vocab_size == report["model_vocab_size"] == ((merged.vocab_size + 63) // 64) * 64
@@ -211,7 +215,8 @@ def test_cli_errors_are_one_line(setup, tmp_path, capsys):
         main(["extend", "--base", str(tmp_path), "--corpus", str(root / "et.txt"),
               "--new-vocab-size", "700", "--out", str(tmp_path / "o")])
     err = capsys.readouterr().err
-    assert e.value.code == 1 and err.startswith("error: ") and "tokenizer.model" in err and err.count("\n") == 1
+    assert e.value.code == 1 and err.startswith("error: ") and "tokenizer.model nor tokenizer.json" in err
+    assert err.count("\n") == 1
     base.save_pretrained(tmp_path / "base")
     with pytest.raises(SystemExit) as e:
         main(["extend", "--base", str(tmp_path / "base"), "--corpus", str(tmp_path / "missing.txt"),
