@@ -213,6 +213,11 @@ class HFTokenizer:
         self._check_id(i)
         return self._tok.id_to_token(i)
 
+    def split_token(self, token: str) -> list[int]:
+        """Ids the model itself (no normaliser, no pre-tokenizer) splits a token's spelling into ('Ġkõik' in
+        byte-level spelling): what a token added by vocabulary extension was made of before."""
+        return [t.id for t in self._tok.model.tokenize(token)]
+
     def marker_id(self, spelling: str) -> int | None:
         """Id of `spelling` when it is a special added token (a control token text never produces), else None."""
         i = self._tok.token_to_id(spelling)
