@@ -101,7 +101,7 @@ class HFTokenizer:
         self._tok.encode_special_tokens = True  # text is text: see the module docstring
         self._continuation = None  # built on first use when the pre-tokenizer adds a prefix space
         self._spec = json.loads(tokenizer_json)
-        self.added = {i: t for i, t in self._tok.get_added_tokens_decoder().items()}
+        self.added = dict(self._tok.get_added_tokens_decoder())  # id -> AddedToken (content, special, ...)
         self.vocab_size = max(self._tok.get_vocab(with_added_tokens=True).values()) + 1
         self.bos_id = self._find_bos()
         eos = self._id_of(token_text(self.config.get("eos_token")), "eos_token")
