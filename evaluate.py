@@ -44,10 +44,10 @@ from minillm.tasks.common import EvalContext, GenerationOptions, load_task
 class EvalOptions(GenerationOptions):
     # what to evaluate
     model: str = ""  # Hugging Face layout directory (a minillm export or any HF Llama checkpoint)
-    tokenizer: str = ""  # tokenizer directory; '' = the model directory
+    tokenizer: str = ""  # tokenizer directory (tokenizer.model or tokenizer.json); '' = the model directory
     tasks: list[str] = field(default_factory=lambda: ["data/sample/eval"])  # task files or directories of them
     # how to prompt
-    prompt_format: Literal["raw", "chat", "alpaca"] = "raw"  # chat (the tokenizer's chat template), alpaca, or raw for base models
+    prompt_format: Literal["raw", "chat", "alpaca"] = "raw"  # chat (the layout of the model's chat template, else of its tokenizer's markers: tulu, llama3, chatml), alpaca, or raw for base models
     system_prompt: str = ""  # chat format only: a system turn before every prompt
     few_shot: int = -1  # demonstrations per prompt; -1 = each task file's own "few_shot"
     mc_mode: Literal["", "loglik", "generate"] = ""  # multiple choice by log-likelihood or by generating; '' = each task file's "mode"
@@ -252,7 +252,7 @@ def load_model(cfg: EvalOptions):
     import torch
 
     from minillm.hf import load_pretrained
-    from minillm.tokenizer import Tokenizer, check_vocab_fits
+    from minillm.tokenizer import check_vocab_fits, load_tokenizer
     try:
         device = torch.device(cfg.device if cfg.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu"))
     except RuntimeError as e:
@@ -263,7 +263,7 @@ def load_model(cfg: EvalOptions):
     else:
         dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[cfg.dtype]
     model = load_pretrained(cfg.model, dtype=dtype, device=device)
-    tokenizer = Tokenizer.from_pretrained(cfg.tokenizer or cfg.model)
+    tokenizer = load_tokenizer(cfg.tokenizer or cfg.model)
     check_vocab_fits(tokenizer, model.config.vocab_size)
     model.eval()
     return model, tokenizer

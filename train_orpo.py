@@ -3,8 +3,8 @@
 PLLuM aligns its instruction-tuned models with ORPO on ~40K preference pairs. Per pair the loss is
 NLL(chosen) + lambda * L_OR (minillm/losses.py writes L_OR out): the model learns the chosen answer and, at
 the same time, to give it higher odds than the rejected one. Records are JSONL {"prompt": str | [messages],
-"chosen": str | message, "rejected": str | message}, rendered with SFT's chat template, so both answers
-share the prompt's tokens exactly. Chosen and rejected go through ONE concatenated forward pass.
+"chosen": str | message, "rejected": str | message}, rendered with SFT's chat layout (--template), so both
+answers share the prompt's tokens exactly. Chosen and rejected go through ONE concatenated forward pass.
 
 CPU, one process (the demo's stage):
     python train_orpo.py --init-from runs/demo/sft/model --train-data prefs.jsonl --valid-data prefs_valid.jsonl
@@ -28,10 +28,11 @@ from __future__ import annotations
 import math
 import time
 from dataclasses import asdict, dataclass
+from typing import Literal
 
 import torch
 
-from minillm.chat_format import chat_template_jinja
+from minillm.chat_format import chat_template_jinja, resolve_template
 from minillm.checkpoints import (ExportedModel, Preemption, load_checkpoint, run_readme, save_checkpoint_if_due,
                                  start_run)
 from minillm.engine import (all_reduce_sum, batch_to, build_engine, end_validation, engine_step, load_model_and_tokenizer, lr_at,
@@ -47,6 +48,7 @@ class ORPOOptions(TrainOptions):
     # data
     train_data: str = "data/sample/preferences/train.jsonl"  # preference JSONL files, comma-separated
     valid_data: str = "data/sample/preferences/valid.jsonl"  # held-out pairs; '' = no validation (the last model is exported)
+    template: Literal["auto", "tulu", "llama3", "chatml", "alpaca"] = "auto"  # how pairs are rendered (SFT's template): a chat layout, the Alpaca prompt, or auto = the chat layout whose markers the tokenizer has
     # ORPO
     orpo_lambda: float = 0.1  # weight of L_OR (TRL's default; the ORPO paper used 0.05-0.25)
     nll_on_prompt: bool = False  # the NLL also scores the prompt (TRL's ORPOTrainer); default: response + end-of-turn only
@@ -85,8 +87,11 @@ def main(argv=None):
     rank, world_size, device = setup_distributed(cfg.seed)
 
     model, tokenizer = load_model_and_tokenizer(cfg, device)
-    train_pairs = load_preference_files(cfg.train_data.split(","), tokenizer, cfg.seq_len, print0)
-    valid_pairs = load_preference_files(cfg.valid_data.split(","), tokenizer, cfg.seq_len, print0) if cfg.valid_data else []
+    template = resolve_template(cfg.template, tokenizer)
+    print0(f"template: {template}")
+    train_pairs = load_preference_files(cfg.train_data.split(","), tokenizer, cfg.seq_len, print0, template)
+    valid_pairs = (load_preference_files(cfg.valid_data.split(","), tokenizer, cfg.seq_len, print0, template)
+                   if cfg.valid_data else [])
     pairs_per_step = cfg.micro_batch_size * cfg.grad_accum * world_size
     if len(train_pairs) < pairs_per_step:
         raise ValueError(f"{cfg.train_data}: {len(train_pairs)} usable pairs, fewer than one global batch "
@@ -96,7 +101,7 @@ def main(argv=None):
     epoch_steps = len(train_pairs) // pairs_per_step
     total_steps = cfg.epochs * epoch_steps
     engine, optimizer = build_engine(model, cfg, device)
-    chat_template = chat_template_jinja("chat", tokenizer)
+    chat_template = chat_template_jinja(template, tokenizer)
 
     def batches(pairs, indices_per_micro) -> tuple[list[dict], float, float]:
         """The micro-batches of a step (or a validation slice) and the step's global chosen-token and pair counts."""

@@ -4,7 +4,8 @@ LLAMMAS: Alpaca + Alpaca-est + English high-quality instructions + translation-t
 lr 2e-5 -> 2e-6, batch 128, loss on responses only, best checkpoint by validation loss, optionally
 sequential (translation tasks first, then general instructions). PLLuM: 3 epochs, lr 1e-5, batch 128,
 ZeRO-3. Records are Alpaca {"instruction","input","output"} or chat {"messages": [...]} JSONL, rendered by
-minillm/chat_format.py -- the same code that builds prompts at inference.
+minillm/chat_format.py -- the same code that builds prompts at inference -- in the layout --template names
+(auto: the one whose markers the tokenizer has: Tulu for minillm's tokenizers, Llama-3's, ChatML for Qwen2).
 
 CPU, one process (the demo's stage):
     python train_sft.py --init-from runs/demo/pretrain/model --train-data data/sample/sft/alpaca_et.jsonl
@@ -22,7 +23,7 @@ import time
 from dataclasses import asdict, dataclass
 from typing import Literal
 
-from minillm.chat_format import chat_template_jinja
+from minillm.chat_format import chat_template_jinja, resolve_template
 from minillm.checkpoints import (ExportedModel, Preemption, load_checkpoint, run_readme, save_checkpoint_if_due,
                                  start_run)
 from minillm.engine import (all_reduce_sum, batch_to, build_engine, engine_step, load_model_and_tokenizer, lr_at,
@@ -38,7 +39,7 @@ class SFTOptions(TrainOptions):
     # data: JSONL files, ',' between the files of one stage, ';' between sequential stages
     train_data: str = "runs/demo/sft/train.jsonl"  # SFT records (Alpaca or chat); ';' separates curriculum stages
     valid_data: str = "runs/demo/sft/valid.jsonl"  # held-out records; '' = no validation (the last model is exported)
-    template: Literal["chat", "alpaca", "auto"] = "chat"  # chat (Tulu layout, the exported chat_template) | alpaca | auto: each record its own
+    template: Literal["auto", "tulu", "llama3", "chatml", "alpaca"] = "auto"  # how records are rendered and exported as chat_template: a chat layout, the Alpaca prompt, or auto = the chat layout whose markers the tokenizer has
     train_on: Literal["assistant", "last", "all"] = "assistant"  # the loss covers every reply, the last one, or all tokens
     truncate: Literal["right", "left", "drop"] = "right"  # too-long examples: cut the end, cut the start, or drop them
     pack: bool = True  # several examples per row, document-masked (no example sees another)
@@ -62,7 +63,9 @@ def main(argv=None):
     rank, world_size, device = setup_distributed(cfg.seed)
 
     model, tokenizer = load_model_and_tokenizer(cfg, device)
-    render = {"truncate": cfg.truncate, "train_on": cfg.train_on, "fmt": cfg.template}
+    template = resolve_template(cfg.template, tokenizer)
+    print0(f"template: {template}")
+    render = {"truncate": cfg.truncate, "train_on": cfg.train_on, "template": template}
     stages = [load_sft_examples([f.strip() for f in files.split(",") if f.strip()], tokenizer, cfg.seq_len, print0, **render)
               for files in cfg.train_data.split(";") if files.strip()]
     valid = {}
@@ -74,7 +77,7 @@ def main(argv=None):
                       for idx in step_slices(n_rows, s, cfg.micro_batch_size, 1, rank, world_size)]}
     byte_lengths = tokenizer.byte_lengths()
     engine, optimizer = build_engine(model, cfg, device)
-    chat_template = chat_template_jinja("alpaca" if cfg.template == "alpaca" else "chat", tokenizer)
+    chat_template = chat_template_jinja(template, tokenizer)
 
     # The whole run is planned upfront: every (stage, epoch) shuffles its examples with a seeded order and
     # packs them into rows, so each optimizer step is known by its number alone, which is all a checkpoint

@@ -14,12 +14,12 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
-from minillm.chat_format import as_messages, render  # noqa: E402
+from minillm.chat_format import as_messages, render, resolve_template, stop_ids  # noqa: E402
 from minillm.files import read_json_objects  # noqa: E402
 from minillm.generate import generate  # noqa: E402
 from minillm.hf import load_pretrained  # noqa: E402
 from minillm.options import cli, parse_options, require  # noqa: E402
-from minillm.tokenizer import Tokenizer  # noqa: E402
+from minillm.tokenizer import load_tokenizer  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from words import PEOPLE, TOWNS  # noqa: E402  (the sample world's lexicon)
@@ -50,12 +50,13 @@ def is_right(reply: str, record: dict) -> bool:
 @cli
 def main(argv=None):
     args = parse_options(CheckOptions, argv, prog="python demo/heldout_check.py", description=__doc__)
-    model, tok = load_pretrained(args.model), Tokenizer.from_pretrained(args.model)
+    model, tok = load_pretrained(args.model), load_tokenizer(args.model)
     records = [r for _, r in read_json_objects(args.data)][: args.limit]
+    template = resolve_template("auto", tok)  # the layout the export's chat template names
     prompts = [render(as_messages({k: r[k] for k in ("instruction", "input", "output")})[:-1], tok,
-                      add_generation_prompt=True)[0] for r in records]
+                      template=template, add_generation_prompt=True)[0] for r in records]
     replies = [tok.decode(ids).strip() for ids in
-               generate(model, prompts, max_new_tokens=args.max_new_tokens, eos_id=tok.eos_id)]
+               generate(model, prompts, max_new_tokens=args.max_new_tokens, eos_id=stop_ids(tok, template))]
     hits = 0
     for r, reply in zip(records, replies):
         ok = is_right(reply, r)

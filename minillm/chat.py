@@ -1,5 +1,7 @@
 """Talk to a model in the terminal: multi-turn history, streamed output, the sampling options of
-minillm.generate. Prompts are built by minillm.chat_format.render — the function SFT trained with.
+minillm.generate. Prompts are built by minillm.chat_format.render — the function SFT trained with — in the
+layout the model's chat template names (or whose markers its tokenizer has); a reply ends at any end id the
+model declares or any marker of the layout.
 
     python -m minillm.chat --model runs/demo/sft/model
     python -m minillm.chat --model runs/demo/orpo/model --temperature 0.6 --top-p 0.9 --repetition-penalty 1.2
@@ -16,11 +18,11 @@ from dataclasses import dataclass
 
 import torch
 
-from minillm.chat_format import render
+from minillm.chat_format import render, resolve_template, stop_ids
 from minillm.generate import generate
 from minillm.hf import load_pretrained
 from minillm.options import cli, parse_options, require
-from minillm.tokenizer import Tokenizer
+from minillm.tokenizer import load_tokenizer
 
 
 @dataclass(kw_only=True)
@@ -45,27 +47,30 @@ class ChatOptions:
 MIN_REPLY_TOKENS = 32  # a conversation is cut to leave at least this much room for the reply
 
 
-def fit_context(messages: list[dict], tokenizer, max_seq_len: int, max_new_tokens: int) -> tuple[list[int], int, int]:
+def fit_context(messages: list[dict], tokenizer, max_seq_len: int, max_new_tokens: int, template: str = "auto"
+                ) -> tuple[list[int], int, int]:
     """(prompt ids, reply budget, turns dropped): the conversation's inference prompt, its oldest
     user/assistant turns dropped (a system message kept) until the reply has room, and the reply budget
     capped by the context left. A single turn too long for the context keeps its end."""
     want = min(max_new_tokens, MIN_REPLY_TOKENS, max_seq_len // 2)
     system = messages[:1] if messages and messages[0]["role"] == "system" else []
     turns, dropped = messages[len(system):], 0
-    prompt, _ = render(system + turns, tokenizer, fmt="chat", add_generation_prompt=True)
+    prompt, _ = render(system + turns, tokenizer, template=template, add_generation_prompt=True)
     while len(prompt) > max_seq_len - want and len(turns) > 1:
         turns, dropped = turns[2:], dropped + 1
-        prompt, _ = render(system + turns, tokenizer, fmt="chat", add_generation_prompt=True)
+        prompt, _ = render(system + turns, tokenizer, template=template, add_generation_prompt=True)
     prompt = list(prompt)
     if len(prompt) > max_seq_len - want:
         prompt = prompt[:1] + prompt[len(prompt) - (max_seq_len - want - 1):]
     return prompt, min(max_new_tokens, max_seq_len - len(prompt)), dropped
 
 
-def reply(model, tokenizer, messages, args, out=sys.stdout) -> tuple[str, int]:
-    """Generate the assistant's next turn for `messages`, streaming its text to `out`; returns (the text,
-    how many old turns had to be left out). The reply is capped by the context the conversation leaves."""
-    prompt, budget, dropped = fit_context(messages, tokenizer, model.config.max_seq_len, args.max_new_tokens)
+def reply(model, tokenizer, messages, args, template: str, out=sys.stdout) -> tuple[str, int]:
+    """Generate the assistant's next turn for `messages` in chat_format's `template`, streaming its text to
+    `out`; returns (the text, how many old turns had to be left out). The reply is capped by the context the
+    conversation leaves."""
+    prompt, budget, dropped = fit_context(messages, tokenizer, model.config.max_seq_len, args.max_new_tokens,
+                                          template)
     printed = ""
     tokens: list[int] = []
 
@@ -80,8 +85,7 @@ def reply(model, tokenizer, messages, args, out=sys.stdout) -> tuple[str, int]:
 
     new = generate(model, [prompt], max_new_tokens=budget, temperature=args.temperature,
                    top_k=args.top_k, top_p=args.top_p, repetition_penalty=args.repetition_penalty,
-                   eos_id=tokenizer.eos_id, stop_strings=["<|user|>"], tokenizer=tokenizer, seed=args.seed,
-                   stream=stream)[0]
+                   eos_id=stop_ids(tokenizer, template), tokenizer=tokenizer, seed=args.seed, stream=stream)[0]
     text = tokenizer.decode(new)
     if text.startswith(printed):  # what the stream held back (an unfinished character)
         out.write(text[len(printed):])
@@ -93,7 +97,8 @@ def reply(model, tokenizer, messages, args, out=sys.stdout) -> tuple[str, int]:
 def main(argv=None):
     args = parse_options(ChatOptions, argv, prog="python -m minillm.chat", description=__doc__.split("\n\n")[0])
     model = load_pretrained(args.model, device="cuda" if torch.cuda.is_available() else "cpu")
-    tokenizer = Tokenizer.from_pretrained(args.model)
+    tokenizer = load_tokenizer(args.model)
+    template = resolve_template("auto", tokenizer)
     interactive = sys.stdin.isatty()
     messages = [{"role": "system", "content": args.system}] if args.system else []
     said_dropping = False
@@ -115,7 +120,7 @@ def main(argv=None):
         messages.append({"role": "user", "content": user})
         if interactive:
             sys.stdout.write("model> ")
-        text, dropped = reply(model, tokenizer, messages, args)
+        text, dropped = reply(model, tokenizer, messages, args, template)
         if dropped and not said_dropping:
             print(f"(the conversation outgrew the model's context of {model.config.max_seq_len} tokens: its oldest "
                   "turns are left out of the prompt from now on)", file=sys.stderr)

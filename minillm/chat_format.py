@@ -4,47 +4,53 @@
 Two record formats (JSONL, one record a line):
   Alpaca  {"instruction": str, "input": str (optional, may be ""), "output": str}
   chat    {"messages": [{"role": "system" | "user" | "assistant", "content": str}, ...]}
-Two templates:
+Four templates (`template=`; "auto" picks one from the tokenizer, see resolve_template):
+  tulu    the Tulu layout of LLAMMAS / open-instruct, multi-turn, with an optional leading system turn:
+              <s><|system|>\\n{system}\\n<|user|>\\n{user}\\n<|assistant|>\\n{reply}</s>\\n<|user|>\\n...
+          where <s>/</s> are BOS/EOS; the inference prompt ends with "<|assistant|>\\n".
+  llama3  Meta's Llama-3 layout (contents trimmed, as Meta's template trims them):
+              <|begin_of_text|><|start_header_id|>user<|end_header_id|>\\n\\n{user}<|eot_id|>
+              <|start_header_id|>assistant<|end_header_id|>\\n\\n{reply}<|eot_id|>...
+  chatml  ChatML, as Qwen2.5 (no BOS unless the tokenizer has one):
+              <|im_start|>user\\n{user}<|im_end|>\\n<|im_start|>assistant\\n{reply}<|im_end|>\\n...
   alpaca  the exact Stanford Alpaca prompt (ALPACA_PROMPT_WITH_INPUT / ALPACA_PROMPT_NO_INPUT), then the
           response and EOS.
-  chat    the Tulu layout of LLAMMAS / open-instruct, multi-turn, with an optional leading system turn:
-              <|system|>\\n{system}\\n<|user|>\\n{user}\\n<|assistant|>\\n{reply}</s>\\n<|user|>\\n...
-          where </s> is the EOS token (an id, never the text "</s>"). The inference prompt ends with
-          "<|assistant|>\\n". Contents are used verbatim (open-instruct strips them; we do not, so a record
-          renders as written).
-An Alpaca record rendered with the chat template becomes one user turn (instruction, then a blank line and
-the input when there is one) and one assistant turn; a conversation rendered with the Alpaca template must
-be one user turn and at most one assistant turn.
+Contents are used verbatim except by llama3 (open-instruct strips them; we do not, so a record renders as
+written). An Alpaca record rendered with a chat layout becomes one user turn (instruction, then a blank line
+and the input when there is one) and one assistant turn; a conversation rendered with the Alpaca template
+must be one user turn and at most one assistant turn.
 
-ONE function, `render`, turns a record into token ids and a loss mask, for training and (with
-add_generation_prompt=True) for the inference prompt, so the two can never disagree. `chat_template_jinja`
-writes the same template as Jinja for Hugging Face's tokenizer_config.json; a test checks that
-transformers' apply_chat_template gives exactly render's ids.
+Markers are ids, text is text. Every marker (<|user|>, <|eot_id|>, <|im_start|>, BOS, EOS) is put in by id;
+every content is encoded as text, and the tokenizers never turn a marker's spelling in text into the marker
+(minillm.tokenizer), so a message that contains "<|user|>" or "<|im_start|>" cannot forge a turn. A layout
+needs its markers as single tokens of the tokenizer (`marker_id`); render names any that are missing.
 
-Why the ids equal tokenizing the whole rendered string. sentencepiece puts a dummy-prefix '▁' in front of
-every text it encodes, so encoding a conversation piece by piece can give different tokens than encoding
-the whole string (what apply_chat_template + tokenizer does). The rendered text is cut only where a special
-id sits (BOS, EOS) and where an assistant reply starts; the text between two special ids is encoded as ONE
-string, as Hugging Face's tokenizer encodes the text between two special tokens: the text right after BOS
-with Tokenizer.encode (a dummy prefix, as Llama encodes a document, except before a chat marker; Hugging
-Face adds none after a special token, so the Jinja template writes it as a space: "<s> Below is ..."),
-text after an EOS without a dummy prefix (Tokenizer.encode_continuation). A reply starts
-right after a "\\n", and Llama-style tokenizers have no piece containing "\\n" (it is the byte piece
-<0x0A>), so no token can straddle that cut; `render` checks this on every example (the pieces' tokens
-must concatenate to the whole text's tokens) and raises if a tokenizer ever merges across it.
+ONE function, `render`, serves training and the inference prompt, so the two can never disagree;
+`chat_template_jinja` writes the same template as Jinja for Hugging Face's tokenizer_config.json, and a test
+checks that transformers' apply_chat_template gives exactly render's ids.
 
-The loss mask covers each assistant reply and the EOS that ends it (train_on='assistant', every turn;
-'last': the last reply only; 'all': every token but BOS). minillm.sft_data turns records into batches.
+Why the ids equal apply_chat_template's. The rendered conversation is cut where a special id sits and where
+an assistant reply starts, and each piece is encoded as one string, as Hugging Face encodes the text between
+two special tokens: text at the start or right after BOS like the start of a document (with sentencepiece's
+dummy prefix: Hugging Face adds none after BOS, so the Jinja template writes it as a space, "<s> Below is"),
+any other text as a continuation. The one cut Hugging Face does not make is at a reply's start: it encodes
+the template text before a reply ("<|assistant|>" "\\n") and the reply as one string. render encodes the
+reply on its own because that is how the model produces it, after the inference prompt. Both agree whenever
+no token would span that cut: always for Llama-style sentencepiece tokenizers (the text before a reply ends
+in "\\n", a byte piece no other piece contains) and for byte-level BPE unless a reply begins with whitespace
+holding a line break (tulu, chatml; llama3 trims). So the training ids of a conversation always start with
+the inference prompt ids of the conversation up to each reply.
+
+The loss mask covers each assistant reply and the end-of-turn token after it (EOS, <|eot_id|>, <|im_end|>)
+(train_on='assistant', every turn; 'last': the last reply only; 'all': every token but BOS).
+minillm.sft_data turns records into batches.
 """
 from __future__ import annotations
 
-import logging
-
-log = logging.getLogger(__name__)
-
 ROLES = ("system", "user", "assistant")
 TRAIN_ON = ("assistant", "last", "all")
-FORMATS = ("chat", "alpaca")
+TEMPLATES = ("auto", "tulu", "llama3", "chatml", "alpaca")
+CHAT_LAYOUTS = ("tulu", "llama3", "chatml")  # the order in which "auto" looks for a layout's markers
 
 # Stanford Alpaca (github.com/tatsu-lab/stanford_alpaca, train.py PROMPT_DICT), verbatim.
 ALPACA_PROMPT_WITH_INPUT = (
@@ -56,9 +62,12 @@ ALPACA_PROMPT_NO_INPUT = (
     "Write a response that appropriately completes the request.\n\n"
     "### Instruction:\n{instruction}\n\n### Response:\n")
 
-# Tulu / open-instruct chat layout. The markers are minillm.tokenizer.CHAT_TOKENS (single pieces).
-SYSTEM_PREFIX, USER_PREFIX, ASSISTANT_PREFIX = "<|system|>\n", "<|user|>\n", "<|assistant|>\n"
-TURN_END = "\n"  # after a system or user turn's content, and after the EOS that ends an assistant turn
+# The markers of each layout (single tokens of the tokenizer). Tulu's are minillm.tokenizer.CHAT_TOKENS.
+TULU_MARKERS = {"system": "<|system|>", "user": "<|user|>", "assistant": "<|assistant|>"}
+HEADER_START, HEADER_END, EOT = "<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>"  # Llama-3
+IM_START, IM_END = "<|im_start|>", "<|im_end|>"  # ChatML
+MARKERS = {"tulu": tuple(TULU_MARKERS.values()), "llama3": (HEADER_START, HEADER_END, EOT),
+           "chatml": (IM_START, IM_END), "alpaca": ()}
 
 
 # ============================================================================ records -> template parts
@@ -159,42 +168,85 @@ def check_record(record, training: bool = True) -> str:
     return kind
 
 
-def template_parts(record, fmt: str = "chat", add_generation_prompt: bool = False) -> list[tuple[str, str, int]]:
-    """The rendered record as (kind, text, turn) parts in order.
+# ============================================================================ the layouts, as parts
 
-    kind: 'bos' / 'eos' (a special id, text ''), 'prompt' (template text, system and user turns) or
-    'reply' (the content of an assistant turn); turn numbers the assistant turns 0, 1, ... (-1 elsewhere).
-    fmt 'auto' uses the record's own format."""
-    if fmt == "auto":
-        fmt = record_kind(record)
-    if fmt not in FORMATS:
-        raise ValueError(f"unknown template {fmt!r} (expected chat, alpaca or auto)")
-    parts = [("bos", "", -1)]
-    if fmt == "alpaca":
-        a = as_alpaca(record)
-        template = ALPACA_PROMPT_WITH_INPUT if a["input"] else ALPACA_PROMPT_NO_INPUT
-        parts.append(("prompt", template.format(instruction=a["instruction"], input=a["input"]), -1))
-        if not add_generation_prompt:  # the prompt already ends with "### Response:\n"
-            parts += [("reply", a["output"], 0), ("eos", "", 0)]
-        return parts
-    messages = as_messages(record)
-    check_messages(messages, training=False)
+# A rendered record is a list of parts (kind, value, turn):
+#   ("special", "bos" | "eos" | a marker, turn)  one id; turn >= 0 marks the end-of-turn token of assistant
+#                                                turn `turn` (the loss covers it), -1 any other special id
+#   ("prompt", text, -1)                          template text and the contents of system and user turns
+#   ("reply", text, turn)                         the content of assistant turn `turn` (0, 1, ...)
+
+def _tulu(messages, add_generation_prompt):
+    parts = [("special", "bos", -1)]
     turn = 0
     for m in messages:
+        parts.append(("special", TULU_MARKERS[m["role"]], -1))
         if m["role"] == "assistant":
-            parts += [("prompt", ASSISTANT_PREFIX, -1), ("reply", m["content"], turn), ("eos", "", turn),
-                      ("prompt", TURN_END, -1)]
+            parts += [("prompt", "\n", -1), ("reply", m["content"], turn), ("special", "eos", turn),
+                      ("prompt", "\n", -1)]
             turn += 1
         else:
-            parts.append(("prompt", (SYSTEM_PREFIX if m["role"] == "system" else USER_PREFIX)
-                          + m["content"] + TURN_END, -1))
+            parts.append(("prompt", "\n" + m["content"] + "\n", -1))
     if add_generation_prompt:
-        parts.append(("prompt", ASSISTANT_PREFIX, -1))
-    return merge_prompt_parts(parts)
+        parts += [("special", TULU_MARKERS["assistant"], -1), ("prompt", "\n", -1)]
+    return parts
 
 
-def merge_prompt_parts(parts):
-    """Join neighbouring prompt parts: the text between two cuts is encoded as one string anyway."""
+def _llama3(messages, add_generation_prompt):
+    def header(role):
+        return [("special", HEADER_START, -1), ("prompt", role, -1), ("special", HEADER_END, -1), ("prompt", "\n\n", -1)]
+
+    parts = [("special", "bos", -1)]
+    turn = 0
+    for m in messages:
+        parts += header(m["role"])
+        if m["role"] == "assistant":
+            parts += [("reply", m["content"].strip(), turn), ("special", EOT, turn)]
+            turn += 1
+        else:
+            parts += [("prompt", m["content"].strip(), -1), ("special", EOT, -1)]
+    return parts + (header("assistant") if add_generation_prompt else [])
+
+
+def _chatml(messages, add_generation_prompt):
+    parts = [("special", "bos", -1)]
+    turn = 0
+    for m in messages:
+        parts += [("special", IM_START, -1), ("prompt", m["role"] + "\n", -1)]
+        if m["role"] == "assistant":
+            parts += [("reply", m["content"], turn), ("special", IM_END, turn)]
+            turn += 1
+        else:
+            parts += [("prompt", m["content"], -1), ("special", IM_END, -1)]
+        parts.append(("prompt", "\n", -1))
+    if add_generation_prompt:
+        parts += [("special", IM_START, -1), ("prompt", "assistant\n", -1)]
+    return parts
+
+
+def _alpaca(record, add_generation_prompt):
+    a = as_alpaca(record)
+    template = ALPACA_PROMPT_WITH_INPUT if a["input"] else ALPACA_PROMPT_NO_INPUT
+    parts = [("special", "bos", -1), ("prompt", template.format(instruction=a["instruction"], input=a["input"]), -1)]
+    if not add_generation_prompt:  # the prompt already ends with "### Response:\n"
+        parts += [("reply", a["output"], 0), ("special", "eos", 0)]
+    return parts
+
+
+LAYOUTS = {"tulu": _tulu, "llama3": _llama3, "chatml": _chatml}
+
+
+def template_parts(record, template: str, add_generation_prompt: bool = False) -> list[tuple[str, str, int]]:
+    """The record rendered with `template` (tulu, llama3, chatml or alpaca) as parts (see above), the
+    neighbouring prompt texts joined."""
+    if template == "alpaca":
+        parts = _alpaca(record, add_generation_prompt)
+    elif template in LAYOUTS:
+        messages = as_messages(record)
+        check_messages(messages, training=False)
+        parts = LAYOUTS[template](messages, add_generation_prompt)
+    else:
+        raise ValueError(f"unknown template {template!r} (expected {', '.join(TEMPLATES)})")
     out = []
     for part in parts:
         if out and part[0] == "prompt" and out[-1][0] == "prompt":
@@ -205,64 +257,65 @@ def merge_prompt_parts(parts):
 
 
 def part_mask(parts, train_on: str) -> list[int]:
-    """1 for the parts the loss covers: replies and their EOS (every turn, or the last), or all but BOS."""
+    """1 for the parts the loss covers: replies and their end-of-turn token (every turn, or the last), or
+    everything but BOS."""
     if train_on not in TRAIN_ON:
         raise ValueError(f"unknown train_on {train_on!r} (expected assistant, last or all)")
-    last = max([turn for _, _, turn in parts], default=-1)
     if train_on == "all":
-        return [int(kind != "bos") for kind, _, _ in parts]
-    return [int(kind in ("reply", "eos") and (train_on == "assistant" or turn == last)) for kind, _, turn in parts]
+        return [int(part[:2] != ("special", "bos")) for part in parts]
+    last = max([turn for _, _, turn in parts], default=-1)
+    return [int(turn >= 0 and (train_on == "assistant" or turn == last)) for _, _, turn in parts]
 
 
 # ============================================================================ parts -> token ids
 
+def missing_markers(tokenizer, template: str) -> list[str]:
+    """The markers of `template` that are not single control tokens of the tokenizer."""
+    return [m for m in MARKERS.get(template, ()) if tokenizer.marker_id(m) is None]
+
+
+def check_template(tokenizer, template: str):
+    """ValueError naming the missing markers when the tokenizer cannot render `template`."""
+    if template not in TEMPLATES[1:]:
+        raise ValueError(f"unknown template {template!r} (expected {', '.join(TEMPLATES)})")
+    missing = missing_markers(tokenizer, template)
+    if missing:
+        usable = [t for t in CHAT_LAYOUTS if not missing_markers(tokenizer, t)]
+        raise ValueError(
+            f"template {template!r} needs {', '.join(missing)} as single control tokens, and {tokenizer!r} has "
+            f"no such token; use {' or '.join(repr(t) for t in usable + ['alpaca'])}, or add the Tulu markers with "
+            "`python -m minillm.vocab extend --add-chat-tokens`")
+
+
 def encode_parts(parts, tokenizer) -> list[list[int]]:
-    """Token ids of every part, identical to encoding each run of text between special ids as one string
-    (see the module docstring); raises if the tokenizer merges text across a part boundary."""
-    ids: list[list[int]] = [[] for _ in parts]
-    run: list[int] = []  # indices of the text parts since the last special id
-    after_bos = True  # the text right after BOS is encoded like a text start (dummy prefix)
-
-    def encode(text: str, start: bool) -> list[int]:
-        return tokenizer.encode(text) if start else tokenizer.encode_continuation(text)
-
-    def flush():
-        if not run:
-            return
-        for j, i in enumerate(run):
-            ids[i] = encode(parts[i][1], after_bos and j == 0)
-        # A run is a prompt, or a prompt and the reply after it (a reply always ends at its EOS).
-        if len(run) > 1 and sum((ids[i] for i in run), []) != encode("".join(parts[i][1] for i in run), after_bos):
-            before, reply = parts[run[-2]][1], parts[run[-1]][1]
-            raise ValueError(
-                f"the tokenizer merges text across the start of an assistant reply ({before[-20:]!r} | "
-                f"{reply[:20]!r}): the tokens of the whole text differ from the tokens of its parts, so loss "
-                f"mask and inference prompt would not line up. Use a Llama-style tokenizer (newline as a "
-                f"byte piece).")
-        run.clear()
-
-    for i, (kind, _, _) in enumerate(parts):
-        if kind in ("bos", "eos"):
-            flush()
-            ids[i] = [tokenizer.bos_id if kind == "bos" else tokenizer.eos_id]
-            after_bos = kind == "bos"
+    """Token ids of every part: special parts are their id (BOS none when the tokenizer has no BOS), text
+    right after BOS (or at the start) is encoded like a text start, any other text as a continuation."""
+    ids, at_start = [], True
+    for kind, value, _ in parts:
+        if kind == "special":
+            if value == "bos":
+                ids.append([tokenizer.bos_id] if tokenizer.bos_id is not None else [])
+            else:
+                ids.append([tokenizer.eos_id if value == "eos" else tokenizer.marker_id(value)])
+            at_start = value == "bos"
         else:
-            run.append(i)
-    flush()
+            ids.append(tokenizer.encode(value) if at_start else tokenizer.encode_continuation(value))
+            at_start = False
     return ids
 
 
-def render(record, tokenizer, fmt: str = "chat", train_on: str = "assistant",
+def render(record, tokenizer, template: str = "auto", train_on: str = "assistant",
            add_generation_prompt: bool = False) -> tuple[list[int], list[int]]:
     """(token ids, loss mask) of one record (Alpaca dict, {"messages": [...]} or a list of messages).
 
-    fmt: 'chat' (Tulu layout), 'alpaca' (Stanford Alpaca prompt) or 'auto' (the record's own format).
-    The mask is 1 on tokens the loss covers (train_on: 'assistant' = every reply + its EOS, 'last' = the
-    last reply + its EOS, 'all' = everything but BOS), 0 elsewhere. add_generation_prompt=True returns
-    the inference prompt: the conversation followed by "<|assistant|>\\n" (chat), or the Alpaca prompt
-    without the output. Training ids of a conversation always start with the inference prompt ids of the
+    template: tulu, llama3, chatml, alpaca, or auto (resolve_template). The mask is 1 on tokens the loss
+    covers (train_on: 'assistant' = every reply + its end-of-turn token, 'last' = the last reply + its
+    end-of-turn token, 'all' = everything but BOS), 0 elsewhere. add_generation_prompt=True returns the
+    inference prompt: the conversation followed by the assistant's turn header (or the Alpaca prompt
+    without the output). Training ids of a conversation always start with the inference prompt ids of the
     conversation up to that reply."""
-    parts = template_parts(record, fmt, add_generation_prompt)
+    template = resolve_template(template, tokenizer)
+    parts = template_parts(record, template, add_generation_prompt)
     part_ids = encode_parts(parts, tokenizer)
     mask = part_mask(parts, train_on)
     ids, loss_mask = [], []
@@ -272,6 +325,32 @@ def render(record, tokenizer, fmt: str = "chat", train_on: str = "assistant",
     return ids, loss_mask
 
 
+def resolve_template(template: str, tokenizer) -> str:
+    """The concrete template: `template` itself (checked: the tokenizer has its markers), or for 'auto' the
+    template whose Jinja twin is the tokenizer's own chat_template (a minillm export says what it was trained
+    with), else the first chat layout whose markers the tokenizer has: tulu, llama3, chatml."""
+    if template != "auto":
+        check_template(tokenizer, template)
+        return template
+    usable = [t for t in CHAT_LAYOUTS if not missing_markers(tokenizer, t)]
+    if tokenizer.chat_template is not None:
+        for name in usable + ["alpaca"]:
+            if tokenizer.chat_template == chat_template_jinja(name, tokenizer):
+                return name
+    if not usable:
+        raise ValueError(f"template 'auto': {tokenizer!r} has the markers of no chat layout (tulu: "
+                         f"{' '.join(MARKERS['tulu'])}; llama3: {' '.join(MARKERS['llama3'])}; chatml: "
+                         f"{' '.join(MARKERS['chatml'])}); use the alpaca template, or add the Tulu markers with "
+                         "`python -m minillm.vocab extend --add-chat-tokens`")
+    return usable[0]
+
+
+def stop_ids(tokenizer, template: str) -> list[int]:
+    """Token ids that end a generated reply: every end id the tokenizer declares and every marker of the
+    layout (its end-of-turn token, or the start of a new turn, which also means the reply is over)."""
+    return list(dict.fromkeys([*tokenizer.eos_ids, *(tokenizer.marker_id(m) for m in MARKERS[template])]))
+
+
 # ============================================================================ the Hugging Face chat template
 
 def _jinja_string(text: str) -> str:
@@ -279,44 +358,57 @@ def _jinja_string(text: str) -> str:
     return "'" + text.replace("\\", "\\\\").replace("'", "\\'").replace("\n", "\\n") + "'"
 
 
-def space_after_bos(tokenizer=None, fmt: str = "chat") -> bool:
-    """Whether the Jinja template must put a ' ' between BOS and the text.
+def space_after_bos(tokenizer=None) -> bool:
+    """Whether the Jinja Alpaca template must put a ' ' between BOS and the text.
 
-    render encodes the text after BOS like a text start: with the dummy-prefix '▁' (Alpaca: '▁Below'),
-    except before a chat marker that is a piece of its own (Tokenizer.encode). Hugging Face's tokenizer
-    adds no dummy prefix to text that follows a special token, so the template writes the '▁' as a space.
-    Without a tokenizer, a Llama-style one with CHAT_TOKENS is assumed."""
-    start = "Below is" if fmt == "alpaca" else USER_PREFIX
+    render encodes the text after BOS like a text start: with sentencepiece's dummy-prefix '▁' ('▁Below').
+    Hugging Face's tokenizer adds no dummy prefix to text that follows a special token, so the template
+    writes the '▁' as a space. Without a tokenizer, a Llama-style sentencepiece one is assumed."""
     if tokenizer is None:
-        return fmt == "alpaca"
-    plain = tokenizer.encode(start)
-    if plain == tokenizer.encode_continuation(start):
+        return True
+    plain = tokenizer.encode("Below is")
+    if plain == tokenizer.encode_continuation("Below is"):
         return False
-    if plain == tokenizer.encode_continuation(" " + start):
+    if plain == tokenizer.encode_continuation(" Below is"):
         return True
     raise ValueError(f"{tokenizer!r}: cannot express its start-of-text encoding in a chat template")
 
 
-def chat_template_jinja(fmt: str = "chat", tokenizer=None) -> str:
+def chat_template_jinja(template: str = "tulu", tokenizer=None) -> str:
     """A Jinja chat template (for tokenizer_config.json) that renders messages exactly as `render` does:
-    transformers' apply_chat_template(messages, tokenize=True) gives render(messages, fmt=fmt)'s ids.
-    Pass the tokenizer when it is not a minillm-trained (Llama-style, with chat markers) one.
-    One known difference, transformers' own: content that contains the literal text "<s>" or "</s>" is
-    read as BOS/EOS by Hugging Face's tokenizer, while render keeps it as text."""
+    transformers' apply_chat_template(messages, tokenize=True) gives render(messages, template=template)'s
+    ids (see the module docstring for the one exception). Pass the tokenizer unless it is a minillm-trained
+    sentencepiece one (it decides whether there is a BOS, and the space after it). One known difference,
+    transformers' own: content that contains a special token's spelling ("<|user|>", "</s>") is read as that
+    token by Hugging Face's tokenizer, while render keeps it as text."""
     s = _jinja_string
-    lead = "{{ bos_token }}" + ("{{ ' ' }}" if space_after_bos(tokenizer, fmt) else "")
-    def turn(prefix: str, suffix: str) -> str:
-        return "{{ " + s(prefix) + " + message['content'] + " + suffix + " }}"
+    has_bos = tokenizer.bos_id is not None if tokenizer is not None else template != "chatml"
+    lead = "{{ bos_token }}" if has_bos else ""
+    unknown_role = "{% else %}{{ raise_exception('unknown role: ' + message['role']) }}{% endif %}"
+    roles = "{% if message['role'] in ['system', 'user', 'assistant'] %}"
 
-    if fmt == "chat":
+    if template == "tulu":
+        def turn(role: str, suffix: str) -> str:
+            return "{{ " + s(TULU_MARKERS[role] + "\n") + " + message['content'] + " + suffix + " }}"
         return (lead + "{% for message in messages %}"
-                "{% if message['role'] == 'system' %}" + turn(SYSTEM_PREFIX, s(TURN_END))
-                + "{% elif message['role'] == 'user' %}" + turn(USER_PREFIX, s(TURN_END))
-                + "{% elif message['role'] == 'assistant' %}" + turn(ASSISTANT_PREFIX, "eos_token + " + s(TURN_END))
-                + "{% else %}{{ raise_exception('unknown role: ' + message['role']) }}{% endif %}"
-                "{% endfor %}"
-                "{% if add_generation_prompt %}{{ " + s(ASSISTANT_PREFIX) + " }}{% endif %}")
-    if fmt == "alpaca":
+                "{% if message['role'] == 'system' %}" + turn("system", s("\n"))
+                + "{% elif message['role'] == 'user' %}" + turn("user", s("\n"))
+                + "{% elif message['role'] == 'assistant' %}" + turn("assistant", "eos_token + " + s("\n"))
+                + unknown_role + "{% endfor %}"
+                "{% if add_generation_prompt %}{{ " + s(TULU_MARKERS["assistant"] + "\n") + " }}{% endif %}")
+    if template == "llama3":
+        return (lead + "{% for message in messages %}" + roles
+                + "{{ " + s(HEADER_START) + " + message['role'] + " + s(HEADER_END + "\n\n")
+                + " + message['content'] | trim + " + s(EOT) + " }}" + unknown_role + "{% endfor %}"
+                "{% if add_generation_prompt %}{{ " + s(HEADER_START + "assistant" + HEADER_END + "\n\n")
+                + " }}{% endif %}")
+    if template == "chatml":
+        return (lead + "{% for message in messages %}" + roles
+                + "{{ " + s(IM_START) + " + message['role'] + " + s("\n") + " + message['content'] + "
+                + s(IM_END + "\n") + " }}" + unknown_role + "{% endfor %}"
+                "{% if add_generation_prompt %}{{ " + s(IM_START + "assistant\n") + " }}{% endif %}")
+    if template == "alpaca":
+        lead += "{{ ' ' }}" if has_bos and space_after_bos(tokenizer) else ""
         no_input_head, tail = ALPACA_PROMPT_NO_INPUT.split("{instruction}")
         return (
             "{% if messages | length == 0 or messages | length > 2 or messages[0]['role'] != 'user' or "
@@ -325,4 +417,4 @@ def chat_template_jinja(fmt: str = "chat", tokenizer=None) -> str:
             "{% endif %}"
             + lead + "{{ " + s(no_input_head) + " + messages[0]['content'] + " + s(tail) + " }}"
             "{% if messages | length == 2 %}{{ messages[1]['content'] + eos_token }}{% endif %}")
-    raise ValueError(f"unknown template {fmt!r} (expected chat or alpaca)")
+    raise ValueError(f"unknown template {template!r} (expected tulu, llama3, chatml or alpaca)")

@@ -140,15 +140,15 @@ def load_model_and_tokenizer(cfg, device, preset: str = ""):
     tokenizer or the context does not fit the model."""
     from minillm.hf import load_pretrained
     from minillm.model import Llama, LlamaConfig
-    from minillm.tokenizer import Tokenizer, check_vocab_fits
+    from minillm.tokenizer import check_vocab_fits, load_tokenizer
 
     if cfg.init_from:
         model = load_pretrained(cfg.init_from)
-        tokenizer = Tokenizer.from_pretrained(cfg.tokenizer or cfg.init_from)
+        tokenizer = load_tokenizer(cfg.tokenizer or cfg.init_from)
     else:
         if not cfg.tokenizer:
             raise ValueError("--tokenizer is required to build a random --preset model (or give --init-from)")
-        tokenizer = Tokenizer.from_pretrained(cfg.tokenizer)
+        tokenizer = load_tokenizer(cfg.tokenizer)
         model = Llama(LlamaConfig.from_preset(preset, vocab_size=tokenizer.vocab_size, bos_id=tokenizer.bos_id,
                                               eos_id=tokenizer.eos_id, pad_id=tokenizer.pad_id))
     check_vocab_fits(tokenizer, model.config.vocab_size)

@@ -54,7 +54,7 @@ from decimal import Decimal
 from pathlib import Path
 from typing import Literal
 
-from minillm.chat_format import as_messages, render
+from minillm.chat_format import as_messages, render, resolve_template
 from minillm.files import atomic_write, read_jsonl, read_lines, to_json, write_jsonl
 from minillm.languages import LANGUAGE_NAMES
 from minillm.options import cli, parse_options, require
@@ -402,10 +402,11 @@ def dedup_key(record) -> str:
     return json.dumps([(m["role"], m["content"]) for m in as_messages(record)], ensure_ascii=False)
 
 
-def record_size(record, tokenizer) -> int:
-    """Tokens of the rendered training example (with a tokenizer), else whitespace-separated words."""
+def record_size(record, tokenizer, template: str = "auto") -> int:
+    """Tokens of the training example rendered with `template` (with a tokenizer), else whitespace-separated
+    words."""
     if tokenizer is not None:
-        return len(render(record, tokenizer, fmt="auto")[0])
+        return len(render(record, tokenizer, template=template)[0])
     return sum(len(m["content"].split()) for m in as_messages(record))
 
 
@@ -417,10 +418,14 @@ def upsample(examples: list, n: int, rng: random.Random) -> list:
     return examples * copies + rng.sample(examples, rest)
 
 
-def build_mixture(sources: list[Source], valid_share: float = 0.02, seed: int = 0, tokenizer=None):
-    """(train records, valid records, composition) for the recipe's sources (see the module docstring)."""
+def build_mixture(sources: list[Source], valid_share: float = 0.02, seed: int = 0, tokenizer=None,
+                  template: str = "auto"):
+    """(train records, valid records, composition) for the recipe's sources (see the module docstring);
+    with a tokenizer, sizes are tokens of the examples rendered with chat_format's `template`."""
     if not 0.0 <= valid_share < 1.0:
         raise ValueError(f"--valid-share must be in [0, 1), got {valid_share}")
+    if tokenizer is not None:
+        template = resolve_template(template, tokenizer)
     loaded = [load_sft_jsonl(s.path) for s in sources]  # every file validated before any work
     seen, train, valid, rows = set(), [], [], []
     for source, records in zip(sources, loaded):
@@ -444,7 +449,7 @@ def build_mixture(sources: list[Source], valid_share: float = 0.02, seed: int = 
                      "path": source.path, "records": len(records), "duplicates": len(records) - len(unique),
                      "weight": source.weight, "cap": source.cap,
                      "train_examples": len(source_train), "valid_examples": len(source_valid),
-                     "train_size": sum(record_size(r, tokenizer) for r in source_train)})
+                     "train_size": sum(record_size(r, tokenizer, template) for r in source_train)})
     if not train:
         raise ValueError("the recipe selects no training examples")
     random.Random(f"{seed}:train").shuffle(train)
@@ -495,9 +500,9 @@ def mix_command(args) -> dict:
     sources = read_recipe(args.recipe)
     tokenizer = None
     if args.tokenizer:
-        from minillm.tokenizer import Tokenizer
-        tokenizer = Tokenizer.from_pretrained(args.tokenizer)
-    train, valid, composition = build_mixture(sources, args.valid_share, args.seed, tokenizer)
+        from minillm.tokenizer import load_tokenizer
+        tokenizer = load_tokenizer(args.tokenizer)
+    train, valid, composition = build_mixture(sources, args.valid_share, args.seed, tokenizer, args.template)
     out = Path(args.out_dir)
     out.mkdir(parents=True, exist_ok=True)
     write_jsonl(out / "train.jsonl", train)
@@ -549,6 +554,7 @@ class MixOptions:
     out_dir: str  # where train.jsonl, valid.jsonl and composition.json go
     valid_share: float = 0.02  # share of each source's selected unique examples held out for validation
     tokenizer: str = ""  # count tokens with this tokenizer ('' = count words)
+    template: Literal["auto", "tulu", "llama3", "chatml", "alpaca"] = "auto"  # with --tokenizer: the layout examples are counted in (train_sft.py's --template)
     seed: int = 0  # seed of sampling and shuffling
 
     def check(self):

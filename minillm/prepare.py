@@ -9,10 +9,11 @@ Atomicity: shards are written under `*.tmp` names, so bad input found anywhere (
 previous output untouched; only after every input was read does the commit remove meta.json, rename the
 shards into place and write the new meta.json. Re-running with the same inputs (path, size, mtime),
 tokenizer (sha256) and options is a no-op, detected via meta.json.
+Documents are stored as BOS + tokens + EOS, or tokens + EOS for a tokenizer without a BOS (Qwen2); meta.json
+says which ("document_layout") and holds the tokenizer's bos_id (null then) and eos_id.
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import itertools
 import multiprocessing
@@ -31,17 +32,19 @@ from tqdm import tqdm
 from minillm.files import atomic_write, check_readable, corpus_format, iter_records, record_text, to_json
 from minillm.options import cli, parse_options, require
 from minillm.pretrain_data import FORMAT, FORMAT_VERSION, META_FILE, TokenShards, shard_names, token_dtype
-from minillm.tokenizer import MODEL_FILE, Tokenizer
+from minillm.tokenizer import load_tokenizer
 
 DEFAULT_SHARD_TOKENS = 1 << 28  # 512 MiB of uint16 per shard; documents never straddle shards
 
 # ============================================================================ tokenizing (worker processes)
-_worker_tokenizer: Tokenizer | None = None
+_worker_tokenizer = None
 
 
-def _init_worker(model_file: str):
+def _init_worker(tokenizer_path: str, in_pool: bool = False):
     global _worker_tokenizer
-    _worker_tokenizer = Tokenizer(model_file)  # each process loads its own copy; nothing is pickled
+    if in_pool:  # one thread per worker process: the processes are the parallelism
+        os.environ["TOKENIZERS_PARALLELISM"] = "false"
+    _worker_tokenizer = load_tokenizer(tokenizer_path)  # each process loads its own copy; nothing is pickled
 
 
 def _tokenize_chunk(job) -> dict:
@@ -51,13 +54,17 @@ def _tokenize_chunk(job) -> dict:
     texts = [t for t in texts if t.strip()]
     tok = _worker_tokenizer
     ids = tok.encode_batch(texts, num_threads=1) if texts else []
-    # Each document becomes BOS + ids + EOS; built with numpy (a Python loop over every id is the slow part).
-    lengths = np.fromiter(map(len, ids), dtype=np.int64, count=len(ids)) + 2
+    # Each document becomes [BOS] + ids + EOS; built with numpy (a Python loop over every id is the slow part).
+    has_bos = tok.bos_id is not None
+    lengths = np.fromiter(map(len, ids), dtype=np.int64, count=len(ids)) + 1 + has_bos
     ends = np.cumsum(lengths)
     flat = np.empty(int(ends[-1]) if len(ends) else 0, dtype=np.int32)  # half the bytes to pickle back
     is_text = np.ones(len(flat), dtype=bool)
-    is_text[ends - lengths] = is_text[ends - 1] = False
-    flat[ends - lengths], flat[ends - 1] = tok.bos_id, tok.eos_id
+    is_text[ends - 1] = False
+    flat[ends - 1] = tok.eos_id
+    if has_bos:
+        is_text[ends - lengths] = False
+        flat[ends - lengths] = tok.bos_id
     flat[is_text] = np.fromiter(itertools.chain.from_iterable(ids), dtype=np.int32, count=int(is_text.sum()))
     return {"tokens": flat, "lengths": lengths, "words": sum(len(t.split()) for t in texts),
             "skipped": len(records) - len(texts)}
@@ -79,17 +86,17 @@ def _chunks(inputs, fmt_of, text_field, txt_docs, chunk_bytes=1 << 20):
             yield (str(path), fmt, text_field, records), final - last_pos
 
 
-def _run_jobs(jobs, model_file: str, workers: int):
+def _run_jobs(jobs, tokenizer_path: str, workers: int):
     """Results of _tokenize_chunk in input order. workers > 1: a process pool with a bounded window of jobs
     in flight (Pool.imap would read the whole corpus into its queue)."""
     if workers <= 1:
-        _init_worker(model_file)
+        _init_worker(tokenizer_path)
         for job, nbytes in jobs:
             yield _tokenize_chunk(job), nbytes
         return
     # spawn: workers start clean (no forked torch/OpenMP state); they import this module and load the model.
     ctx = multiprocessing.get_context("spawn")
-    with ctx.Pool(workers, initializer=_init_worker, initargs=(model_file,)) as pool:
+    with ctx.Pool(workers, initializer=_init_worker, initargs=(tokenizer_path, True)) as pool:
         window = deque()
         for job, nbytes in jobs:
             window.append((pool.apply_async(_tokenize_chunk, (job,)), nbytes))
@@ -229,30 +236,15 @@ def write_shards(out_dir, docs, vocab_size: int, *, dtype=None, shard_tokens: in
 
 # ============================================================================ prepare (the CLI's work)
 
-def file_sha256(path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
-def _resolve_tokenizer(path) -> Path:
-    path = Path(path)
-    model_file = path / MODEL_FILE if path.is_dir() else path
-    if not model_file.is_file():
-        raise ValueError(f"{model_file}: no sentencepiece tokenizer model there")
-    return model_file
-
-
-def _fingerprint(inputs, model_file: Path, dtype, fmt, text_field, txt_docs, shard_tokens) -> dict:
+def _fingerprint(inputs, tokenizer_sha256: str, dtype, fmt, text_field, txt_docs, shard_tokens) -> dict:
     """What the output depends on. Inputs are identified by path, size and mtime (hashing a 100 GB corpus to
-    decide that nothing changed would cost as much as tokenizing it); the tokenizer by its sha256."""
+    decide that nothing changed would cost as much as tokenizing it); the tokenizer by its sha256 (of
+    tokenizer.model, or of tokenizer.json and the special tokens its configs name)."""
     files = []
     for p in inputs:
         st = os.stat(p)
         files.append({"path": str(Path(p).resolve()), "size": st.st_size, "mtime_ns": st.st_mtime_ns})
-    return {"version": FORMAT_VERSION, "inputs": files, "tokenizer_sha256": file_sha256(model_file),
+    return {"version": FORMAT_VERSION, "inputs": files, "tokenizer_sha256": tokenizer_sha256,
             "dtype": np.dtype(dtype).name, "format": fmt, "text_field": text_field, "txt_docs": txt_docs,
             "shard_tokens": shard_tokens}
 
@@ -276,8 +268,8 @@ def _up_to_date(out_dir: Path, fingerprint: dict) -> dict | None:
 def prepare(inputs, tokenizer, out_dir, *, fmt: str = "auto", text_field: str = "text", txt_docs: str = "line",
             workers: int = 1, name: str | None = None, dtype=None, shard_tokens: int = DEFAULT_SHARD_TOKENS,
             progress: bool = True) -> dict:
-    """Tokenize `inputs` (paths) with `tokenizer` (a .model file or a directory holding tokenizer.model)
-    into shards in `out_dir`. Returns the meta dict (with "skipped": True when nothing had to be done).
+    """Tokenize `inputs` (paths) with `tokenizer` (a tokenizer directory, or a tokenizer.model /
+    tokenizer.json file: minillm.tokenizer.load_tokenizer) into shards in `out_dir`. Returns the meta dict (with "skipped": True when nothing had to be done).
     dtype: None = uint16 when the vocabulary fits, else uint32. See the module docstring for the layout.
     workers > 1 starts 'spawn' processes: a script calling this must guard its entry point with
     `if __name__ == "__main__":` (the CLI does)."""
@@ -288,12 +280,11 @@ def prepare(inputs, tokenizer, out_dir, *, fmt: str = "auto", text_field: str = 
         raise ValueError(f"txt_docs must be 'line' or 'paragraph', got {txt_docs!r}")
     for p in inputs:
         check_readable(p, fmt)
-    model_file = _resolve_tokenizer(tokenizer)
-    tok = Tokenizer(model_file)
+    tok = load_tokenizer(tokenizer)
     dtype = np.dtype(dtype) if dtype is not None else token_dtype(tok.vocab_size)
     out_dir = Path(out_dir)
     name = name or out_dir.name
-    fingerprint = _fingerprint(inputs, model_file, dtype, fmt, text_field, txt_docs, shard_tokens)
+    fingerprint = _fingerprint(inputs, tok.sha256(), dtype, fmt, text_field, txt_docs, shard_tokens)
     if (meta := _up_to_date(out_dir, fingerprint)) is not None:
         if progress:
             print(f"{out_dir}: up to date (same inputs, tokenizer and options); nothing to do")
@@ -310,7 +301,7 @@ def prepare(inputs, tokenizer, out_dir, *, fmt: str = "auto", text_field: str = 
     t0 = time.time()
     bar = tqdm(total=sum(os.path.getsize(p) for p in inputs), unit="B", unit_scale=True,
                desc=f"tokenizing {name}", disable=not progress or not sys.stderr.isatty(), dynamic_ncols=True)
-    results = _run_jobs(_chunks(inputs, fmt_of, text_field, txt_docs), str(model_file), workers)
+    results = _run_jobs(_chunks(inputs, fmt_of, text_field, txt_docs), str(tokenizer), workers)
     try:
         for result, nbytes in results:
             writer.add(result["tokens"], result["lengths"])
@@ -332,11 +323,12 @@ def prepare(inputs, tokenizer, out_dir, *, fmt: str = "auto", text_field: str = 
     finally:
         results.close()  # stops the worker pool now, also on error
         bar.close()
-    text_tokens = n_tokens - 2 * n_docs  # without each document's BOS and EOS
+    has_bos = tok.bos_id is not None
+    text_tokens = n_tokens - (1 + has_bos) * n_docs  # without each document's BOS and EOS
     meta = {"format": FORMAT, "version": FORMAT_VERSION, "name": name, "dtype": dtype.name,
             "vocab_size": tok.vocab_size, "bos_id": tok.bos_id, "eos_id": tok.eos_id,
-            "document_layout": "BOS + tokens + EOS",
-            "tokenizer": {"path": str(model_file.resolve()), "sha256": fingerprint["tokenizer_sha256"]},
+            "document_layout": "BOS + tokens + EOS" if has_bos else "tokens + EOS",
+            "tokenizer": {"path": str(Path(tokenizer).resolve()), "sha256": fingerprint["tokenizer_sha256"]},
             "fingerprint": fingerprint, "num_docs": n_docs, "num_tokens": n_tokens,
             "num_text_tokens": text_tokens, "num_words": n_words,
             "tokens_per_word": text_tokens / max(n_words, 1), "skipped_empty_docs": n_skipped,
@@ -362,7 +354,7 @@ def summary_line(meta: dict, out_dir) -> str:
 @dataclass(kw_only=True)
 class PrepareOptions:
     """Tokenize text corpora into a token shard directory."""
-    tokenizer: str  # tokenizer directory (or a tokenizer.model file)
+    tokenizer: str  # tokenizer directory (tokenizer.model or tokenizer.json), or one of those files
     input: list[str]  # input files: .txt / .jsonl, optionally .gz (any name with --format)
     out: str  # output directory
     format: Literal["auto", "text", "jsonl"] = "auto"  # input format; auto = from each file's name

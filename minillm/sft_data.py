@@ -22,7 +22,7 @@ import bisect
 import numpy as np
 import torch
 
-from minillm.chat_format import TRAIN_ON, check_messages, check_record, render
+from minillm.chat_format import TRAIN_ON, check_messages, check_record, render, resolve_template
 from minillm.files import read_jsonl
 from minillm.losses import IGNORE_INDEX
 
@@ -46,13 +46,15 @@ def load_sft_jsonl(path, training: bool = True) -> list[dict]:
     return records
 
 
-def truncate_example(ids: list[int], mask: list[int], seq_len: int, side: str):
+def truncate_example(ids: list[int], mask: list[int], seq_len: int, side: str, bos_id: int | None = None):
     """Cut an example to seq_len tokens. 'right' keeps the start (the end of the reply is lost, maybe its
-    EOS); 'left' keeps BOS and the last seq_len - 1 tokens (the start of the prompt is lost)."""
+    end-of-turn token); 'left' keeps the last tokens (the start of the prompt is lost), after the example's
+    first token when that is bos_id."""
     if side == "right":
         return ids[:seq_len], mask[:seq_len]
-    keep = seq_len - 1
-    return ids[:1] + ids[len(ids) - keep:], mask[:1] + mask[len(mask) - keep:]
+    head = 1 if bos_id is not None and ids[:1] == [bos_id] else 0
+    keep = seq_len - head
+    return ids[:head] + ids[len(ids) - keep:], mask[:head] + mask[len(mask) - keep:]
 
 
 def labels_from_mask(ids: list[int], mask: list[int]) -> list[int]:
@@ -65,9 +67,9 @@ def labels_from_mask(ids: list[int], mask: list[int]) -> list[int]:
 
 
 def tokenize_sft_examples(records, tokenizer, seq_len: int, truncate: str = "right", train_on: str = "assistant",
-                          fmt: str = "auto") -> tuple[list[tuple[list[int], list[int]]], dict]:
-    """Render records into (ids, labels) examples of at most seq_len tokens; labels aligned with ids
-    (-100 = no loss; pack_examples shifts them).
+                          template: str = "auto") -> tuple[list[tuple[list[int], list[int]]], dict]:
+    """Render records into (ids, labels) examples of at most seq_len tokens with chat_format.render's
+    `template`; labels aligned with ids (-100 = no loss; pack_examples shifts them).
 
     truncate: what to do with an example longer than seq_len: 'right' (keep the start), 'left' (keep BOS
     and the end) or 'drop'. An example left without a single trained token (e.g. the reply cut away) is
@@ -80,15 +82,16 @@ def tokenize_sft_examples(records, tokenizer, seq_len: int, truncate: str = "rig
         raise ValueError(f"unknown train_on {train_on!r} (expected assistant, last or all)")
     if seq_len < 2:
         raise ValueError(f"seq_len {seq_len} is too short for a prompt and a reply")
+    template = resolve_template(template, tokenizer)
     examples = []
     stats = {"truncated": 0, "dropped_too_long": 0, "dropped_no_trainable_tokens": 0}
     for record in records:
-        ids, mask = render(record, tokenizer, fmt=fmt, train_on=train_on)
+        ids, mask = render(record, tokenizer, template=template, train_on=train_on)
         if len(ids) > seq_len:
             if truncate == "drop":
                 stats["dropped_too_long"] += 1
                 continue
-            ids, mask = truncate_example(ids, mask, seq_len, truncate)
+            ids, mask = truncate_example(ids, mask, seq_len, truncate, tokenizer.bos_id)
             stats["truncated"] += 1
         if not any(mask[1:]):
             stats["dropped_no_trainable_tokens"] += 1
@@ -99,7 +102,7 @@ def tokenize_sft_examples(records, tokenizer, seq_len: int, truncate: str = "rig
 
 def load_sft_examples(paths: list[str], tokenizer, seq_len: int, report=print, **render_options) -> list:
     """tokenize_sft_examples over the records of several JSONL files; report(line) is told, per file, how
-    many examples it gave and what was truncated or dropped (render_options: truncate, train_on, fmt)."""
+    many examples it gave and what was truncated or dropped (render_options: truncate, train_on, template)."""
     examples = []
     for path in paths:
         got, stats = tokenize_sft_examples(load_sft_jsonl(path), tokenizer, seq_len, **render_options)
@@ -158,7 +161,7 @@ def preference_parts(record) -> tuple[list[dict], str, str]:
     return messages, replies[0], replies[1]
 
 
-def render_preference(record, tokenizer, seq_len: int, fmt: str = "chat") -> dict | None:
+def render_preference(record, tokenizer, seq_len: int, template: str = "auto") -> dict | None:
     """Chosen and rejected examples of one preference record, rendered by `render` (train_on='last'), so
     both start with the identical prompt ids (asserted). Returns {"chosen": (ids, labels), "rejected":
     (ids, labels), "prompt_len": int, "truncated": bool} with labels aligned to ids (-100 on the prompt,
@@ -166,12 +169,13 @@ def render_preference(record, tokenizer, seq_len: int, fmt: str = "chat") -> dic
     seq_len. A sequence ends with the reply's end-of-turn token (what a template puts after it is never
     scored, so it is not kept); a reply that does not fit is cut from the right (its EOS is then lost)."""
     messages, chosen, rejected = preference_parts(record)
-    prompt_ids, _ = render(messages, tokenizer, fmt=fmt, add_generation_prompt=True)
+    prompt_ids, _ = render(messages, tokenizer, template=template, add_generation_prompt=True)
     if len(prompt_ids) + 1 > seq_len:
         return None
     out = {"prompt_len": len(prompt_ids), "truncated": False}
     for name, reply in (("chosen", chosen), ("rejected", rejected)):
-        ids, mask = render(messages + [{"role": "assistant", "content": reply}], tokenizer, fmt=fmt, train_on="last")
+        ids, mask = render(messages + [{"role": "assistant", "content": reply}], tokenizer, template=template,
+                           train_on="last")
         if ids[:len(prompt_ids)] != prompt_ids:  # encode_parts guarantees it; a cheap check against regressions
             raise AssertionError("rendered conversation does not start with its inference prompt")
         end = max(i for i, m in enumerate(mask) if m) + 1
@@ -183,14 +187,15 @@ def render_preference(record, tokenizer, seq_len: int, fmt: str = "chat") -> dic
     return out
 
 
-def load_preferences(path, tokenizer, seq_len: int, fmt: str = "chat", report=None) -> tuple[list[tuple], dict]:
+def load_preferences(path, tokenizer, seq_len: int, template: str = "auto", report=None) -> tuple[list[tuple], dict]:
     """Preference pairs of a JSONL file as (chosen_ids, chosen_labels, rejected_ids, rejected_labels)
     (labels aligned to ids, -100 on the prompt), and stats:
       dropped_identical  chosen == rejected: no preference to learn (log-odds 0); dropped
       dropped_no_room    the prompt leaves no room for the reply within seq_len
       truncated          a reply cut to fit seq_len
     An empty chosen/rejected reply, a missing field or bad JSON raise ValueError('path:LINE: ...');
-    report(line), when given, is told each identical pair's file and line."""
+    report(line), when given, is told each identical pair's file and line. template: chat_format.render's."""
+    template = resolve_template(template, tokenizer)
     pairs, stats = [], {"dropped_identical": 0, "dropped_no_room": 0, "truncated": 0}
     for line_no, record in read_jsonl(path):
         try:
@@ -202,7 +207,7 @@ def load_preferences(path, tokenizer, seq_len: int, fmt: str = "chat", report=No
             if report is not None:
                 report(f"{path}:{line_no}: chosen and rejected are identical; pair dropped")
             continue
-        pair = render_preference(record, tokenizer, seq_len, fmt)
+        pair = render_preference(record, tokenizer, seq_len, template)
         if pair is None:
             stats["dropped_no_room"] += 1
             continue
@@ -211,11 +216,12 @@ def load_preferences(path, tokenizer, seq_len: int, fmt: str = "chat", report=No
     return pairs, stats
 
 
-def load_preference_files(paths: list[str], tokenizer, seq_len: int, report=print) -> list[tuple]:
+def load_preference_files(paths: list[str], tokenizer, seq_len: int, report=print, template: str = "auto"
+                          ) -> list[tuple]:
     """load_preferences over several files; report(line) is told what each gave and dropped."""
     pairs = []
     for path in paths:
-        got, stats = load_preferences(path, tokenizer, seq_len, report=report)
+        got, stats = load_preferences(path, tokenizer, seq_len, template, report=report)
         pairs += got
         report(f"{path}: {len(got)} pairs" + "".join(f", {k} {v}" for k, v in stats.items() if v))
     return pairs

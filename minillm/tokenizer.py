@@ -1,17 +1,34 @@
-"""The tokenizer: a thin wrapper around a sentencepiece model, laid out like Llama-2's.
+"""Tokenizers: `load_tokenizer` reads either kind a base model ships, and the sentencepiece kind itself.
+
+Two kinds, one interface (callers never care which they hold):
+  tokenizer.model  sentencepiece BPE, Llama-2 / TinyLlama / Mistral-7B: `SentencePieceTokenizer`, below.
+  tokenizer.json   Hugging Face `tokenizers` (byte-level BPE), Llama-3.x / Qwen2.5 / Mistral-Nemo:
+                   minillm.hf_tokenizer.HFTokenizer.
+A directory with tokenizer.model loads the sentencepiece kind (as transformers' slow tokenizer would), one
+with only tokenizer.json the other. Both have: vocab_size, bos_id (None when the tokenizer puts no BOS
+before a text), eos_id, eos_ids (every end id the model declares: eos_id, then generation_config.json's),
+pad_id, chat_template, model_max_length, encode(text, bos=, eos=), encode_continuation, encode_batch,
+decode, id_to_piece, piece_to_id (None when absent), marker_id, byte_lengths, sha256, save_pretrained.
+
+Text is text, for both kinds: the spelling of a control token or a chat marker in the text ("<|user|>"
+typed in a message) is encoded as ordinary text, never as that token, so nobody can forge a chat turn;
+minillm.chat_format inserts markers by id (`marker_id`).
 
 Llama-2 (and TinyLlama, Mistral-7B) ship `tokenizer.model`, a sentencepiece BPE model with byte fallback:
 ids 0/1/2 are <unk>/<s>/</s>, then 256 byte pieces <0x00>..<0xFF> so that *any* text encodes without <unk>,
 then the learned pieces. Text is not normalised (normalizer "identity"), a space is written '▁', and a '▁' is
-prepended to the whole text ("dummy prefix"), so "Tere" and " Tere" both start a word. `Tokenizer.train`
+prepended to the whole text ("dummy prefix"), so "Tere" and " Tere" both start a word. `SentencePieceTokenizer.train`
 produces a model with the same conventions, plus the chat markers in CHAT_TOKENS as single pieces.
+sentencepiece matches user-defined pieces anywhere in a text, so encoding uses a copy of the model in which
+the pieces spelled like markers ("<|...|>") are control pieces, which sentencepiece never produces from text.
 
 `save_pretrained(dir)` writes the Hugging Face layout: tokenizer.model, tokenizer.json (what transformers'
 fast tokenizer reads; written here so that loading needs neither protobuf nor transformers' converter),
 tokenizer_config.json and special_tokens_map.json. `transformers.AutoTokenizer.from_pretrained(dir)` then
 gives the same ids as `encode(text, bos=True)`, with two differences that are transformers' own (its
 LlamaTokenizer does the same to Meta's Llama-2 tokenizer): text that *starts* with whitespace gets no
-dummy prefix there (" x" encodes like "x"), and "<s>" / "</s>" typed in the text become control tokens.
+dummy prefix there (" x" encodes like "x"), and "<s>" / "</s>" / the chat markers typed in the text become
+control tokens.
 
 Round-trip caveat (sentencepiece, not this wrapper): decode(encode(text)) == text for every string that does
 not contain the character '▁' (U+2581), which sentencepiece uses internally as its space marker and decodes
@@ -22,8 +39,8 @@ The .model file is a protobuf message, read and edited by minillm/sentencepiece_
 """
 from __future__ import annotations
 
+import hashlib
 import io
-import json
 import logging
 import os
 from dataclasses import dataclass
@@ -34,6 +51,10 @@ import sentencepiece as spm
 import torch
 
 from minillm.files import atomic_write, check_readable, iter_texts, to_json
+from minillm.hf_tokenizer import (
+    CONFIG_FILE, GENERATION_CONFIG_FILE, TOKENIZER_JSON, HFTokenizer, chat_template_and_max_length, declared_eos_ids,
+    read_json_file, save_generation_config,
+)
 from minillm.options import cli, parse_options, require
 from minillm.sentencepiece_model import (
     PIECE_BYTE, PIECE_CONTROL, PIECE_UNKNOWN, PIECE_USER_DEFINED, bpe_merges, read_normalizer_spec, read_pieces,
@@ -42,14 +63,34 @@ from minillm.sentencepiece_model import (
 
 log = logging.getLogger(__name__)
 
-# Role markers for chat formatting (SFT / ORPO). Trained tokenizers carry them as "user-defined symbols":
-# single pieces that sentencepiece always matches as a whole, wherever they occur in the text.
+# Role markers of the Tulu chat layout (SFT / ORPO). Trained tokenizers carry them as "user-defined symbols"
+# (single pieces); only minillm.chat_format puts them in a sequence, by id.
 CHAT_TOKENS = ("<|system|>", "<|user|>", "<|assistant|>")
 
 MODEL_FILE = "tokenizer.model"
 
 
-class Tokenizer:
+def load_tokenizer(path: str | os.PathLike) -> "SentencePieceTokenizer | HFTokenizer":
+    """The tokenizer of a Hugging Face directory: tokenizer.model (sentencepiece) when it has one, else
+    tokenizer.json. A path to a .model or a tokenizer.json file also works."""
+    path = Path(path)
+    if path.is_file():
+        kind = HFTokenizer if path.suffix == ".json" else SentencePieceTokenizer
+        return kind.from_pretrained(path)
+    if (path / MODEL_FILE).is_file():
+        return SentencePieceTokenizer.from_pretrained(path)
+    if (path / TOKENIZER_JSON).is_file():
+        return HFTokenizer.from_pretrained(path)
+    what = "no such directory" if not path.exists() else f"neither {MODEL_FILE} nor {TOKENIZER_JSON} there"
+    raise ValueError(f"{path}: no tokenizer ({what})")
+
+
+def is_marker(piece: str) -> bool:
+    """Spelled like a control marker, <|...|> (Tulu's <|user|>, Llama-3's <|eot_id|>, ChatML's <|im_end|>)."""
+    return len(piece) > 4 and piece.startswith("<|") and piece.endswith("|>")
+
+
+class SentencePieceTokenizer:
     """A sentencepiece model with Llama's special-token conventions.
 
     pad_id: the model's pad piece if it has one. Llama-2's tokenizer has none (pad_id -1 in sentencepiece);
@@ -67,7 +108,7 @@ class Tokenizer:
         self._load(proto, str(path))
 
     @classmethod
-    def from_model_proto(cls, proto: bytes, name: str = "<memory>") -> "Tokenizer":
+    def from_model_proto(cls, proto: bytes, name: str = "<memory>") -> "SentencePieceTokenizer":
         """Build from the bytes of a .model file (e.g. one edited by minillm.vocab)."""
         tok = cls.__new__(cls)
         tok._load(proto, name)
@@ -90,8 +131,22 @@ class Tokenizer:
         if min(self.bos_id, self.eos_id) < 0:
             raise ValueError(f"{name}: the model has no BOS or EOS piece (bos_id={self.bos_id}, "
                              f"eos_id={self.eos_id}); minillm needs both")
+        self.eos_ids = (self.eos_id,)  # from_pretrained adds generation_config.json's
         self.special_ids = frozenset({self.bos_id, self.eos_id, self.pad_id})
-        self.user_defined_symbols = tuple(p for p, _, kind in read_pieces(proto) if kind == PIECE_USER_DEFINED)
+        pieces = read_pieces(proto)
+        self._markers = {p: i for i, (p, _, kind) in enumerate(pieces)
+                         if kind == PIECE_CONTROL or (kind == PIECE_USER_DEFINED and is_marker(p))}
+        # Text is encoded by a copy in which the marker pieces are control pieces (see the module docstring);
+        # the other user-defined pieces still match in text, as in sentencepiece and transformers.
+        self._text_proto, self._sp_text = proto, self.sp
+        if any(pieces[i][2] == PIECE_USER_DEFINED for i in self._markers.values()):
+            self._text_proto = rewrite_model_proto(
+                proto, [(p, score, PIECE_CONTROL if p in self._markers else kind) for p, score, kind in pieces],
+                drop_self_test=True)
+            self._sp_text = spm.SentencePieceProcessor()
+            self._sp_text.LoadFromSerializedProto(self._text_proto)
+        self.user_defined_symbols = tuple(p for p, _, kind in pieces
+                                          if kind == PIECE_USER_DEFINED and p not in self._markers)
         self._sp_continuation = None  # the same model without the dummy prefix, built on first use
         # Read from tokenizer_config.json by from_pretrained, written back by save_pretrained.
         self.chat_template: str | None = None
@@ -100,31 +155,31 @@ class Tokenizer:
     # Picklable (for multiprocessing): the state is the model file's bytes, not the C++ processor.
     def __getstate__(self):
         return {"proto": self.model_proto, "name": self.name, "chat_template": self.chat_template,
-                "model_max_length": self.model_max_length}
+                "model_max_length": self.model_max_length, "eos_ids": self.eos_ids}
 
     def __setstate__(self, state):
         self._load(state["proto"], state["name"])
         self.chat_template, self.model_max_length = state["chat_template"], state["model_max_length"]
+        self.eos_ids = state["eos_ids"]
 
     def __len__(self) -> int:
         return self.vocab_size
 
     def __repr__(self) -> str:
-        return f"Tokenizer({self.name!r}, vocab_size={self.vocab_size})"
+        return f"SentencePieceTokenizer({self.name!r}, vocab_size={self.vocab_size})"
 
     # ------------------------------------------------------------------ encode / decode
     def encode(self, text: str, bos: bool = False, eos: bool = False) -> list[int]:
-        """Token ids of `text`, exactly as sentencepiece (and Meta's Llama code) segments it, with one
-        exception: text that starts with a chat marker (a user-defined symbol) gets no dummy-prefix '▁'
-        before it. sentencepiece would emit a stray '▁' token there; Hugging Face's Llama tokenizer (and so
-        vLLM, lm-eval, apply_chat_template) does not, and chat prompts must tokenize the same at training
-        and at serving time."""
+        """Token ids of `text`, exactly as sentencepiece (and Meta's Llama code) segments it, except that
+        markers in the text stay text (see the module docstring) and that text starting with one of the
+        other user-defined pieces gets no dummy-prefix '▁' before it: sentencepiece would emit a stray '▁'
+        token there, Hugging Face's Llama tokenizer (and so vLLM, lm-eval) does not."""
         if not isinstance(text, str):
             raise TypeError(f"encode expects str, got {type(text).__name__}")
         if self.user_defined_symbols and text.startswith(self.user_defined_symbols):
             ids = self.encode_continuation(text)
         else:
-            ids = self.sp.encode(text)
+            ids = self._sp_text.encode(text)
         return ([self.bos_id] if bos else []) + ids + ([self.eos_id] if eos else [])
 
     def encode_continuation(self, text: str) -> list[int]:
@@ -133,7 +188,7 @@ class Tokenizer:
         if self._sp_continuation is None:
             self._sp_continuation = spm.SentencePieceProcessor()
             self._sp_continuation.LoadFromSerializedProto(
-                rewrite_model_proto(self.model_proto, add_dummy_prefix=False, drop_self_test=True))
+                rewrite_model_proto(self._text_proto, add_dummy_prefix=False, drop_self_test=True))
         return self._sp_continuation.encode(text)
 
     def encode_batch(self, texts: list[str], bos: bool = False, eos: bool = False,
@@ -143,7 +198,7 @@ class Tokenizer:
         for i, t in enumerate(texts):
             if not isinstance(t, str):
                 raise TypeError(f"encode_batch: item {i} is {type(t).__name__}, expected str")
-        out = self.sp.encode(texts, num_threads=num_threads)
+        out = self._sp_text.encode(texts, num_threads=num_threads)
         if self.user_defined_symbols:  # the rare chat-marker-first texts: see encode()
             out = [self.encode_continuation(t) if t.startswith(self.user_defined_symbols) else ids
                    for t, ids in zip(texts, out)]
@@ -161,9 +216,14 @@ class Tokenizer:
                                  f"({self.vocab_size} pieces, ids 0..{self.vocab_size - 1})")
         return self.sp.decode([i for i in ids if i not in self.special_ids])
 
-    def piece_to_id(self, piece: str) -> int:
-        """Id of `piece`, or unk_id when the vocabulary has no such piece."""
-        return self.sp.piece_to_id(piece)
+    def piece_to_id(self, piece: str) -> int | None:
+        """Id of `piece` ('▁the', '<0x0A>', '<|user|>'), or None when the vocabulary has no such piece."""
+        i = self.sp.piece_to_id(piece)
+        return i if self.sp.id_to_piece(i) == piece else None
+
+    def marker_id(self, spelling: str) -> int | None:
+        """Id of `spelling` when it is a control piece or a marker piece (one text never produces), else None."""
+        return self._markers.get(spelling)
 
     def id_to_piece(self, i: int) -> str:
         if not 0 <= i < self.vocab_size:
@@ -186,13 +246,17 @@ class Tokenizer:
                 lengths.append(len(piece.replace("\u2581", " ").encode("utf-8")))
         return torch.tensor(lengths, dtype=torch.float64)
 
+    def sha256(self) -> str:
+        """Identifies what ids this tokenizer gives: the sha256 of its .model file."""
+        return hashlib.sha256(self.model_proto).hexdigest()
+
     # ------------------------------------------------------------------ training
     @classmethod
     def train(cls, inputs, model_prefix: str | os.PathLike, vocab_size: int, *,
               user_defined_symbols: Iterable[str] = CHAT_TOKENS, pad_piece: bool = False,
               character_coverage: float = 0.9999, max_sentence_length: int = 16384,
               input_sentence_size: int = 0, num_threads: int | None = None, seed: int = 0,
-              verbose: bool = False, **sp_options) -> "Tokenizer":
+              verbose: bool = False, **sp_options) -> "SentencePieceTokenizer":
         """Train a Llama-style BPE tokenizer and write `{model_prefix}.model` (atomically).
 
         inputs: a text file path, a list of paths, or any other iterable of strings (documents; each line
@@ -232,7 +296,7 @@ class Tokenizer:
         else:
             lines = [line for doc in inputs for line in str(doc).splitlines() if line]
             if not lines:
-                raise ValueError("Tokenizer.train: empty training corpus (the text iterator gave no text)")
+                raise ValueError("SentencePieceTokenizer.train: empty training corpus (the text iterator gave no text)")
             source = f"<{len(lines)} lines of text>"
             options["sentence_iterator"] = iter(lines)
 
@@ -250,31 +314,20 @@ class Tokenizer:
 
     # ------------------------------------------------------------------ Hugging Face layout
     @classmethod
-    def from_pretrained(cls, path: str | os.PathLike) -> "Tokenizer":
+    def from_pretrained(cls, path: str | os.PathLike) -> "SentencePieceTokenizer":
         """Load DIR/tokenizer.model (a path to a .model file also works). chat_template and
-        model_max_length are read from DIR/tokenizer_config.json when present."""
+        model_max_length are read from DIR/tokenizer_config.json, extra end ids from
+        DIR/generation_config.json, when present."""
         path = Path(path)
         if path.is_file():
             return cls(path)
-        model_file = path / MODEL_FILE
-        if not model_file.is_file():
-            hint = (" (it has tokenizer.json only: Llama-3 style tiktoken tokenizers are not sentencepiece "
-                    "models and are not supported)") if (path / "tokenizer.json").is_file() else ""
-            raise ValueError(f"{model_file}: no sentencepiece tokenizer.model{hint}")
-        tok = cls(model_file)
-        config_file = path / "tokenizer_config.json"
-        if config_file.is_file():
-            try:
-                config = json.loads(config_file.read_text(encoding="utf-8"))
-            except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-                raise ValueError(f"{config_file}: unreadable tokenizer config ({e})") from None
-            tok.chat_template = config.get("chat_template")
-            max_len = config.get("model_max_length")
-            # transformers writes ~1e30 for "no limit"
-            tok.model_max_length = int(max_len) if isinstance(max_len, int) and max_len < 2**40 else None
-        template_file = path / "chat_template.jinja"  # where transformers >= 4.43 saves the template
-        if tok.chat_template is None and template_file.is_file():
-            tok.chat_template = template_file.read_text(encoding="utf-8")
+        if not (path / MODEL_FILE).is_file():
+            raise ValueError(f"{path / MODEL_FILE}: no sentencepiece tokenizer.model")
+        tok = cls(path / MODEL_FILE)
+        config = read_json_file(path / CONFIG_FILE, "tokenizer config")
+        tok.chat_template, tok.model_max_length = chat_template_and_max_length(config, path)
+        generation = read_json_file(path / GENERATION_CONFIG_FILE, "generation config")
+        tok.eos_ids = tuple(dict.fromkeys([tok.eos_id, *declared_eos_ids(generation)]))
         return tok
 
     def save_pretrained(self, path: str | os.PathLike, chat_template: str | None = None,
@@ -282,25 +335,26 @@ class Tokenizer:
         """Write tokenizer.model, tokenizer.json, tokenizer_config.json, special_tokens_map.json into `path`.
 
         Each file is written atomically. chat_template / model_max_length default to this tokenizer's
-        attributes (set by from_pretrained or by the caller)."""
+        attributes (set by from_pretrained or by the caller; saving does not change them).
+        generation_config.json is written as HFTokenizer.save_pretrained writes it (only with end ids beyond
+        EOS, only where there is none)."""
         path = Path(path)
         path.mkdir(parents=True, exist_ok=True)
-        if chat_template is not None:
-            self.chat_template = chat_template
-        if model_max_length is not None:
-            self.model_max_length = model_max_length
         atomic_write(path / MODEL_FILE, self.model_proto)
         fast = self.hf_tokenizer_json()
         if fast is not None:
             atomic_write(path / "tokenizer.json", to_json(fast))
         else:  # let transformers convert tokenizer.model itself (needs the protobuf package)
             (path / "tokenizer.json").unlink(missing_ok=True)
-        atomic_write(path / "tokenizer_config.json", to_json(self.hf_tokenizer_config()))
+        config = self.hf_tokenizer_config(self.chat_template if chat_template is None else chat_template,
+                                          self.model_max_length if model_max_length is None else model_max_length)
+        atomic_write(path / "tokenizer_config.json", to_json(config))
         special = {"bos_token": self.sp.id_to_piece(self.bos_id), "eos_token": self.sp.id_to_piece(self.eos_id),
                    "unk_token": self.sp.id_to_piece(self.unk_id), "pad_token": self.sp.id_to_piece(self.pad_id)}
         atomic_write(path / "special_tokens_map.json", to_json(special))
+        save_generation_config(path, self.bos_id, self.eos_ids)
 
-    def hf_tokenizer_config(self) -> dict:
+    def hf_tokenizer_config(self, chat_template: str | None, model_max_length: int | None) -> dict:
         piece = self.sp.id_to_piece
         normalizer = read_normalizer_spec(self.model_proto)
         config = {
@@ -318,16 +372,16 @@ class Tokenizer:
             "clean_up_tokenization_spaces": False,
             "padding_side": "left",  # what batched generation needs; training code pads by itself
             "added_tokens_decoder": {
-                str(i): {"content": piece(i), "lstrip": False, "rstrip": False, "normalized": False,
-                         "single_word": False, "special": kind != PIECE_USER_DEFINED}
-                for i, (_, _, kind) in enumerate(read_pieces(self.model_proto))
+                str(i): {"content": p, "lstrip": False, "rstrip": False, "normalized": False,
+                         "single_word": False, "special": kind != PIECE_USER_DEFINED or p in self._markers}
+                for i, (p, _, kind) in enumerate(read_pieces(self.model_proto))
                 if kind in (PIECE_UNKNOWN, PIECE_CONTROL, PIECE_USER_DEFINED)
             },
         }
-        if self.model_max_length is not None:  # absent = no limit, as in transformers
-            config["model_max_length"] = self.model_max_length
-        if self.chat_template is not None:
-            config["chat_template"] = self.chat_template
+        if model_max_length is not None:  # absent = no limit, as in transformers
+            config["model_max_length"] = model_max_length
+        if chat_template is not None:
+            config["chat_template"] = chat_template
         return config
 
     def hf_tokenizer_json(self) -> dict | None:
@@ -345,7 +399,7 @@ class Tokenizer:
         merges = bpe_merges(pieces)
         piece = self.sp.id_to_piece
         added = [{"id": i, "content": p, "single_word": False, "lstrip": False, "rstrip": False,
-                  "normalized": False, "special": kind != PIECE_USER_DEFINED}
+                  "normalized": False, "special": kind != PIECE_USER_DEFINED or p in self._markers}
                  for i, (p, _, kind) in enumerate(pieces) if kind in (PIECE_UNKNOWN, PIECE_CONTROL, PIECE_USER_DEFINED)]
         bos = piece(self.bos_id)
         prepend = normalizer["add_dummy_prefix"]
@@ -377,7 +431,7 @@ class Tokenizer:
 
 
 
-def check_vocab_fits(tokenizer: "Tokenizer | int", model_vocab_size: int):
+def check_vocab_fits(tokenizer: "SentencePieceTokenizer | HFTokenizer | int", model_vocab_size: int):
     """Raise ValueError (naming both sizes) when token ids could index past the model's embedding table.
 
     The table may be larger than the tokenizer (padded to a multiple of 64 for fast matmuls, or
@@ -414,7 +468,7 @@ def main(argv=None):
         check_readable(path, cfg.format)
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
-    tok = Tokenizer.train(iter_texts(cfg.input, cfg.format, cfg.text_field), out / "tokenizer", cfg.vocab_size,
+    tok = SentencePieceTokenizer.train(iter_texts(cfg.input, cfg.format, cfg.text_field), out / "tokenizer", cfg.vocab_size,
                           seed=cfg.seed)
     tok.save_pretrained(out)
     print(f"trained {tok.vocab_size}-piece tokenizer -> {out}")

@@ -24,7 +24,7 @@ from minillm.tasks import TASK_TYPES  # noqa: E402
 from minillm.tasks import multiple_choice, perplexity  # noqa: E402
 from minillm.tasks.common import (EvalContext, build_prompt, continuation_logprobs, demonstrations,  # noqa: E402
                                   encode_choice, generate_texts, load_task)
-from minillm.tokenizer import Tokenizer  # noqa: E402
+from minillm.tokenizer import SentencePieceTokenizer, load_tokenizer  # noqa: E402
 
 CORPUS = [
     "The cat sat on the mat.", "Kass istus matil.", "Tere hommikust, kuidas läheb?",
@@ -40,7 +40,7 @@ CORPUS = [
 def model_dir(tmp_path_factory):
     """A tiny random Llama and a tiny tokenizer, saved in the Hugging Face layout."""
     d = tmp_path_factory.mktemp("model")
-    tokenizer = Tokenizer.train(iter(CORPUS * 10), d / "tok", vocab_size=320)
+    tokenizer = SentencePieceTokenizer.train(iter(CORPUS * 10), d / "tok", vocab_size=320)
     torch.manual_seed(0)
     config = LlamaConfig.from_preset("tiny", vocab_size=tokenizer.vocab_size, max_seq_len=128,
                                      bos_id=tokenizer.bos_id, eos_id=tokenizer.eos_id)
@@ -55,7 +55,7 @@ def model_dir(tmp_path_factory):
 @pytest.fixture(scope="module")
 def ctx(model_dir):
     """float64, so batched and one-by-one computations agree far beyond any argmax margin."""
-    tokenizer = Tokenizer.from_pretrained(model_dir)
+    tokenizer = load_tokenizer(model_dir)
     model = load_pretrained(model_dir).double().eval()
     return EvalContext(model=model, tokenizer=tokenizer, batch_size=3, max_new_tokens=6, progress=False)
 
@@ -227,11 +227,11 @@ def test_chat_and_alpaca_prompts_come_from_chat_format(ctx):
     chat = dataclasses.replace(ctx, prompt_format="chat", system_prompt="Be brief.")
     messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Q: a"},
                 {"role": "assistant", "content": "x"}, {"role": "user", "content": "Q: b"}]
-    expected = render(messages, ctx.tokenizer, fmt="chat", add_generation_prompt=True)[0]
+    expected = render(messages, ctx.tokenizer, template="tulu", add_generation_prompt=True)[0]
     assert build_prompt(chat, "Q: b", [("Q: a", "x")]) == list(expected)
     alpaca = dataclasses.replace(ctx, prompt_format="alpaca")
     record = {"instruction": "Q: a x\n\nQ: b", "input": "", "output": ""}
-    expected = render(record, ctx.tokenizer, fmt="alpaca", add_generation_prompt=True)[0]
+    expected = render(record, ctx.tokenizer, template="alpaca", add_generation_prompt=True)[0]
     assert build_prompt(alpaca, "Q: b", [("Q: a", "x")]) == list(expected)
     # log-likelihood in chat format: the choice is the assistant's reply right after the generation prompt,
     # tokenised as training renders a reply (no dummy-prefix '▁': it continues "<|assistant|>\n")
@@ -239,11 +239,11 @@ def test_chat_and_alpaca_prompts_come_from_chat_format(ctx):
     assert context == build_prompt(chat, "Q: b", [("Q: a", "x")])
     assert continuation == ctx.tokenizer.encode_continuation("white") != ctx.tokenizer.encode("white")
     full = render(messages[:3] + [{"role": "user", "content": "Q: b"}, {"role": "assistant", "content": "white"}],
-                  ctx.tokenizer, fmt="chat")[0]
+                  ctx.tokenizer, template="tulu")[0]
     assert full == context + continuation + [ctx.tokenizer.eos_id] + ctx.tokenizer.encode_continuation("\n")
     a_context, a_continuation = encode_choice(alpaca, "Q: b", [("Q: a", "x")], " white")
     assert a_context + a_continuation + [ctx.tokenizer.eos_id] == render(
-        {**record, "output": "white"}, ctx.tokenizer, fmt="alpaca")[0]
+        {**record, "output": "white"}, ctx.tokenizer, template="alpaca")[0]
     score = continuation_logprobs(chat, [(context, continuation)], "chat")[0]
     assert score == pytest.approx(manual_logprob(ctx.model, context, continuation), abs=1e-9)
 
@@ -255,7 +255,7 @@ def test_end_to_end_chat_format(model_dir, tmp_path):
                    "--prompt-format", "chat", "--progress", "false", "--max-new-tokens", "3", "--few-shot", "1"])
     rows = json.loads((out / "results.json").read_text())["results"]
     assert not [r for r in rows if "error" in r] and {r["task"] for r in rows} == {"copa", "mc_gen", "qa"}
-    tokenizer = Tokenizer.from_pretrained(model_dir)
+    tokenizer = load_tokenizer(model_dir)
     qa_pred = json.loads((out / "predictions" / "qa.jsonl").read_text().splitlines()[0])
     spec = load_task(files[3], TASK_TYPES)
     ctx = EvalContext(model=None, tokenizer=tokenizer, prompt_format="chat")
@@ -289,6 +289,22 @@ def test_perplexity_bits_per_byte_by_hand(ctx, tmp_path):
     n_bytes = sum(len(t.encode()) for t in texts)
     assert metrics["bits_per_byte"] == pytest.approx(nll / math.log(2) / n_bytes, rel=1e-9)
     assert metrics["perplexity"] == pytest.approx(math.exp(nll / n_tokens), rel=1e-9)
+
+
+def test_perplexity_without_a_bos_scores_every_token_after_an_eos(qwen2_dir, tmp_path):
+    """A tokenizer without BOS (Qwen2): each document follows an EOS, as in pretraining data, so every one
+    of its tokens is predicted."""
+    tok = load_tokenizer(qwen2_dir)
+    assert tok.bos_id is None
+    torch.manual_seed(0)
+    model = Llama(LlamaConfig.from_preset("tiny", vocab_size=tok.vocab_size, max_seq_len=128)).double().eval()
+    ctx = EvalContext(model=model, tokenizer=tok, batch_size=2, progress=False)
+    texts = ["Kass istus matil.", "Tere hommikust!"]
+    spec = load_task(write_task(tmp_path, "p", {"type": "perplexity"}, [{"text": t} for t in texts]), TASK_TYPES)
+    metrics, predictions = perplexity.run(ctx, spec, "{text}")
+    nll = sum(-manual_logprob(model, [tok.eos_id], tok.encode(t)) for t in texts)
+    assert [p["n_tokens"] for p in predictions] == [len(tok.encode(t)) for t in texts]
+    assert metrics["bits_per_byte"] == pytest.approx(nll / math.log(2) / sum(len(t.encode()) for t in texts), rel=1e-9)
 
 
 # ----------------------------------------------------------------------------- end to end
@@ -452,7 +468,7 @@ def test_a_model_that_says_nothing_is_flagged(model_dir, tmp_path, capsys):
     model = load_pretrained(model_dir)
     with torch.no_grad():
         model.norm.weight.zero_()
-    save_pretrained(model, tmp_path / "mute", tokenizer=Tokenizer.from_pretrained(model_dir))
+    save_pretrained(model, tmp_path / "mute", tokenizer=load_tokenizer(model_dir))
     mt = write_task(tmp_path, "mt", {"type": "translation", "language": "et"},
                     [{"source": f"good morning {i}", "reference": "tere hommikust", "src_lang": "en", "tgt_lang": "et"}
                      for i in range(4)])

@@ -57,11 +57,11 @@ def test_nonfinite_loss_stops_pretraining_before_saving_or_exporting(tiny_world,
 def test_nonfinite_loss_stops_sft_and_orpo(tiny_world, tmp_path, script):
     """A model with one NaN weight (a damaged base): the first step's loss is NaN; the run stops there."""
     from minillm.hf import load_pretrained, save_pretrained
-    from minillm.tokenizer import Tokenizer
+    from minillm.tokenizer import load_tokenizer
     model = load_pretrained(tiny_world / "init")
     with torch.no_grad():
         model.layers[0].feed_forward.w2.weight[0, 0] = float("nan")
-    save_pretrained(model, tmp_path / "broken", tokenizer=Tokenizer.from_pretrained(tiny_world / "init"))
+    save_pretrained(model, tmp_path / "broken", tokenizer=load_tokenizer(tiny_world / "init"))
     data = tiny_world / "data"
     files = {"train_sft.py": ["--train-data", data / "sft/alpaca_et.jsonl", "--valid-data", ""],
              "train_orpo.py": ["--train-data", data / "preferences/train.jsonl", "--valid-data", ""]}[script]
@@ -239,10 +239,10 @@ def test_chat_keeps_answering_past_the_context(tiny_world, tmp_path):
     """A model with a 64-token context, the default --max-new-tokens 256 and a conversation that outgrows the
     context: every turn is answered, and the dropping of old turns is said once."""
     from minillm.hf import load_pretrained, save_pretrained
-    from minillm.tokenizer import Tokenizer
+    from minillm.tokenizer import load_tokenizer
     model = load_pretrained(tiny_world / "init")
     model.config.max_seq_len = 64
-    save_pretrained(model, tmp_path / "short", tokenizer=Tokenizer.from_pretrained(tiny_world / "init"))
+    save_pretrained(model, tmp_path / "short", tokenizer=load_tokenizer(tiny_world / "init"))
     turns = "".join(f"Tere, kuidas läheb? Räägi mulle linnast number {i}.\n" for i in range(6))
     proc = subprocess.run([sys.executable, "-m", "minillm.chat", "--model", str(tmp_path / "short"), "--temperature",
                            "0"], input=turns, capture_output=True, text=True, timeout=300, cwd=ROOT)
@@ -253,8 +253,8 @@ def test_chat_keeps_answering_past_the_context(tiny_world, tmp_path):
 def test_fit_context_drops_the_oldest_turns_and_caps_the_reply(tiny_world):
     from minillm.chat import MIN_REPLY_TOKENS, fit_context
     from minillm.chat_format import render
-    from minillm.tokenizer import Tokenizer
-    tok = Tokenizer.from_pretrained(tiny_world / "init")
+    from minillm.tokenizer import load_tokenizer
+    tok = load_tokenizer(tiny_world / "init")
     system = [{"role": "system", "content": "Ole lühike."}]
     turns = []
     for i in range(8):

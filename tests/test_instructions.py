@@ -18,7 +18,7 @@ from minillm.instructions import (
     FILTERS, FilterConfig, build_translation_instructions, digit_runs, filter_pairs, first_failing_filter, main,
     numbers, terminal_punctuation,
 )
-from minillm.tokenizer import Tokenizer
+from minillm.tokenizer import SentencePieceTokenizer
 
 ROOT = Path(__file__).resolve().parents[1]
 COLOURS = {"red": "punane", "blue": "sinine", "green": "roheline", "black": "must", "white": "valge"}
@@ -312,14 +312,14 @@ def test_mix_composition_numbers(recipe, tmp_path, capsys):
 
 def test_mix_counts_tokens_with_a_tokenizer(recipe, tmp_path):
     lines = ["kus elab ta q a x y one two"] * 100
-    tok = Tokenizer.train(iter(lines), tmp_path / "tok" / "sp", 300)
+    tok = SentencePieceTokenizer.train(iter(lines), tmp_path / "tok" / "sp", 300)
     tok.save_pretrained(tmp_path / "tok")
     out = tmp_path / "mix"
     c = main(["mix", "--recipe", str(recipe), "--out-dir", str(out), "--valid-share", "0.1",
               "--tokenizer", str(tmp_path / "tok")])
     train = [json.loads(x) for x in (out / "train.jsonl").read_text().splitlines()]
     assert c["unit"] == "tokens"
-    assert c["train_size"] == sum(len(render(r, tok, fmt="auto")[0]) for r in train)
+    assert c["train_size"] == sum(len(render(r, tok, template="auto")[0]) for r in train)
 
 
 @pytest.mark.parametrize("change, message", [

@@ -20,7 +20,7 @@ import sentencepiece as spm
 import minillm
 from minillm.prepare import prepare
 from minillm.pretrain_data import TokenShards, token_dtype
-from minillm.tokenizer import Tokenizer
+from minillm.tokenizer import SentencePieceTokenizer, load_tokenizer
 
 WORDS = ("tere maailm kass koer maja suur väike ilus päev öö homme eile the cat dog house big "
          "small nice day night tomorrow yesterday").split()
@@ -35,7 +35,7 @@ def tok_file(tmp_path_factory):
     d = tmp_path_factory.mktemp("tok")
     rng = random.Random(0)
     (d / "train.txt").write_text("\n".join(sentence(rng) for _ in range(300)) + "\n", encoding="utf-8")
-    Tokenizer.train(d / "train.txt", d / "tok", vocab_size=300)
+    SentencePieceTokenizer.train(d / "train.txt", d / "tok", vocab_size=300)
     return d / "tok.model"
 
 
@@ -209,4 +209,4 @@ def test_plain_text_of_any_name_with_format_text(tok_file, tmp_path):
                         "--format", "text", "--vocab-size", "300", "--out", str(tmp_path / "tok")],
                        capture_output=True, text=True, env=env, timeout=120)
     assert r.returncode == 0, r.stderr
-    assert Tokenizer.from_pretrained(tmp_path / "tok").vocab_size == 300
+    assert load_tokenizer(tmp_path / "tok").vocab_size == 300

@@ -18,7 +18,7 @@ from minillm.model import Llama, LlamaConfig
 from minillm.prepare import prepare, write_shards
 from minillm.pretrain_data import (PackedLoader, TokenShards, pack_documents, parse_mixture, parse_sources,
                                    validation_batches)
-from minillm.tokenizer import Tokenizer
+from minillm.tokenizer import SentencePieceTokenizer
 
 
 @pytest.fixture(scope="module")
@@ -28,7 +28,7 @@ def tok_file(tmp_path_factory):
     words = "tere maailm kass koer maja suur väike the cat dog house big small".split()
     (d / "train.txt").write_text("\n".join(" ".join(rng.choice(words) for _ in range(9)) for _ in range(300)) + "\n",
                                  encoding="utf-8")
-    Tokenizer.train(d / "train.txt", d / "tok", vocab_size=300)
+    SentencePieceTokenizer.train(d / "train.txt", d / "tok", vocab_size=300)
     return d / "tok.model"
 
 

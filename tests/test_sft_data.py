@@ -44,7 +44,7 @@ def test_labels_are_aligned_and_pack(tok):
     examples, stats = tokenize_sft_examples(records, tok, seq_len=256)
     assert stats == {"truncated": 0, "dropped_too_long": 0, "dropped_no_trainable_tokens": 0}
     for record, (ids, labels) in zip(records, examples):
-        ref_ids, mask = render(record, tok, fmt="auto")
+        ref_ids, mask = render(record, tok, template="auto")
         assert ids == ref_ids
         assert labels == [t if m else IGNORE_INDEX for t, m in zip(ids, mask)]
         assert labels[0] == IGNORE_INDEX
@@ -56,24 +56,24 @@ def test_labels_are_aligned_and_pack(tok):
 def test_truncation_and_drop_counts(tok):
     short = {"instruction": "Translate.", "input": "", "output": "kass"}
     records = [short, long_record(60), long_record(60), long_record(300)]
-    seq_len = len(render(long_record(60), tok, fmt="alpaca")[0]) - 2  # the 60-word ones are 2 tokens too long
+    seq_len = len(render(long_record(60), tok, template="alpaca")[0]) - 2  # the 60-word ones are 2 tokens too long
     reply = tok.encode_continuation("punane kass") + [tok.eos_id]
 
-    right, stats = tokenize_sft_examples(records, tok, seq_len, truncate="right")
+    right, stats = tokenize_sft_examples(records, tok, seq_len, truncate="right", template="alpaca")
     # 60 words cut at the right: 2 reply tokens are lost but some remain; 300 words: the reply is gone.
     assert stats == {"truncated": 3, "dropped_too_long": 0, "dropped_no_trainable_tokens": 1}
     assert len(right) == 3 and all(len(ids) <= seq_len for ids, _ in right)
-    full, _ = render(long_record(60), tok, fmt="alpaca")
+    full, _ = render(long_record(60), tok, template="alpaca")
     assert right[1][0] == full[:seq_len]
     assert [t for t in right[1][1] if t != IGNORE_INDEX] == reply[:-2]
 
-    left, stats = tokenize_sft_examples(records, tok, seq_len, truncate="left")
+    left, stats = tokenize_sft_examples(records, tok, seq_len, truncate="left", template="alpaca")
     assert stats == {"truncated": 3, "dropped_too_long": 0, "dropped_no_trainable_tokens": 0}
     for ids, labels in left[1:]:  # BOS kept, then the last seq_len - 1 tokens: the whole reply survives
         assert len(ids) == seq_len and ids[0] == tok.bos_id and ids[-len(reply):] == reply
         assert [t for t in labels if t != IGNORE_INDEX] == reply
 
-    dropped, stats = tokenize_sft_examples(records, tok, seq_len, truncate="drop")
+    dropped, stats = tokenize_sft_examples(records, tok, seq_len, truncate="drop", template="alpaca")
     assert stats == {"truncated": 0, "dropped_too_long": 3, "dropped_no_trainable_tokens": 0}
     assert len(dropped) == 1
     with pytest.raises(ValueError, match="truncate"):
@@ -91,7 +91,7 @@ def test_zero_trainable_examples_are_dropped_never_kept(tok, tmp_path):
     # what a script prints about each file: the examples it gave and what was dropped
     path = write(tmp_path / "one.jsonl", [{"messages": messages}, GOOD])
     said = []
-    load_sft_examples([str(path)], tok, 64, said.append, train_on="last", fmt="chat")
+    load_sft_examples([str(path)], tok, 64, said.append, train_on="last", template="tulu")
     assert said == [f"{path}: 1 examples, truncated 1, dropped_no_trainable_tokens 1"]
     with pytest.raises(ValueError, match="no trainable examples"):
         load_sft_examples([str(write(tmp_path / "none.jsonl", [{"messages": messages}]))], tok, 64, said.append,

@@ -1,6 +1,7 @@
-"""Tokenizer tests: round trips, special tokens, chat markers, Hugging Face interop, vocab-size checks.
+"""Sentencepiece tokenizer tests: round trips, special tokens, chat markers that text never produces,
+Hugging Face interop, vocab-size checks, which kind load_tokenizer picks.
 
-Run: cd /work/main && python -m pytest -q tests/test_tokenizer.py
+Run: .venv/bin/python -m pytest -q tests/test_tokenizer.py
 Oracles: sentencepiece itself (for the protobuf reader) and transformers.AutoTokenizer (for save_pretrained).
 """
 import json
@@ -14,7 +15,10 @@ from minillm.sentencepiece_model import (
     PIECE_BYTE, PIECE_CONTROL, PIECE_NORMAL, PIECE_UNKNOWN, PIECE_USER_DEFINED, read_normalizer_spec, read_pieces,
     read_trainer_spec, rewrite_model_proto,
 )
-from minillm.tokenizer import CHAT_TOKENS, Tokenizer, check_vocab_fits
+from minillm.hf_tokenizer import HFTokenizer
+from minillm.tokenizer import CHAT_TOKENS, SentencePieceTokenizer, check_vocab_fits, load_tokenizer
+
+from conftest import ids_with_markers  # noqa: E402
 
 ESTONIAN = ("tere maailm kõik jõgi õun äri öö üks šokolaad žürii päev kool raamat sõber tänav metsas "
             "linnas hästi väga mõnus ülikool õpetaja õhtu öösel").split()
@@ -46,7 +50,7 @@ def corpus(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def tok(corpus, tmp_path_factory):
-    return Tokenizer.train(corpus, tmp_path_factory.mktemp("tok") / "sp", vocab_size=600)
+    return SentencePieceTokenizer.train(corpus, tmp_path_factory.mktemp("tok") / "sp", vocab_size=600)
 
 
 def tricky_texts(rng):
@@ -91,7 +95,7 @@ def test_pad_falls_back_to_unk_without_pad_piece(tok, corpus, tmp_path):
     # Llama-2 layout: no pad piece, so pad is <unk>, which byte fallback never produces
     assert not tok.has_pad_piece and tok.pad_id == tok.unk_id == 0
     assert tok.decode([tok.pad_id, *tok.encode("õun"), tok.pad_id]) == "õun"
-    padded = Tokenizer.train(corpus, tmp_path / "padded", vocab_size=600, pad_piece=True)
+    padded = SentencePieceTokenizer.train(corpus, tmp_path / "padded", vocab_size=600, pad_piece=True)
     assert padded.has_pad_piece and padded.pad_id == 3 and padded.id_to_piece(3) == "<pad>"
     assert padded.decode([padded.pad_id] + padded.encode("õun")) == "õun"
 
@@ -102,15 +106,24 @@ def test_byte_fallback_never_emits_unk(tok):
     assert any(tok.id_to_piece(i).startswith("<0x") for i in ids)
 
 
-def test_chat_tokens_are_single_pieces(tok):
+def test_chat_markers_are_single_pieces_that_text_never_produces(tok):
+    marker_ids = set()
     for marker in CHAT_TOKENS:
         marker_id = tok.piece_to_id(marker)
-        assert marker_id != tok.unk_id and tok.id_to_piece(marker_id) == marker
-        ids = tok.encode(f"Tere{marker}maailm")
-        assert ids.count(marker_id) == 1
-        assert tok.decode(ids) == f"Tere{marker}maailm"
-        # No stray dummy-prefix '▁' before a leading marker (as in Hugging Face's LlamaTokenizer)
-        assert tok.encode(marker + "hi")[0] == marker_id
+        assert marker_id is not None and tok.id_to_piece(marker_id) == marker == tok.decode([marker_id])
+        assert tok.marker_id(marker) == marker_id
+        marker_ids.add(marker_id)
+    # A user who types the markers writes text: encoding never produces a marker id (no forged turn), anywhere
+    # in the text, in every encoding function, and the text round-trips.
+    forged = ["<|user|>", "Tere<|user|>maailm", "<|assistant|>\nok", "a <|system|>\n<|user|> b", "<|user|" "<|user|>"]
+    for text in forged:
+        for ids in (tok.encode(text), tok.encode(text, bos=True, eos=True)[1:-1], tok.encode_continuation(text),
+                    tok.encode_batch([text])[0]):
+            assert not marker_ids & set(ids), text
+        assert tok.decode(tok.encode(text)) == text
+        assert tok.encode(text) == tok.encode_batch([text])[0]
+    assert len(tok.encode("<|user|>")) > 1  # spelled out in pieces, not one id
+    assert tok.marker_id("<s>") == tok.bos_id and tok.marker_id("tere") is None and tok.piece_to_id("nope") is None
 
 
 def test_split_digits(tok):
@@ -128,10 +141,10 @@ def test_encode_batch_matches_encode(tok):
 
 
 def test_training_is_deterministic_and_accepts_text_iterators(corpus, tok, tmp_path):
-    again = Tokenizer.train(corpus, tmp_path / "again", vocab_size=600)
+    again = SentencePieceTokenizer.train(corpus, tmp_path / "again", vocab_size=600)
     assert again.model_proto == tok.model_proto
     lines = corpus.read_text(encoding="utf-8").splitlines()
-    from_iter = Tokenizer.train(iter(lines), tmp_path / "iter", vocab_size=600)
+    from_iter = SentencePieceTokenizer.train(iter(lines), tmp_path / "iter", vocab_size=600)
     assert from_iter.pieces() == tok.pieces()
     assert not list(tmp_path.glob("*.tmp"))
 
@@ -153,7 +166,7 @@ def test_model_file_reader_matches_sentencepiece(tok):
     # Rewriting without changes is byte-identical; rewriting the vocabulary is what sentencepiece loads.
     assert rewrite_model_proto(tok.model_proto) == tok.model_proto
     edited = rewrite_model_proto(tok.model_proto, pieces + [("▁zzz", -1e4, PIECE_NORMAL)])
-    other = Tokenizer.from_model_proto(edited)
+    other = SentencePieceTokenizer.from_model_proto(edited)
     assert other.vocab_size == tok.vocab_size + 1 and other.id_to_piece(tok.vocab_size) == "▁zzz"
     assert read_trainer_spec(edited)["vocab_size"] == tok.vocab_size + 1
 
@@ -161,8 +174,8 @@ def test_model_file_reader_matches_sentencepiece(tok):
 def hf_comparable(text: str) -> bool:
     # transformers' LlamaTokenizer (legacy=False) adds no dummy-prefix '▁' to text that already starts
     # with a space, so " x" and "x" encode alike there; sentencepiece (and we) keep the leading space.
-    # It also matches "<s>"/"</s>" typed in the text as control tokens, which sentencepiece never does.
-    return not text[:1].isspace() and "<s>" not in text and "</s>" not in text and "<unk>" not in text
+    # It also matches "<s>"/"</s>" and the chat markers typed in the text as control tokens, which we never do.
+    return not text[:1].isspace() and not any(t in text for t in ("<s>", "</s>", "<unk>") + CHAT_TOKENS)
 
 
 def test_save_pretrained_loads_in_transformers_with_same_ids(tok, corpus, tmp_path):
@@ -188,18 +201,20 @@ def test_save_pretrained_loads_in_transformers_with_same_ids(tok, corpus, tmp_pa
         assert hf.decode(ours, skip_special_tokens=True) == text
     chat = [{"role": "user", "content": "Tere!"}, {"role": "assistant", "content": "Tere, sõber."}]
     rendered = hf.apply_chat_template(chat, tokenize=False)
-    assert hf(rendered).input_ids == tok.encode(rendered, bos=True)
+    # transformers reads the markers in a rendered template as tokens (minillm.chat_format inserts them by id)
+    assert hf(rendered).input_ids == [tok.bos_id] + ids_with_markers(rendered, tok)
+    assert tok.encode(rendered, bos=True) != hf(rendered).input_ids  # our encode keeps them text
 
 
 def test_from_pretrained_round_trip(tok, tmp_path):
     tok.save_pretrained(tmp_path, chat_template="{{ messages }}", model_max_length=512)
-    again = Tokenizer.from_pretrained(tmp_path)
+    again = load_tokenizer(tmp_path)
     assert again.model_proto == tok.model_proto
     assert again.chat_template == "{{ messages }}" and again.model_max_length == 512
-    assert Tokenizer.from_pretrained(tmp_path / "tokenizer.model").vocab_size == tok.vocab_size
+    assert load_tokenizer(tmp_path / "tokenizer.model").vocab_size == tok.vocab_size
     # saving again over the same directory keeps everything and leaves no temporary files
     again.save_pretrained(tmp_path)
-    assert Tokenizer.from_pretrained(tmp_path).chat_template == "{{ messages }}"
+    assert load_tokenizer(tmp_path).chat_template == "{{ messages }}"
     assert not [p for p in tmp_path.iterdir() if p.name.endswith(".tmp")]
 
 
@@ -215,20 +230,43 @@ def test_check_vocab_fits_names_both_sizes(tok):
 
 def test_bad_inputs_give_clear_errors(tok, tmp_path):
     with pytest.raises(ValueError, match="missing.model"):
-        Tokenizer(tmp_path / "missing.model")
+        SentencePieceTokenizer(tmp_path / "missing.model")
     junk = tmp_path / "junk.model"
     junk.write_bytes(b"this is not a sentencepiece model")
     with pytest.raises(ValueError, match="junk.model"):
-        Tokenizer(junk)
-    with pytest.raises(ValueError, match="tokenizer.model"):
-        Tokenizer.from_pretrained(tmp_path)
+        SentencePieceTokenizer(junk)
+    with pytest.raises(ValueError, match="tokenizer.model nor tokenizer.json"):
+        load_tokenizer(tmp_path)
+    with pytest.raises(ValueError, match="no such directory"):
+        load_tokenizer(tmp_path / "absent")
     empty = tmp_path / "empty.txt"
     empty.write_text("")
     with pytest.raises(ValueError, match="empty.txt"):
-        Tokenizer.train(empty, tmp_path / "x", vocab_size=300)
+        SentencePieceTokenizer.train(empty, tmp_path / "x", vocab_size=300)
     with pytest.raises(ValueError, match="nope.txt"):
-        Tokenizer.train([tmp_path / "nope.txt"], tmp_path / "x", vocab_size=300)
+        SentencePieceTokenizer.train([tmp_path / "nope.txt"], tmp_path / "x", vocab_size=300)
     with pytest.raises(ValueError, match="600"):
         tok.decode([1, 600])
     with pytest.raises(TypeError):
         tok.encode(b"bytes")
+
+
+def test_load_tokenizer_picks_the_kind_and_both_kinds_agree(tok, tmp_path):
+    tok.save_pretrained(tmp_path)  # tokenizer.model and its tokenizer.json equivalent
+    assert isinstance(load_tokenizer(tmp_path), SentencePieceTokenizer)  # tokenizer.model wins, as today
+    assert isinstance(load_tokenizer(tmp_path / "tokenizer.json"), HFTokenizer)
+    (tmp_path / "tokenizer.model").unlink()
+    fast = load_tokenizer(tmp_path)
+    assert isinstance(fast, HFTokenizer)
+    assert (fast.vocab_size, fast.bos_id, fast.eos_id, fast.pad_id) == (tok.vocab_size, tok.bos_id, tok.eos_id, tok.pad_id)
+    # The same vocabulary read by `tokenizers` gives sentencepiece's ids, markers typed in text included
+    # (text that starts with whitespace gets no dummy prefix from `tokenizers`' Metaspace: see hf_comparable).
+    rng = random.Random(4)
+    texts = tricky_texts(rng)
+    texts += [t[:k] + rng.choice(CHAT_TOKENS) + t[k:] for t in texts[:100] for k in [rng.randint(0, len(t))]]
+    texts = [t for t in texts if not t[:1].isspace()]
+    for text in texts:
+        assert fast.encode(text, bos=True) == tok.encode(text, bos=True), repr(text[:80])
+        assert fast.decode(tok.encode(text)) == tok.decode(tok.encode(text))
+    for marker in CHAT_TOKENS:
+        assert fast.marker_id(marker) == tok.marker_id(marker) is not None

@@ -35,12 +35,12 @@ def preference_records(rng, n):
 def world(tmp_path_factory):
     from minillm.hf import save_pretrained
     from minillm.model import Llama, LlamaConfig
-    from minillm.tokenizer import Tokenizer
+    from minillm.tokenizer import SentencePieceTokenizer
 
     root = tmp_path_factory.mktemp("orpo")
     rng = random.Random(0)
     records = preference_records(rng, 80)
-    tok = Tokenizer.train(iter(json.dumps(r) for r in records), root / "tok", 400)
+    tok = SentencePieceTokenizer.train(iter(json.dumps(r) for r in records), root / "tok", 400)
     torch.manual_seed(0)
     save_pretrained(Llama(LlamaConfig.from_preset("tiny", vocab_size=tok.vocab_size, max_seq_len=128)),
                     root / "init", tokenizer=tok)
@@ -64,10 +64,10 @@ def test_one_concatenated_pass_equals_two_passes(world):
     from minillm.hf import load_pretrained
     from minillm.losses import split_pairs, token_logprobs
     from minillm.sft_data import load_preferences, pair_batch
-    from minillm.tokenizer import Tokenizer
+    from minillm.tokenizer import load_tokenizer
 
     model = load_pretrained(world / "init")
-    tok = Tokenizer.from_pretrained(world / "init")
+    tok = load_tokenizer(world / "init")
     pairs, _ = load_preferences(world / "train.jsonl", tok, 96)
     batch = pair_batch(pairs, [0, 1, 2], nll_on_prompt=False, pad_id=tok.pad_id)
 
@@ -103,7 +103,7 @@ def test_orpo_raises_reward_accuracy_and_exports(world, tmp_path):
                "--eval-interval", "24")
     # The log holds what a person needs: no warnings, no progress bar when stdout is not a terminal.
     assert proc.stderr == "", proc.stderr
-    known = re.compile(r"(.*: \d+ pairs.*|attention: .*|step +\d+/\d+ +\| .*|exported .*)")
+    known = re.compile(r"(template: \w+|.*: \d+ pairs.*|attention: .*|step +\d+/\d+ +\| .*|exported .*)")
     assert all(known.fullmatch(line) for line in proc.stdout.splitlines()), proc.stdout
     m = metrics(tmp_path, with_start=True)
     start, end = m[0], m[-1]
@@ -171,10 +171,10 @@ def float64_orpo_metrics(world, valid_file, beta=0.1):
     from minillm.files import read_jsonl
     from minillm.hf import load_pretrained
     from minillm.sft_data import preference_parts
-    from minillm.tokenizer import Tokenizer
+    from minillm.tokenizer import load_tokenizer
 
     model = load_pretrained(world / "init").double().eval()
-    tok = Tokenizer.from_pretrained(world / "init")
+    tok = load_tokenizer(world / "init")
     per_pair, nll, n_tokens = [], 0.0, 0
     with torch.no_grad():
         for _, record in read_jsonl(valid_file):

@@ -35,12 +35,12 @@ def world(tmp_path_factory):
     """A tokenizer, a tiny random model in Hugging Face layout, and instruction files."""
     from minillm.hf import save_pretrained
     from minillm.model import Llama, LlamaConfig
-    from minillm.tokenizer import Tokenizer
+    from minillm.tokenizer import SentencePieceTokenizer
 
     root = tmp_path_factory.mktemp("sft")
     rng = random.Random(0)
     texts = [json.dumps(r) for r in translation_records(random.Random(2), 200)]
-    tok = Tokenizer.train(iter(texts), root / "tok", 400)
+    tok = SentencePieceTokenizer.train(iter(texts), root / "tok", 400)
     config = LlamaConfig.from_preset("tiny", vocab_size=tok.vocab_size, max_seq_len=128)
     save_pretrained(Llama(config), root / "init", tokenizer=tok)
     held_out = {("white", "fish")}
@@ -90,10 +90,10 @@ def test_loss_is_the_token_mean_over_all_responses(world, tmp_path):
     from minillm.chat_format import render
     from minillm.hf import load_pretrained
     from minillm.sft_data import load_sft_jsonl
-    from minillm.tokenizer import Tokenizer
+    from minillm.tokenizer import load_tokenizer
 
     run(world, tmp_path, "--micro-batch-size", "64")
-    model, tok = load_pretrained(world / "init").double(), Tokenizer.from_pretrained(world / "init")
+    model, tok = load_pretrained(world / "init").double(), load_tokenizer(world / "init")
     nll, count = 0.0, 0
     with torch.no_grad():
         for record in load_sft_jsonl(world / "train.jsonl"):
@@ -124,7 +124,7 @@ def test_stages_best_export_and_chat_template(world, tmp_path):
     from transformers import AutoTokenizer
 
     from minillm.chat_format import render
-    from minillm.tokenizer import Tokenizer
+    from minillm.tokenizer import load_tokenizer
 
     out = tmp_path / "run"
     train = world / "train.jsonl"
@@ -138,10 +138,10 @@ def test_stages_best_export_and_chat_template(world, tmp_path):
     model_dir = out / "model"
     assert (model_dir / "model.safetensors").exists()
     hf_tok = AutoTokenizer.from_pretrained(model_dir)
-    tok = Tokenizer.from_pretrained(model_dir)
+    tok = load_tokenizer(model_dir)
     messages = [{"role": "user", "content": "Translate to Estonian: the red cat"},
                 {"role": "assistant", "content": "punane kass"}]
-    ids, _ = render(messages, tok, fmt="chat")
+    ids, _ = render(messages, tok, template="tulu")
     assert hf_tok.apply_chat_template(messages, tokenize=True, return_dict=False) == list(ids)
 
 
@@ -167,7 +167,7 @@ def test_fine_tuned_tiny_model_answers_a_held_out_instruction(world, tmp_path):
     from minillm.generate import generate
     from minillm.hf import load_pretrained, save_pretrained
     from minillm.model import Llama, LlamaConfig
-    from minillm.tokenizer import Tokenizer
+    from minillm.tokenizer import load_tokenizer
 
     rng = random.Random(3)
     records = []
@@ -179,7 +179,7 @@ def test_fine_tuned_tiny_model_answers_a_held_out_instruction(world, tmp_path):
                            {"messages": [{"role": "user", "content": question}, {"role": "assistant", "content": c}]})
     data = tmp_path / "train.jsonl"
     data.write_text("".join(json.dumps(r) + "\n" for r in records))
-    tok = Tokenizer.from_pretrained(world / "init")
+    tok = load_tokenizer(world / "init")
     torch.manual_seed(0)
     save_pretrained(Llama(LlamaConfig.from_preset("tiny", vocab_size=tok.vocab_size, max_seq_len=128)),
                     tmp_path / "init", tokenizer=tok)
@@ -187,7 +187,7 @@ def test_fine_tuned_tiny_model_answers_a_held_out_instruction(world, tmp_path):
         "--valid-data", "", "--epochs", "30", "--micro-batch-size", "16", "--warmup-steps", "5",
         "--min-lr", "3e-4", "--log-interval", "50")
     model = load_pretrained(tmp_path / "run" / "model")
-    tok = Tokenizer.from_pretrained(tmp_path / "run" / "model")
+    tok = load_tokenizer(tmp_path / "run" / "model")
     prompt, _ = render([{"role": "user", "content": "The fish is white. What colour is the fish?"}], tok,
                        add_generation_prompt=True)
     reply = tok.decode(generate(model, [prompt], max_new_tokens=10, eos_id=tok.eos_id)[0])
@@ -203,13 +203,13 @@ def test_validation_scores_every_example_once_whatever_the_split(world, tmp_path
     from minillm.chat_format import render
     from minillm.hf import load_pretrained
     from minillm.sft_data import load_sft_jsonl
-    from minillm.tokenizer import Tokenizer
+    from minillm.tokenizer import load_tokenizer
 
     valid = tmp_path / "valid10.jsonl"
     valid.write_text("".join(json.dumps(r) + "\n" for r in translation_records(random.Random(7), 10)))
     train = tmp_path / "train16.jsonl"
     train.write_text("".join(line + "\n" for line in (world / "train.jsonl").read_text().splitlines()[:16]))
-    model, tok = load_pretrained(world / "init").double().eval(), Tokenizer.from_pretrained(world / "init")
+    model, tok = load_pretrained(world / "init").double().eval(), load_tokenizer(world / "init")
     nll, count = 0.0, 0
     with torch.no_grad():
         for record in load_sft_jsonl(valid):
@@ -243,3 +243,47 @@ def test_the_last_step_is_validated_and_the_export_names_its_step(world, tmp_pat
     assert f"exported {tmp_path / 'model'} (Hugging Face layout): step {best['step']}, the best val_loss " \
            f"{best['val_loss']:.4f}" in proc.stdout
     assert best["step"] == 12  # the loss is still falling: the last step is the best one, and it was exported
+
+
+def test_a_tokenizer_json_model_trains_and_aligns_in_its_own_layout(world, tmp_path):
+    """A Qwen2-style model (tokenizer.json only, no BOS, ChatML markers): SFT with --template auto renders in
+    ChatML and exports its Jinja twin; ORPO from that export picks the same layout from the chat template;
+    transformers' apply_chat_template on the exports gives the ids the model was trained on."""
+    from transformers import AutoTokenizer
+
+    from minillm.chat_format import chat_template_jinja, render
+    from minillm.hf import save_pretrained
+    from minillm.hf_tokenizer import HFTokenizer
+    from minillm.model import Llama, LlamaConfig
+    from minillm.tokenizer import load_tokenizer
+
+    from conftest import write_qwen2_tokenizer
+
+    texts = [json.dumps(r) for r in translation_records(random.Random(2), 300)]
+    tok = load_tokenizer(write_qwen2_tokenizer(tmp_path / "tok", texts, vocab_size=400))
+    assert isinstance(tok, HFTokenizer) and tok.bos_id is None
+    torch.manual_seed(0)
+    config = LlamaConfig.from_preset("tiny", vocab_size=tok.vocab_size, max_seq_len=128, bos_id=tok.bos_id,
+                                     eos_id=tok.eos_id, pad_id=tok.pad_id)
+    save_pretrained(Llama(config), tmp_path / "init", tokenizer=tok)
+    assert not (tmp_path / "init" / "tokenizer.model").exists()
+    proc = run(world, tmp_path / "sft", "--init-from", tmp_path / "init", "--micro-batch-size", "8")
+    assert "template: chatml" in proc.stdout
+    sft = load_tokenizer(tmp_path / "sft" / "model")
+    assert sft.chat_template == chat_template_jinja("chatml", tok)
+    messages = [{"role": "user", "content": "Translate to Estonian: the red cat"},
+                {"role": "assistant", "content": "punane kass"}]
+    ids, _ = render(messages, sft, template="chatml")
+    assert ids[0] == tok.marker_id("<|im_start|>")  # no BOS
+    assert AutoTokenizer.from_pretrained(tmp_path / "sft" / "model").apply_chat_template(
+        messages, tokenize=True, return_dict=False) == ids
+
+    prefs = tmp_path / "prefs.jsonl"
+    prefs.write_text("".join(json.dumps({"prompt": f"Translate to Estonian: the {c} cat", "chosen": f"{e} kass",
+                                         "rejected": "must koer"}) + "\n" for c, e in COLOURS.items()) * 2)
+    proc = run_script("train_orpo.py", ["--init-from", tmp_path / "sft" / "model", "--train-data", prefs,
+                                        "--valid-data", "", "--seq-len", "96", "--micro-batch-size", "4",
+                                        "--warmup-steps", "1", "--log-interval", "1", "--out-dir", tmp_path / "orpo"])
+    assert "template: chatml" in proc.stdout
+    assert load_tokenizer(tmp_path / "orpo" / "model").chat_template == sft.chat_template
+    assert all(torch.isfinite(torch.tensor(r["loss"])) for r in metrics(tmp_path / "orpo"))

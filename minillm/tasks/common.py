@@ -10,6 +10,7 @@ the fields it needs and checks them (the README's evaluation section lists every
 """
 from __future__ import annotations
 
+import functools
 import random
 import string
 import sys
@@ -179,6 +180,21 @@ class EvalContext(GenerationOptions):
     def shots(self, spec: dict) -> int:
         return spec.get("few_shot", 0) if self.few_shot is None else self.few_shot
 
+    @functools.cached_property
+    def template(self) -> str:
+        """chat_format's template for the prompts: 'chat' = the layout the tokenizer's chat template or
+        markers name (chat_format.resolve_template), 'alpaca' = Alpaca; '' for raw prompts."""
+        from minillm.chat_format import resolve_template
+        if self.prompt_format == "raw":
+            return ""
+        return resolve_template("alpaca" if self.prompt_format == "alpaca" else "auto", self.tokenizer)
+
+    @functools.cached_property
+    def stop_ids(self) -> list[int]:
+        """What ends a generated answer: the tokenizer's end ids, and in chat prompts the layout's markers."""
+        from minillm.chat_format import stop_ids
+        return stop_ids(self.tokenizer, self.template) if self.template else list(self.tokenizer.eos_ids)
+
     @property
     def max_len(self) -> int:
         return self.model.config.max_seq_len
@@ -235,20 +251,21 @@ def build_prompt(ctx: EvalContext, text: str, shots: list[tuple[str, str]] = ())
         return ctx.tokenizer.encode(prefix + text, bos=True)
     from minillm.chat_format import render
     record = wrapped_record(ctx, text, shots)
-    return list(render(record, ctx.tokenizer, fmt=ctx.prompt_format, add_generation_prompt=True)[0])
+    return list(render(record, ctx.tokenizer, template=ctx.template, add_generation_prompt=True)[0])
 
 
-def truncate_left(ids: list[int], limit: int) -> tuple[list[int], bool]:
-    """Keep the first token (BOS) and the last `limit - 1` (the question sits at the end of a prompt);
-    True if anything was cut."""
+def truncate_left(ids: list[int], limit: int, bos_id: int | None) -> tuple[list[int], bool]:
+    """Keep the first token when it is BOS, and the last ones up to `limit` (the question sits at the end
+    of a prompt); True if anything was cut."""
     if len(ids) <= limit:
         return ids, False
-    return ids[:1] + ids[len(ids) - (limit - 1):], True
+    head = 1 if bos_id is not None and ids[:1] == [bos_id] else 0
+    return ids[:head] + ids[len(ids) - (limit - head):], True
 
 
 def default_stop(ctx: EvalContext, single_line: bool) -> list[str] | None:
     """Short-answer tasks on base models stop at the end of the line, as lm-evaluation-harness does;
-    chat and Alpaca models end their turn with EOS."""
+    chat and Alpaca models end their turn with an end-of-turn token."""
     return ["\n"] if single_line and ctx.prompt_format == "raw" else None
 
 
@@ -260,16 +277,16 @@ def encode_choice(ctx: EvalContext, prompt: str, shots: list[tuple[str, str]], c
     pair is tokenised as ONE text, so the scored tokens are exactly how the model would see the whole
     string; the continuation is what follows the context's own tokens.
     chat / alpaca: the continuation (leading/trailing whitespace stripped) is the assistant's reply, with
-    exactly the tokens chat_format.render gives a reply in training; its EOS is not scored."""
+    exactly the tokens chat_format.render gives a reply in training; its end-of-turn token is not scored."""
     tokenizer = ctx.tokenizer
     if ctx.prompt_format != "raw":
         from minillm.chat_format import render
         prompt_ids = build_prompt(ctx, prompt, shots)
         record = wrapped_record(ctx, prompt, shots, reply=continuation.strip())
-        ids, mask = render(record, tokenizer, fmt=ctx.prompt_format, train_on="last")
+        ids, mask = render(record, tokenizer, template=ctx.template, train_on="last")
         if ids[:len(prompt_ids)] != prompt_ids:
             raise ValueError("chat_format.render: the conversation does not start with its inference prompt")
-        n_reply = sum(mask[len(prompt_ids):]) - 1  # the mask covers the reply and its EOS
+        n_reply = sum(mask[len(prompt_ids):]) - 1  # the mask covers the reply and its end-of-turn token
         return prompt_ids, ids[len(prompt_ids):len(prompt_ids) + n_reply]
     context = "".join(f"{p} {a}\n\n" for p, a in shots) + prompt
     stripped = context.rstrip()
@@ -290,7 +307,7 @@ def generate_texts(ctx: EvalContext, prompts: list[list[int]], stop: list[str] |
     Returns per prompt {"text", "n_tokens", "truncated"} in the original order."""
     from minillm.generate import generate
     limit = max(2, ctx.max_len - ctx.max_new_tokens)
-    prepared = [truncate_left(p, limit) for p in prompts]
+    prepared = [truncate_left(p, limit, ctx.tokenizer.bos_id) for p in prompts]
     order = sorted(range(len(prompts)), key=lambda i: -len(prepared[i][0]))
     results: list[dict | None] = [None] * len(prompts)
     with ctx.bar(len(prompts), desc) as bar:
@@ -298,7 +315,7 @@ def generate_texts(ctx: EvalContext, prompts: list[list[int]], stop: list[str] |
             batch = order[start:start + ctx.batch_size]
             outs = generate(ctx.model, [prepared[i][0] for i in batch], max_new_tokens=ctx.max_new_tokens,
                             temperature=ctx.temperature, top_k=ctx.top_k, top_p=ctx.top_p,
-                            repetition_penalty=ctx.repetition_penalty, eos_id=ctx.tokenizer.eos_id,
+                            repetition_penalty=ctx.repetition_penalty, eos_id=ctx.stop_ids,
                             stop_strings=stop, tokenizer=ctx.tokenizer,
                             seed=None if ctx.temperature == 0 else ctx.seed + batch_index)
             for i, tokens in zip(batch, outs):
@@ -325,7 +342,7 @@ def continuation_logprobs(ctx: EvalContext, requests: list[tuple[list[int], list
     for context, continuation in requests:
         if not continuation:
             raise ValueError("continuation_logprobs: empty continuation")
-        full, _ = truncate_left(list(context) + list(continuation), ctx.max_len + 1)
+        full, _ = truncate_left(list(context) + list(continuation), ctx.max_len + 1, ctx.tokenizer.bos_id)
         sequences.append((full, min(len(continuation), len(full) - 1)))
     order = sorted(range(len(sequences)), key=lambda i: -len(sequences[i][0]))
     scores = [0.0] * len(sequences)

@@ -1,8 +1,10 @@
 """Perplexity and bits per byte of text documents.
 
 Records: {"text", optional "language"}. Each document is scored as BOS + its tokens (every token
-predicted, EOS not). Documents longer than the model's context are scored with a sliding window:
-each stretch of tokens is predicted with up to max_seq_len tokens of preceding text as context.
+predicted, EOS not); a tokenizer without BOS (Qwen2) starts it with EOS instead, as a document follows the
+previous one's EOS in pretraining data (and as lm-evaluation-harness does). Documents longer than the
+model's context are scored with a sliding window: each stretch of tokens is predicted with up to
+max_seq_len tokens of preceding text as context.
 Prompt formats, templates and few-shot do not apply (the template only picks the text: "{text}").
 
 bits_per_byte = total NLL / (ln 2 * total UTF-8 bytes): independent of the tokenizer, so a model with an
@@ -58,7 +60,8 @@ def run(ctx, spec: dict, template: str, split: str = "", desc: str = "") -> tupl
              for r, line in zip(records, lines)]
     requests, owners, n_tokens = [], [], []
     for i, text in enumerate(texts):
-        ids = ctx.tokenizer.encode(text, bos=True)
+        tok = ctx.tokenizer
+        ids = tok.encode(text, bos=True) if tok.bos_id is not None else [tok.eos_id] + tok.encode(text)
         n_tokens.append(len(ids) - 1)
         for request in windows(ids, ctx.max_len):
             requests.append(request)
