@@ -32,7 +32,7 @@ from typing import Literal
 
 import torch
 
-from minillm.chat_format import chat_template_jinja, resolve_template
+from minillm.chat_format import chat_template_jinja, end_ids, resolve_template
 from minillm.checkpoints import (ExportedModel, Preemption, load_checkpoint, run_readme, save_checkpoint_if_due,
                                  start_run)
 from minillm.engine import (all_reduce_sum, batch_to, build_engine, end_validation, engine_step, load_model_and_tokenizer, lr_at,
@@ -89,6 +89,7 @@ def main(argv=None):
     model, tokenizer = load_model_and_tokenizer(cfg, device)
     template = resolve_template(cfg.template, tokenizer)
     print0(f"template: {template}")
+    model.config.eos_ids = end_ids(model.config.eos_ids or [model.config.eos_id], tokenizer, template)  # exported
     train_pairs = load_preference_files(cfg.train_data.split(","), tokenizer, cfg.seq_len, print0, template)
     valid_pairs = (load_preference_files(cfg.valid_data.split(","), tokenizer, cfg.seq_len, print0, template)
                    if cfg.valid_data else [])

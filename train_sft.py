@@ -23,7 +23,7 @@ import time
 from dataclasses import asdict, dataclass
 from typing import Literal
 
-from minillm.chat_format import chat_template_jinja, resolve_template
+from minillm.chat_format import chat_template_jinja, end_ids, resolve_template
 from minillm.checkpoints import (ExportedModel, Preemption, load_checkpoint, run_readme, save_checkpoint_if_due,
                                  start_run)
 from minillm.engine import (all_reduce_sum, batch_to, build_engine, engine_step, load_model_and_tokenizer, lr_at,
@@ -65,6 +65,7 @@ def main(argv=None):
     model, tokenizer = load_model_and_tokenizer(cfg, device)
     template = resolve_template(cfg.template, tokenizer)
     print0(f"template: {template}")
+    model.config.eos_ids = end_ids(model.config.eos_ids or [model.config.eos_id], tokenizer, template)  # exported
     render = {"truncate": cfg.truncate, "train_on": cfg.train_on, "template": template}
     stages = [load_sft_examples([f.strip() for f in files.split(",") if f.strip()], tokenizer, cfg.seq_len, print0, **render)
               for files in cfg.train_data.split(";") if files.strip()]

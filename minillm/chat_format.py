@@ -345,6 +345,17 @@ def resolve_template(template: str, tokenizer) -> str:
     return usable[0]
 
 
+TURN_END = {"llama3": EOT, "chatml": IM_END}  # the layouts whose replies end with a marker, not with EOS
+
+
+def end_ids(model_eos: list[int], tokenizer, template: str) -> list[int]:
+    """What an exported model's config.json / generation_config.json must list as eos_token_id so that
+    transformers and vLLM stop where the model was trained to end a reply: its own EOS ids, the tokenizer's,
+    and the layout's end-of-turn token (<|eot_id|>, <|im_end|>)."""
+    end = [tokenizer.marker_id(TURN_END[template])] if template in TURN_END else []
+    return list(dict.fromkeys([*model_eos, *tokenizer.eos_ids, *end]))
+
+
 def stop_ids(tokenizer, template: str) -> list[int]:
     """Token ids that end a generated reply: every end id the tokenizer declares and every marker of the
     layout (its end-of-turn token, or the start of a new turn, which also means the reply is over)."""

@@ -277,6 +277,11 @@ def test_a_tokenizer_json_model_trains_and_aligns_in_its_own_layout(world, tmp_p
     assert ids[0] == tok.marker_id("<|im_start|>")  # no BOS
     assert AutoTokenizer.from_pretrained(tmp_path / "sft" / "model").apply_chat_template(
         messages, tokenize=True, return_dict=False) == ids
+    # transformers and vLLM stop where the model learned to end a reply: at <|im_end|>
+    from transformers import GenerationConfig
+    im_end = tok.marker_id("<|im_end|>")
+    assert im_end in json.loads((tmp_path / "sft" / "model" / "config.json").read_text())["eos_token_id"]
+    assert im_end in GenerationConfig.from_pretrained(tmp_path / "sft" / "model").eos_token_id
 
     prefs = tmp_path / "prefs.jsonl"
     prefs.write_text("".join(json.dumps({"prompt": f"Translate to Estonian: the {c} cat", "chosen": f"{e} kass",
