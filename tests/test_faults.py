@@ -81,6 +81,7 @@ def test_nonfinite_loss_stops_sft_and_orpo(tiny_world, tmp_path, script):
 
 # ----------------------------------------------------------------------------- SIGTERM on a saving step
 
+@pytest.mark.slow
 def test_sigterm_on_a_saving_step_saves_it_once_and_resumes(tiny_world, tmp_path):
     out = tmp_path / "run"
     args = pretrain_args(tiny_world, out) + ["--max-steps", "400", "--save-interval", "1", "--keep-checkpoints", "2"]
@@ -167,6 +168,7 @@ def test_full_disk_keeps_the_previous_checkpoint_and_says_so(tiny_world, tmp_pat
 
 # ----------------------------------------------------------------------------- re-running a finished run
 
+@pytest.mark.slow
 def test_rerun_is_refused_and_overwrite_starts_afresh(tiny_world, tmp_path):
     out = tmp_path / "run"
     args = pretrain_args(tiny_world, out) + ["--max-steps", "2"]

@@ -118,6 +118,7 @@ def test_orpo_raises_reward_accuracy_and_exports(world, tmp_path):
     assert "<|assistant|>" in config["chat_template"]
 
 
+@pytest.mark.slow
 def test_zero3_two_ranks_match_single_process(world, tmp_path):
     run(world, tmp_path / "one", "--epochs", "1", "--micro-batch-size", "4", "--eval-interval", "1000")
     run(world, tmp_path / "two", "--epochs", "1", "--micro-batch-size", "2", "--zero-stage", "3",
@@ -130,6 +131,7 @@ def test_zero3_two_ranks_match_single_process(world, tmp_path):
                 assert y[key] == pytest.approx(x[key], rel=1e-4, abs=1e-6), (x["step"], key)
 
 
+@pytest.mark.slow
 def test_selective_checkpointing_and_compile_give_the_same_curve(world, tmp_path):
     """ORPO backpropagates through per-token log-probs (token_logprobs), not a fused scalar loss:
     recomputed and compiled blocks must give the same metrics there too."""
@@ -199,6 +201,7 @@ def float64_orpo_metrics(world, valid_file, beta=0.1):
     return out
 
 
+@pytest.mark.slow
 def test_validation_scores_every_pair_once_with_exact_means(world, tmp_path):
     """10 held-out pairs, micro-batch 3, 4 and 16 on one process and 3 on two ranks: the validation before
     the first step (same weights) scores each pair exactly once and every metric is the mean it names,

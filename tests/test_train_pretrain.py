@@ -94,6 +94,7 @@ def test_single_process_learns_and_exports(single):
     assert "metrics.jsonl" in readme and "--resume" in readme and "evaluate.py" in readme
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("zero_stage", [0, 2, 3])
 def test_two_ranks_match_single_process(world, single, tmp_path, zero_stage):
     """Same global batch (2 ranks x 2 rows x 2 accumulation == 1 process x 4 rows x 2): same loss curve."""
@@ -107,6 +108,7 @@ def test_two_ranks_match_single_process(world, single, tmp_path, zero_stage):
     assert got[-1]["val_loss_et"] == pytest.approx(ref[-1]["val_loss_et"], rel=1e-4)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("args", [["--compile"], ["--activation-checkpointing", "selective"]],
                          ids=["compile", "checkpointing-selective"])
 def test_compile_and_selective_checkpointing_under_zero3_match_single_process(world, single, tmp_path, args):
@@ -128,6 +130,7 @@ def test_backends_and_checkpointing_give_the_same_loss_curve(world, single, tmp_
         assert g["loss"] == pytest.approx(r["loss"], rel=1e-4), r["step"]
 
 
+@pytest.mark.slow
 def test_sigterm_then_resume_equals_uninterrupted(world, tmp_path):
     steps = "40"
     full = tmp_path / "full"
@@ -205,6 +208,7 @@ def test_tokenizer_larger_than_the_model_fails_naming_both_sizes(world, single, 
     assert "900" in last and "400" in last, last
 
 
+@pytest.mark.slow
 def test_validation_scores_every_token_once_whatever_the_split(world, tmp_path):
     """The validation before the first step (same weights): micro-batch 3, 4 and 16, one process or two
     ranks, the whole held-out set or a token budget: val_loss_et is the mean NLL over the scored tokens,
@@ -267,6 +271,7 @@ def test_trainable_embeddings_freezes_every_other_weight(single, embeddings_only
     assert losses[-1] < losses[0]
 
 
+@pytest.mark.slow
 def test_trainable_embeddings_under_zero3_on_two_ranks_matches_single_process(world, single, embeddings_only, tmp_path):
     """ZeRO-3 partitions the frozen weights too: they still never change, and the loss curve is the single
     process's (same global batch: 2 ranks x 2 rows x 2 accumulation)."""

@@ -108,6 +108,7 @@ def test_loss_is_the_token_mean_over_all_responses(world, tmp_path):
     assert first["loss"] == pytest.approx(nll / count, rel=1e-5)
 
 
+@pytest.mark.slow
 def test_zero3_two_ranks_match_single_process(world, tmp_path):
     run(world, tmp_path / "one", "--micro-batch-size", "4", "--pack", "false")
     run(world, tmp_path / "two", "--micro-batch-size", "2", "--pack", "false", "--zero-stage", "3", nproc=2)
@@ -160,6 +161,7 @@ def test_bad_records_fail_with_file_and_line(world, tmp_path, record, message):
     assert f"{bad}:2" in err and message in err
 
 
+@pytest.mark.slow
 def test_fine_tuned_tiny_model_answers_a_held_out_instruction(world, tmp_path):
     """Fine-tune a random tiny model on "The <animal> is <colour>. What colour is the <animal>?"
     (both formats) with the white fish held out: it must answer the unseen instruction."""
@@ -194,6 +196,7 @@ def test_fine_tuned_tiny_model_answers_a_held_out_instruction(world, tmp_path):
     assert reply.strip() == "white"
 
 
+@pytest.mark.slow
 def test_validation_scores_every_example_once_whatever_the_split(world, tmp_path):
     """The validation before the first step (same weights) on 10 held-out records: micro-batch 3, 4, 16,
     packed or not, one process or two ranks: val_loss is the mean NLL over every response token of every
