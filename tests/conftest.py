@@ -1,5 +1,7 @@
-"""Shared test helpers: running the scripts as real subprocesses, reading their metrics, and a small chat
-tokenizer (sentencepiece, with the chat markers) for the template and SFT-data tests."""
+"""Shared test helpers: running the scripts as real subprocesses, reading their metrics, a small chat
+tokenizer (sentencepiece, with the chat markers) for the template and SFT-data tests, and corpus files in
+every format for the corpus and prepare tests."""
+import gzip
 import json
 import os
 import random
@@ -56,3 +58,32 @@ def chat_tok(tmp_path_factory):
     lines = [" ".join(rng.choice(WORDS) for _ in range(12)) + rng.choice([".", "?", "!", ":", " ###"])
              for _ in range(3000)]
     return Tokenizer.train(iter(lines), tmp_path_factory.mktemp("tok") / "sp", 400)
+
+
+def write_corpus(path, texts, field: str = "text", row_group_size: int = 4, zstd_frames: int = 1, **parquet_options):
+    """Write `texts` as the corpus format its name says: .txt (one per line) / .jsonl (records {"id", field}),
+    either optionally .gz / .zst (in `zstd_frames` frames), or .parquet (columns id, field; row groups of
+    row_group_size rows; more pyarrow.parquet.write_table options). Written with the reference libraries
+    (gzip, zstandard, pyarrow)."""
+    path = Path(path)
+    name = path.name
+    if name.endswith(".parquet"):
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+        pq.write_table(pa.table({"id": list(range(len(texts))), field: texts}), path, row_group_size=row_group_size,
+                       **parquet_options)
+        return path
+    stem = name.removesuffix(".gz").removesuffix(".zst").removesuffix(".zstd")
+    if stem.endswith((".jsonl", ".ndjson")):
+        data = "".join(json.dumps({"id": i, field: t}, ensure_ascii=False) + "\n" for i, t in enumerate(texts))
+    else:
+        data = "".join(t + "\n" for t in texts)
+    data = data.encode("utf-8")
+    if name.endswith(".gz"):
+        data = gzip.compress(data)
+    elif name.endswith((".zst", ".zstd")):
+        import zstandard
+        step = -(-len(data) // zstd_frames)
+        data = b"".join(zstandard.ZstdCompressor().compress(data[i:i + step]) for i in range(0, len(data), step))
+    path.write_bytes(data)
+    return path
