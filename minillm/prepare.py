@@ -35,6 +35,7 @@ from minillm.pretrain_data import FORMAT, FORMAT_VERSION, META_FILE, TokenShards
 from minillm.tokenizer import MODEL_FILE, Tokenizer
 
 DEFAULT_SHARD_TOKENS = 1 << 28  # 512 MiB of uint16 per shard; documents never straddle shards
+JOBS_PER_WORKER = 2  # chunks in flight per worker process (each about corpora.CHUNK_BYTES of text)
 
 # ============================================================================ tokenizing (worker processes)
 _worker_tokenizer: Tokenizer | None = None
@@ -99,7 +100,7 @@ def _run_jobs(jobs, model_file: str, workers: int):
         window = deque()
         for job, nbytes in jobs:
             window.append((pool.apply_async(_tokenize_chunk, (job,)), nbytes))
-            if len(window) >= 2 * workers:
+            if len(window) >= JOBS_PER_WORKER * workers:
                 result, n = window.popleft()
                 yield result.get(), n
         while window:
