@@ -1,25 +1,15 @@
-"""File I/O the whole package shares: the one atomic write, the one JSONL reader, and the corpus readers.
+"""File I/O the whole package shares: the one atomic write and the one JSONL reader.
 
 Atomic writes: the data goes to a temporary file beside the target, is fsync'd, and is renamed over the
-target, so a reader (or a crash) sees the old file or the new one, never half of one.
-
-Corpus readers turn a text file into candidate documents for `minillm.prepare` and the tokenizer trainer:
-    text   one document per line (default), or per blank-line-separated paragraph (txt_docs='paragraph',
-           the paragraph's lines joined with '\\n'); whitespace-only documents are skipped
-    jsonl  one JSON object per line, the document is its `text_field` (default "text"); blank lines skipped
-Either may be gzip'd (.gz). The format comes from the file name (.txt/.text, .jsonl/.ndjson) unless given
-explicitly, so `train.et` or `corpus.pl` read as text with fmt='text'. Every problem is a ValueError
-naming the file and, where there is one, the 1-based line.
+target, so a reader (or a crash) sees the old file or the new one, never half of one. Corpora (large
+text, JSONL and Parquet files, streamed) are read by minillm/corpora.py.
 """
 from __future__ import annotations
 
-import gzip
 import json
 import os
 import tempfile
 from pathlib import Path
-
-FORMATS = ("text", "jsonl")
 
 
 # ----------------------------------------------------------------------------- writing
@@ -122,93 +112,3 @@ def read_lines(path, limit: int | None = None) -> list[str]:
 
 def write_jsonl(path, records):
     atomic_write(path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records))
-
-
-# ----------------------------------------------------------------------------- corpora
-
-def corpus_format(path, fmt: str = "auto") -> tuple[str, bool]:
-    """('text' | 'jsonl', gzipped?) of a corpus file: `fmt` when given, else from the file name."""
-    name = str(path).lower()
-    gz = name.endswith(".gz")
-    if gz:
-        name = name[:-3]
-    if fmt != "auto":
-        if fmt not in FORMATS:
-            raise ValueError(f"unknown corpus format {fmt!r} (text or jsonl)")
-        return fmt, gz
-    if name.endswith((".jsonl", ".ndjson")):
-        return "jsonl", gz
-    if name.endswith((".txt", ".text")):
-        return "text", gz
-    raise ValueError(f"{path}: unknown input format from the file name (expected .txt or .jsonl, optionally .gz); "
-                     f"name it with --format text|jsonl")
-
-
-def check_readable(path, fmt: str = "auto"):
-    """Fail before any work starts when an input cannot be opened (or is not really gzip)."""
-    _, gz = corpus_format(path, fmt)
-    try:
-        with open(path, "rb") as f:
-            if gz:
-                with gzip.GzipFile(fileobj=f) as g:
-                    g.read(1)
-            else:
-                f.read(1)
-    except (OSError, EOFError) as e:
-        raise ValueError(f"{path}: cannot read ({getattr(e, 'strerror', None) or e})") from None
-
-
-def iter_records(path, fmt: str = "auto", txt_docs: str = "line"):
-    """Yield (line_no, raw bytes, bytes read so far) for each candidate document of one file.
-
-    JSONL records stay raw bytes here (parsed by `record_text`, in a worker process); text documents
-    are the document. line_no is the document's first line; bytes-read counts the file on disk
-    (compressed bytes for .gz), for progress bars."""
-    fmt, gz = corpus_format(path, fmt)
-    try:
-        with open(path, "rb") as raw:
-            f = gzip.GzipFile(fileobj=raw) if gz else raw
-            paragraph, first = [], 0
-            for line_no, line in enumerate(f, 1):
-                blank = not line.strip()
-                if fmt == "text" and txt_docs == "paragraph":
-                    if blank:
-                        if paragraph:
-                            yield first, b"\n".join(x.rstrip(b"\r\n") for x in paragraph), raw.tell()
-                        paragraph = []
-                    else:
-                        first = first if paragraph else line_no
-                        paragraph.append(line)
-                elif not blank:
-                    yield line_no, line.rstrip(b"\r\n"), raw.tell()
-            if paragraph:
-                yield first, b"\n".join(x.rstrip(b"\r\n") for x in paragraph), raw.tell()
-    except (OSError, EOFError) as e:  # includes gzip.BadGzipFile and truncated .gz files
-        raise ValueError(f"{path}: cannot read ({getattr(e, 'strerror', None) or e})") from None
-
-
-def record_text(path, line_no: int, raw: bytes, fmt: str, text_field: str = "text") -> str:
-    """The document text of one record ('text' or 'jsonl'); ValueError 'path:LINE: ...' on bad input."""
-    try:
-        line = raw.decode("utf-8")
-    except UnicodeDecodeError as e:
-        raise ValueError(f"{path}:{line_no}: not valid UTF-8 (byte {e.start})") from None
-    if line_no == 1:
-        line = line.removeprefix("\ufeff")  # a byte-order mark is not text (and not JSON)
-    if fmt == "text":
-        return line
-    record = json_object(line, path, line_no)
-    if text_field not in record:
-        raise ValueError(f"{path}:{line_no}: missing field '{text_field}'")
-    text = record[text_field]
-    if not isinstance(text, str):
-        raise ValueError(f"{path}:{line_no}: field '{text_field}' is {type(text).__name__}, expected a string")
-    return text
-
-
-def iter_texts(paths, fmt: str = "auto", text_field: str = "text", txt_docs: str = "line"):
-    """Every document text of every file, in order (for the tokenizer trainer; `prepare` parallelises)."""
-    for path in paths:
-        f, _ = corpus_format(path, fmt)
-        for line_no, raw, _ in iter_records(path, fmt, txt_docs):
-            yield record_text(path, line_no, raw, f, text_field)

@@ -1,10 +1,12 @@
 """Corpora -> token shards: tokenize text files in worker processes into a directory that
 `minillm.pretrain_data` reads (layout: see there).
 
-    python -m minillm.prepare --tokenizer TOKENIZER_DIR --input et/*.jsonl.gz --out tok/et --workers 16
+    python -m minillm.prepare --tokenizer TOKENIZER_DIR --input 'et/*.parquet' --out tok/et --workers 16
     python -m minillm.prepare info --dir tok/et
 
-Inputs are read by minillm.files (text or JSONL, optionally gzip'd; the format from the name or --format).
+Inputs are read by minillm.corpora (text, JSONL, Parquet; .gz/.zst; files, directories, globs), streamed in
+chunks of about 1 MB that worker processes parse and tokenize; results come back in input order, so the
+output does not depend on the number of workers, and --max-docs / --max-tokens cut it at the same document.
 Atomicity: shards are written under `*.tmp` names, so bad input found anywhere (or a kill) leaves the
 previous output untouched; only after every input was read does the commit remove meta.json, rename the
 shards into place and write the new meta.json. Re-running with the same inputs (path, size, mtime),
@@ -14,8 +16,8 @@ says which ("document_layout") and holds the tokenizer's bos_id (null then) and 
 """
 from __future__ import annotations
 
-import json
 import itertools
+import json
 import multiprocessing
 import os
 import shutil
@@ -29,12 +31,14 @@ from typing import Literal
 import numpy as np
 from tqdm import tqdm
 
-from minillm.files import atomic_write, check_readable, corpus_format, iter_records, record_text, to_json
+from minillm.corpora import CorpusOptions, check_readable, chunk_texts, corpus_format, expand_inputs, iter_chunks
+from minillm.files import atomic_write, to_json
 from minillm.options import cli, parse_options, require
 from minillm.pretrain_data import FORMAT, FORMAT_VERSION, META_FILE, TokenShards, shard_names, token_dtype
 from minillm.tokenizer import load_tokenizer
 
 DEFAULT_SHARD_TOKENS = 1 << 28  # 512 MiB of uint16 per shard; documents never straddle shards
+JOBS_PER_WORKER = 2  # chunks in flight per worker process (each about corpora.CHUNK_BYTES of text)
 
 # ============================================================================ tokenizing (worker processes)
 _worker_tokenizer = None
@@ -47,11 +51,12 @@ def _init_worker(tokenizer_path: str, in_pool: bool = False):
     _worker_tokenizer = load_tokenizer(tokenizer_path)  # each process loads its own copy; nothing is pickled
 
 
-def _tokenize_chunk(job) -> dict:
-    """Parse and tokenize a chunk of records; returns the documents as one flat array plus lengths."""
-    path, fmt, text_field, records = job
-    texts = [record_text(path, line_no, raw, fmt, text_field) for line_no, raw in records]
-    texts = [t for t in texts if t.strip()]
+def _tokenize_chunk(chunk) -> dict:
+    """Parse and tokenize a corpora.Chunk; returns its non-empty documents as one flat array plus lengths,
+    their word counts and their indices among the chunk's records (for counting the skipped ones)."""
+    texts = chunk_texts(chunk)
+    kept = [i for i, t in enumerate(texts) if t and not t.isspace()]  # no strip(): it would copy every text
+    n_records, texts = len(texts), [texts[i] for i in kept]
     tok = _worker_tokenizer
     ids = tok.encode_batch(texts, num_threads=1) if texts else []
     # Each document becomes [BOS] + ids + EOS; built with numpy (a Python loop over every id is the slow part).
@@ -66,24 +71,28 @@ def _tokenize_chunk(job) -> dict:
         is_text[ends - lengths] = False
         flat[ends - lengths] = tok.bos_id
     flat[is_text] = np.fromiter(itertools.chain.from_iterable(ids), dtype=np.int32, count=int(is_text.sum()))
-    return {"tokens": flat, "lengths": lengths, "words": sum(len(t.split()) for t in texts),
-            "skipped": len(records) - len(texts)}
+    words = np.fromiter((len(t.split()) for t in texts), dtype=np.int64, count=len(texts))
+    return {"tokens": flat, "lengths": lengths, "words": words, "kept": np.array(kept, dtype=np.int64),
+            "records": n_records}
 
 
-def _chunks(inputs, fmt_of, text_field, txt_docs, chunk_bytes=1 << 20):
-    """Group records into jobs of about chunk_bytes; yields (job, progress bytes of the job)."""
+def _jobs(inputs, fmt, text_field, txt_docs):
+    """Every input's chunks, each with the bytes of its file it moves the progress bar by."""
     for path in inputs:
-        fmt = fmt_of[path]
-        records, size, last_pos = [], 0, 0
-        for line_no, raw, pos in iter_records(path, fmt, txt_docs):
-            records.append((line_no, raw))
-            size += len(raw)
-            if size >= chunk_bytes:
-                yield (str(path), fmt, text_field, records), pos - last_pos
-                records, size, last_pos = [], 0, pos
-        final = os.path.getsize(path)
-        if records or final > last_pos:
-            yield (str(path), fmt, text_field, records), final - last_pos
+        done = 0
+        for chunk, pos in iter_chunks(path, fmt, text_field, txt_docs):
+            yield chunk, pos - done
+            done = pos
+
+
+def _docs_within_caps(lengths: np.ndarray, n_docs: int, n_tokens: int, max_docs, max_tokens) -> int:
+    """How many of a result's documents to keep: all, or those up to the one that reaches a cap."""
+    keep = len(lengths)
+    if max_docs is not None:
+        keep = min(keep, max_docs - n_docs)
+    if max_tokens is not None:
+        keep = min(keep, int(np.searchsorted(np.cumsum(lengths), max_tokens - n_tokens)) + 1)
+    return keep
 
 
 def _run_jobs(jobs, tokenizer_path: str, workers: int):
@@ -100,7 +109,7 @@ def _run_jobs(jobs, tokenizer_path: str, workers: int):
         window = deque()
         for job, nbytes in jobs:
             window.append((pool.apply_async(_tokenize_chunk, (job,)), nbytes))
-            if len(window) >= 2 * workers:
+            if len(window) >= JOBS_PER_WORKER * workers:
                 result, n = window.popleft()
                 yield result.get(), n
         while window:
@@ -236,17 +245,17 @@ def write_shards(out_dir, docs, vocab_size: int, *, dtype=None, shard_tokens: in
 
 # ============================================================================ prepare (the CLI's work)
 
-def _fingerprint(inputs, tokenizer_sha256: str, dtype, fmt, text_field, txt_docs, shard_tokens) -> dict:
+def _fingerprint(inputs, tokenizer_sha256: str, dtype, **options) -> dict:
     """What the output depends on. Inputs are identified by path, size and mtime (hashing a 100 GB corpus to
     decide that nothing changed would cost as much as tokenizing it); the tokenizer by its sha256 (of
-    tokenizer.model, or of tokenizer.json and the special tokens its configs name)."""
+    tokenizer.model, or of tokenizer.json and the special tokens its configs name); then the reading options
+    and caps."""
     files = []
     for p in inputs:
         st = os.stat(p)
         files.append({"path": str(Path(p).resolve()), "size": st.st_size, "mtime_ns": st.st_mtime_ns})
     return {"version": FORMAT_VERSION, "inputs": files, "tokenizer_sha256": tokenizer_sha256,
-            "dtype": np.dtype(dtype).name, "format": fmt, "text_field": text_field, "txt_docs": txt_docs,
-            "shard_tokens": shard_tokens}
+            "dtype": np.dtype(dtype).name, **options}
 
 
 def _up_to_date(out_dir: Path, fingerprint: dict) -> dict | None:
@@ -267,24 +276,31 @@ def _up_to_date(out_dir: Path, fingerprint: dict) -> dict | None:
 
 def prepare(inputs, tokenizer, out_dir, *, fmt: str = "auto", text_field: str = "text", txt_docs: str = "line",
             workers: int = 1, name: str | None = None, dtype=None, shard_tokens: int = DEFAULT_SHARD_TOKENS,
-            progress: bool = True) -> dict:
-    """Tokenize `inputs` (paths) with `tokenizer` (a tokenizer directory, or a tokenizer.model /
-    tokenizer.json file: minillm.tokenizer.load_tokenizer) into shards in `out_dir`. Returns the meta dict (with "skipped": True when nothing had to be done).
-    dtype: None = uint16 when the vocabulary fits, else uint32. See the module docstring for the layout.
+            max_docs: int | None = None, max_tokens: int | None = None, progress: bool = True) -> dict:
+    """Tokenize `inputs` (files, directories, glob patterns: corpora.expand_inputs) with `tokenizer` (a
+    tokenizer directory, or a tokenizer.model / tokenizer.json file: minillm.tokenizer.load_tokenizer) into
+    shards in `out_dir`. Returns the meta dict (with "skipped": True when nothing had to be done).
+    dtype: None = uint16 when the vocabulary fits, else uint32.
+    max_docs / max_tokens: stop after that many (non-empty) documents / at the first document end at or past
+    that many tokens (BOS and EOS included); None = read everything. See the module docstring for the layout.
     workers > 1 starts 'spawn' processes: a script calling this must guard its entry point with
     `if __name__ == "__main__":` (the CLI does)."""
-    inputs = [Path(p) for p in inputs]
+    inputs = expand_inputs(inputs, fmt)
     if not inputs:
         raise ValueError("no input files given")
     if txt_docs not in ("line", "paragraph"):
         raise ValueError(f"txt_docs must be 'line' or 'paragraph', got {txt_docs!r}")
+    for cap, value in (("max_docs", max_docs), ("max_tokens", max_tokens)):
+        if value is not None and value < 1:
+            raise ValueError(f"{cap} must be at least 1 (or None for no cap), got {value}")
     for p in inputs:
-        check_readable(p, fmt)
+        check_readable(p, fmt, text_field)
     tok = load_tokenizer(tokenizer)
     dtype = np.dtype(dtype) if dtype is not None else token_dtype(tok.vocab_size)
     out_dir = Path(out_dir)
     name = name or out_dir.name
-    fingerprint = _fingerprint(inputs, tok.sha256(), dtype, fmt, text_field, txt_docs, shard_tokens)
+    fingerprint = _fingerprint(inputs, tok.sha256(), dtype, format=fmt, text_field=text_field, txt_docs=txt_docs,
+                               shard_tokens=shard_tokens, max_docs=max_docs, max_tokens=max_tokens)
     if (meta := _up_to_date(out_dir, fingerprint)) is not None:
         if progress:
             print(f"{out_dir}: up to date (same inputs, tokenizer and options); nothing to do")
@@ -295,25 +311,35 @@ def prepare(inputs, tokenizer, out_dir, *, fmt: str = "auto", text_field: str = 
     created = not out_dir.exists()  # removed again if this run fails: a failed start leaves nothing behind
     out_dir.mkdir(parents=True, exist_ok=True)
     _remove_leftovers(out_dir)
-    fmt_of = {p: corpus_format(p, fmt)[0] for p in inputs}
     writer = ShardWriter(out_dir, dtype, tok.vocab_size, shard_tokens)
     n_docs = n_tokens = n_words = n_skipped = 0
+    capped = False
     t0 = time.time()
     bar = tqdm(total=sum(os.path.getsize(p) for p in inputs), unit="B", unit_scale=True,
                desc=f"tokenizing {name}", disable=not progress or not sys.stderr.isatty(), dynamic_ncols=True)
-    results = _run_jobs(_chunks(inputs, fmt_of, text_field, txt_docs), str(tokenizer), workers)
+    results = _run_jobs(_jobs(inputs, fmt, text_field, txt_docs), str(tokenizer), workers)
     try:
         for result, nbytes in results:
-            writer.add(result["tokens"], result["lengths"])
-            n_docs += len(result["lengths"])
-            n_tokens += len(result["tokens"])
-            n_words += result["words"]
-            n_skipped += result["skipped"]
+            tokens, lengths, words = result["tokens"], result["lengths"], result["words"]
+            keep = _docs_within_caps(lengths, n_docs, n_tokens, max_docs, max_tokens)
+            if keep < len(lengths):  # a cap cuts this chunk: its first `keep` documents are the last ones
+                tokens, lengths, words = tokens[:int(lengths[:keep].sum())], lengths[:keep], words[:keep]
+                n_skipped += int(result["kept"][keep - 1]) + 1 - keep
+            else:
+                n_skipped += result["records"] - len(lengths)
+            writer.add(tokens, lengths)
+            n_docs += len(lengths)
+            n_tokens += len(tokens)
+            n_words += int(words.sum())
             bar.update(nbytes)
             bar.set_postfix(docs=f"{n_docs:,}", tokens=f"{n_tokens:,}", refresh=False)
+            capped = n_docs == max_docs or (max_tokens is not None and n_tokens >= max_tokens)
+            if capped:
+                break  # the rest is never read; closing `results` stops the workers
         if n_docs == 0:
+            fields = {corpus_format(p, fmt)[0] for p in inputs} - {"text"}
             raise ValueError(f"{', '.join(map(str, inputs))}: empty corpus (no non-empty documents"
-                             + (f" in field '{text_field}'" if "jsonl" in fmt_of.values() else "") + ")")
+                             + (f" in field '{text_field}'" if fields else "") + ")")
         shards = writer.close()
     except BaseException:
         writer.abort()
@@ -332,6 +358,7 @@ def prepare(inputs, tokenizer, out_dir, *, fmt: str = "auto", text_field: str = 
             "fingerprint": fingerprint, "num_docs": n_docs, "num_tokens": n_tokens,
             "num_text_tokens": text_tokens, "num_words": n_words,
             "tokens_per_word": text_tokens / max(n_words, 1), "skipped_empty_docs": n_skipped,
+            "max_docs": max_docs, "max_tokens": max_tokens, "capped": capped,
             "seconds": round(time.time() - t0, 3)}
     commit_shards(out_dir, shards, meta)
     meta["shards"] = shards
@@ -352,14 +379,12 @@ def summary_line(meta: dict, out_dir) -> str:
 # ============================================================================ CLI
 
 @dataclass(kw_only=True)
-class PrepareOptions:
+class PrepareOptions(CorpusOptions):
     """Tokenize text corpora into a token shard directory."""
     tokenizer: str  # tokenizer directory (tokenizer.model or tokenizer.json), or one of those files
-    input: list[str]  # input files: .txt / .jsonl, optionally .gz (any name with --format)
     out: str  # output directory
-    format: Literal["auto", "text", "jsonl"] = "auto"  # input format; auto = from each file's name
-    text_field: str = "text"  # JSONL field holding the document
-    txt_docs: Literal["line", "paragraph"] = "line"  # text documents: one per line, or per blank-line paragraph
+    max_docs: int = 0  # stop after this many non-empty documents (the first ones, in input order); 0 = all
+    max_tokens: int = 0  # stop at the first document end at or past this many tokens (BOS/EOS included); 0 = all
     workers: int = field(default_factory=lambda: max(1, min(os.cpu_count() or 1, 16)))  # tokenizer processes
     name: str = ""  # name of this source in the summary; '' = the output directory's name
     shard_tokens: int = DEFAULT_SHARD_TOKENS  # tokens per shard (about: documents never straddle shards)
@@ -368,6 +393,8 @@ class PrepareOptions:
     def check(self):
         require(self.workers >= 1, "workers", self.workers, "must be at least 1")
         require(self.shard_tokens >= 1, "shard_tokens", self.shard_tokens, "must be at least 1")
+        require(self.max_docs >= 0, "max_docs", self.max_docs, "must be >= 0 (0 = no cap)")
+        require(self.max_tokens >= 0, "max_tokens", self.max_tokens, "must be >= 0 (0 = no cap)")
 
 
 @dataclass(kw_only=True)
@@ -385,7 +412,7 @@ def main(argv=None):
         return
     prepare(cfg.input, cfg.tokenizer, cfg.out, fmt=cfg.format, text_field=cfg.text_field, txt_docs=cfg.txt_docs,
             workers=cfg.workers, name=cfg.name or None, dtype=None if cfg.dtype == "auto" else cfg.dtype,
-            shard_tokens=cfg.shard_tokens)
+            shard_tokens=cfg.shard_tokens, max_docs=cfg.max_docs or None, max_tokens=cfg.max_tokens or None)
 
 
 if __name__ == "__main__":

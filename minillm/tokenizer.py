@@ -45,12 +45,13 @@ import logging
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable, Literal
+from typing import Iterable
 
 import sentencepiece as spm
 import torch
 
-from minillm.files import atomic_write, check_readable, iter_texts, to_json
+from minillm.corpora import CorpusOptions, check_readable, expand_inputs, iter_texts
+from minillm.files import atomic_write, to_json
 from minillm.hf_tokenizer import (
     CONFIG_FILE, GENERATION_CONFIG_FILE, TOKENIZER_JSON, HFTokenizer, chat_template_and_max_length, declared_eos_ids,
     read_json_file, save_generation_config,
@@ -447,13 +448,10 @@ def check_vocab_fits(tokenizer: "SentencePieceTokenizer | HFTokenizer | int", mo
 
 # ---------------------------------------------------------------------- CLI
 @dataclass(kw_only=True)
-class TrainOptions:
+class TrainOptions(CorpusOptions):
     """Train a Llama-style BPE tokenizer (byte fallback, split digits, chat markers) on text corpora."""
-    input: list[str]  # corpus files: .txt (one document per line) / .jsonl, optionally .gz
     vocab_size: int  # pieces in the trained vocabulary
     out: str  # output directory, written in the Hugging Face layout (tokenizer.model, tokenizer.json, ...)
-    format: Literal["auto", "text", "jsonl"] = "auto"  # input format; auto = from each file's name
-    text_field: str = "text"  # JSONL field holding the document
     seed: int = 0  # sentencepiece's random seed (sampling of training lines)
 
     def check(self):
@@ -464,12 +462,13 @@ class TrainOptions:
 def main(argv=None):
     _, cfg = parse_options({"train": TrainOptions}, argv, prog="python -m minillm.tokenizer",
                            description="Tokenizer tools.")
-    for path in cfg.input:
-        check_readable(path, cfg.format)
+    inputs = expand_inputs(cfg.input, cfg.format)
+    for path in inputs:
+        check_readable(path, cfg.format, cfg.text_field)
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
-    tok = SentencePieceTokenizer.train(iter_texts(cfg.input, cfg.format, cfg.text_field), out / "tokenizer", cfg.vocab_size,
-                          seed=cfg.seed)
+    tok = SentencePieceTokenizer.train(iter_texts(inputs, cfg.format, cfg.text_field, cfg.txt_docs),
+                                       out / "tokenizer", cfg.vocab_size, seed=cfg.seed)
     tok.save_pretrained(out)
     print(f"trained {tok.vocab_size}-piece tokenizer -> {out}")
 

@@ -43,7 +43,8 @@ from tokenizers import Tokenizer as RustTokenizer
 from tokenizers import pre_tokenizers, trainers
 from torch import nn
 
-from minillm.files import atomic_write, check_readable, iter_texts, read_lines, to_json
+from minillm.corpora import check_readable, iter_texts
+from minillm.files import atomic_write, read_lines, to_json
 from minillm.hf import load_pretrained, save_pretrained
 from minillm.hf_tokenizer import HFTokenizer
 from minillm.options import cli, parse_options, require

@@ -1,6 +1,7 @@
 """Shared test helpers: running the scripts as real subprocesses, reading their metrics, a small chat
-tokenizer (sentencepiece, with the chat markers) for the template and SFT-data tests, and tokenizer.json
-tokenizers in the Llama-3 and Qwen2 layouts."""
+tokenizer (sentencepiece, with the chat markers) for the template and SFT-data tests, tokenizer.json
+tokenizers in the Llama-3 and Qwen2 layouts, and corpus files in every format for the corpus and prepare tests."""
+import gzip
 import json
 import os
 import random
@@ -215,7 +216,7 @@ def tiny_world(tmp_path_factory):
     sys.path.insert(0, str(ROOT / "demo"))
     import sample_world
 
-    from minillm.files import iter_texts
+    from minillm.corpora import iter_texts
     from minillm.hf import save_pretrained
     from minillm.model import Llama, LlamaConfig
     from minillm.prepare import prepare
@@ -243,3 +244,32 @@ def pretrain_args(world, out) -> list:
             f"et={world / 'shards/et_train'},en={world / 'shards/en_train'}", "--valid-data",
             f"et={world / 'shards/et_valid'}", "--eval-tokens", "64", "--seq-len", "32", "--micro-batch-size", "2",
             "--warmup-steps", "1", "--log-interval", "1", "--out-dir", str(out)]
+
+
+def write_corpus(path, texts, field: str = "text", row_group_size: int = 4, zstd_frames: int = 1, **parquet_options):
+    """Write `texts` as the corpus format its name says: .txt (one per line) / .jsonl (records {"id", field}),
+    either optionally .gz / .zst (in `zstd_frames` frames), or .parquet (columns id, field; row groups of
+    row_group_size rows; more pyarrow.parquet.write_table options). Written with the reference libraries
+    (gzip, zstandard, pyarrow)."""
+    path = Path(path)
+    name = path.name
+    if name.endswith(".parquet"):
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+        pq.write_table(pa.table({"id": list(range(len(texts))), field: texts}), path, row_group_size=row_group_size,
+                       **parquet_options)
+        return path
+    stem = name.removesuffix(".gz").removesuffix(".zst").removesuffix(".zstd")
+    if stem.endswith((".jsonl", ".ndjson")):
+        data = "".join(json.dumps({"id": i, field: t}, ensure_ascii=False) + "\n" for i, t in enumerate(texts))
+    else:
+        data = "".join(t + "\n" for t in texts)
+    data = data.encode("utf-8")
+    if name.endswith(".gz"):
+        data = gzip.compress(data)
+    elif name.endswith((".zst", ".zstd")):
+        import zstandard
+        step = -(-len(data) // zstd_frames)
+        data = b"".join(zstandard.ZstdCompressor().compress(data[i:i + step]) for i in range(0, len(data), step))
+    path.write_bytes(data)
+    return path

@@ -25,7 +25,7 @@ def test_the_pipeline_on_a_tokenizer_json_base(tiny_world, tmp_path, family):
     import transformers
 
     from minillm.chat_format import render
-    from minillm.files import iter_texts
+    from minillm.corpora import iter_texts
     from minillm.hf import load_pretrained, save_pretrained
     from minillm.model import Llama, LlamaConfig
     from minillm.tokenizer import load_tokenizer

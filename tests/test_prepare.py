@@ -1,10 +1,13 @@
-"""Corpora -> token shards (minillm/prepare.py): round trips, worker processes, re-runs, atomicity, bad input.
+"""Corpora -> token shards (minillm/prepare.py): round trips in every corpus format, worker processes, caps,
+re-runs, atomicity, bad input, bounded memory.
 
 Run: .venv/bin/python -m pytest -q tests/test_prepare.py
 
-Oracles: sentencepiece called directly (what a shard must contain) and the previous output byte for byte.
+Oracles: sentencepiece called directly (what a shard must contain), the shards of the same corpus as plain
+.jsonl byte for byte, and the previous output byte for byte.
 """
 import gzip
+import io
 import json
 import os
 import random
@@ -14,10 +17,14 @@ import sys
 from pathlib import Path
 
 import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
 import sentencepiece as spm
+import zstandard
 
 import minillm
+from conftest import write_corpus
 from minillm.prepare import prepare
 from minillm.pretrain_data import TokenShards, token_dtype
 from minillm.tokenizer import SentencePieceTokenizer, load_tokenizer
@@ -160,9 +167,22 @@ def test_half_written_shards_are_never_used(tok_file, corpus, tmp_path):
     assert (out / "tokens_00000.bin").read_bytes() == data
 
 
+def parquet_bytes(row_group_size=2, **columns) -> bytes:
+    buf = io.BytesIO()
+    pq.write_table(pa.table(columns), buf, row_group_size=row_group_size)
+    return buf.getvalue()
+
+
+def zstd_bytes(text: str) -> bytes:
+    return zstandard.ZstdCompressor().compress(text.encode())
+
+
+GOOD_PARQUET = parquet_bytes(id=list(range(200)), text=[f"document {i} " * 20 for i in range(200)])
+GOOD_ZSTD = zstd_bytes("".join(json.dumps({"text": f"document {i} " * 20}) + "\n" for i in range(200)))
+
 BAD_INPUTS = {  # file name, content (bytes), error pattern (after the path)
     "missing": ("nope.txt", None, r": cannot read \(No such file or directory\)"),
-    "directory": ("dir.txt", "DIR", r": cannot read \(Is a directory\)"),
+    "directory": ("dir.txt", "DIR", r": no corpus files in this directory"),
     "not json": ("x.jsonl", b'{"text": "a"}\n\n{"text": "b",}\n', r":3: not valid JSON"),
     "no field": ("x.jsonl", b'{"text": "a"}\n{"txt": "b"}\n', r":2: missing field 'text'"),
     "not a string": ("x.jsonl", b'{"text": "a"}\n{"text": 5}\n', r":2: field 'text' is int, expected a string"),
@@ -170,8 +190,23 @@ BAD_INPUTS = {  # file name, content (bytes), error pattern (after the path)
     "bad utf-8": ("x.txt", b"fine\nfine\nbad \xff byte\n", r":3: not valid UTF-8"),
     "bad gzip": ("x.txt.gz", b"this is not gzip", r": cannot read \(Not a gzipped file"),
     "unknown format": ("x.csv", b"a,b\n", r": unknown input format"),
+    "json null": ("x.jsonl", b'{"text": "a"}\n{"text": null}\n', r":2: field 'text' is null, expected a string"),
+    "zst not zstd": ("x.jsonl.zst", b"not zstd at all", r": cannot read \(zstd decompress error: Unknown frame descriptor\)"),
+    "zst truncated": ("x.jsonl.zst", GOOD_ZSTD[:len(GOOD_ZSTD) // 2], r": cannot read \(truncated zstd file: it ends inside a frame\)"),
+    "zst bad record": ("x.jsonl.zst", zstd_bytes('{"text": "a"}\n{"text": 1}\n'), r":2: field 'text' is int, expected a string"),
+    "parquet no column": ("x.parquet", parquet_bytes(id=[1], body=["a"]),
+                          r": no column 'text' \(columns: id, body\); choose one with --text-field"),
+    "parquet not strings": ("x.parquet", parquet_bytes(text=[1, 2]), r": column 'text' is int64, expected strings"),
+    "parquet null": ("x.parquet", parquet_bytes(text=["a", "b", "c", "d", "e", None, "g"]),
+                     r": row index 5: column 'text' is null, expected a string"),
+    "parquet bad utf-8": ("x.parquet", parquet_bytes(text=pa.array([b"ok", b"ok", b"ok", b"bad \xff"]).view(pa.string())),
+                          r": row index 3: column 'text' is not valid UTF-8 \(byte 4\)"),
+    "parquet truncated": ("x.parquet", GOOD_PARQUET[:-100], r": cannot read \(.*Parquet"),
+    "not parquet": ("x.parquet", b"PAR1 but nothing else", r": cannot read \("),
+    "compressed parquet": ("x.parquet.gz", gzip.compress(GOOD_PARQUET), r": a compressed Parquet file cannot be streamed"),
     "empty corpus": ("x.txt", b"\n  \n\n", r": empty corpus"),
     "empty text field": ("x.jsonl", b'{"text": ""}\n', r": empty corpus \(no non-empty documents in field 'text'\)"),
+    "empty parquet": ("x.parquet", parquet_bytes(text=[" ", "\n"]), r": empty corpus \(no non-empty documents in field"),
 }
 
 
@@ -210,3 +245,140 @@ def test_plain_text_of_any_name_with_format_text(tok_file, tmp_path):
                        capture_output=True, text=True, env=env, timeout=120)
     assert r.returncode == 0, r.stderr
     assert load_tokenizer(tmp_path / "tok").vocab_size == 300
+
+
+@pytest.mark.parametrize("module, name, what", [("pyarrow", "x.parquet", "Parquet"), ("zstandard", "x.jsonl.zst", "zstd")])
+def test_a_missing_reader_package_names_the_extra(tok_file, tmp_path, monkeypatch, module, name, what):
+    (tmp_path / name).write_bytes(GOOD_PARQUET if module == "pyarrow" else GOOD_ZSTD)
+    for m in [m for m in sys.modules if m == module or m.startswith(module + ".")]:
+        monkeypatch.setitem(sys.modules, m, None)  # `import module` now raises ImportError
+    with pytest.raises(ValueError, match=rf"^{re.escape(str(tmp_path / name))}: reading {what} needs the '{module}' "
+                                         r"package: pip install 'minillm\[corpora\]'$"):
+        prepare([tmp_path / name], tok_file, tmp_path / "out", progress=False)
+
+
+# ----------------------------------------------------------------------------- corpus formats, inputs, caps
+
+@pytest.fixture
+def records(tmp_path):
+    """The same 60 documents (one whitespace-only, one with newlines) as .jsonl, .jsonl.zst (3 frames) and
+    .parquet (row groups of 7), each in its own directory; and the non-empty documents in order."""
+    rng = random.Random(3)
+    texts = [sentence(rng) for _ in range(60)]
+    texts[11], texts[20] = " \t ", texts[20] + "\n" + sentence(rng)
+    for name in ("c.jsonl", "c.jsonl.zst", "c.parquet"):
+        (tmp_path / name.replace(".", "_")).mkdir()
+        write_corpus(tmp_path / name.replace(".", "_") / name, texts, row_group_size=7, zstd_frames=3)
+    return tmp_path, [t for t in texts if t.strip()]
+
+
+def test_parquet_zstd_directories_and_globs_give_the_jsonl_shards(tok_file, records, tmp_path):
+    root, texts = records
+    want = prepare([root / "c_jsonl" / "c.jsonl"], tok_file, tmp_path / "jsonl", progress=False)
+    assert shard_docs(tmp_path / "jsonl") == expected_docs(tok_file, texts) and want["skipped_empty_docs"] == 1
+    shards = (tmp_path / "jsonl" / "tokens_00000.bin").read_bytes()
+    for out, inputs in [("zst", [root / "c_jsonl_zst" / "c.jsonl.zst"]), ("parquet", [root / "c_parquet" / "c.parquet"]),
+                        ("dir", [root / "c_parquet"]), ("glob", [str(root / "c_*" / "*.zst")])]:
+        meta = prepare(inputs, tok_file, tmp_path / out, progress=False)
+        assert (tmp_path / out / "tokens_00000.bin").read_bytes() == shards, out
+        assert (meta["num_docs"], meta["num_words"], meta["skipped_empty_docs"]) == \
+            (want["num_docs"], want["num_words"], want["skipped_empty_docs"])
+    # a text corpus whose name says nothing: --format text
+    (tmp_path / "train.et").write_text("\n".join(texts[:5]) + "\n", encoding="utf-8")
+    prepare([tmp_path / "train.et"], tok_file, tmp_path / "et", fmt="text", progress=False)
+    assert shard_docs(tmp_path / "et") == expected_docs(tok_file, texts[:5])
+
+
+def test_caps_stop_at_the_same_document_and_are_part_of_the_fingerprint(tok_file, records, tmp_path):
+    root, texts = records
+    inputs = [root / "c_parquet" / "c.parquet"]
+    docs = expected_docs(tok_file, texts)
+    # max_docs: the first N non-empty documents; the whitespace-only record (the 12th) counts as skipped
+    # only when it comes before the cut
+    for n, skipped in [(11, 0), (12, 1), (len(docs), 1)]:
+        meta = prepare(inputs, tok_file, tmp_path / "docs", max_docs=n, progress=False)
+        assert shard_docs(tmp_path / "docs") == docs[:n]
+        assert (meta["num_docs"], meta["skipped_empty_docs"], meta["max_docs"], meta["capped"]) == (n, skipped, n, True)
+        assert meta["num_words"] == sum(len(t.split()) for t in texts[:n])
+    # max_tokens: up to the document that reaches the cap (BOS/EOS counted)
+    ends = np.cumsum([len(d) for d in docs])
+    for cap, n in [(int(ends[9]), 10), (int(ends[9]) + 1, 11), (1, 1)]:
+        meta = prepare(inputs, tok_file, tmp_path / "tokens", max_tokens=cap, progress=False)
+        assert shard_docs(tmp_path / "tokens") == docs[:n] and meta["num_tokens"] == ends[n - 1] >= cap
+        assert meta["max_tokens"] == cap and meta["capped"] is True
+    # both caps: whichever comes first; a cap beyond the corpus reads it all and says it was not reached
+    meta = prepare(inputs, tok_file, tmp_path / "both", max_docs=3, max_tokens=int(ends[5]), progress=False)
+    assert meta["num_docs"] == 3
+    meta = prepare(inputs, tok_file, tmp_path / "all", max_docs=10**6, progress=False)
+    assert meta["num_docs"] == len(docs) and meta["capped"] is False
+    # the caps are in the fingerprint: the same cap is a no-op, another one redoes the work
+    assert prepare(inputs, tok_file, tmp_path / "docs", max_docs=len(docs), progress=False)["skipped"] is True
+    meta = prepare(inputs, tok_file, tmp_path / "docs", max_docs=5, progress=False)
+    assert meta["skipped"] is False and shard_docs(tmp_path / "docs") == docs[:5]
+    with pytest.raises(ValueError, match=r"max_docs must be at least 1"):
+        prepare(inputs, tok_file, tmp_path / "x", max_docs=0, progress=False)
+
+
+def test_cli_glob_caps_and_workers_give_the_in_process_result(tok_file, records, tmp_path):
+    """Quoted globs are expanded by minillm; with two worker processes the caps cut at the same document."""
+    root, texts = records
+    write_corpus(root / "c_parquet" / "d.parquet", texts[::-1], row_group_size=3)
+    inputs = sorted((root / "c_parquet").glob("*.parquet"))
+    cap = int(np.cumsum([len(d) for d in expected_docs(tok_file, texts + texts[::-1])])[80])
+    prepare(inputs, tok_file, tmp_path / "one", max_tokens=cap, progress=False)
+    env = {**os.environ, "PYTHONPATH": str(Path(minillm.__file__).parents[1])}
+    r = subprocess.run([sys.executable, "-m", "minillm.prepare", "--tokenizer", str(tok_file), "--input",
+                        str(root / "c_parquet" / "*.parquet"), "--out", str(tmp_path / "two"), "--workers", "2",
+                        "--max-tokens", str(cap)], capture_output=True, text=True, env=env, timeout=300)
+    assert r.returncode == 0, r.stderr
+    one, two = (json.loads((tmp_path / d / "meta.json").read_text()) for d in ("one", "two"))
+    assert two["num_docs"] == one["num_docs"] == 81 and two["fingerprint"] == one["fingerprint"]
+    assert (tmp_path / "one" / "tokens_00000.bin").read_bytes() == (tmp_path / "two" / "tokens_00000.bin").read_bytes()
+
+
+# A prepare run in a subprocess that reports how far its resident memory grew while it ran (VmHWM minus the
+# VmRSS after its imports; getrusage's ru_maxrss would count the parent's memory at fork).
+MEASURED_PREPARE = """
+import json, sys
+import pyarrow.parquet, zstandard
+from minillm.prepare import main
+def status_mb(key):
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith(key + ":")) / 1024
+before = status_mb("VmRSS")
+main(sys.argv[1:])
+print(json.dumps({"before_mb": before, "grew_mb": status_mb("VmHWM") - before}))
+"""
+
+
+@pytest.mark.skipif(not Path("/proc/self/status").exists(), reason="reads VmHWM from /proc (Linux)")
+def test_memory_stays_bounded_whatever_the_corpus_size(tok_file, tmp_path):
+    """256 MB of documents as Parquet and as .jsonl.zst, prepared with two workers: the main process grows by
+    under 64 MB (a reader that held a file, or a queue that held the corpus, would grow by 256 MB), and both
+    give the shards of the same corpus as plain .jsonl. To keep this fast, 4,000 of the documents are ~80 KB of
+    random Unicode whitespace: read, decompressed, parsed and sent to the workers like any other (and hard to
+    compress), but skipped as empty before tokenizing; 4,000 real documents are interleaved with them."""
+    rng, nprng = random.Random(4), np.random.default_rng(4)
+    real = [sentence(rng) for _ in range(4000)]
+    spaces = np.array(list(" \u00a0\u0085"))  # space, no-break space, next line: 1.7 bytes and 1.6 bits each
+    pads = ["".join(spaces[nprng.integers(0, 3, 3 << 13)]) for _ in range(16)]  # 16 pads of ~40 KB
+    texts = [t for i, r in enumerate(real) for t in (r, pads[i % 16] + pads[(i // 16) % 16])]
+    assert sum(len(t.encode()) for t in texts) > 256e6
+    write_corpus(tmp_path / "big.parquet", texts, row_group_size=64, use_dictionary=False)  # row groups of ~2.6 MB
+    with open(tmp_path / "big.jsonl", "w", encoding="utf-8") as f:
+        f.writelines('{"text": "%s"}\n' % t for t in texts)  # (no quotes, backslashes or controls to escape)
+    with open(tmp_path / "big.jsonl", "rb") as f, open(tmp_path / "big.jsonl.zst", "wb") as out:
+        zstandard.ZstdCompressor(level=1).copy_stream(f, out)
+    want = prepare([tmp_path / "big.jsonl"], tok_file, tmp_path / "jsonl", progress=False)
+    assert want["num_docs"] == 4000 and want["skipped_empty_docs"] == 4000
+    assert shard_docs(tmp_path / "jsonl") == expected_docs(tok_file, real)
+    env = {**os.environ, "PYTHONPATH": str(Path(minillm.__file__).parents[1])}
+    for name in ("big.parquet", "big.jsonl.zst"):
+        r = subprocess.run([sys.executable, "-c", MEASURED_PREPARE, "--tokenizer", str(tok_file), "--input",
+                            str(tmp_path / name), "--out", str(tmp_path / name.replace(".", "_")), "--workers", "2"],
+                           capture_output=True, text=True, env=env, timeout=300)
+        assert r.returncode == 0, r.stderr
+        grew = json.loads(r.stdout.strip().splitlines()[-1])["grew_mb"]
+        assert grew < 64, f"{name}: the main process grew by {grew:.0f} MB"
+        assert (tmp_path / name.replace(".", "_") / "tokens_00000.bin").read_bytes() == \
+            (tmp_path / "jsonl" / "tokens_00000.bin").read_bytes()
