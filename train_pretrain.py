@@ -85,7 +85,7 @@ def main(argv=None):
         return {"step": step, "tokens_seen": tokens_seen, "loader": loader.state_dict(), "options": asdict(cfg),
                 "model_config": model.config.architecture()}
 
-    log = RunLog(cfg.out_dir, rank, cfg.max_steps, step, cfg.log_interval, "pretrain")
+    log = RunLog(cfg.out_dir, rank, cfg.max_steps, step, cfg.log_interval, "pretrain", log_to=cfg.log_to)
     peak, preemption = peak_flops(device, cfg.peak_tflops) * world_size, Preemption()
     while step < cfg.max_steps and not preemption.stop:
         t0 = time.time()
