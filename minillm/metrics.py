@@ -8,7 +8,7 @@ against hand-computed values.
 - BLEU and chrF++ through sacreBLEU (imported lazily: it is an evaluation-only dependency)
 - perplexity and bits per byte from summed negative log-likelihood
 - uncertainty: the standard error of a mean, and bootstrap standard errors and 95% intervals for corpus
-  metrics (BLEU and chrF++ through sacreBLEU's own bootstrap)
+  metrics (BLEU and chrF++ over sacreBLEU's per-sentence statistics)
 """
 from __future__ import annotations
 
@@ -19,6 +19,8 @@ import statistics
 import string
 import unicodedata
 from collections import Counter
+
+import numpy as np
 
 # ----------------------------------------------------------------------------- extractive QA
 
@@ -302,7 +304,7 @@ def bleu(hypotheses: list[str], references: list[str] | list[list[str]], tokeniz
     references: one reference string per hypothesis, or a list of reference *streams* (sacreBLEU's
     layout: refs[k][i] is the k-th reference of sentence i). Returns {"score", "signature"}; report
     the signature with the score, since BLEU depends on tokenisation and version. With n_bootstrap > 1
-    also "ci95" and "stderr" (sacrebleu_interval)."""
+    also "ci95" and "stderr" of a bootstrap over sentences (sacrebleu_bootstrap)."""
     from sacrebleu.metrics import BLEU
     return _sacrebleu_score(BLEU(tokenize=tokenize) if tokenize else BLEU(), hypotheses, references, n_bootstrap)
 
@@ -317,16 +319,19 @@ def _sacrebleu_score(metric, hypotheses, references, n_bootstrap: int) -> dict:
     streams = _reference_streams(references)
     out = {"score": metric.corpus_score(hypotheses, streams).score, "signature": str(metric.get_signature())}
     if n_bootstrap > 1 and len(hypotheses) > 1:
-        out.update(sacrebleu_interval(metric.corpus_score(hypotheses, streams, n_bootstrap=n_bootstrap)))
+        out.update(sacrebleu_bootstrap(metric, hypotheses, streams, n_bootstrap))
     return out
 
 
-def sacrebleu_interval(score) -> dict:
-    """sacreBLEU's bootstrap (corpus_score(..., n_bootstrap=N): sentences resampled N times with its fixed
-    seed, SACREBLEU_SEED=12345) gives the resamples' mean and the half-width of their 95% interval, the
-    "μ = 39.3 ± 2.1" it prints; stderr is that half-width / 1.96 (the standard deviation, were the
-    resamples normal)."""
-    return {"ci95": [score._mean - score._ci, score._mean + score._ci], "stderr": score._ci / 1.96}
+def sacrebleu_bootstrap(metric, hypotheses, streams, resamples: int, seed: int = 0) -> dict:
+    """bootstrap()'s stderr and 95% interval for a sacreBLEU corpus metric, over sentences. The corpus
+    score is a function of per-sentence statistics (n-gram matches and lengths) summed over the corpus,
+    so each resample sums the sentences' statistics and recomputes the score, as sacreBLEU's own
+    `corpus_score(..., n_bootstrap=N)` does with the same two methods (that one mixes float and float32
+    scores, and fails in statistics.mean, when some resamples score 0)."""
+    stats = np.array(metric._extract_corpus_statistics(hypotheses, streams), dtype=np.float64)
+    rows = np.random.default_rng(seed).integers(0, len(stats), size=(resamples, len(stats)))
+    return _interval([float(metric._compute_score_from_stats(total.tolist()).score) for total in stats[rows].sum(1)])
 
 
 def _reference_streams(references):
@@ -375,7 +380,11 @@ def bootstrap(statistic, n: int, resamples: int = BOOTSTRAP_RESAMPLES, seed: int
     if n < 2:
         return {}
     rng = random.Random(seed)
-    values = [statistic([rng.randrange(n) for _ in range(n)]) for _ in range(resamples)]
+    return _interval([statistic([rng.randrange(n) for _ in range(n)]) for _ in range(resamples)])
+
+
+def _interval(values: list) -> dict:
+    """{"stderr", "ci95"} of bootstrap resample values (None and non-finite ones left out)."""
     values = sorted(v for v in values if v is not None and math.isfinite(v))
     if len(values) < 2:
         return {}

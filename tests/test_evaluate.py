@@ -104,7 +104,8 @@ def all_task_files(d: Path) -> list[Path]:
                    QA, dev=QA[:2]),
         write_task(d, "mt", {"type": "translation", "language": "et"},
                    [{"source": "good morning", "reference": "tere hommikust", "src_lang": "en", "tgt_lang": "et"},
-                    {"source": "Kass istus.", "reference": "The cat sat.", "src_lang": "et", "tgt_lang": "en"}]),
+                    {"source": "Kass istus.", "reference": "The cat sat.", "src_lang": "et", "tgt_lang": "en"},
+                    {"source": "the dog", "reference": "koer", "src_lang": "en", "tgt_lang": "et"}]),
         write_task(d, "gec", {"type": "gec", "language": "et"},
                    [{"source": "ma läheb koju", "references": ["ma lähen koju"]},
                     {"source": "Koer on pruun.", "references": ["Koer on pruun."]}]),
@@ -352,7 +353,9 @@ def test_end_to_end_every_task_type(model_dir, tmp_path, capsys):
         row = headline[key]
         assert row["ci95"][0] <= row["value"] + 1e-9 and row["stderr"] >= 0, key
         assert row["ci95"][1] >= row["ci95"][0], key
-    assert "ci95" not in headline[("mt", "bleu[en-et]")]  # one sentence per direction: nothing to resample
+    for key in [("mt", "bleu[en-et]"), ("mt", "chrf++[en-et]")]:  # sacreBLEU's bootstrap, stored as plain floats
+        assert headline[key]["ci95"][0] <= headline[key]["ci95"][1] and headline[key]["stderr"] >= 0, key
+    assert "ci95" not in headline[("mt", "bleu[et-en]")]  # one sentence: nothing to resample
     ppl_preds = [json.loads(x) for x in (out / "predictions" / "ppl.jsonl").read_text().splitlines()]
     assert max(p["bits_per_byte"] for p in ppl_preds) >= headline[("ppl", "bits_per_byte")]["ci95"][1] - 1e-9
     table = (out / "results.md").read_text()

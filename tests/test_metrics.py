@@ -3,6 +3,7 @@ errors against their formulas and a naive resampling.
 
 Run: python -m pytest -q tests/test_metrics.py
 """
+import json
 import math
 import random
 import statistics
@@ -222,6 +223,7 @@ def test_bleu_bootstrap_interval_matches_naive_resampling():
     hyps = [" ".join(w if rng.random() < 0.6 else rng.choice(words) for w in r.split()) for r in refs]
     ours = bleu(hyps, refs, n_bootstrap=1000)
     assert ours["score"] == sacrebleu.corpus_bleu(hyps, [refs]).score  # the score itself is unchanged
+    json.dumps(ours)  # plain floats: results.json can hold them
     assert "bs:" not in ours["signature"]  # the signature of the plain score
     naive = []  # corpus BLEU of resampled sentence lists, recomputed from scratch
     for _ in range(300):
@@ -231,3 +233,6 @@ def test_bleu_bootstrap_interval_matches_naive_resampling():
     lo, hi = ours["ci95"]
     assert lo < ours["score"] < hi
     assert chrf_pp(hyps, refs, n_bootstrap=200)["stderr"] > 0 and "ci95" not in chrf_pp(hyps, refs)
+    # resamples that score 0 next to ones that do not (sacreBLEU's own bootstrap fails on those)
+    out = chrf_pp(["tere hommikust", "x y"], ["tere hommikust", "koer"], n_bootstrap=100)
+    assert out["ci95"][0] == 0.0 < out["ci95"][1] and json.dumps(out)

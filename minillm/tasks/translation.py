@@ -5,7 +5,7 @@ Corpus BLEU and chrF++ are computed with sacreBLEU for each direction separately
 sacreBLEU's signature string (as LLAMMAS does). With several directions in one file, "bleu" and
 "chrf++" are the mean over directions and "bleu[en-et]" etc. give each one. Scores are on sacreBLEU's
 0-100 scale. BLEU uses the default 13a tokeniser (FLORES-200's spm tokeniser needs a download). Each
-score carries sacreBLEU's bootstrap 95% interval ("ci95") and the standard error derived from it.
+score carries a bootstrap over sentences: its standard deviation "stderr" and 95% interval "ci95".
 """
 from __future__ import annotations
 
