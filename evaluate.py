@@ -229,7 +229,7 @@ def compare_table(runs: list[tuple[str, dict]]) -> str:
     """The headline values of several runs (name, results) side by side, each with its standard error
     (± se), the number of items (n; "60/20" when the runs differ), and for two runs the difference B - A."""
     heads = [headline_rows(results) for _, results in runs]
-    keys = list(dict.fromkeys(key for head in heads for key in head))
+    keys = [key for key in dict.fromkeys(key for head in heads for key in head) if key[1] not in TABLE_SKIPS]
     letters = [chr(ord("A") + i) if i < 26 else f"R{i}" for i in range(len(runs))]
     lines = [f"{letter} = {name} ({results.get('model', '?')})" for letter, (name, results) in zip(letters, runs)]
     delta = len(runs) == 2
