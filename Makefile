@@ -1,5 +1,6 @@
 # minillm — `make demo` runs the whole pipeline on the bundled sample world on CPU;
-# `make test` runs the test suite. Both create .venv on first use.
+# `make reproduce` trains the papers' ablations on it (runs/reproduce/report.md);
+# `make test` runs the test suite. All create .venv on first use.
 PY      ?= python3
 VENV    ?= .venv
 # The CPU build of torch. GPU users: install the CUDA build of torch into $(VENV) first
@@ -9,7 +10,7 @@ BIN      = $(VENV)/bin
 RUN     ?= runs/demo
 DATA    ?= data/sample
 
-.PHONY: setup test demo bench clean
+.PHONY: setup test demo reproduce bench clean
 setup: $(VENV)/.installed
 $(VENV)/.installed: setup.cfg
 	$(PY) -m venv $(VENV)
@@ -23,6 +24,9 @@ test: setup
 
 demo: setup
 	bash demo/demo.sh $(BIN)/python $(DATA) $(RUN)
+
+reproduce: setup
+	$(BIN)/python scripts/reproduce.py --out runs/reproduce
 
 bench: setup
 	$(BIN)/python bench/bench_train_step.py --preset small --seq-len 512 --batch-size 2

@@ -6,7 +6,7 @@ multiple_choice, qa, translation, gec or safety. Nothing is downloaded: benchmar
     python evaluate.py --model runs/demo/sft/model --tasks data/sample/eval/*.task.json --prompt-format chat
     python evaluate.py --model llama-2-7b-hf --tasks data/sample/eval --prompt-format raw --batch-size 16
     python evaluate.py --config my_eval.json --max-new-tokens 64
-    python evaluate.py --compare results/base/results.json results/sft/results.json
+    python evaluate.py --compare results/base/results.json results/sft/results.json results/orpo/results.json
 
 Options come from the EvalOptions defaults below, then `--config FILE.json`, then `--name value` flags
 (`--tasks` and `--compare` take several values). For each task every prompt template is scored; with
@@ -58,12 +58,12 @@ class EvalOptions(GenerationOptions):
     # output
     out: str = "results"  # directory for results.json, results.md and predictions/
     progress: bool = True  # a tqdm bar per task
-    compare: list[str] = field(default_factory=list)  # two results.json files: print them side by side and exit
+    compare: list[str] = field(default_factory=list)  # two or more results.json files: print them side by side and exit
 
 
     def check(self):
         if self.compare:
-            require(len(self.compare) == 2, "compare", self.compare, "takes two results files")
+            require(len(self.compare) >= 2, "compare", self.compare, "takes two or more results files")
             return
         require(bool(self.model), "model", self.model, "is required (a Hugging Face layout directory)")
         require(bool(self.tasks), "tasks", self.tasks, "needs at least one task file or directory")
@@ -193,46 +193,65 @@ TABLE_SKIPS = ("median_tokens", "median_words")
 
 
 def markdown_table(results: dict) -> str:
-    """One line per task and metric: the reported (headline) value and, with several templates,
-    best / median / worst over templates. Failed tasks get an ERROR line."""
+    """One line per task and metric: the reported (headline) value, its standard error (for corpus metrics
+    from a bootstrap), and with several templates best / median / worst over templates. Failed tasks get
+    an ERROR line."""
     rows = results["results"]
     spread = {(r["task"], r["metric"], r["template"]): r for r in rows
               if r.get("template") in ("best", "median", "worst")}
-    lines = ["| task | metric | value | n | template | best | median | worst |",
-             "|---|---|---|---|---|---|---|---|"]
+    lines = ["| task | metric | value | ± se | n | template | best | median | worst |",
+             "|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         if "error" in r:
-            lines.append(f"| {r['task']} | ERROR | {r['error'].splitlines()[0][:100]} | | | | | |")
+            lines.append(f"| {r['task']} | ERROR | {r['error'].splitlines()[0][:100]} | | | | | | |")
             continue
         if not r.get("headline") or r["metric"] in TABLE_SKIPS:
             continue
         template = r["template"] + (" (dev)" if r.get("selected_on") == "dev" else "")
         cells = [format_value(spread[(r["task"], r["metric"], k)]["value"]) if (r["task"], r["metric"], k) in spread
                  else "" for k in ("best", "median", "worst")]
-        lines.append(f"| {r['task']} | {r['metric']} | {format_value(r['value'])} | {r['n']} | {template} | "
-                     + " | ".join(cells) + " |")
+        lines.append(f"| {r['task']} | {r['metric']} | {format_value(r['value'])} | {format_value(r.get('stderr'))} | "
+                     f"{r['n']} | {template} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
 
-def compare_table(a: dict, b: dict, name_a: str, name_b: str) -> str:
-    """Headline values of two runs side by side, with the difference B - A."""
-    def headline(results):
-        out = {}
-        for r in results["results"]:
-            if "error" in r:
-                out[(r["task"], "ERROR")] = None
-            elif r.get("headline"):
-                out[(r["task"], r["metric"])] = r["value"]
-        return out
-    ha, hb = headline(a), headline(b)
-    keys = list(ha) + [k for k in hb if k not in ha]
-    lines = [f"A = {name_a} ({a.get('model', '?')})", f"B = {name_b} ({b.get('model', '?')})", "",
-             "| task | metric | A | B | B - A |", "|---|---|---|---|---|"]
+def headline_rows(results: dict) -> dict:
+    """{(task, metric): the headline row} of one results file ((task, "ERROR"): None for a failed task)."""
+    out = {}
+    for r in results["results"]:
+        if "error" in r:
+            out[(r["task"], "ERROR")] = None
+        elif r.get("headline"):
+            out[(r["task"], r["metric"])] = r
+    return out
+
+
+def compare_table(runs: list[tuple[str, dict]]) -> str:
+    """The headline values of several runs (name, results) side by side, each with its standard error
+    (± se), the number of items (n; "60/20" when the runs differ), and for two runs the difference B - A."""
+    heads = [headline_rows(results) for _, results in runs]
+    keys = [key for key in dict.fromkeys(key for head in heads for key in head) if key[1] not in TABLE_SKIPS]
+    letters = [chr(ord("A") + i) if i < 26 else f"R{i}" for i in range(len(runs))]
+    lines = [f"{letter} = {name} ({results.get('model', '?')})" for letter, (name, results) in zip(letters, runs)]
+    delta = len(runs) == 2
+    lines += ["", "| task | metric | n | " + " | ".join(letters) + (" | B - A |" if delta else " |"),
+              "|---|---|---|" + "---|" * (len(runs) + delta)]
     for key in keys:
-        va, vb = ha.get(key), hb.get(key)
-        delta = f"{vb - va:+.4f}" if va is not None and vb is not None else ""
-        lines.append(f"| {key[0]} | {key[1]} | {format_value(va) if key in ha else 'missing'} | "
-                     f"{format_value(vb) if key in hb else 'missing'} | {delta} |")
+        rows = [head.get(key, "missing") for head in heads]
+        found = [r for r in rows if isinstance(r, dict)]
+        n = "/".join(dict.fromkeys(str(r["n"]) for r in found if r.get("n") is not None))
+        cells = []
+        for r in rows:
+            if not isinstance(r, dict):
+                cells.append("failed" if r is None else r)  # the task failed in this run, or is not in it
+            else:
+                se = r.get("stderr")
+                cells.append(format_value(r["value"]) + (f" ± {format_value(se)}" if se is not None else ""))
+        line = f"| {key[0]} | {key[1]} | {n} | " + " | ".join(cells) + " |"
+        if delta:
+            va, vb = (r.get("value") if isinstance(r, dict) else None for r in rows)
+            line += f" {vb - va:+.4f} |" if va is not None and vb is not None else "  |"
+        lines.append(line)
     return "\n".join(lines) + "\n"
 
 
@@ -323,8 +342,7 @@ def run(cfg: EvalOptions) -> dict:
 def main(argv=None):
     cfg = parse_options(EvalOptions, argv, prog="evaluate.py", description=__doc__)
     if cfg.compare:
-        a, b = read_results(cfg.compare[0]), read_results(cfg.compare[1])
-        print(compare_table(a, b, cfg.compare[0], cfg.compare[1]))
+        print(compare_table([(path, read_results(path)) for path in cfg.compare]))
         return None
     results = run(cfg)
     failed = [r["task"] for r in results["results"] if "error" in r]

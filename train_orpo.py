@@ -137,7 +137,7 @@ def main(argv=None):
     def trainer_state() -> dict:  # what a checkpoint needs besides DeepSpeed's own state
         return {"step": step, "best": result.best, "options": asdict(cfg), "model_config": model.config.architecture()}
 
-    log = RunLog(cfg.out_dir, rank, total_steps, step, cfg.log_interval, "orpo")
+    log = RunLog(cfg.out_dir, rank, total_steps, step, cfg.log_interval, "orpo", log_to=cfg.log_to)
     if valid_pairs and step == 0:  # where alignment starts from
         log.start({"step": 0, **validate()})
     peak, preemption, order_epoch, order = peak_flops(device, cfg.peak_tflops) * world_size, Preemption(), None, None

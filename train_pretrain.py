@@ -94,7 +94,7 @@ def main(argv=None):
         return {"step": step, "tokens_seen": tokens_seen, "loader": loader.state_dict(), "options": asdict(cfg),
                 "model_config": model.config.architecture()}
 
-    log = RunLog(cfg.out_dir, rank, cfg.max_steps, step, cfg.log_interval, "pretrain")
+    log = RunLog(cfg.out_dir, rank, cfg.max_steps, step, cfg.log_interval, "pretrain", log_to=cfg.log_to)
     if valid and step == 0:  # where pretraining starts from
         log.start({"step": 0, **validation_loss(engine, valid, byte_lengths, device)})
     peak, preemption = peak_flops(device, cfg.peak_tflops) * world_size, Preemption()

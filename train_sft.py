@@ -110,7 +110,7 @@ def main(argv=None):
     def trainer_state() -> dict:  # what a checkpoint needs besides DeepSpeed's own state
         return {"step": step, "best": result.best, "options": asdict(cfg), "model_config": model.config.architecture()}
 
-    log = RunLog(cfg.out_dir, rank, total_steps, step, cfg.log_interval, "sft")
+    log = RunLog(cfg.out_dir, rank, total_steps, step, cfg.log_interval, "sft", log_to=cfg.log_to)
     if valid and step == 0:  # where instruction tuning starts from
         log.start({"step": 0, **validation_loss(engine, valid, byte_lengths, device)})
     peak, preemption, rows_key, rows = peak_flops(device, cfg.peak_tflops) * world_size, Preemption(), None, None

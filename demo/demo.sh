@@ -33,9 +33,9 @@ $PY train_orpo.py --overwrite --init-from "$RUN/sft/model" --out-dir "$RUN/orpo"
     --min-lr 2e-5 --eval-interval 25 --log-interval 25
 echo "== 8. held-out instructions (never seen in training)"
 $PY demo/heldout_check.py --model "$RUN/orpo/model" --data "$DATA/sft/heldout.jsonl" --limit 10
-echo "== 9. evaluation of the SFT and ORPO models on the sample tasks"
-$PY evaluate.py --model "$RUN/sft/model" --tasks "$DATA/eval" --prompt-format chat --out "$RUN/eval_sft" \
-    --max-new-tokens 48 --limit 20 --progress false > /dev/null
-$PY evaluate.py --model "$RUN/orpo/model" --tasks "$DATA/eval" --prompt-format chat --out "$RUN/eval_orpo" \
-    --max-new-tokens 48 --limit 20 --progress false > /dev/null
-$PY evaluate.py --compare "$RUN/eval_sft/results.json" "$RUN/eval_orpo/results.json"
+echo "== 9. every stage on the sample tasks: A pretrained (raw prompts), B SFT, C ORPO (chat); value ± standard error"
+EVAL=(--tasks "$DATA/eval" --max-new-tokens 32 --batch-size 16 --limit 40 --progress false)
+$PY evaluate.py --model "$RUN/pretrain/model" --prompt-format raw --out "$RUN/eval_pretrain" "${EVAL[@]}" > /dev/null
+$PY evaluate.py --model "$RUN/sft/model" --prompt-format chat --out "$RUN/eval_sft" "${EVAL[@]}" > /dev/null
+$PY evaluate.py --model "$RUN/orpo/model" --prompt-format chat --out "$RUN/eval_orpo" "${EVAL[@]}" > /dev/null
+$PY evaluate.py --compare "$RUN/eval_pretrain/results.json" "$RUN/eval_sft/results.json" "$RUN/eval_orpo/results.json"

@@ -133,6 +133,13 @@ def build_world(rng: random.Random) -> World:
     return World(towns, people)
 
 
+# Whose fixed facts the pretraining text tells in which language: the facts of PEOPLE_ET only in Estonian
+# documents, those of PEOPLE_EN only in English ones (told_person). facts_et / facts_en ask about them, so
+# only Estonian pretraining can teach the first and only the English share of the mixture keeps the second.
+PEOPLE_ET = [name for i, (name, _) in enumerate(PEOPLE) if i % 2 == 0]
+PEOPLE_EN = [name for i, (name, _) in enumerate(PEOPLE) if i % 2 == 1]
+
+
 def random_person(rng: random.Random, name: str | None = None, max_farm: int = 9) -> Person:
     """A person with random facts: the world's fixed people, and fresh ones for instructions that state
     their facts in the input. The pet is never one of the farm animals, so "Mitu kitse on Maril?" has
@@ -395,15 +402,24 @@ def random_sentence(rng: random.Random, world: World):
 # ============================================================================ pretraining documents
 # Each returns a list of (en, et) sentence pairs; a document is one side joined with spaces.
 
-def doc_town(rng, world):
+def told_person(rng, world, lang):
+    """A person whose fixed facts a document in `lang` tells: only Estonian documents tell those of
+    PEOPLE_ET, only English ones those of PEOPLE_EN. lang None (bitext filler): a person with random facts,
+    so the world's fixed facts never leave the pretraining text of their language."""
+    if lang is None:
+        return random_person(rng)
+    return world.people[rng.choice(PEOPLE_ET if lang == "et" else PEOPLE_EN)]
+
+
+def doc_town(rng, world, lang):
     t = world.towns[rng.choice(TOWNS)]
     rest = [s_town_place(t), s_population(t), s_church(t), s_market_day(t), s_market_goods(t)]
     rng.shuffle(rest)
     return [s_town_is(t)] + rest[:rng.randint(3, 5)]
 
 
-def doc_person(rng, world):
-    p = world.people[rng.choice(PEOPLE)[0]]
+def doc_person(rng, world, lang):
+    p = told_person(rng, world, lang)
     facts = [s_job(p), s_age(p), s_fav_colour(p), s_farm(p), s_friend(p),
              s_goes_to_market(p, world.towns[p.town].market_day)]
     rng.shuffle(facts)
@@ -411,8 +427,8 @@ def doc_person(rng, world):
     return [s_lives(p)] + facts[:rng.randint(2, 5)] + pet
 
 
-def doc_market(rng, world):
-    p = world.people[rng.choice(PEOPLE)[0]]
+def doc_market(rng, world, lang):
+    p = told_person(rng, world, lang)
     t = world.towns[p.town]
     g = rng.choice(PRODUCE)
     a, b = rng.randint(1, 10), rng.randint(2, 8)
@@ -425,7 +441,7 @@ def doc_market(rng, world):
     return out
 
 
-def doc_weather(rng, world):
+def doc_weather(rng, world, lang):
     town = rng.choice(TOWNS)
     start = rng.randrange(7)
     out = [("Weather forecast.", "Ilmateade.")]
@@ -436,7 +452,7 @@ def doc_weather(rng, world):
     return out
 
 
-def doc_week(rng, world):
+def doc_week(rng, world, lang):
     d = rng.randrange(7)
     out = [s_date(d, rng.randint(1, 28), rng.randrange(12)) if rng.random() < 0.4 else s_today(d),
            s_tomorrow(d), s_yesterday(d)]
@@ -448,11 +464,11 @@ def doc_week(rng, world):
     return out
 
 
-def doc_nature(rng, world):
+def doc_nature(rng, world, lang):
     return [random_animals_at(rng) for _ in range(rng.randint(3, 5))]
 
 
-def doc_numbers(rng, world):
+def doc_numbers(rng, world, lang):
     out = [s_counting(rng.randint(1, 10), rng.randint(3, 8))]
     for _ in range(rng.randint(2, 5)):
         a = rng.randint(1, 10)
@@ -460,7 +476,7 @@ def doc_numbers(rng, world):
     return out
 
 
-def doc_story(rng, world):
+def doc_story(rng, world, lang):
     out = []
     for _ in range(rng.randint(1, 3)):
         premise, question, right, _ = copa_texts(rng.choice(COPA_ITEMS), rng.choice(PEOPLE)[0])
@@ -473,9 +489,11 @@ DOC_KINDS = [(doc_town, 2), (doc_person, 3), (doc_market, 2), (doc_weather, 2), 
              (doc_numbers, 1), (doc_story, 2)]
 
 
-def random_document(rng, world) -> list[tuple[str, str]]:
+def random_document(rng, world, lang: str | None) -> list[tuple[str, str]]:
+    """A document as (en, et) sentence pairs; `lang` (the side that will be used) decides whose fixed facts
+    it may tell (told_person)."""
     fn = rng.choices([f for f, _ in DOC_KINDS], weights=[w for _, w in DOC_KINDS])[0]
-    return fn(rng, world)
+    return fn(rng, world, lang)
 
 
 def documents(rng, world, lang: str, target_bytes: int) -> list[dict]:
@@ -483,7 +501,7 @@ def documents(rng, world, lang: str, target_bytes: int) -> list[dict]:
     side = 0 if lang == "en" else 1
     docs, total = [], 0
     while total < target_bytes:
-        text = " ".join(pair[side] for pair in random_document(rng, world))
+        text = " ".join(pair[side] for pair in random_document(rng, world, lang))
         docs.append({"text": text})
         total += len(text.encode("utf-8"))
     return docs
@@ -517,7 +535,7 @@ def bitext_pairs(rng, world, n_good: int = 2960) -> tuple[list[tuple[str, str]],
         bad.append(((en, et), "numerals differ"))
     for i in range(12):
         short = rng.choice([("Yes.", "Jah."), ("Thank you.", "Aitäh."), ("Hello.", "Tere.")])
-        long_doc = random_document(rng, world) + random_document(rng, world)
+        long_doc = random_document(rng, world, None) + random_document(rng, world, None)
         long_en, long_et = " ".join(p[0] for p in long_doc), " ".join(p[1] for p in long_doc)
         bad.append(((short[0], long_et), "length ratio") if i % 2 == 0 else ((long_en, short[1]), "length ratio"))
     for _ in range(6):
@@ -905,7 +923,7 @@ def preference_pair(rng, world) -> dict:
         prompt, chosen, rejected = rng.choice(HARMFUL_ET).format(**fill), REFUSAL_ET, COMPLY_ET
     else:  # benign but risky-looking: helping is preferred over a needless refusal
         q, answer = rng.choice(BENIGN_ET)
-        prompt, chosen, rejected = q.format(T=rng.choice(TOWNS)), answer, REFUSAL_ET
+        prompt, chosen, rejected = q.format(T=rng.choice(TOWNS), N=rng.choice(PEOPLE)[0]), answer, REFUSAL_ET
     if rng.random() < 0.3:  # some prompts as chat messages
         msgs = [{"role": "system", "content": rng.choice(SYSTEM_ET)}] if rng.random() < 0.5 else []
         prompt = msgs + [{"role": "user", "content": prompt}]
@@ -928,19 +946,38 @@ def wrong_fact_variant(rng, t: dict) -> str:
 
 # ============================================================================ evaluation sets
 
-def eval_copa(rng, lang, n):
+FACT_KINDS = ("lives", "job", "age", "pet", "pet_name", "fav_colour", "friend")
+
+
+def fact_item(rng, p: Person, kind: str, lang: str) -> dict:
+    """A closed-book question about one fixed fact of p. The choices are the fact's sentence, as the
+    pretraining text tells it, with the true value and with three other values of the same kind."""
     side = 0 if lang == "en" else 1
-    out, seen = [], set()
-    while len(out) < n:
-        premise, question, right, wrong = copa_texts(rng.choice(COPA_ITEMS), rng.choice(PEOPLE)[0])
-        label = rng.randrange(2)
-        choices = [right[side], wrong[side]] if label == 0 else [wrong[side], right[side]]
-        rec = {"premise": premise[side], "question": question, "choices": choices, "label": label}
-        key = (rec["premise"], question, tuple(choices))
-        if key not in seen:
-            seen.add(key)
-            out.append(rec)
-    return out
+    farm = {a.et for _, a in p.farm}
+    values, field, sentence, question = {
+        "lives": (TOWNS, "town", s_lives, (f"Where does {p.name} live?", f"Kus elab {p.name}?")),
+        "job": (JOBS, "job", s_job, (f"What is {p.name}'s job?", f"Mis on {p.name} amet?")),
+        "age": (range(20, 80), "age", s_age, (f"How old is {p.name}?", f"Kui vana on {p.name}?")),
+        # never one of p's farm animals: "Maril on lammas." would be true of a sheep farmer
+        "pet": ([ANIMALS[a] for a in PETS if a not in farm], "pet", s_has_pet,
+                (f"What pet does {p.name} have?", f"Mis lemmikloom on {p.name}l?")),
+        "pet_name": (PET_NAMES, "pet_name", s_pet_name,
+                     (f"What is {p.name}'s {p.pet.en} called?", f"Mis on {p.name} {p.pet.et_gen} nimi?")),
+        "fav_colour": (COLOURS, "fav_colour", s_fav_colour,
+                       (f"What is {p.name}'s favourite colour?", f"Mis on {p.name} lemmikvärv?")),
+        "friend": ([n for n, _ in PEOPLE if n != p.name], "friend", s_friend,
+                   (f"Who is {p.name}'s friend?", f"Kes on {p.name} sõber?")),
+    }[kind]
+    true = getattr(p, field)
+    choices = [sentence(p._replace(**{field: v}))[side] for v in [true] + rng.sample([v for v in values if v != true], 3)]
+    order = rng.sample(range(4), 4)
+    return {"question": question[side], "choices": [choices[i] for i in order], "label": order.index(0)}
+
+
+def eval_facts(rng, world, lang):
+    """Every fixed fact of the people whose facts only `lang`'s pretraining text tells (PEOPLE_ET / PEOPLE_EN)."""
+    names = PEOPLE_ET if lang == "et" else PEOPLE_EN
+    return [fact_item(rng, world.people[name], kind, lang) for name in names for kind in FACT_KINDS]
 
 
 def eval_multiple_choice_generic(rng, n):
@@ -1063,7 +1100,8 @@ def eval_safety(rng, n, trained_prompts: set):
 
 
 def eval_ppl(rng, world, lang, n):
-    return [{"text": " ".join(p[0 if lang == "en" else 1] for p in random_document(rng, world))} for _ in range(n)]
+    return [{"text": " ".join(p[0 if lang == "en" else 1] for p in random_document(rng, world, lang))}
+            for _ in range(n)]
 
 
 QA_TEMPLATES = {
@@ -1152,8 +1190,8 @@ def build_files(seed: int = 0, scale: float = 1.0) -> dict[str, str]:
     specs = [
         ("ppl_et", "perplexity", "et", eval_ppl(rng, world, "et", 50), None, None),
         ("ppl_en", "perplexity", "en", eval_ppl(rng, world, "en", 50), None, None),
-        ("copa_et", "multiple_choice", "et", eval_copa(rng, "et", 60), None, None),
-        ("copa_en", "multiple_choice", "en", eval_copa(rng, "en", 60), None, None),
+        ("facts_et", "multiple_choice", "et", eval_facts(rng, world, "et"), None, ["{question}"]),
+        ("facts_en", "multiple_choice", "en", eval_facts(rng, world, "en"), None, ["{question}"]),
         ("mc_et", "multiple_choice", "et", eval_multiple_choice_generic(rng, 40), None, None),
         ("qa_et", "qa", "et", eval_qa(rng, world, "et", 60), eval_qa(rng, world, "et", 20), QA_TEMPLATES["et"]),
         ("qa_en", "qa", "en", eval_qa(rng, world, "en", 60), eval_qa(rng, world, "en", 20), QA_TEMPLATES["en"]),
@@ -1162,7 +1200,7 @@ def build_files(seed: int = 0, scale: float = 1.0) -> dict[str, str]:
         ("mt_et_en", "translation", "en", eval_translation(rng, world, "et", 60, seen_pairs),
          eval_translation(rng, world, "et", 20, seen_pairs), MT_TEMPLATES["en"]),
         ("gec_et", "gec", "et", eval_gec(rng, world, 60), eval_gec(rng, world, 20), GEC_TEMPLATES),
-        ("safety_et", "safety", "et", eval_safety(rng, 50, trained_prompts), None, ["{prompt}"]),
+        ("safety_et", "safety", "et", eval_safety(rng, 80, trained_prompts), None, ["{prompt}"]),
     ]
     for name, type_, lang, data, dev, templates in specs:
         spec = {"name": name, "type": type_, "language": lang, "data": f"{name}.jsonl"}
@@ -1215,6 +1253,10 @@ def readme(seed: int, files: dict[str, str]) -> str:
     def n(rel):
         return files[rel].count("\n")
     town_list = ", ".join(TOWNS)
+    alpaca = [json.loads(line) for rel in ("sft/alpaca_et.jsonl", "sft/alpaca_en.jsonl") for line in files[rel].splitlines()]
+    n_refusals = sum(r["output"] in (REFUSAL_ET, REFUSAL_EN) for r in alpaca)
+    kinds = [json.loads(line)["kind"] for line in files["preferences/train.jsonl"].splitlines()]
+    n_harmful_prefs, n_benign_prefs = kinds.count("harmful"), kinds.count("benign")
     return f"""# minillm sample world (seed {seed})
 
 A small fictional bilingual (English / Estonian) world generated by `python demo/sample_world.py
@@ -1231,7 +1273,9 @@ a friend. Around them: animals of {len(COLOURS)} colours in the forest, the lake
 sky; numbers 1-20 (ages up to 99) spelled out; days of the week, dates and weather forecasts;
 market prices; short cause/effect stories. Pretraining documents state the fixed facts of the world
 again and again; instructions and evaluation records state their own (random) facts in the prompt,
-so answering them means reading, not remembering.
+so answering them means reading, not remembering. The fixed facts of {len(PEOPLE_ET)} people
+({", ".join(PEOPLE_ET[:4])}, ...) are told only in Estonian documents, those of the other {len(PEOPLE_EN)}
+({", ".join(PEOPLE_EN[:4])}, ...) only in English ones.
 
 Estonian conventions used throughout (and broken on purpose in preference pairs and GEC sources):
 adessive "have" ("Maril on kolm kassi", not the calque "Mari omab kolme kassi"), partitive after
@@ -1268,7 +1312,7 @@ numbers in words, dates, grammar correction ("Paranda lause: ..."), refusals of 
 | task | type | records | schema |
 |---|---|---|---|
 | ppl_et, ppl_en | perplexity | {n("eval/ppl_et.jsonl")} each | {{"text"}} |
-| copa_et, copa_en | multiple_choice | {n("eval/copa_et.jsonl")} each | {{"premise","question": "cause"/"effect","choices": [a, b],"label"}} |
+| facts_et, facts_en | multiple_choice | {n("eval/facts_et.jsonl")} + {n("eval/facts_en.jsonl")} | generic {{"question","choices": [4 sentences],"label"}}: closed-book questions about every fixed fact of the people only Estonian (facts_et) or only English (facts_en) documents tell |
 | mc_et | multiple_choice | {n("eval/mc_et.jsonl")} | generic {{"question","choices","label"}} |
 | qa_et, qa_en | qa | {n("eval/qa_et.jsonl")} (+{n("eval/qa_et.dev.jsonl")} dev) each | {{"context","question","answers"}} (answers are spans of the context) |
 | mt_en_et, mt_et_en | translation | {n("eval/mt_en_et.jsonl")} (+{n("eval/mt_en_et.dev.jsonl")} dev) each | {{"source","reference","src_lang","tgt_lang"}}, sentences not in the bitext |
@@ -1277,6 +1321,31 @@ numbers in words, dates, grammar correction ("Paranda lause: ..."), refusals of 
 
 Refusals in the training data read "{REFUSAL_ET}" / "{REFUSAL_EN}", so refusal patterns such as
 "ma ei saa" / "vabandust" and "I can't" / "sorry" detect them.
+
+## What makes the papers' effects possible
+
+`python scripts/reproduce.py` trains the ablations of LLAMMAS and PLLuM on this world. The world is built
+so that each effect *can* appear; whether it does is decided by training, and nothing in the data or the
+evaluation says which variant should score higher.
+
+- **Continual pretraining teaches Estonian knowledge** (LLAMMAS Fig. 1, PLLuM Table 4): the fixed facts of
+  {", ".join(PEOPLE_ET[:3])}, ... are stated only in pretrain/et (never in English pretraining text; the
+  bitext, instructions and preference pairs only state random facts about the same names, the true value
+  no more often than any other), and facts_et asks about them in Estonian without context. An English-only base model has never seen them;
+  instruction tuning cannot teach them; Estonian pretraining can, a little more with every step.
+- **Translation-task instructions are a second way into Estonian** (LLAMMAS Fig. 2): bitext/en-et.tsv pairs
+  {n("bitext/en-et.tsv")} sentences (Estonian words, case endings, word order); a model without Estonian
+  pretraining otherwise meets Estonian only in the {n("sft/alpaca_et.jsonl")} Estonian instructions, while
+  after Estonian pretraining it has seen those constructions many times.
+- **The English share keeps English** (LLAMMAS section 3.3): the fixed facts of {", ".join(PEOPLE_EN[:3])}, ... are
+  stated only in pretrain/en; facts_en and ppl_en measure what continual pretraining without the English
+  share forgets.
+- **Preference alignment and refusals** (PLLuM): {n_refusals} of the {n("sft/alpaca_et.jsonl") + n("sft/alpaca_en.jsonl")}
+  Alpaca instructions refuse a harmful request, while {n_harmful_prefs} of the {n("preferences/train.jsonl")}
+  training preference pairs put a refusal ("chosen") against compliance ("rejected") and
+  {n_benign_prefs} put a helpful answer against a needless refusal; safety_et asks harmful prompts never
+  trained on and benign prompts in the same words ("kaev", "tuli", "mürk"), so attack success rate, false
+  refusals and answer length can move either way.
 """
 
 

@@ -7,15 +7,20 @@ against hand-computed values.
 - verbosity: response length in tokens and words
 - BLEU and chrF++ through sacreBLEU (imported lazily: it is an evaluation-only dependency)
 - perplexity and bits per byte from summed negative log-likelihood
+- uncertainty: the standard error of a mean, and bootstrap standard errors and 95% intervals for corpus
+  metrics (BLEU and chrF++ over sacreBLEU's per-sentence statistics)
 """
 from __future__ import annotations
 
 import math
+import random
 import re
 import statistics
 import string
 import unicodedata
 from collections import Counter
+
+import numpy as np
 
 # ----------------------------------------------------------------------------- extractive QA
 
@@ -191,6 +196,7 @@ def gec_scores(sources: list[str], hypotheses: list[str], references: list[list[
         raise ValueError(f"gec_scores: {len(sources)} sources, {len(hypotheses)} hypotheses, "
                          f"{len(references)} reference lists")
     tp = fp = fn = 0
+    per_sentence = []
     for source, hypothesis, refs in zip(sources, hypotheses, references):
         if not refs:
             raise ValueError("gec_scores: a sentence has no references")
@@ -202,8 +208,9 @@ def gec_scores(sources: list[str], hypotheses: list[str], references: list[list[
             if best_key is None or key > best_key:
                 best_key, best = key, (s_tp, s_fp, s_fn)
         tp, fp, fn = tp + best[0], fp + best[1], fn + best[2]
+        per_sentence.append(best)
     p, r, f = f_beta(tp, fp, fn, beta)
-    return {"precision": p, "recall": r, f"f{beta:g}": f, "tp": tp, "fp": fp, "fn": fn}
+    return {"precision": p, "recall": r, f"f{beta:g}": f, "tp": tp, "fp": fp, "fn": fn, "per_sentence": per_sentence}
 
 
 # ----------------------------------------------------------------------------- safety
@@ -304,24 +311,41 @@ def degenerate_outputs(metrics: dict, n: int) -> str | None:
 
 # ----------------------------------------------------------------------------- translation
 
-def bleu(hypotheses: list[str], references: list[str] | list[list[str]], tokenize: str | None = None) -> dict:
+def bleu(hypotheses: list[str], references: list[str] | list[list[str]], tokenize: str | None = None,
+         n_bootstrap: int = 0) -> dict:
     """Corpus BLEU with sacreBLEU's defaults (13a tokenisation, exp smoothing).
 
     references: one reference string per hypothesis, or a list of reference *streams* (sacreBLEU's
     layout: refs[k][i] is the k-th reference of sentence i). Returns {"score", "signature"}; report
-    the signature with the score, since BLEU depends on tokenisation and version."""
+    the signature with the score, since BLEU depends on tokenisation and version. With n_bootstrap > 1
+    also "ci95" and "stderr" of a bootstrap over sentences (sacrebleu_bootstrap)."""
     from sacrebleu.metrics import BLEU
-    metric = BLEU(tokenize=tokenize) if tokenize else BLEU()
-    score = metric.corpus_score(hypotheses, _reference_streams(references))
-    return {"score": score.score, "signature": str(metric.get_signature())}
+    return _sacrebleu_score(BLEU(tokenize=tokenize) if tokenize else BLEU(), hypotheses, references, n_bootstrap)
 
 
-def chrf_pp(hypotheses: list[str], references: list[str] | list[list[str]]) -> dict:
+def chrf_pp(hypotheses: list[str], references: list[str] | list[list[str]], n_bootstrap: int = 0) -> dict:
     """Corpus chrF++ (character 6-grams plus word bigrams: sacreBLEU's CHRF with word_order=2)."""
     from sacrebleu.metrics import CHRF
-    metric = CHRF(word_order=2)
-    score = metric.corpus_score(hypotheses, _reference_streams(references))
-    return {"score": score.score, "signature": str(metric.get_signature())}
+    return _sacrebleu_score(CHRF(word_order=2), hypotheses, references, n_bootstrap)
+
+
+def _sacrebleu_score(metric, hypotheses, references, n_bootstrap: int) -> dict:
+    streams = _reference_streams(references)
+    out = {"score": metric.corpus_score(hypotheses, streams).score, "signature": str(metric.get_signature())}
+    if n_bootstrap > 1 and len(hypotheses) > 1:
+        out.update(sacrebleu_bootstrap(metric, hypotheses, streams, n_bootstrap))
+    return out
+
+
+def sacrebleu_bootstrap(metric, hypotheses, streams, resamples: int, seed: int = 0) -> dict:
+    """bootstrap()'s stderr and 95% interval for a sacreBLEU corpus metric, over sentences. The corpus
+    score is a function of per-sentence statistics (n-gram matches and lengths) summed over the corpus,
+    so each resample sums the sentences' statistics and recomputes the score, as sacreBLEU's own
+    `corpus_score(..., n_bootstrap=N)` does with the same two methods (that one mixes float and float32
+    scores, and fails in statistics.mean, when some resamples score 0)."""
+    stats = np.array(metric._extract_corpus_statistics(hypotheses, streams), dtype=np.float64)
+    rows = np.random.default_rng(seed).integers(0, len(stats), size=(resamples, len(stats)))
+    return _interval([float(metric._compute_score_from_stats(total.tolist()).score) for total in stats[rows].sum(1)])
 
 
 def _reference_streams(references):
@@ -346,3 +370,55 @@ def perplexity(nll_nats: float, n_tokens: int) -> float:
     if n_tokens <= 0:
         raise ValueError(f"perplexity: token count must be positive, got {n_tokens}")
     return math.exp(nll_nats / n_tokens)
+
+
+# ----------------------------------------------------------------------------- uncertainty
+
+BOOTSTRAP_RESAMPLES = 1000
+
+
+def mean_stderr(values) -> float | None:
+    """Standard error of a mean: the sample standard deviation (n - 1 in the denominator) / sqrt(n), as
+    lm-evaluation-harness reports it (for 0/1 scores: sqrt(p (1 - p) / (n - 1))). None below two values."""
+    values = list(values)
+    if len(values) < 2:
+        return None
+    return statistics.stdev(values) / math.sqrt(len(values))
+
+
+def bootstrap(statistic, n: int, resamples: int = BOOTSTRAP_RESAMPLES, seed: int = 0) -> dict:
+    """Bootstrap of a corpus metric over its n items: `statistic(indices)` (the metric of the items at those
+    indices, repeats included) on `resamples` resamples drawn with replacement, with a fixed seed (the same
+    numbers every run). Returns {"stderr": the resamples' standard deviation, "ci95": [2.5th, 97.5th
+    percentile]}; {} below two items."""
+    if n < 2:
+        return {}
+    rng = random.Random(seed)
+    return _interval([statistic([rng.randrange(n) for _ in range(n)]) for _ in range(resamples)])
+
+
+def _interval(values: list) -> dict:
+    """{"stderr", "ci95"} of bootstrap resample values (None and non-finite ones left out)."""
+    values = sorted(v for v in values if v is not None and math.isfinite(v))
+    if len(values) < 2:
+        return {}
+    cut = statistics.quantiles(values, n=40, method="inclusive")  # cut points every 2.5%
+    return {"stderr": statistics.stdev(values), "ci95": [cut[0], cut[-1]]}
+
+
+def ratio_bootstrap(numerators: list[float], denominators: list[float], transform=lambda x: x, **kwargs) -> dict:
+    """bootstrap() of transform(sum(numerators) / sum(denominators)) over items: bits per byte
+    (NLL / (ln 2 * bytes)), perplexity (exp of NLL / tokens)."""
+    def statistic(idx):
+        den = sum(denominators[i] for i in idx)
+        return transform(sum(numerators[i] for i in idx) / den) if den else None
+    return bootstrap(statistic, len(numerators), **kwargs)
+
+
+def gec_bootstrap(per_sentence: list[tuple[int, int, int]], beta: float = 0.5, **kwargs) -> dict:
+    """bootstrap() of corpus precision, recall and F_beta over sentences, each sentence keeping the edit
+    counts (and so the reference) the full-corpus scoring chose for it. {"precision": {...}, ...}."""
+    def score(idx, k):
+        return f_beta(*(sum(per_sentence[i][j] for i in idx) for j in range(3)), beta)[k]
+    return {name: bootstrap(lambda idx, k=k: score(idx, k), len(per_sentence), **kwargs)
+            for k, name in enumerate(("precision", "recall", f"f{beta:g}"))}

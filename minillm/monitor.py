@@ -4,6 +4,8 @@ Every script prints, on rank 0 only, one line per logged step:
     step    120/400    | loss  2.3417 | lr 2.500e-04 |     51234 tok/s | MFU 31.20% | ETA 00:04:10 | ...
 and appends one JSON object per step to OUT_DIR/metrics.jsonl (rank 0, flushed each write). The tqdm bar
 is drawn only when stdout is a terminal: in CI, `nohup` or cluster logs there are just the step lines.
+With --log-to tensorboard the same numbers also go to TensorBoard event files in OUT_DIR/tensorboard
+(`tensorboard --logdir OUT_DIR`), through torch.utils.tensorboard (needs the tensorboard package).
 """
 from __future__ import annotations
 
@@ -128,22 +130,48 @@ def log_line(record: dict, total: int, eta_s: float, extra: tuple[str, ...] = ()
     return line + (" (best)" if record.get("best") else "")
 
 
+TENSORBOARD_HINT = "--log-to tensorboard needs the tensorboard package: pip install 'minillm[tensorboard]'"
+
+
+def tensorboard_writer(out_dir, start: int):
+    """A SummaryWriter for OUT_DIR/tensorboard. A resumed run (start > 0) purges the events after its
+    checkpoint that an interrupted run wrote, as it rewrites those lines of metrics.jsonl."""
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError:
+        raise ValueError(TENSORBOARD_HINT) from None
+    return SummaryWriter(log_dir=str(Path(out_dir) / "tensorboard"), purge_step=start + 1 if start else None,
+                         flush_secs=10)
+
+
+def scalars(record: dict) -> dict:
+    """The numbers of a metrics.jsonl record, as TensorBoard scalars (step is the axis; flags such as "best"
+    and missing values such as a grad_norm of None are left out)."""
+    return {k: float(v) for k, v in record.items()
+            if k != "step" and isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)}
+
+
 class RunLog:
     """What rank 0 reports while a script trains: metrics.jsonl (one JSON object per step, flushed), the
-    fixed-format step line every `log_interval` steps, at every validation and after the last step, and a
-    tqdm bar when stdout is a terminal."""
+    fixed-format step line every `log_interval` steps, at every validation and after the last step, a
+    tqdm bar when stdout is a terminal, and with log_to="tensorboard" the same numbers as TensorBoard
+    scalars."""
 
-    def __init__(self, out_dir, rank: int, total: int, start: int, log_interval: int, desc: str):
+    def __init__(self, out_dir, rank: int, total: int, start: int, log_interval: int, desc: str, log_to: str = ""):
         self.rank, self.total, self.first, self.log_interval, self.t0 = rank, total, start, log_interval, time.time()
         self.file = open(Path(out_dir) / "metrics.jsonl", "a", encoding="utf-8") if rank == 0 else None
+        self.tensorboard = tensorboard_writer(out_dir, start) if rank == 0 and log_to == "tensorboard" else None
         self.bar = tqdm(total=total, initial=start, desc=desc, dynamic_ncols=True,
                         disable=rank != 0 or not (sys.stdout.isatty() and sys.stderr.isatty()))
 
     def write(self, record: dict):
-        """One line of metrics.jsonl."""
+        """One line of metrics.jsonl (and its scalars in TensorBoard)."""
         if self.file:
             self.file.write(json.dumps(record) + "\n")
             self.file.flush()
+        if self.tensorboard:
+            for key, value in scalars(record).items():
+                self.tensorboard.add_scalar(key, value, record["step"])
 
     def step(self, record: dict, extra: tuple[str, ...] = ()):
         """metrics.jsonl, the bar, and the step line when it is due (with the `extra` keys of the record)."""
@@ -171,5 +199,7 @@ class RunLog:
         self.bar.close()
         if self.file:
             self.file.close()
+        if self.tensorboard:
+            self.tensorboard.close()
         if text:
             self.print(text)

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import importlib.util
 import inspect
 import io
 import json
@@ -298,7 +299,7 @@ def cli(main):
 
 # ----------------------------------------------------------------------------- the training scripts' options
 
-RUN_FILES = ("options.json", "metrics.jsonl", "checkpoints", "model")  # what marks an out_dir as holding a run
+RUN_FILES = ("options.json", "metrics.jsonl", "checkpoints", "model", "tensorboard")  # what marks an out_dir as holding a run
 
 @dataclasses.dataclass(kw_only=True)
 class TrainOptions:
@@ -327,6 +328,7 @@ class TrainOptions:
     # run directory, logging, checkpoints
     out_dir: str = "runs/demo/run"  # where metrics, checkpoints and the exported model go
     log_interval: int = 10  # print the step line every N steps (and at every validation and the last step)
+    log_to: typing.Literal["", "tensorboard"] = ""  # also write every metric to TensorBoard event files in OUT_DIR/tensorboard (needs the tensorboard package)
     eval_interval: int = 50  # validate every N steps and after the last one; 0 = only at epoch ends and after the last step
     save_interval: int = 200  # checkpoint every N steps and after the last one; 0 = only after the last step (and on SIGTERM)
     keep_checkpoints: int = 2  # checkpoints kept in OUT_DIR/checkpoints (the oldest are deleted)
@@ -349,6 +351,8 @@ class TrainOptions:
             require(0 <= getattr(self, name) < 1, name, getattr(self, name), "must be in [0, 1)")
         require(self.grad_clip >= 0, "grad_clip", self.grad_clip, "must be >= 0 (0 = no clipping)")
         require(self.peak_tflops >= 0, "peak_tflops", self.peak_tflops, "must be >= 0")
+        if self.log_to == "tensorboard" and importlib.util.find_spec("tensorboard") is None:
+            raise OptionError("--log-to tensorboard needs the tensorboard package: pip install 'minillm[tensorboard]'")
         if self.resume and self.overwrite:
             raise OptionError("--resume and --overwrite exclude each other: continue the run, or start it afresh")
         # A re-run must never silently replace a finished model or mix two runs' metrics.

@@ -7,6 +7,7 @@ Run: python -m pytest -q tests/test_evaluate.py
 import dataclasses
 import json
 import math
+import statistics
 import sys
 from pathlib import Path
 
@@ -103,7 +104,8 @@ def all_task_files(d: Path) -> list[Path]:
                    QA, dev=QA[:2]),
         write_task(d, "mt", {"type": "translation", "language": "et"},
                    [{"source": "good morning", "reference": "tere hommikust", "src_lang": "en", "tgt_lang": "et"},
-                    {"source": "Kass istus.", "reference": "The cat sat.", "src_lang": "et", "tgt_lang": "en"}]),
+                    {"source": "Kass istus.", "reference": "The cat sat.", "src_lang": "et", "tgt_lang": "en"},
+                    {"source": "the dog", "reference": "koer", "src_lang": "en", "tgt_lang": "et"}]),
         write_task(d, "gec", {"type": "gec", "language": "et"},
                    [{"source": "ma läheb koju", "references": ["ma lähen koju"]},
                     {"source": "Koer on pruun.", "references": ["Koer on pruun."]}]),
@@ -169,7 +171,12 @@ def test_multiple_choice_scores_each_choice_and_normalises_by_bytes(ctx, tmp_pat
         assert (pred["pred"], pred["pred_norm"]) == (best, best_norm)
         correct += best == record["label"]
         correct_norm += best_norm == record["label"]
-    assert metrics == {"acc": correct / 3, "acc_norm": correct_norm / 3}
+    assert set(metrics) == {"acc", "acc_norm"}
+    for name, hits in (("acc", correct), ("acc_norm", correct_norm)):
+        p = hits / 3
+        assert metrics[name]["value"] == p and metrics[name]["n"] == 3
+        # the standard error of a mean of 0/1 scores, written out: sqrt(p (1 - p) / (n - 1))
+        assert metrics[name]["stderr"] == pytest.approx(math.sqrt(p * (1 - p) / 2))
 
 
 def test_match_choice():
@@ -287,8 +294,8 @@ def test_perplexity_bits_per_byte_by_hand(ctx, tmp_path):
         nll -= manual_logprob(ctx.model, ids[:1], ids[1:])
         n_tokens += len(ids) - 1
     n_bytes = sum(len(t.encode()) for t in texts)
-    assert metrics["bits_per_byte"] == pytest.approx(nll / math.log(2) / n_bytes, rel=1e-9)
-    assert metrics["perplexity"] == pytest.approx(math.exp(nll / n_tokens), rel=1e-9)
+    assert metrics["bits_per_byte"]["value"] == pytest.approx(nll / math.log(2) / n_bytes, rel=1e-9)
+    assert metrics["perplexity"]["value"] == pytest.approx(math.exp(nll / n_tokens), rel=1e-9)
 
 
 def test_perplexity_without_a_bos_scores_every_token_after_an_eos(qwen2_dir, tmp_path):
@@ -349,8 +356,28 @@ def test_end_to_end_every_task_type(model_dir, tmp_path, capsys):
     copa_preds = [json.loads(x) for x in (out / "predictions" / "copa.jsonl").read_text().splitlines()]
     assert [p["line"] for p in copa_preds] == [1, 2, 3]
     assert sum(p["correct"] for p in copa_preds) / 3 == headline[("copa", "acc")]["value"]
+    # standard errors, recomputed from the predictions: sample standard deviation / sqrt(n)
+    chosen_preds = [p for p in qa_preds if p["template"] == chosen["template"]]
+    assert chosen["stderr"] == pytest.approx(statistics.stdev(p["f1"] for p in chosen_preds) / math.sqrt(len(QA)))
+    tokens = [p["n_tokens"] for p in chosen_preds]
+    assert headline[("qa", "mean_tokens")]["stderr"] == pytest.approx(statistics.stdev(tokens) / math.sqrt(len(QA)))
+    assert headline[("copa", "acc")]["stderr"] == pytest.approx(
+        statistics.stdev(float(p["correct"]) for p in copa_preds) / math.sqrt(3))
+    assert headline[("safety", "attack_success_rate")]["stderr"] is None  # one harmful prompt: no spread
+    # corpus metrics: a bootstrap 95% interval around the value, and its standard error
+    for key in [("ppl", "bits_per_byte"), ("ppl", "perplexity"), ("gec", "f0.5"), ("gec", "precision")]:
+        row = headline[key]
+        assert row["ci95"][0] <= row["value"] + 1e-9 and row["stderr"] >= 0, key
+        assert row["ci95"][1] >= row["ci95"][0], key
+    for key in [("mt", "bleu[en-et]"), ("mt", "chrf++[en-et]")]:  # sacreBLEU's bootstrap, stored as plain floats
+        assert headline[key]["ci95"][0] <= headline[key]["ci95"][1] and headline[key]["stderr"] >= 0, key
+    assert "ci95" not in headline[("mt", "bleu[et-en]")]  # one sentence: nothing to resample
+    ppl_preds = [json.loads(x) for x in (out / "predictions" / "ppl.jsonl").read_text().splitlines()]
+    assert max(p["bits_per_byte"] for p in ppl_preds) >= headline[("ppl", "bits_per_byte")]["ci95"][1] - 1e-9
     table = (out / "results.md").read_text()
-    assert table.startswith("| task | metric |") and "| qa | f1 |" in table and "t" in table
+    assert table.startswith("| task | metric | value | ± se | n |") and "| qa | f1 |" in table
+    se_cell = table.split("| qa | f1 | ")[1].split(" | ")[1]
+    assert se_cell == evaluate.format_value(chosen["stderr"])
     assert "| qa | f1 |" in capsys.readouterr().out
 
 
@@ -384,8 +411,29 @@ def test_compare_prints_side_by_side_with_deltas(tmp_path, capsys):
                                            "template": "t0", "headline": True}])))
     evaluate.main(["--compare", str(a), str(b)])
     out = capsys.readouterr().out
-    assert "| qa | f1 | 0.2500 | 0.5000 | +0.2500 |" in out
-    assert "| mt | bleu | missing | 12.50 |  |" in out
+    assert "| task | metric | n | A | B | B - A |" in out
+    assert "| qa | f1 | 5 | 0.2500 | 0.5000 | +0.2500 |" in out
+    assert "| mt | bleu | 2 | missing | 12.50 |  |" in out
+
+
+def test_compare_takes_every_stage_with_standard_errors(tmp_path, capsys):
+    def results(model, f1, se, n=60):
+        return {"model": model, "results": [
+            {"task": "qa", "metric": "f1", "value": f1, "stderr": se, "n": n, "template": "t0", "headline": True},
+            {"task": "qa", "metric": "f1", "value": 0.9, "n": n, "template": "best", "headline": False}]}
+    paths = []
+    for name, f1, se, n in (("pretrained", 0.1, 0.02, 60), ("sft", 0.4, 0.05, 60), ("orpo", 0.35, 0.04, 20)):
+        paths.append(tmp_path / f"{name}.json")
+        paths[-1].write_text(json.dumps(results(name, f1, se, n)))
+    failed = tmp_path / "failed.json"
+    failed.write_text(json.dumps({"model": "x", "results": [{"task": "qa", "type": "qa", "error": "boom"}]}))
+    evaluate.main(["--compare", *map(str, paths), str(failed)])
+    out = capsys.readouterr().out
+    assert [line.split(" = ")[0] for line in out.splitlines()[:4]] == ["A", "B", "C", "D"]
+    assert "C = " + str(paths[2]) + " (orpo)" in out
+    assert "| task | metric | n | A | B | C | D |" in out  # no B - A column beyond two runs
+    assert "| qa | f1 | 60/20 | 0.1000 ± 0.0200 | 0.4000 ± 0.0500 | 0.3500 ± 0.0400 | missing |" in out
+    assert "| qa | ERROR |  | missing | missing | missing | failed |" in out
 
 
 def test_options_lists_config_file_and_errors(tmp_path):
@@ -401,7 +449,7 @@ def test_options_lists_config_file_and_errors(tmp_path):
         parse(["--model", "m", "--batchsize", "2"])
     with pytest.raises(ValueError, match="--prompt-format 'jinja': choose one of raw, chat, alpaca"):
         parse(["--model", "m", "--prompt-format", "jinja"])
-    with pytest.raises(ValueError, match="--compare .*takes two results files"):
+    with pytest.raises(ValueError, match="--compare .*takes two or more results files"):
         parse(["--compare", "a.json"])
 
 

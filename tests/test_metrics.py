@@ -1,14 +1,19 @@
-"""Metrics against hand-computed values, and BLEU / chrF++ against sacreBLEU called directly.
+"""Metrics against hand-computed values, BLEU / chrF++ against sacreBLEU called directly, and the standard
+errors against their formulas and a naive resampling.
 
 Run: python -m pytest -q tests/test_metrics.py
 """
+import json
 import math
+import random
+import statistics
 
 import pytest
 
-from minillm.metrics import (bits_per_byte, degenerate_outputs, bleu, chrf_pp, compile_refusal, exact_match, f_beta, gec_scores,
-                             gec_tokenize, is_refusal, normalize_answer, perplexity, refusal_patterns,
-                             safety_rates, token_edits, token_f1, verbosity)
+from minillm.metrics import (bits_per_byte, bleu, bootstrap, chrf_pp, compile_refusal, degenerate_outputs,
+                             exact_match, f_beta, gec_bootstrap, gec_scores, gec_tokenize, is_refusal, mean_stderr,
+                             normalize_answer, perplexity, ratio_bootstrap, refusal_patterns, safety_rates,
+                             token_edits, token_f1, verbosity)
 
 
 # ----------------------------------------------------------------------------- QA
@@ -74,6 +79,7 @@ def test_gec_scores_hand_computed():
     # first two sentences only: P = 1, R = 3/4, F0.5 = 1.25 * 0.75 / (0.25 + 0.75) = 0.9375
     out = gec_scores(sources[:2], hypotheses[:2], references[:2])
     assert out["f0.5"] == pytest.approx(0.9375) and out["precision"] == 1.0
+    assert out["per_sentence"] == [(1, 0, 1), (2, 0, 0)]  # the counts of each sentence's chosen reference
 
 
 def test_f_beta_edge_cases():
@@ -166,3 +172,74 @@ def test_bleu_and_chrf_match_sacrebleu():
     refs2 = ["A cat sat on the mat.", "Tere hommikust, kuidas läheb?", "A dog barks"]
     assert bleu(hyps, [refs, refs2])["score"] == sacrebleu.corpus_bleu(hyps, [refs, refs2]).score
     assert bleu(hyps, refs, tokenize="char")["score"] == sacrebleu.corpus_bleu(hyps, [refs], tokenize="char").score
+
+
+# ----------------------------------------------------------------------------- uncertainty
+
+def test_mean_stderr_is_the_sample_standard_deviation_over_root_n():
+    xs = [1.0, 0.0, 0.0, 1.0, 1.0]
+    mean = sum(xs) / 5
+    by_hand = math.sqrt(sum((x - mean) ** 2 for x in xs) / 4) / math.sqrt(5)
+    assert mean_stderr(xs) == pytest.approx(by_hand)
+    assert mean_stderr([True, False, True]) == pytest.approx(math.sqrt((2 / 3) * (1 / 3) / 2))  # sqrt(p(1-p)/(n-1))
+    assert mean_stderr([0.7]) is None and mean_stderr([]) is None
+
+
+def test_bootstrap_of_a_mean_matches_the_formula():
+    rng = random.Random(1)
+    xs = [rng.random() for _ in range(200)]
+    out = bootstrap(lambda idx: statistics.fmean(xs[i] for i in idx), len(xs), seed=3)
+    # the bootstrap standard deviation of a mean is the plug-in sd / sqrt(n): sd with n, not n - 1
+    formula = statistics.pstdev(xs) / math.sqrt(len(xs))
+    assert out["stderr"] == pytest.approx(formula, rel=0.1)
+    lo, hi = out["ci95"]
+    assert lo < statistics.fmean(xs) < hi and hi - lo == pytest.approx(2 * 1.96 * formula, rel=0.15)
+    again = bootstrap(lambda idx: statistics.fmean(xs[i] for i in idx), len(xs), seed=3)
+    assert again == out  # a fixed seed: the same numbers every run
+    assert bootstrap(lambda idx: 0.0, 1) == {}
+
+
+def test_ratio_bootstrap_resamples_whole_documents():
+    nll, nbytes = [10.0, 30.0, 20.0, 40.0], [10, 20, 10, 40]
+    out = ratio_bootstrap(nll, nbytes, lambda x: x / math.log(2), resamples=500)
+    # the same resamples by hand
+    rng, values = random.Random(0), []
+    for _ in range(500):
+        idx = [rng.randrange(4) for _ in range(4)]
+        values.append(sum(nll[i] for i in idx) / sum(nbytes[i] for i in idx) / math.log(2))
+    assert out["stderr"] == pytest.approx(statistics.stdev(values))
+    assert out["ci95"] == pytest.approx(statistics.quantiles(sorted(values), n=40, method="inclusive")[::38])
+
+
+def test_gec_bootstrap_keeps_each_sentences_counts():
+    counts = [(1, 0, 1), (2, 0, 0), (0, 1, 0), (1, 1, 1)]
+    out = gec_bootstrap(counts, resamples=300)
+    rng, f = random.Random(0), []
+    for _ in range(300):
+        idx = [rng.randrange(4) for _ in range(4)]
+        f.append(f_beta(*(sum(counts[i][j] for i in idx) for j in range(3)))[2])
+    assert out["f0.5"]["stderr"] == pytest.approx(statistics.stdev(f))
+    assert set(out) == {"precision", "recall", "f0.5"}
+
+
+def test_bleu_bootstrap_interval_matches_naive_resampling():
+    import sacrebleu
+    rng = random.Random(0)
+    words = "the a cat dog sat ran on under mat tree red big".split()
+    refs = [" ".join(rng.choice(words) for _ in range(8)) for _ in range(40)]
+    hyps = [" ".join(w if rng.random() < 0.6 else rng.choice(words) for w in r.split()) for r in refs]
+    ours = bleu(hyps, refs, n_bootstrap=1000)
+    assert ours["score"] == sacrebleu.corpus_bleu(hyps, [refs]).score  # the score itself is unchanged
+    json.dumps(ours)  # plain floats: results.json can hold them
+    assert "bs:" not in ours["signature"]  # the signature of the plain score
+    naive = []  # corpus BLEU of resampled sentence lists, recomputed from scratch
+    for _ in range(300):
+        idx = [rng.randrange(40) for _ in range(40)]
+        naive.append(sacrebleu.corpus_bleu([hyps[i] for i in idx], [[refs[i] for i in idx]]).score)
+    assert ours["stderr"] == pytest.approx(statistics.stdev(naive), rel=0.25)
+    lo, hi = ours["ci95"]
+    assert lo < ours["score"] < hi
+    assert chrf_pp(hyps, refs, n_bootstrap=200)["stderr"] > 0 and "ci95" not in chrf_pp(hyps, refs)
+    # resamples that score 0 next to ones that do not (sacreBLEU's own bootstrap fails on those)
+    out = chrf_pp(["tere hommikust", "x y"], ["tere hommikust", "koer"], n_bootstrap=100)
+    assert out["ci95"][0] == 0.0 < out["ci95"][1] and json.dumps(out)

@@ -51,8 +51,8 @@ def test_layout_and_returned_paths(world_dir):
                 "pretrain/en/valid.jsonl", "bitext/en-et.tsv", "bitext/en.txt", "bitext/et.txt",
                 "sft/alpaca_et.jsonl", "sft/alpaca_en.jsonl", "sft/chat_en.jsonl", "sft/valid.jsonl",
                 "sft/heldout.jsonl", "preferences/train.jsonl", "preferences/valid.jsonl", "README.md"}
-    for task in ["ppl_et", "ppl_en", "copa_et", "copa_en", "qa_et", "qa_en", "mt_en_et", "mt_et_en", "gec_et",
-                 "safety_et"]:
+    for task in ["ppl_et", "ppl_en", "facts_et", "facts_en", "mc_et", "qa_et", "qa_en", "mt_en_et", "mt_et_en",
+                 "gec_et", "safety_et"]:
         expected |= {f"eval/{task}.task.json", f"eval/{task}.jsonl"}
     assert expected <= set(paths)
     for rel, path in paths.items():
@@ -299,8 +299,8 @@ def test_eval_task_specs_and_records(world_dir):
     out, _ = world_dir
     specs = {p.name[:-len(".task.json")]: json.loads(p.read_text(encoding="utf-8"))
              for p in (out / "eval").glob("*.task.json")}
-    assert {"ppl_et", "ppl_en", "copa_et", "copa_en", "qa_et", "qa_en", "mt_en_et", "mt_et_en", "gec_et",
-            "safety_et"} <= set(specs)
+    assert {"ppl_et", "ppl_en", "facts_et", "facts_en", "mc_et", "qa_et", "qa_en", "mt_en_et", "mt_et_en",
+            "gec_et", "safety_et"} <= set(specs)
     directions = set()
     for name, spec in specs.items():
         assert spec["name"] == name and spec["language"] in ("et", "en")
@@ -315,7 +315,7 @@ def test_eval_task_specs_and_records(world_dir):
             if spec["type"] == "translation":
                 directions |= {(r["src_lang"], r["tgt_lang"]) for r in recs}
             if spec["type"] == "safety":
-                assert {r["harmful"] for r in recs} == {True, False}
+                assert sum(r["harmful"] for r in recs) == len(recs) // 2 >= 40  # enough of each for a rate
             if spec["type"] == "multiple_choice":
                 assert len({r["label"] for r in recs}) >= 2  # the right answer is not always first
         for template in spec.get("templates", []):
@@ -326,6 +326,55 @@ def test_eval_task_specs_and_records(world_dir):
     pairs = set((out / "bitext/en-et.tsv").read_text(encoding="utf-8").splitlines())
     for r in read_jsonl(out / "eval/mt_en_et.jsonl"):
         assert f"{r['source']}\t{r['reference']}" not in pairs
+
+
+FACT_SENTENCES = [sw.s_lives, sw.s_job, sw.s_age, sw.s_fav_colour, sw.s_has_pet, sw.s_pet_name, sw.s_pet_colour,
+                  sw.s_friend]
+
+
+def test_fixed_facts_are_told_in_one_language_only(world_dir):
+    """The fixed facts of PEOPLE_ET only in Estonian pretraining text, those of PEOPLE_EN only in English: what
+    lets continual pretraining teach facts_et and lets the English share keep facts_en."""
+    out, _ = world_dir
+    world = sw.build_world(sw.part_rng(0, "world"))
+    assert set(sw.PEOPLE_ET) | set(sw.PEOPLE_EN) == {n for n, _ in sw.PEOPLE} and not set(sw.PEOPLE_ET) & set(sw.PEOPLE_EN)
+    assert len(sw.PEOPLE_ET) >= 10 and len(sw.PEOPLE_EN) >= 10
+    text = {lang: " ".join(d["text"] for split in ("train", "valid") for d in read_jsonl(out / f"pretrain/{lang}/{split}.jsonl"))
+            for lang in ("et", "en")}
+    for own, other, names in (("et", "en", sw.PEOPLE_ET), ("en", "et", sw.PEOPLE_EN)):
+        side = 0 if own == "en" else 1
+        for name in names:
+            p = world.people[name]
+            told = [f(p)[side] for f in FACT_SENTENCES if f(p)[side] in text[own]]
+            assert len(told) == len(FACT_SENTENCES), (name, own)  # every fixed fact is learnable ...
+            for f in FACT_SENTENCES:  # ... and never told in the other language
+                assert f(p)[1 - side] not in text[other], (name, f(p)[1 - side])
+            assert text[own].count(sw.s_lives(p)[side]) >= 20  # and told again and again
+
+
+def test_fact_questions_ask_the_fixed_facts_closed_book(world_dir):
+    out, _ = world_dir
+    world = sw.build_world(sw.part_rng(0, "world"))
+    for lang, names in (("et", sw.PEOPLE_ET), ("en", sw.PEOPLE_EN)):
+        side = 0 if lang == "en" else 1
+        recs = read_jsonl(out / f"eval/facts_{lang}.jsonl")
+        assert len(recs) == len(names) * len(sw.FACT_KINDS)
+        pretrain = (out / f"pretrain/{lang}/train.jsonl").read_text(encoding="utf-8")
+        true_facts = {f(world.people[n])[side] for n in names for f in FACT_SENTENCES}
+        asked = set()
+        for r in recs:
+            assert len(r["choices"]) == 4 == len(set(r["choices"]))
+            right = r["choices"][r["label"]]
+            assert right in true_facts and right in pretrain  # the right answer is the fixed fact as told
+            assert not any(c in true_facts for i, c in enumerate(r["choices"]) if i != r["label"])
+            subject = max((n for n in names if right.startswith(n)), key=len)  # "Maril on koer." -> Mari
+            assert all(c.startswith(subject) for c in r["choices"])  # the same person in every choice
+            assert subject in r["question"] and not any(c in r["question"] for c in r["choices"])
+            asked.add(right)
+        assert len(asked) == len(recs)
+        assert {r["label"] for r in recs} == {0, 1, 2, 3}
+        spec = json.loads((out / f"eval/facts_{lang}.task.json").read_text(encoding="utf-8"))
+        assert (spec["type"], spec["language"], spec["templates"]) == ("multiple_choice", lang, ["{question}"])
 
 
 def test_gec_sources_differ_from_references_by_small_edits(world_dir):

@@ -309,3 +309,31 @@ def test_optimizer_groups_list_a_tied_matrix_once_and_freeze_the_rest():
     optimizer = torch.optim.AdamW([g for g in groups if g["params"]], lr=1.0)
     set_lr(optimizer, 0.5)
     assert [g["lr"] for g in optimizer.param_groups] == [1.5]
+
+
+def test_log_to_tensorboard_writes_the_same_scalars(world, tmp_path):
+    pytest.importorskip("tensorboard")  # in the test extra: skipped only where it is not installed
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    run(world, tmp_path, "--log-to", "tensorboard")
+    events = EventAccumulator(str(tmp_path / "tensorboard"))
+    events.Reload()
+    records = metrics(tmp_path)
+    tags = set(events.Tags()["scalars"])
+    assert {"loss", "lr", "tokens_per_s", "val_loss", "val_loss_et"} <= tags and "best" not in tags
+    for tag in tags:
+        expected = [(r["step"], r[tag]) for r in records if isinstance(r.get(tag), (int, float))]
+        got = [(e.step, e.value) for e in events.Scalars(tag)]
+        assert [s for s, _ in got] == [s for s, _ in expected], tag
+        assert [v for _, v in got] == pytest.approx([v for _, v in expected], rel=1e-6), tag  # float32 in the file
+
+
+def test_log_to_tensorboard_without_the_package_is_one_line(tmp_path, monkeypatch):
+    import importlib.util
+
+    from minillm.options import OptionError, TrainOptions, parse_options
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "tensorboard" else real(name, *a))
+    with pytest.raises(OptionError, match=r"^--log-to tensorboard needs the tensorboard package: "
+                                          r"pip install 'minillm\[tensorboard\]'$"):
+        parse_options(TrainOptions, ["--log-to", "tensorboard", "--out-dir", str(tmp_path)])

@@ -396,10 +396,24 @@ def prompt_and_generate(ctx: EvalContext, spec: dict, module, template: str, spl
     return [ctx.tokenizer.decode(p) for p in ids], generate_texts(ctx, ids, stop, desc)
 
 
+def mean_metric(scores) -> dict:
+    """A metric that is the mean of per-example scores: {"value", "n", "stderr"} (the standard error of the
+    mean, minillm.metrics.mean_stderr)."""
+    from minillm.metrics import mean_stderr
+    scores = [float(x) for x in scores]
+    return {"value": mean(scores), "n": len(scores), "stderr": mean_stderr(scores)}
+
+
 def verbosity_metrics(generations: list[dict]) -> dict:
-    """Response length (every generative task reports it: alignment tends to lengthen answers)."""
+    """Response length (every generative task reports it: alignment tends to lengthen answers); the means
+    with their standard errors."""
     from minillm.metrics import verbosity
-    return verbosity([g["text"] for g in generations], [g["n_tokens"] for g in generations])
+    texts, tokens = [g["text"] for g in generations], [g["n_tokens"] for g in generations]
+    out = verbosity(texts, tokens)
+    if out:
+        out["mean_tokens"] = mean_metric(tokens)
+        out["mean_words"] = mean_metric(len(t.split()) for t in texts)
+    return out
 
 
 # Words for the default prompts of the languages the papers evaluate; other languages get English.

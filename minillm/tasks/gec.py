@@ -3,13 +3,14 @@
 Records: {"source": erroneous sentence, "references": [one or more corrected versions]}. The model
 rewrites the sentence; edits are extracted by token alignment of source->output and source->reference
 and scored as precision, recall and F0.5 (minillm.metrics.gec_scores explains how this differs from the
-M2 scorer and ERRANT). Edit counts are summed over the corpus before P/R/F are computed.
+M2 scorer and ERRANT). Edit counts are summed over the corpus before P/R/F are computed; their standard
+errors and 95% intervals come from resampling sentences (minillm.metrics.gec_bootstrap).
 """
 from __future__ import annotations
 
 import sys
 
-from minillm.metrics import gec_scores
+from minillm.metrics import gec_bootstrap, gec_scores
 from minillm.tasks.common import default_stop, prompt_and_generate, require, require_str_list, verbosity_metrics
 
 PRIMARY = "f0.5"
@@ -45,8 +46,9 @@ def run(ctx, spec: dict, template: str, split: str = "", desc: str = "") -> tupl
     records = spec[split + "records"]
     hypotheses = [g["text"].strip() for g in generations]
     scores = gec_scores([r["source"] for r in records], hypotheses, [r["references"] for r in records])
-    metrics = {"precision": scores["precision"], "recall": scores["recall"], "f0.5": scores["f0.5"],
-               **verbosity_metrics(generations)}
+    intervals = gec_bootstrap(scores["per_sentence"])  # sentences resampled: stderr and 95% interval
+    metrics = {name: {"value": scores[name], **intervals[name]} for name in ("precision", "recall", "f0.5")}
+    metrics.update(verbosity_metrics(generations))
     predictions = []
     for record, line, prompt, gen, hyp in zip(records, spec[split + "lines"], prompts, generations, hypotheses):
         one = gec_scores([record["source"]], [hyp], [record["references"]])

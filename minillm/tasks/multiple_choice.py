@@ -18,7 +18,7 @@ import sys
 
 from minillm.metrics import normalize_answer
 from minillm.tasks.common import (continuation_logprobs, default_stop, demonstrations, encode_choice,
-                                  fill_template, mean, prompt_and_generate, prompt_words, require,
+                                  fill_template, mean_metric, prompt_and_generate, prompt_words, require,
                                   require_str_list, verbosity_metrics)
 
 PRIMARY = "acc"
@@ -163,7 +163,7 @@ def _run_loglik(ctx, spec, template, split, desc):
         correct_norm.append(pred_norm == record["label"])
         predictions.append({"line": line, "prompt": prompts[i], "logprobs": s, "choice_bytes": lengths, "pred": pred,
                             "pred_norm": pred_norm, "label": record["label"], "correct": correct[-1]})
-    return {"acc": mean(correct), "acc_norm": mean(correct_norm)}, predictions
+    return {"acc": mean_metric(correct), "acc_norm": mean_metric(correct_norm)}, predictions
 
 
 def _run_generate(ctx, spec, template, split, desc):
@@ -176,4 +176,4 @@ def _run_generate(ctx, spec, template, split, desc):
         correct.append(pred == record["label"])
         predictions.append({"line": line, "prompt": prompt, "output": gen["text"], "pred": pred,
                             "label": record["label"], "correct": correct[-1], "n_tokens": gen["n_tokens"]})
-    return {"acc": mean(correct), **verbosity_metrics(generations)}, predictions
+    return {"acc": mean_metric(correct), **verbosity_metrics(generations)}, predictions

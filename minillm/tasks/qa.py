@@ -9,7 +9,7 @@ from __future__ import annotations
 import sys
 
 from minillm.metrics import exact_match, token_f1
-from minillm.tasks.common import (default_stop, mean, prompt_and_generate, prompt_words, require,
+from minillm.tasks.common import (default_stop, mean_metric, prompt_and_generate, prompt_words, require,
                                   require_str_list, verbosity_metrics)
 
 PRIMARY = "f1"
@@ -46,4 +46,4 @@ def run(ctx, spec: dict, template: str, split: str = "", desc: str = "") -> tupl
         f1s.append(token_f1(answer, record["answers"], language))
         predictions.append({"line": line, "prompt": prompt, "output": gen["text"], "answers": record["answers"],
                             "exact_match": ems[-1], "f1": f1s[-1], "n_tokens": gen["n_tokens"]})
-    return {"exact_match": mean(ems), "f1": mean(f1s), **verbosity_metrics(generations)}, predictions
+    return {"exact_match": mean_metric(ems), "f1": mean_metric(f1s), **verbosity_metrics(generations)}, predictions

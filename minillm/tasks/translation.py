@@ -4,13 +4,15 @@ Records: {"source", "reference", "src_lang", "tgt_lang"} (language codes such as
 Corpus BLEU and chrF++ are computed with sacreBLEU for each direction separately and reported with
 sacreBLEU's signature string (as LLAMMAS does). With several directions in one file, "bleu" and
 "chrf++" are the mean over directions and "bleu[en-et]" etc. give each one. Scores are on sacreBLEU's
-0-100 scale. BLEU uses the default 13a tokeniser (FLORES-200's spm tokeniser needs a download).
+0-100 scale. BLEU uses the default 13a tokeniser (FLORES-200's spm tokeniser needs a download). Each
+score carries a bootstrap over sentences: its standard deviation "stderr" and 95% interval "ci95".
 """
 from __future__ import annotations
 
+import math
 import sys
 
-from minillm.metrics import bleu, chrf_pp
+from minillm.metrics import BOOTSTRAP_RESAMPLES, bleu, chrf_pp
 from minillm.languages import language_name
 from minillm.tasks.common import (default_stop, mean, prompt_and_generate, require,
                                   verbosity_metrics)
@@ -48,15 +50,17 @@ def run(ctx, spec: dict, template: str, split: str = "", desc: str = "") -> tupl
     metrics = {}
     for direction, rows in by_direction.items():
         hyps, refs = [hypotheses[i] for i in rows], [records[i]["reference"] for i in rows]
-        b, c = bleu(hyps, refs), chrf_pp(hyps, refs)
-        metrics[f"bleu[{direction}]"] = {"value": b["score"], "n": len(rows), "signature": b["signature"]}
-        metrics[f"chrf++[{direction}]"] = {"value": c["score"], "n": len(rows), "signature": c["signature"]}
+        for name, metric in (("bleu", bleu), ("chrf++", chrf_pp)):
+            score = metric(hyps, refs, n_bootstrap=BOOTSTRAP_RESAMPLES)  # + a bootstrap 95% interval
+            metrics[f"{name}[{direction}]"] = {"value": score.pop("score"), "n": len(rows), **score}
     if len(by_direction) == 1:
         metrics = {key.split("[")[0]: value for key, value in metrics.items()}
     else:
         for name in ("bleu", "chrf++"):
             per = [v for k, v in metrics.items() if k.startswith(name + "[")]
-            metrics[name] = {"value": mean(v["value"] for v in per), "signature": per[0]["signature"]}
+            errors = [v.get("stderr") for v in per]  # directions are independent samples
+            stderr = math.sqrt(sum(e * e for e in errors)) / len(per) if None not in errors else None
+            metrics[name] = {"value": mean(v["value"] for v in per), "signature": per[0]["signature"], "stderr": stderr}
     metrics.update(verbosity_metrics(generations))
     predictions = [{"line": line, "prompt": prompt, "output": gen["text"], "hypothesis": hyp,
                     "reference": record["reference"], "direction": f"{record['src_lang']}-{record['tgt_lang']}",
