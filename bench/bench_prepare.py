@@ -5,8 +5,10 @@ The corpus (generated once, cached under --work): web-like documents of pseudo-w
 distribution (a ~100K-word lexicon of Estonian-looking syllables, sentences, paragraphs, numbers; about 2.5 KB
 per document), about --corpus-mb MB of text, written as Parquet (snappy, row groups of 1000 documents,
 columns id/url/text) and as .jsonl.zst (zstd level 3) and .jsonl (records id/url/text), --files files each.
-The tokenizer: --tokenizer DIR, or a sentencepiece BPE of --vocab-size pieces trained on the corpus's
-first documents (cached; Llama-2's settings, minillm.tokenizer.Tokenizer.train).
+The tokenizer: --tokenizer DIR, or one of --vocab-size tokens trained on the corpus's first ~40 MB of
+documents (cached): --tokenizer-kind bytelevel (the default) a byte-level BPE tokenizer.json in the Llama-3
+layout (its pre-tokenizer regex, <|begin_of_text|> / <|end_of_text|>), trained with the `tokenizers`
+trainer, or sentencepiece a Llama-2-style tokenizer.model (minillm.tokenizer.SentencePieceTokenizer.train).
 
 Each round measures, in this order, each in its own subprocess:
   ceiling   the texts (read into memory first, not timed), in batches of 1000 documents, split over
@@ -40,6 +42,7 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Literal
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -58,6 +61,7 @@ class BenchOptions:
     corpus_mb: int = 1000  # MB of document text to generate
     files: int = 4  # files per format
     tokenizer: str = ""  # tokenizer directory (tokenizer.model or tokenizer.json); '' = train one (cached)
+    tokenizer_kind: Literal["bytelevel", "sentencepiece"] = "bytelevel"  # the kind trained when --tokenizer is ''
     vocab_size: int = 32000  # pieces of the trained tokenizer (Llama-2 has 32000)
     workers: int = field(default_factory=lambda: os.cpu_count() or 1)  # prepare's worker processes = the ceiling's processes (and batch-api's threads)
     measure: list[str] = field(default_factory=lambda: ["ceiling", "batch-api", "parquet", "jsonl.zst"])  # what each
@@ -168,14 +172,35 @@ def corpus_files(corpus_dir: Path, fmt: str) -> list[str]:
 
 # ----------------------------------------------------------------------------- the tokenizer
 
+LLAMA3_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|"
+                r"\s*[\r\n]+|\s+(?!\S)|\s+")  # Llama-3's pre-tokenizer regex (its tokenizer.json)
+
+
+def train_bytelevel(texts, out: Path, vocab_size: int):
+    """A byte-level BPE tokenizer directory in the Llama-3 layout (tokenizer.json + tokenizer_config.json)."""
+    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+    bos, eos = "<|begin_of_text|>", "<|end_of_text|>"
+    tok = Tokenizer(models.BPE(ignore_merges=True))
+    tok.pre_tokenizer = pre_tokenizers.Sequence([
+        pre_tokenizers.Split(Regex(LLAMA3_SPLIT), behavior="isolated"),
+        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
+    tok.decoder = decoders.ByteLevel()
+    tok.train_from_iterator(texts, trainers.BpeTrainer(vocab_size=vocab_size - 2, show_progress=False,
+                                                       initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    tok.add_special_tokens([bos, eos])
+    tok.post_processor = processors.TemplateProcessing(single=f"{bos} $A", special_tokens=[(bos, tok.token_to_id(bos))])
+    tok.save(str(out / "tokenizer.json"))
+    atomic_write(out / "tokenizer_config.json", to_json({"bos_token": bos, "eos_token": eos}))
+
+
 def tokenizer_dir(cfg: BenchOptions, work: Path, corpus_dir: Path) -> Path:
     if cfg.tokenizer:
         return Path(cfg.tokenizer)
-    out = work / f"tokenizer-{cfg.vocab_size}-seed{cfg.seed}"
-    if (out / "tokenizer.model").is_file():
+    out = work / f"tokenizer-{cfg.tokenizer_kind}-{cfg.vocab_size}-seed{cfg.seed}"
+    if (out / "tokenizer.model").is_file() or (out / "tokenizer_config.json").is_file():
         return out
     from minillm.corpora import iter_texts
-    from minillm.tokenizer import Tokenizer
+    from minillm.tokenizer import SentencePieceTokenizer
 
     def sample(limit=40_000_000):  # the first ~40 MB of documents
         n = 0
@@ -186,9 +211,13 @@ def tokenizer_dir(cfg: BenchOptions, work: Path, corpus_dir: Path) -> Path:
                 return
     t0 = time.time()
     out.mkdir(parents=True, exist_ok=True)
-    tok = Tokenizer.train(sample(), out / "tokenizer", cfg.vocab_size, num_threads=cfg.workers)
-    tok.save_pretrained(out)
-    print(f"  trained a {tok.vocab_size}-piece tokenizer in {time.time() - t0:.0f} s -> {out}", flush=True)
+    if cfg.tokenizer_kind == "bytelevel":
+        train_bytelevel(sample(), out, cfg.vocab_size)
+    else:
+        SentencePieceTokenizer.train(sample(), out / "tokenizer", cfg.vocab_size,
+                                     num_threads=cfg.workers).save_pretrained(out)
+    print(f"  trained a {cfg.vocab_size}-token {cfg.tokenizer_kind} tokenizer in {time.time() - t0:.0f} s -> {out}",
+          flush=True)
     return out
 
 

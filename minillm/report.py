@@ -78,9 +78,11 @@ def bar_chart(path, title: str, panels: list[tuple[str, list[str], list[float], 
         heights = [0.0 if math.isnan(m) else m for m in means]
         errs = [0.0 if math.isnan(e) else e for e in errors]
         ax.bar(xs, heights, yerr=errs, capsize=5, color=[f"C{i}" for i in xs], alpha=0.85)
-        for x, m in zip(xs, means):
-            if not math.isnan(m):
-                ax.annotate(f"{m:.3g}", (x, m), textcoords="offset points", xytext=(0, 3), ha="center", fontsize=8)
+        for x, m, e in zip(xs, means, errs):
+            if not math.isnan(m):  # the value above its error bar, where the cap does not cover it
+                ax.annotate(f"{m:.3g}", (x, m + e if m >= 0 else m - e), textcoords="offset points",
+                            xytext=(0, 3 if m >= 0 else -11), ha="center", fontsize=8)
+        ax.margins(y=0.12)
         ax.set_xticks(list(xs), labels, rotation=15 if max(map(len, labels)) > 12 else 0, fontsize=8)
         ax.set_title(panel_title, fontsize=10)
         ax.grid(axis="y", alpha=0.3)

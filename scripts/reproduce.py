@@ -259,7 +259,7 @@ class Metric:
     task: str
     metric: str
     label: str
-    higher_is_better: bool
+    higher_is_better: bool | None  # None: a quantity, neither better nor worse (answer length)
 
 
 FACTS_ET = Metric("facts_et", "acc", "facts_et acc", True)
@@ -311,7 +311,7 @@ CLAIMS = [
           [("sft100", "SFT"), ("orpo", "SFT + ORPO")],
           [Metric("safety_et", "attack_success_rate", "attack success rate", False),
            Metric("safety_et", "false_refusal_rate", "false refusal rate", False),
-           Metric("safety_et", "mean_tokens", "response tokens", True)],
+           Metric("safety_et", "mean_tokens", "response tokens", None)],
           ("sft100", "orpo"),
           expected={"attack success rate": -1, "false refusal rate": 1, "response tokens": 1}),
 ]
@@ -393,9 +393,10 @@ def claim_table(claim: Claim, values: dict, n_seeds: int) -> tuple[str, list]:
                 means = [mean_std(xs)[0] for xs in per_variant]
                 ordered = all((b - a) * (1 if m.higher_is_better else -1) >= 0 for a, b in zip(means, means[1:]))
                 reproduced += f"; monotone: {'yes' if ordered else 'no'}"
-        arrow = "↑" if m.higher_is_better else "↓"
-        lines.append(f"| {m.label} {arrow} | " + " | ".join(cell(xs) for xs in per_variant) + f" | {diff} | {reproduced} |")
-        panels.append((f"{m.label} ({'higher' if m.higher_is_better else 'lower'} is better)", cols,
+        arrow = {True: " ↑", False: " ↓", None: ""}[m.higher_is_better]
+        lines.append(f"| {m.label}{arrow} | " + " | ".join(cell(xs) for xs in per_variant) + f" | {diff} | {reproduced} |")
+        better = {True: " (higher is better)", False: " (lower is better)", None: ""}[m.higher_is_better]
+        panels.append((m.label + better, cols,
                        [mean_std(xs)[0] for xs in per_variant], [mean_std(xs)[1] for xs in per_variant]))
     return "\n".join(lines) + "\n", panels
 
