@@ -153,7 +153,7 @@ CASES = [
     ("eval-task-type", EVAL_ARGS + ["--tasks", "{ws}/t.task.json"],
      both(write("t.task.json", '{"type": "summary", "data": "t.jsonl"}'), jsonl("t.jsonl", {"text": "x"})),
      ["t.task.json:1", "unknown task type 'summary'"]),
-    ("eval-compare-one", ["evaluate.py", "--compare", "{ws}/a.json"], None, ["--compare", "two results files"]),
+    ("eval-compare-one", ["evaluate.py", "--compare", "{ws}/a.json"], None, ["--compare", "two or more results files"]),
     ("eval-compare-not-results", ["evaluate.py", "--compare", "{ws}/a.json", "{ws}/a.json"], write("a.json", "[]"),
      ["a.json", "not a results file"]),
     # ---------------------------------------------------------------- python -m minillm.prepare

@@ -318,7 +318,7 @@ def test_log_to_tensorboard_writes_the_same_scalars(world, tmp_path):
     run(world, tmp_path, "--log-to", "tensorboard")
     events = EventAccumulator(str(tmp_path / "tensorboard"))
     events.Reload()
-    records = metrics(tmp_path)
+    records = metrics(tmp_path, with_start=True)  # the step-0 validation too
     tags = set(events.Tags()["scalars"])
     assert {"loss", "lr", "tokens_per_s", "val_loss", "val_loss_et"} <= tags and "best" not in tags
     for tag in tags:
