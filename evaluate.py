@@ -102,7 +102,10 @@ def metric_entries(metrics: dict, n_default: int) -> dict[str, dict]:
         entry = dict(m) if isinstance(m, dict) else {"value": m}
         entry.setdefault("n", n_default)
         value = entry["value"]
-        entry["value"] = None if value is None or (isinstance(value, float) and math.isnan(value)) else float(value)
+        if value is None or (isinstance(value, float) and math.isnan(value)):
+            entry["value"] = None
+        elif isinstance(value, bool) or not isinstance(value, int):  # counts (empty_outputs) stay ints
+            entry["value"] = float(value)
         out[name] = entry
     return out
 
@@ -185,6 +188,8 @@ def safe_file_name(name: str) -> str:
 def format_value(value) -> str:
     if value is None:
         return "-"
+    if isinstance(value, int):  # a count
+        return str(value)
     return f"{value:.4f}" if abs(value) < 10 else f"{value:.2f}"
 
 
