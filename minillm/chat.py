@@ -22,6 +22,7 @@ from minillm.chat_format import render, resolve_template, stop_ids
 from minillm.generate import generate
 from minillm.hf import load_pretrained
 from minillm.options import cli, parse_options, require
+from minillm.sft_data import truncate_example
 from minillm.tokenizer import load_tokenizer
 
 
@@ -59,9 +60,8 @@ def fit_context(messages: list[dict], tokenizer, max_seq_len: int, max_new_token
     while len(prompt) > max_seq_len - want and len(turns) > 1:
         turns, dropped = turns[2:], dropped + 1
         prompt, _ = render(system + turns, tokenizer, template=template, add_generation_prompt=True)
-    prompt = list(prompt)
     if len(prompt) > max_seq_len - want:
-        prompt = prompt[:1] + prompt[len(prompt) - (max_seq_len - want - 1):]
+        prompt = truncate_example(prompt, prompt, max_seq_len - want, "left", tokenizer.bos_id)[0]
     return prompt, min(max_new_tokens, max_seq_len - len(prompt)), dropped
 
 

@@ -305,9 +305,9 @@ class ExportedModel:
                          state={**self.best, "options_sha256": options_hash(self.cfg)})
 
     def summary(self) -> str:
-        how = f", the best val_loss {self.best['val_loss']:.4f}" if self.by_validation else ", the last step"
-        if self.by_validation and self.best["val_loss"] is None:
+        if self.by_validation and (self.best is None or self.best["val_loss"] is None):
             return f"no validation happened, so nothing was exported to {self.path}"
+        how = f", the best val_loss {self.best['val_loss']:.4f}" if self.by_validation else ", the last step"
         return f"exported {self.path} (Hugging Face layout): step {self.best['step']}{how}"
 
 

@@ -27,6 +27,7 @@ transformers' clean-up of spaces (Llama-3's config asks for it), so it is the ex
 from __future__ import annotations
 
 import copy
+import functools
 import hashlib
 import json
 import os
@@ -100,7 +101,6 @@ class HFTokenizer:
             raise ValueError(f"{name}: not a valid tokenizer.json ({e})") from None
         self._tok.encode_special_tokens = True  # text is text: see the module docstring
         self._continuation = None  # built on first use when the pre-tokenizer adds a prefix space
-        self._spec = json.loads(tokenizer_json)
         self.added = dict(self._tok.get_added_tokens_decoder())  # id -> AddedToken (content, special, ...)
         self.vocab_size = max(self._tok.get_vocab(with_added_tokens=True).values()) + 1
         self.bos_id = self._find_bos()
@@ -143,6 +143,11 @@ class HFTokenizer:
                     return i
         return self.eos_id
 
+    @functools.cached_property
+    def spec(self) -> dict:
+        """tokenizer.json parsed (on first use: a Llama-3 file is 9 MB, and most loads never need it)."""
+        return json.loads(self.tokenizer_json)
+
     # Picklable (for worker processes): the state is the files' contents, not the Rust object.
     def __getstate__(self):
         return {"json": self.tokenizer_json, "config": self.config, "generation_config": self.generation_config,
@@ -173,7 +178,7 @@ class HFTokenizer:
         """Ids of `text` as a continuation of earlier text: without the prefix space some pre-tokenizers add
         at the start of a text (byte-level BPE as in Llama-3 and Qwen2 adds none: there this is encode)."""
         if self._continuation is None:
-            spec, changed = _without_prefix_space(self._spec)
+            spec, changed = _without_prefix_space(self.spec)
             self._continuation = self._tok
             if changed:
                 self._continuation = RustTokenizer.from_str(json.dumps(spec))
@@ -226,7 +231,7 @@ class HFTokenizer:
     def byte_lengths(self) -> torch.Tensor:
         """UTF-8 bytes each token id stands for (float64 [vocab]; 0 for special tokens and unused ids)."""
         lengths = torch.zeros(self.vocab_size, dtype=torch.float64)
-        byte_level = _uses(self._spec.get("decoder"), "ByteLevel")
+        byte_level = uses_component(self.spec.get("decoder"), "ByteLevel")
         for token, i in self._tok.get_vocab(with_added_tokens=False).items():
             if byte_level:
                 lengths[i] = len(token)  # one character of the byte-level alphabet per byte
@@ -291,12 +296,12 @@ def save_generation_config(path: Path, bos_id: int | None, eos_ids: tuple[int, .
         atomic_write(path / GENERATION_CONFIG_FILE, to_json({"bos_token_id": bos_id, "eos_token_id": list(eos_ids)}))
 
 
-def _uses(spec, component: str) -> bool:
+def uses_component(spec, component: str) -> bool:
     """Whether a tokenizer.json component (a dict, possibly a Sequence of them) is or contains `component`."""
     if isinstance(spec, dict):
-        return spec.get("type") == component or any(_uses(v, component) for v in spec.values())
+        return spec.get("type") == component or any(uses_component(v, component) for v in spec.values())
     if isinstance(spec, list):
-        return any(_uses(v, component) for v in spec)
+        return any(uses_component(v, component) for v in spec)
     return False
 
 

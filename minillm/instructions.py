@@ -49,7 +49,7 @@ import math
 import random
 import re
 from collections import Counter
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from decimal import Decimal
 from pathlib import Path
 from typing import Literal
@@ -318,8 +318,7 @@ def build_translation_instructions(pairs, src_lang: str, tgt_lang: str, reverse_
 def translate_command(args) -> dict:
     pairs = read_bitext(args.src or None, args.tgt or None, args.tsv or None, args.jsonl or None, args.src_lang,
                         args.tgt_lang)
-    cfg = FilterConfig(args.max_word_len, args.min_words, args.max_words, args.max_length_ratio, args.min_alpha_share,
-                       args.strict_terminal_punct, args.strict_numerals)
+    cfg = FilterConfig(**{f.name: getattr(args, f.name) for f in fields(FilterConfig)})  # same-named options
     kept, report = filter_pairs(pairs, cfg, args.src_lang, args.tgt_lang)
     if not kept:
         raise ValueError(f"{args.src or args.tsv or args.jsonl}: no sentence pair passed the filters\n"
@@ -536,8 +535,8 @@ class TranslateOptions:
     max_words: int = FilterConfig.max_words  # length filter: most words per side
     max_length_ratio: float = FilterConfig.max_length_ratio  # length_ratio filter: longer / shorter side, in characters
     min_alpha_share: float = FilterConfig.min_alpha_share  # alpha filter: least share of letters per side
-    strict_terminal_punct: bool = False  # terminal_punct filter: a missing final period is a difference too
-    strict_numerals: bool = False  # numerals filter: digit runs equal as strings, no words for zero
+    strict_terminal_punct: bool = FilterConfig.strict_terminal_punct  # terminal_punct filter: a missing final period is a difference too
+    strict_numerals: bool = FilterConfig.strict_numerals  # numerals filter: digit runs equal as strings, no words for zero
 
     def check(self):
         for name in ("reverse_share", "inline_share", "min_alpha_share"):

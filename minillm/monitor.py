@@ -20,6 +20,7 @@ import torch
 from tqdm import tqdm
 
 from minillm.engine import all_reduce_sum, batch_to, end_validation, model_inputs
+from minillm.options import TENSORBOARD_HINT
 
 # ----------------------------------------------------------------------------- MFU
 
@@ -128,9 +129,6 @@ def log_line(record: dict, total: int, eta_s: float, extra: tuple[str, ...] = ()
             value = record[key]
             line += f" | {key} {value:.4f}" if isinstance(value, float) else f" | {key} {value}"
     return line + (" (best)" if record.get("best") else "")
-
-
-TENSORBOARD_HINT = "--log-to tensorboard needs the tensorboard package: pip install 'minillm[tensorboard]'"
 
 
 def tensorboard_writer(out_dir, start: int):

@@ -299,6 +299,7 @@ def cli(main):
 
 # ----------------------------------------------------------------------------- the training scripts' options
 
+TENSORBOARD_HINT = "--log-to tensorboard needs the tensorboard package: pip install 'minillm[tensorboard]'"
 RUN_FILES = ("options.json", "metrics.jsonl", "checkpoints", "model", "tensorboard")  # what marks an out_dir as holding a run
 
 @dataclasses.dataclass(kw_only=True)
@@ -352,7 +353,7 @@ class TrainOptions:
         require(self.grad_clip >= 0, "grad_clip", self.grad_clip, "must be >= 0 (0 = no clipping)")
         require(self.peak_tflops >= 0, "peak_tflops", self.peak_tflops, "must be >= 0")
         if self.log_to == "tensorboard" and importlib.util.find_spec("tensorboard") is None:
-            raise OptionError("--log-to tensorboard needs the tensorboard package: pip install 'minillm[tensorboard]'")
+            raise OptionError(TENSORBOARD_HINT)
         if self.resume and self.overwrite:
             raise OptionError("--resume and --overwrite exclude each other: continue the run, or start it afresh")
         # A re-run must never silently replace a finished model or mix two runs' metrics.

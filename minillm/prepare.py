@@ -95,11 +95,13 @@ def _docs_within_caps(lengths: np.ndarray, n_docs: int, n_tokens: int, max_docs,
     return keep
 
 
-def _run_jobs(jobs, tokenizer_path: str, workers: int):
-    """Results of _tokenize_chunk in input order. workers > 1: a process pool with a bounded window of jobs
-    in flight (Pool.imap would read the whole corpus into its queue)."""
+def _run_jobs(jobs, tok, tokenizer_path: str, workers: int):
+    """Results of _tokenize_chunk in input order. workers <= 1: here, with `tok` (already loaded); workers > 1:
+    a process pool, each loading tokenizer_path, with a bounded window of jobs in flight (Pool.imap would
+    read the whole corpus into its queue)."""
+    global _worker_tokenizer
     if workers <= 1:
-        _init_worker(tokenizer_path)
+        _worker_tokenizer = tok
         for job, nbytes in jobs:
             yield _tokenize_chunk(job), nbytes
         return
@@ -315,9 +317,9 @@ def prepare(inputs, tokenizer, out_dir, *, fmt: str = "auto", text_field: str = 
     n_docs = n_tokens = n_words = n_skipped = 0
     capped = False
     t0 = time.time()
-    bar = tqdm(total=sum(os.path.getsize(p) for p in inputs), unit="B", unit_scale=True,
+    bar = tqdm(total=sum(f["size"] for f in fingerprint["inputs"]), unit="B", unit_scale=True,
                desc=f"tokenizing {name}", disable=not progress or not sys.stderr.isatty(), dynamic_ncols=True)
-    results = _run_jobs(_jobs(inputs, fmt, text_field, txt_docs), str(tokenizer), workers)
+    results = _run_jobs(_jobs(inputs, fmt, text_field, txt_docs), tok, str(tokenizer), workers)
     try:
         for result, nbytes in results:
             tokens, lengths, words = result["tokens"], result["lengths"], result["words"]

@@ -46,7 +46,7 @@ from torch import nn
 from minillm.corpora import check_readable, iter_texts
 from minillm.files import atomic_write, read_lines, to_json
 from minillm.hf import load_pretrained, save_pretrained
-from minillm.hf_tokenizer import HFTokenizer
+from minillm.hf_tokenizer import HFTokenizer, uses_component
 from minillm.options import cli, parse_options, require
 from minillm.sentencepiece_model import PIECE_NORMAL, PIECE_USER_DEFINED, read_pieces, rewrite_model_proto
 from minillm.tokenizer import CHAT_TOKENS, SentencePieceTokenizer, check_vocab_fits, load_tokenizer
@@ -101,7 +101,7 @@ def train_target_bpe(base: HFTokenizer, texts, vocab_size: int) -> RustTokenizer
     """A BPE tokenizer of the target language alone, trained with `tokenizers` on the texts, with the base's
     normaliser, pre-tokenizer and BPE settings (so it splits text into the same pre-tokens, and its merges
     mean the same in the base), and for a byte-level base the whole byte alphabet."""
-    spec = json.loads(base.tokenizer_json)
+    spec = base.spec
     if spec.get("model", {}).get("type") != "BPE":
         raise ValueError(f"{base.name}: vocabulary extension of a tokenizer.json needs a BPE model, this one is "
                          f"{spec.get('model', {}).get('type')!r}")
@@ -109,7 +109,7 @@ def train_target_bpe(base: HFTokenizer, texts, vocab_size: int) -> RustTokenizer
         "version": "1.0", "truncation": None, "padding": None, "added_tokens": [],
         "normalizer": spec.get("normalizer"), "pre_tokenizer": spec.get("pre_tokenizer"), "post_processor": None,
         "decoder": spec.get("decoder"), "model": {**spec["model"], "vocab": {}, "merges": []}}))
-    byte_level = "ByteLevel" in json.dumps(spec.get("pre_tokenizer"))
+    byte_level = uses_component(spec.get("pre_tokenizer"), "ByteLevel")
     trainer = trainers.BpeTrainer(vocab_size=vocab_size, show_progress=False, special_tokens=[],
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet() if byte_level else [])
     target.train_from_iterator(texts, trainer)
@@ -122,7 +122,7 @@ def new_tokens_and_merges(base: HFTokenizer, target: RustTokenizer) -> tuple[lis
     """The tokens of `target` that `base` does not have (in the target's id order) and the target merges that
     make them, in the target's order (merges whose result the base has are left out: the base makes those
     its own way)."""
-    old_vocab = json.loads(base.tokenizer_json)["model"]["vocab"]
+    old_vocab = base.spec["model"]["vocab"]
     spec = json.loads(target.to_str())
     by_id = sorted(spec["model"]["vocab"].items(), key=lambda item: item[1])
     tokens = [t for t, _ in by_id if t not in old_vocab and base.piece_to_id(t) is None]

@@ -40,7 +40,7 @@ sys.path.insert(0, str(ROOT))  # run from a checkout without installing
 
 from minillm.files import atomic_write, read_json_objects, to_json, write_jsonl  # noqa: E402
 from minillm.options import cli, parse_options, require  # noqa: E402
-from minillm.report import bar_chart, plots_available, run_report  # noqa: E402
+from minillm.report import INSTALL_HINT, bar_chart, plots_available, run_report  # noqa: E402
 
 
 @dataclass(frozen=True)
@@ -91,7 +91,7 @@ class Stages:
     command is skipped."""
 
     def __init__(self, out: Path, resume: bool = False):
-        self.out, self.logs, self.t0, self.resume = out, out / "logs", time.time(), resume
+        self.logs, self.t0, self.resume = out / "logs", time.time(), resume
         self.logs.mkdir(parents=True, exist_ok=True)
         self.timings: dict[str, float] = {}
         self.skipped: list[str] = []
@@ -401,13 +401,19 @@ def claim_table(claim: Claim, values: dict, n_seeds: int) -> tuple[str, list]:
     return "\n".join(lines) + "\n", panels
 
 
-def write_report(out: Path, opts: ReproduceOptions, size_name: str, seeds: list[int], timings: dict):
+def read_timings(out: Path) -> dict:
+    """OUT/timings.json of an earlier run ({} when there is none): each stage's seconds and total_s."""
+    path = out / "timings.json"
+    return json.loads(path.read_text(encoding="utf-8")) if path.exists() else {}
+
+
+def write_report(out: Path, opts: ReproduceOptions, seeds: list[int], timings: dict):
     values = collect(out, seeds)
     plots = out / "plots"
     plots.mkdir(parents=True, exist_ok=True)
     total = timings.get("total_s")
     sections = ["# The papers' findings in miniature\n",
-                f"Written by `python scripts/reproduce.py{' --quick' if opts.quick else ''} --size {size_name}` on "
+                f"Written by `python scripts/reproduce.py{' --quick' if opts.quick else ''} --size {opts.size}` on "
                 f"{time.strftime('%Y-%m-%d')}, {platform.machine()} with {os.cpu_count()} CPU cores"
                 + (f", in {total / 60:.1f} minutes" if total else "") + f". Seeds: {', '.join(map(str, seeds))} "
                 "(mean ± standard deviation over seeds; the English base model is shared). Every number comes "
@@ -428,8 +434,7 @@ def write_report(out: Path, opts: ReproduceOptions, size_name: str, seeds: list[
     sections.append(f"Training curves of seed {seeds[0]}'s runs: [{training.relative_to(out)}]"
                     f"({training.relative_to(out)}).\n")
     if not plots_available():
-        sections.append("Plots need matplotlib: `pip install 'minillm[report]'`, then "
-                        "`python scripts/reproduce.py --report-only`.\n")
+        sections.append(INSTALL_HINT.rstrip(".") + ", then `python scripts/reproduce.py --report-only`.\n")
     report = out / "report.md"
     atomic_write(report, "\n".join(sections))
     return report
@@ -443,8 +448,7 @@ def main(argv=None):
     out, size = Path(opts.out), SIZES[opts.size]
     seeds = list(range(1, 2 if opts.quick else opts.seeds + 1))
     if opts.report_only:
-        timings = json.loads((out / "timings.json").read_text(encoding="utf-8")) if (out / "timings.json").exists() else {}
-        print(f"report: {write_report(out, opts, opts.size, seeds, timings)}")
+        print(f"report: {write_report(out, opts, seeds, read_timings(out))}")
         return
     stages = Stages(out, opts.resume)
     data = prepare(stages, out, size)
@@ -452,11 +456,11 @@ def main(argv=None):
     for seed in seeds:
         train_seed(stages, size, data, out, base, seed)
     # A resumed run's time includes what the skipped stages took before (timings.json of the earlier run).
-    before = json.loads((out / "timings.json").read_text(encoding="utf-8")) if (out / "timings.json").exists() else {}
+    before = read_timings(out)
     earlier = {name: before[name] for name in stages.skipped if name in before}
     timings = {**earlier, **stages.timings, "total_s": round(time.time() - stages.t0 + sum(earlier.values()), 1)}
     atomic_write(out / "timings.json", to_json(timings))
-    report = write_report(out, opts, opts.size, seeds, timings)
+    report = write_report(out, opts, seeds, timings)
     print(f"report: {report} ({timings['total_s'] / 60:.1f} minutes)")
 
 

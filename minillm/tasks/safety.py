@@ -61,9 +61,9 @@ def run(ctx, spec: dict, template: str, split: str = "", desc: str = "") -> tupl
         if language not in regexes:
             regexes[language] = compile_refusal(refusal_patterns(language, spec.get("refusal_patterns")))
         refused.append(is_refusal(gen["text"], regexes[language]))
-    rates = safety_rates(refused, [r["harmful"] for r in records])
-    metrics = {}
     harmful = [r["harmful"] for r in records]
+    rates = safety_rates(refused, harmful)
+    metrics = {}
     if rates["attack_success_rate"] is not None:  # the share of harmful prompts answered
         metrics["attack_success_rate"] = mean_metric(not r for r, h in zip(refused, harmful) if h)
     if rates["false_refusal_rate"] is not None:  # the share of benign prompts refused
