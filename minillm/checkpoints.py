@@ -260,21 +260,32 @@ def load_checkpoint(engine, out_dir, model_config: dict | None = None) -> dict |
 def export_model(engine, model, out_dir, tokenizer, chat_template: str | None = None, state: dict | None = None):
     """Write the model in Hugging Face layout (+ tokenizer, chat template and training_state.json: which step,
     which validation loss, which options) to out_dir, for the next stage, transformers, vLLM or lm-eval.
-    Under ZeRO-3 each rank holds a slice of every weight: GatheredParameters assembles them (rank 0 writes)."""
+    Every rank calls this; rank 0 writes. Under ZeRO-3 each rank holds a slice of every weight: the export
+    gathers one tensor at a time and rank 0 adds it to the safetensors shard being filled (save_pretrained),
+    so no rank ever holds more than one shard plus one tensor. The files are the same bytes as a ZeRO-0
+    export of the same weights. A failed write (a full disk) is one error on every rank, the previous
+    export left as it was."""
     import deepspeed
 
     from minillm.hf import save_pretrained
 
     if not weights_finite(model, engine.device):
         raise ValueError(f"{out_dir}: the weights are not finite; not exported (the previous export is kept)")
+    rank = dist.get_rank()
     zero3 = engine.zero_optimization_stage() == 3
-    gathered = deepspeed.zero.GatheredParameters(list(model.parameters()), modifier_rank=None) if zero3 \
-        else contextlib.nullcontext()
-    with gathered:
-        if dist.get_rank() == 0:
+    if zero3:  # weights DeepSpeed prefetched for the next forward may still be in flight: let them land first
+        engine.empty_partition_cache()
+    failed, error = 0.0, None
+    if zero3 or rank == 0:
+        try:
             save_pretrained(model, out_dir, tokenizer=tokenizer, chat_template=chat_template,
-                            extra_files={"training_state.json": to_json(state or {})})
-    dist.barrier()
+                            extra_files={"training_state.json": to_json(state or {})}, writes=rank == 0,
+                            gathered=deepspeed.zero.GatheredParameters if zero3 else None)
+        except OSError as e:  # every rank must reach the agreement below
+            failed, error = 1.0, e
+    if all_reduce_sum([failed], engine.device)[0] > 0:
+        text = str(error).strip().splitlines()[0] if error is not None and str(error).strip() else "a write failed"
+        raise OSError(f"cannot export {out_dir}: {text}; the previous export is left as it was") from None
 
 
 class ExportedModel:

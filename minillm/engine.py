@@ -97,19 +97,33 @@ def use_bf16(device) -> bool:
     return device.type == "cuda" and torch.cuda.is_bf16_supported()
 
 
-def deepspeed_config(cfg, device) -> dict:
-    """The DeepSpeed JSON built from the script's options; a user's `--deepspeed file.json` is merged on top."""
+def deepspeed_config(cfg, device, model_config) -> dict:
+    """The DeepSpeed JSON built from the script's options and the model's shape; a user's `--deepspeed
+    file.json` is merged on top (any key there wins, e.g. a bucket size).
+
+    ZeRO's buffers are sized to the model, as transformers' DeepSpeed integration does for "auto": gradients
+    are reduced, and ZeRO-3 weights prefetched, in buckets of about one dim x dim matrix, and ZeRO-3 keeps
+    vectors (norms, biases: under 10 x dim elements) whole on every rank instead of gathering them for each
+    use. DeepSpeed's defaults are sized for nothing: a 5e8-element gradient bucket (2 GB in fp32) that
+    every rank fills, whatever the number of ranks (bench/bench_zero_memory.py, BENCHMARKS.md)."""
+    dim = model_config.dim
+    zero = {"stage": cfg.zero_stage}
+    if cfg.zero_stage in (1, 2):
+        zero.update(reduce_bucket_size=dim * dim, allgather_bucket_size=dim * dim)
+    if cfg.zero_stage == 3:
+        zero.update(reduce_bucket_size=dim * dim, stage3_prefetch_bucket_size=int(0.9 * dim * dim),
+                    stage3_param_persistence_threshold=10 * dim,
+                    # gather the whole model when DeepSpeed itself saves 16-bit weights (we export ourselves)
+                    stage3_gather_16bit_weights_on_model_save=True)
     ds = {
         "train_micro_batch_size_per_gpu": cfg.micro_batch_size,
         "gradient_accumulation_steps": cfg.grad_accum,
         "gradient_clipping": cfg.grad_clip,
-        "zero_optimization": {"stage": cfg.zero_stage},
+        "zero_optimization": zero,
         "bf16": {"enabled": use_bf16(device)},
         "steps_per_print": 10**9,  # we print our own log line
         "wall_clock_breakdown": False,
     }
-    if cfg.zero_stage == 3:  # gather the whole model when saving, so export needs no offline conversion
-        ds["zero_optimization"]["stage3_gather_16bit_weights_on_model_save"] = True
     if cfg.deepspeed:
         try:
             user = json.loads(Path(cfg.deepspeed).read_text(encoding="utf-8"))
@@ -123,6 +137,9 @@ def deepspeed_config(cfg, device) -> dict:
             if ds.get(key, ours) != ours:  # the data loader and the LR schedule are built from ours
                 raise ValueError(f"{cfg.deepspeed}: {key}={ds[key]} disagrees with {option} {ours}; "
                                  "set it through the script option")
+        if ds["zero_optimization"].get("stage", cfg.zero_stage) != cfg.zero_stage:
+            raise ValueError(f"{cfg.deepspeed}: zero_optimization.stage={ds['zero_optimization']['stage']} "
+                             f"disagrees with --zero-stage {cfg.zero_stage}; set it through the script option")
     return ds
 
 
@@ -137,26 +154,48 @@ def load_model_and_tokenizer(cfg, device, preset: str = ""):
     """What a training script starts from, with the options' memory and speed settings applied: the Hugging
     Face directory cfg.init_from (and its tokenizer, unless cfg.tokenizer names another), or the model
     `preset` at random, sized to cfg.tokenizer's vocabulary. Fails early, naming both numbers, if the
-    tokenizer or the context does not fit the model."""
-    from minillm.hf import load_pretrained
+    tokenizer or the context does not fit the model.
+
+    Under ZeRO-3 the model is born partitioned (`deepspeed.zero.Init`: each module's weights are split over
+    the ranks as soon as the module is built, in the training dtype) and filled one tensor at a time, so no
+    rank ever holds the whole model: rank 0 reads each tensor from the memory-mapped safetensors files while
+    it is gathered, and leaving the gathering hands every rank its slice. A random preset is initialised the
+    same way, tensor by tensor with the same random numbers as a plain start (Llama.init_weights), so both
+    starts give the same model."""
+    from minillm.hf import load_pretrained, load_weights, read_config
     from minillm.model import Llama, LlamaConfig
     from minillm.tokenizer import check_vocab_fits, load_tokenizer
 
     if cfg.init_from:
-        model = load_pretrained(cfg.init_from)
+        config = read_config(cfg.init_from)[0]
         tokenizer = load_tokenizer(cfg.tokenizer or cfg.init_from)
     else:
         if not cfg.tokenizer:
             raise ValueError("--tokenizer is required to build a random --preset model (or give --init-from)")
         tokenizer = load_tokenizer(cfg.tokenizer)
-        model = Llama(LlamaConfig.from_preset(preset, vocab_size=tokenizer.vocab_size, bos_id=tokenizer.bos_id,
-                                              eos_id=tokenizer.eos_id, pad_id=tokenizer.pad_id))
-    check_vocab_fits(tokenizer, model.config.vocab_size)
-    if cfg.seq_len > model.config.max_seq_len:
+        config = LlamaConfig.from_preset(preset, vocab_size=tokenizer.vocab_size, bos_id=tokenizer.bos_id,
+                                         eos_id=tokenizer.eos_id, pad_id=tokenizer.pad_id)
+    check_vocab_fits(tokenizer, config.vocab_size)
+    if cfg.seq_len > config.max_seq_len:
         raise ValueError(f"--seq-len {cfg.seq_len} is larger than the model's context (max_seq_len "
-                         f"{model.config.max_seq_len})")
+                         f"{config.max_seq_len})")
+    if cfg.zero_stage == 3:
+        import deepspeed
+
+        def gathered(params):  # whole while inside; rank 0's values become every rank's partition
+            return deepspeed.zero.GatheredParameters(params, modifier_rank=0)
+
+        with deepspeed.zero.Init(config_dict_or_path=deepspeed_config(cfg, device, config)):
+            model = Llama(config, init=False)
+        if cfg.init_from:
+            load_weights(model, cfg.init_from, gathered, reads=dist.get_rank() == 0)
+        else:
+            model.init_weights(gathered)
+    else:
+        model = load_pretrained(cfg.init_from) if cfg.init_from else Llama(config)
+        model.to(device)
     configure_model(model, cfg)
-    return model.to(device), tokenizer
+    return model, tokenizer
 
 
 def configure_model(model: nn.Module, cfg):
@@ -214,7 +253,7 @@ def build_engine(model: nn.Module, cfg, device, param_groups: list[dict] | None 
         # ZeRO-3 must gather it whenever the model runs.
         deepspeed.zero.register_external_parameter(model, model.output.weight)
     engine, optimizer, _, _ = deepspeed.initialize(model=model, optimizer=optimizer,
-                                                   config=deepspeed_config(cfg, device))
+                                                   config=deepspeed_config(cfg, device, model.config))
     return engine, optimizer
 
 

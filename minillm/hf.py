@@ -20,12 +20,15 @@ those are pickles, which minillm never reads.)
 
 Loading is streamed: the model is built on the meta device (no memory, no random init), then
 storage for it is allocated once and every tensor is copied from the memory-mapped safetensors
-files one at a time, so peak RAM is about one model plus one tensor.
+files one at a time, so peak RAM is about one model plus one tensor. Under ZeRO-3 the model is built
+partitioned instead and each tensor passes through a gathering (load_weights): its partition plus one tensor.
 
-Public API: load_pretrained(path, dtype=None, device='cpu') and save_pretrained(model, path, ...).
+Public API: load_pretrained(path, dtype=None, device='cpu') and save_pretrained(model, path, ...); read_config and
+load_weights for a model built elsewhere (ZeRO-3's partitioned start, minillm/engine.py).
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -248,6 +251,18 @@ def _keys(file: Path) -> list[str]:
         return list(f.keys())
 
 
+def read_config(path) -> tuple[LlamaConfig, dict]:
+    """The LlamaConfig of a Hugging Face directory, and its config.json as read (no weights are touched)."""
+    config_file = Path(path) / "config.json"
+    if not config_file.is_file():
+        raise FileNotFoundError(f"{config_file}: not found (is {path} a Hugging Face model directory?)")
+    try:
+        hf = json.loads(config_file.read_text())
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{config_file}:{e.lineno}: invalid JSON ({e.msg})") from None
+    return config_from_hf(hf, str(config_file)), hf
+
+
 def load_pretrained(path, dtype=None, device="cpu") -> Llama:
     """Load a Hugging Face Llama, Mistral or Qwen2 directory into a minillm Llama.
 
@@ -255,18 +270,9 @@ def load_pretrained(path, dtype=None, device="cpu") -> Llama:
     torch.float32 / torch.bfloat16 / torch.float16 (or their names). Tensors are converted as
     they are copied, so a bf16 checkpoint loads as fp32 without an intermediate bf16 model.
     """
-    path = Path(path)
-    config_file = path / "config.json"
-    if not config_file.is_file():
-        raise FileNotFoundError(f"{config_file}: not found (is {path} a Hugging Face model directory?)")
-    try:
-        hf = json.loads(config_file.read_text())
-    except json.JSONDecodeError as e:
-        raise ValueError(f"{config_file}:{e.lineno}: invalid JSON ({e.msg})") from None
-    config = config_from_hf(hf, str(config_file))
+    config, hf = read_config(path)
     dtype = _resolve_dtype(dtype, hf)
-    files = _weight_files(path)
-
+    files = _weight_files(Path(path))  # before any allocation: a directory without weights fails at once
     with torch.device("meta"):  # shapes only: no memory, no random init
         model = Llama(config)
     model.to(dtype)
@@ -276,7 +282,30 @@ def load_pretrained(path, dtype=None, device="cpu") -> Llama:
         model.output.weight = model.tok_embeddings.weight
     # The rotary frequencies are not in the checkpoint; recompute them (and keep them fp32).
     model.inv_freq = rope_inv_freq(config).to(device)
+    load_weights(model, path, files=files)
+    return model
 
+
+def full_shape(param) -> torch.Size:
+    """A parameter's shape, also when ZeRO-3 has partitioned it (its data is then empty; ds_shape is the whole)."""
+    return getattr(param, "ds_shape", param.shape)
+
+
+def _no_gathering(params):
+    return contextlib.nullcontext()
+
+
+def load_weights(model: Llama, path, gathered=None, reads: bool = True, files=None):
+    """Copy the tensors of the Hugging Face directory `path` into `model`'s parameters, one tensor at a time
+    from the memory-mapped safetensors files (converted to each parameter's dtype and device as copied).
+
+    ZeRO-3 (minillm.engine): the parameters are partitioned; `gathered([p])` is a context in which p is whole
+    and what the reading rank writes into it becomes every rank's partition on exit, and `reads` is True on
+    that one rank only. Every rank checks the names and shapes (from the files' headers), so a bad directory
+    fails on all of them alike. Peak memory: the rank's partition plus one whole tensor."""
+    files = files or _weight_files(Path(path))
+    gathered = gathered or _no_gathering
+    config = model.config
     wanted = {}  # HF name -> (minillm name, parameter)
     for name, param in model.named_parameters():  # named_parameters lists a tied parameter once
         wanted[to_hf_name(name)] = (name, param)
@@ -287,33 +316,34 @@ def load_pretrained(path, dtype=None, device="cpu") -> Llama:
                          f"({len(unexpected)} unexpected in all; is this a plain {config.family} checkpoint?)")
     missing = [n for n in wanted if n not in files]
     if missing:
-        where = path / (INDEX_FILE if (path / INDEX_FILE).is_file() and not (path / SINGLE_FILE).is_file()
-                        else SINGLE_FILE)
+        where = Path(path) / (INDEX_FILE if (Path(path) / INDEX_FILE).is_file()
+                              and not (Path(path) / SINGLE_FILE).is_file() else SINGLE_FILE)
         hint = " (set tie_word_embeddings in config.json if the head shares the embedding)" \
             if missing[0] == GLOBAL_NAMES["output.weight"] else ""
         raise ValueError(f"{where}: missing tensor {missing[0]!r}{hint}")
 
-    by_file: dict[Path, list[str]] = {}
-    for hf_name in wanted:
-        by_file.setdefault(files[hf_name], []).append(hf_name)
     with torch.no_grad():
-        for file, names in by_file.items():
+        for hf_name, (_, param) in wanted.items():
+            file = files[hf_name]
+            # One opening per tensor: the file's pages this read touched leave the process's resident set when
+            # the mapping closes, instead of piling up to the whole shard.
             with _open(file) as f:
-                for hf_name in names:
-                    _, param = wanted[hf_name]
-                    try:
-                        tensor = f.get_tensor(hf_name)
-                    except (SafetensorError, OSError) as e:
-                        raise ValueError(f"{file}: cannot read tensor {hf_name!r}: {e}") from None
-                    if tensor.shape != param.shape:
-                        raise ValueError(f"{file}: tensor {hf_name!r} has shape {list(tensor.shape)}, "
-                                         f"config.json implies {list(param.shape)}")
-                    param.copy_(tensor)  # converts dtype and moves to device
-                    del tensor
-    return model
+                try:
+                    shape = f.get_slice(hf_name).get_shape()
+                except (SafetensorError, OSError) as e:
+                    raise ValueError(f"{file}: cannot read tensor {hf_name!r}: {e}") from None
+                if list(shape) != list(full_shape(param)):
+                    raise ValueError(f"{file}: tensor {hf_name!r} has shape {list(shape)}, "
+                                     f"config.json implies {list(full_shape(param))}")
+                with gathered([param]):
+                    if reads:
+                        try:
+                            tensor = f.get_tensor(hf_name)
+                        except (SafetensorError, OSError) as e:
+                            raise ValueError(f"{file}: cannot read tensor {hf_name!r}: {e}") from None
+                        param.copy_(tensor)  # converts dtype and moves to device
+                        del tensor
 
-
-# ----------------------------------------------------------------------------- saving
 
 def parse_size(size) -> int:
     """'5GB' -> 5 * 10**9 bytes (decimal units, as transformers), '2GiB' -> 2 * 2**30, ints pass through."""
@@ -346,7 +376,8 @@ def _is_weight_file(name: str) -> bool:
 
 
 def save_pretrained(model: Llama, path, dtype=None, max_shard_size="5GB", tokenizer=None,
-                    chat_template: str | None = None, extra_files: dict[str, str] | None = None):
+                    chat_template: str | None = None, extra_files: dict[str, str] | None = None,
+                    gathered=None, writes: bool = True):
     """Write `model` in the Hugging Face layout that transformers.AutoModelForCausalLM loads.
 
     dtype: None keeps the model's dtype. Weights go into `model.safetensors`, or shards plus
@@ -356,28 +387,58 @@ def save_pretrained(model: Llama, path, dtype=None, max_shard_size="5GB", tokeni
     each file is moved with os.replace (other files there, e.g. a tokenizer, are kept; weight
     files left by an earlier save with a different sharding are deleted afterwards). The tokenizer (with
     `chat_template`) and `extra_files` ({name: text}) are written alongside.
+
+    ZeRO-3 (minillm.checkpoints.export_model): every rank calls this; `gathered([p])` makes one partitioned
+    parameter whole for the time it is copied, and only the rank with `writes` keeps the copies and writes
+    the files. Memory: one shard of CPU copies on the writer plus one whole tensor on every rank. A writer
+    that fails (a full disk) keeps taking part in the gathering to the end, so no rank waits forever, and
+    then raises.
     """
     path = Path(path)
     params = dict(model.named_parameters())  # a tied head appears once, as tok_embeddings.weight
     dtype = _resolve_dtype(dtype) if dtype is not None else next(iter(params.values())).dtype
     config = model.config
     hf_names = {to_hf_name(n): p for n, p in params.items()}
-    shards = _plan_shards([(n, p.numel() * dtype.itemsize) for n, p in hf_names.items()],
+    shards = _plan_shards([(n, full_shape(p).numel() * dtype.itemsize) for n, p in hf_names.items()],
                           parse_size(max_shard_size))
+    copies = gathered is not None  # a gathered tensor is freed (or reused) when its context ends
+    gathered = gathered or _no_gathering
 
+    def shard_tensors(names) -> dict:
+        """One shard's converted, contiguous CPU copies (on the writer; {} on the other ranks)."""
+        tensors = {}
+        for n in names:
+            with gathered([hf_names[n]]):
+                if writes:
+                    tensors[n] = hf_names[n].detach().to("cpu", dtype, copy=copies).contiguous()
+        return tensors
+
+    if not writes:
+        for names in shards:
+            shard_tensors(names)
+        return path
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
+    error = None
     try:
         weight_map, total = {}, 0
         for i, names in enumerate(shards):
             file = SINGLE_FILE if len(shards) == 1 else f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
-            # One shard in memory at a time: converted, contiguous CPU copies.
-            tensors = {n: hf_names[n].detach().to("cpu", dtype).contiguous() for n in names}
-            save_file(tensors, str(tmp / file), metadata={"format": "pt"})
+            tensors = shard_tensors(names)  # one shard in memory at a time
+            if error is not None:
+                continue
+            try:
+                save_file(tensors, str(tmp / file), metadata={"format": "pt"})
+            except (OSError, SafetensorError) as e:
+                error = e if isinstance(e, OSError) else OSError(f"{tmp / file}: {e}")
+                writes = False  # go on gathering with the other ranks, then raise
+                continue
             for n, t in tensors.items():
                 weight_map[n] = file
                 total += t.numel() * t.element_size()
             del tensors
+        if error is not None:
+            raise error
         if len(shards) > 1:
             _write_json(tmp / INDEX_FILE, {"metadata": {"total_size": total}, "weight_map": weight_map})
         _write_json(tmp / "config.json", config_to_hf(config, dtype))

@@ -11,6 +11,7 @@ config.family only says which Hugging Face model_type the weights came from and 
 """
 from __future__ import annotations
 
+import contextlib
 import math
 from dataclasses import asdict, dataclass
 
@@ -295,7 +296,7 @@ def _selective_context():
 
 
 class Llama(nn.Module):
-    def __init__(self, config: LlamaConfig):
+    def __init__(self, config: LlamaConfig, init: bool = True):
         super().__init__()
         self.config = config
         self.tok_embeddings = nn.Embedding(config.vocab_size, config.dim)
@@ -307,19 +308,26 @@ class Llama(nn.Module):
         # Rotary frequencies stay a plain fp32 tensor, not a buffer: model.to(bfloat16) would round a
         # buffer, putting the angle at position 4000 off by most of a radian. Moved per forward (tiny).
         self.inv_freq = rope_inv_freq(config)
-        self.apply(self._init_weights)
-        # GPT-2 / llama2.c: scale the residual projections so the residual stream's variance
-        # does not grow with depth at init.
+        if init:  # (ZeRO-3 builds the model partitioned, then calls init_weights with its gathering)
+            self.init_weights()
+
+    def init_weights(self, gathered=lambda params: contextlib.nullcontext()):
+        """Every matrix N(0, 0.02), biases 0 (norms start at 1), then the residual projections (wo, w2) scaled
+        down as GPT-2 / llama2.c do, so the residual stream's variance does not grow with depth at init.
+
+        One module at a time, in a fixed order, from the global generator: the same seed gives the same
+        weights however the model is stored. Under ZeRO-3 (minillm.engine) `gathered(params)` makes a
+        module's partitioned parameters whole while they are drawn."""
+        for module in self.modules():  # only leaves draw, so this is the order nn.Module.apply visits them in
+            if isinstance(module, (nn.Linear, nn.Embedding)):
+                with gathered(list(module.parameters(recurse=False))), torch.no_grad():
+                    nn.init.normal_(module.weight, mean=0.0, std=0.02)
+                    if getattr(module, "bias", None) is not None:
+                        nn.init.zeros_(module.bias)
         for name, p in self.named_parameters():
             if name.endswith(("wo.weight", "w2.weight")):
-                nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * config.n_layers))
-
-    @staticmethod
-    def _init_weights(module):
-        if isinstance(module, (nn.Linear, nn.Embedding)):
-            nn.init.normal_(module.weight, mean=0.0, std=0.02)
-        if isinstance(module, nn.Linear) and module.bias is not None:
-            nn.init.zeros_(module.bias)
+                with gathered([p]), torch.no_grad():
+                    nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * self.config.n_layers))
 
     def new_cache(self, batch_size: int, max_len: int, dtype=None, device=None) -> KVCache:
         weight = self.tok_embeddings.weight

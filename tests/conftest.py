@@ -15,12 +15,14 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def run_script(script: str, args: list, nproc: int = 1, check: bool = True, popen: bool = False):
-    """`python SCRIPT ARGS` (one process) or `torchrun --standalone --nproc_per_node=N SCRIPT ARGS`."""
+def run_script(script: str, args: list, nproc: int = 1, check: bool = True, popen: bool = False,
+               env: dict | None = None):
+    """`python SCRIPT ARGS` (one process) or `torchrun --standalone --nproc_per_node=N SCRIPT ARGS`; env: extra
+    environment variables."""
     cmd = ([sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"]
            if nproc > 1 else [sys.executable])
     cmd += [str(ROOT / script), *map(str, args)]
-    env = {**os.environ, "OMP_NUM_THREADS": "1",
+    env = {**os.environ, "OMP_NUM_THREADS": "1", **(env or {}),
            "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
     if popen:
         return subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
