@@ -191,9 +191,9 @@ def load_model_and_tokenizer(cfg, device, preset: str = ""):
             load_weights(model, cfg.init_from, gathered, reads=dist.get_rank() == 0)
         else:
             model.init_weights(gathered)
-    else:
-        model = load_pretrained(cfg.init_from) if cfg.init_from else Llama(config)
-        model.to(device)
+    else:  # built (or read) straight in the dtype DeepSpeed trains in: no fp32 copy of a bf16 model on the GPU
+        dtype = torch.bfloat16 if use_bf16(device) else torch.float32
+        model = load_pretrained(cfg.init_from, dtype, device) if cfg.init_from else Llama(config).to(device, dtype)
     configure_model(model, cfg)
     return model, tokenizer
 
