@@ -16,6 +16,12 @@ are visible). A rank's peak in its last 0.25 s before exit could be missed by po
 maximum is also taken exactly from wait4's ru_maxrss (the largest process of the whole run, the launcher
 included; blank when not above the harness's own peak, which it inherits through fork + exec): the "exact
 max" column; a max per-rank peak well below it means the polling missed the end.
+Allocator: every run gets MALLOC_MMAP_THRESHOLD_=65536 (--glibc-default: not). glibc serves blocks under its
+dynamic mmap threshold (up to 32 MB) from the heap and keeps them there when freed; at these sizes most
+per-rank tensors are under 32 MB and the resident set then measures glibc's retention (up to +1.4 x the
+weights at ZeRO-3, one rank), which neither the seeds' sizes (every tensor far above 32 MB) nor a GPU (the
+CUDA caching allocator) have. A fixed threshold maps every tensor on its own, so what is measured is what the
+program holds, for minillm and the peer alike; minillm.memory_plan predicts that.
 GB = 2^30 bytes. A run that fails (non-zero exit, e.g. killed by the OOM killer) is recorded as failed with
 its last peaks and the tail of its log; the harness goes on. A combination whose predicted total
 (predicted_total_gb, a placeholder) exceeds --skip-over-gb is skipped.
@@ -77,6 +83,9 @@ class BenchOptions:
     sample_interval: float = 0.25  # seconds between two reads of every rank's /proc/PID/status
     timeout: int = 3600  # seconds before a run is killed and recorded as failed
     keep_runs: bool = False  # keep minillm's run directories (checkpoint and export) in OUT/runs
+    offload: Literal["none", "optimizer", "optimizer+params"] = "none"  # train_pretrain.py's --offload, for both; use another --out
+    glibc_default: bool = False  # measure with glibc's dynamic mmap threshold (see the docstring); use another --out
+    deepspeed: str = ""  # a DeepSpeed JSON merged over minillm's config, for both (e.g. DeepSpeed's own defaults, to see what sizing saves); use another --out
 
     def check(self):
         for size in self.sizes.split(","):
@@ -140,11 +149,12 @@ def predicted_total_gb(params: int, ranks: int, stage: int) -> float:
     return ranks * (params * per_param / GB + RUNTIME_GB_PER_RANK)
 
 
-def minillm_ds_config(micro_batch_size: int, grad_accum: int, zero_stage: int, shape: dict) -> dict:
+def minillm_ds_config(micro_batch_size: int, grad_accum: int, zero_stage: int, shape: dict, deepspeed: str = "",
+                      offload: str = "none") -> dict:
     """The DeepSpeed config train_pretrain.py builds for these options (its defaults otherwise: grad_clip
     1.0, no --deepspeed file) and this model shape (config.json fields), on this machine's device."""
     options = types.SimpleNamespace(micro_batch_size=micro_batch_size, grad_accum=grad_accum, grad_clip=1.0,
-                                    zero_stage=zero_stage, deepspeed="")
+                                    zero_stage=zero_stage, deepspeed=deepspeed, offload=offload)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     model_config = LlamaConfig(vocab_size=shape["vocab_size"], dim=shape["hidden_size"],
                                n_layers=shape["num_hidden_layers"], n_heads=shape["num_attention_heads"],
@@ -326,6 +336,8 @@ def run_combination(impl: str, size: str, stage: int, ranks: int, cfg: BenchOpti
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
     for name in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
         env.pop(name, None)  # the runs' ranks are found by these: none may come from here
+    if not cfg.glibc_default:  # see the module docstring
+        env["MALLOC_MMAP_THRESHOLD_"] = "65536"
     if ranks >= 2:
         env["OMP_NUM_THREADS"] = "1"  # torchrun's own default; with 2 cores, ranks x threads must not oversubscribe
     run_dir = out / "runs" / key
@@ -336,7 +348,8 @@ def run_combination(impl: str, size: str, stage: int, ranks: int, cfg: BenchOpti
             "--seq-len", str(cfg.seq_len), "--micro-batch-size", str(cfg.micro_batch_size),
             "--grad-accum", str(cfg.grad_accum), "--max-steps", str(cfg.steps), "--warmup-steps", "0",
             "--zero-stage", str(stage), "--save-interval", "0", "--log-interval", "1",
-            "--out-dir", str(run_dir), "--overwrite"]
+            "--out-dir", str(run_dir), "--overwrite", "--offload", cfg.offload,
+            *(["--deepspeed", cfg.deepspeed] if cfg.deepspeed else [])]
     else:
         cmd = launch_command(str(ROOT / "bench" / "zero_peer.py"), ranks) + [
             "--model", str(inputs["model"]), "--ds-config", str(inputs["ds_config"]),
@@ -432,7 +445,8 @@ def main(argv=None):
         for stage in int_list(cfg.stages):
             ds_path = out / "ds" / f"{size}-z{stage}.json"
             ds_path.parent.mkdir(parents=True, exist_ok=True)
-            atomic_write(ds_path, to_json(minillm_ds_config(cfg.micro_batch_size, cfg.grad_accum, stage, shape)))
+            atomic_write(ds_path, to_json(minillm_ds_config(cfg.micro_batch_size, cfg.grad_accum, stage, shape, cfg.deepspeed,
+                                                       cfg.offload)))
             for ranks in int_list(cfg.ranks):
                 predicted = predicted_total_gb(params, ranks, stage)
                 for impl in impls:

@@ -88,8 +88,6 @@ def main(argv=None):
     else:
         model = Llama(config)
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-5, fused=True)
-    if stage == 3:  # the loss reads the output matrix directly, not through its module
-        deepspeed.zero.register_external_parameter(model, model.output.weight)
     engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer, config=ds_config)
 
     loss, n_scored = torch.zeros(()), 1

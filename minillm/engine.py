@@ -102,19 +102,30 @@ def deepspeed_config(cfg, device, model_config) -> dict:
     file.json` is merged on top (any key there wins, e.g. a bucket size).
 
     ZeRO's buffers are sized to the model, as transformers' DeepSpeed integration does for "auto": gradients
-    are reduced, and ZeRO-3 weights prefetched, in buckets of about one dim x dim matrix, and ZeRO-3 keeps
+    are reduced, and ZeRO-3 weights prefetched, in buckets of about one dim x dim matrix, ZeRO-3 keeps
     vectors (norms, biases: under 10 x dim elements) whole on every rank instead of gathering them for each
-    use. DeepSpeed's defaults are sized for nothing: a 5e8-element gradient bucket (2 GB in fp32) that
-    every rank fills, whatever the number of ranks (bench/bench_zero_memory.py, BENCHMARKS.md)."""
+    use, and holds about two blocks' weights whole at a time. DeepSpeed's defaults are sized for nothing: a
+    5e8-element gradient bucket (2 GB in fp32) that every rank fills, and up to 1e9 weights kept whole from
+    forward to backward, whatever the number of ranks (bench/bench_zero_memory.py, BENCHMARKS.md)."""
     dim = model_config.dim
+    c = model_config  # the weights of one transformer block: q, k, v, o and the three MLP matrices
+    block = c.dim * (2 * c.n_heads + 2 * c.n_kv_heads) * c.head_dim + 3 * c.dim * c.hidden_dim
     zero = {"stage": cfg.zero_stage}
     if cfg.zero_stage in (1, 2):
         zero.update(reduce_bucket_size=dim * dim, allgather_bucket_size=dim * dim)
     if cfg.zero_stage == 3:
         zero.update(reduce_bucket_size=dim * dim, stage3_prefetch_bucket_size=int(0.9 * dim * dim),
                     stage3_param_persistence_threshold=10 * dim,
+                    # whole weights on a rank at once: the block being computed and the next one (or the head);
+                    # a weight stays whole only if it is used again within one block. DeepSpeed's 1e9 for both
+                    # keeps a model of up to 0.5e9 parameters whole on every rank from forward to backward.
+                    stage3_max_live_parameters=max(2 * block, c.vocab_size * dim), stage3_max_reuse_distance=block,
                     # gather the whole model when DeepSpeed itself saves 16-bit weights (we export ourselves)
                     stage3_gather_16bit_weights_on_model_save=True)
+    if cfg.offload != "none":  # pinned CPU memory, so the copies to and from the GPU are asynchronous
+        zero["offload_optimizer"] = {"device": "cpu", "pin_memory": True}
+    if cfg.offload == "optimizer+params":
+        zero["offload_param"] = {"device": "cpu", "pin_memory": True}
     ds = {
         "train_micro_batch_size_per_gpu": cfg.micro_batch_size,
         "gradient_accumulation_steps": cfg.grad_accum,
@@ -123,6 +134,10 @@ def deepspeed_config(cfg, device, model_config) -> dict:
         "bf16": {"enabled": use_bf16(device)},
         "steps_per_print": 10**9,  # we print our own log line
         "wall_clock_breakdown": False,
+        # Offloaded, the optimizer stays torch's fused AdamW (its CPU kernel is vectorised), with the same groups,
+        # rates and --trainable behaviour as on the GPU; DeepSpeed would otherwise insist on its own CPU Adam, a
+        # C++ extension compiled at the first start.
+        "zero_force_ds_cpu_optimizer": False,
     }
     if cfg.deepspeed:
         try:
@@ -248,10 +263,6 @@ def build_engine(model: nn.Module, cfg, device, param_groups: list[dict] | None 
     # fused: one kernel per step, on CPU too (torch >= 2.4). The default multi-tensor path allocates a
     # temporary the size of all parameters (sqrt of the second moment) during every step.
     optimizer = torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=1e-8, fused=True)
-    if cfg.zero_stage == 3:
-        # Llama.forward's fused loss reads the output matrix directly instead of calling its module, so
-        # ZeRO-3 must gather it whenever the model runs.
-        deepspeed.zero.register_external_parameter(model, model.output.weight)
     engine, optimizer, _, _ = deepspeed.initialize(model=model, optimizer=optimizer,
                                                    config=deepspeed_config(cfg, device, model.config))
     return engine, optimizer

@@ -38,7 +38,6 @@ from pathlib import Path
 
 import torch
 from safetensors import SafetensorError, safe_open
-from safetensors.torch import save_file
 
 from minillm.files import to_json
 from minillm.model import Llama, LlamaConfig, rope_inv_freq
@@ -371,6 +370,26 @@ def _plan_shards(names_sizes: list[tuple[str, int]], max_bytes: int) -> list[lis
     return shards
 
 
+# safetensors' names of torch dtypes, and the header exactly as safetensors.torch.save_file writes it (tested
+# byte for byte): the length as 8 little-endian bytes, then compact JSON, "__metadata__" first and the tensors in
+# the order of their data (for tensors of one dtype: by name), padded with spaces to a multiple of 8 bytes.
+SAFETENSORS_DTYPES = {torch.float32: "F32", torch.bfloat16: "BF16", torch.float16: "F16"}
+
+
+def safetensors_header(shapes: dict[str, torch.Size], dtype: torch.dtype) -> bytes:
+    """The header of a safetensors file holding tensors of these shapes, all of `dtype`, data in name order:
+    what lets a file be written one tensor at a time, never holding more than that tensor."""
+    header, offset = {"__metadata__": {"format": "pt"}}, 0
+    for name in sorted(shapes):
+        nbytes = shapes[name].numel() * dtype.itemsize
+        header[name] = {"dtype": SAFETENSORS_DTYPES[dtype], "shape": list(shapes[name]),
+                        "data_offsets": [offset, offset + nbytes]}
+        offset += nbytes
+    text = json.dumps(header, separators=(",", ":")).encode()
+    text += b" " * (-len(text) % 8)
+    return len(text).to_bytes(8, "little") + text
+
+
 def _is_weight_file(name: str) -> bool:
     return name == INDEX_FILE or re.fullmatch(r"model(-\d{5}-of-\d{5})?\.safetensors", name) is not None
 
@@ -388,9 +407,10 @@ def save_pretrained(model: Llama, path, dtype=None, max_shard_size="5GB", tokeni
     files left by an earlier save with a different sharding are deleted afterwards). The tokenizer (with
     `chat_template`) and `extra_files` ({name: text}) are written alongside.
 
-    ZeRO-3 (minillm.checkpoints.export_model): every rank calls this; `gathered([p])` makes one partitioned
-    parameter whole for the time it is copied, and only the rank with `writes` keeps the copies and writes
-    the files. Memory: one shard of CPU copies on the writer plus one whole tensor on every rank. A writer
+    The weights are streamed into each file one tensor at a time (the header is written first, from the
+    shapes), so saving holds at most one converted tensor beside the model. ZeRO-3
+    (minillm.checkpoints.export_model): every rank calls this; `gathered([p])` makes one partitioned
+    parameter whole for the time it is written, and only the rank with `writes` writes the files. A writer
     that fails (a full disk) keeps taking part in the gathering to the end, so no rank waits forever, and
     then raises.
     """
@@ -401,21 +421,36 @@ def save_pretrained(model: Llama, path, dtype=None, max_shard_size="5GB", tokeni
     hf_names = {to_hf_name(n): p for n, p in params.items()}
     shards = _plan_shards([(n, full_shape(p).numel() * dtype.itemsize) for n, p in hf_names.items()],
                           parse_size(max_shard_size))
-    copies = gathered is not None  # a gathered tensor is freed (or reused) when its context ends
     gathered = gathered or _no_gathering
 
-    def shard_tensors(names) -> dict:
-        """One shard's converted, contiguous CPU copies (on the writer; {} on the other ranks)."""
-        tensors = {}
-        for n in names:
+    def write_shard(file: Path | None, names: list[str]):
+        """Stream one shard's tensors into `file`, one gathered tensor at a time (file None: only take part in
+        the gathering). A failed write still takes part in the remaining gatherings, then raises."""
+        out, error = None, None
+        try:
+            if file is not None:
+                out = open(file, "wb")
+                out.write(safetensors_header({n: full_shape(hf_names[n]) for n in names}, dtype))
+        except OSError as e:
+            error = e
+        for n in sorted(names):  # the order of the data in the file (safetensors_header)
             with gathered([hf_names[n]]):
-                if writes:
-                    tensors[n] = hf_names[n].detach().to("cpu", dtype, copy=copies).contiguous()
-        return tensors
+                if out is not None and error is None:
+                    try:
+                        out.write(hf_names[n].detach().to("cpu", dtype).contiguous().view(torch.uint8).numpy())
+                    except OSError as e:
+                        error = e
+        try:
+            if out is not None:
+                out.close()
+        except OSError as e:
+            error = error or e
+        if error is not None:
+            raise error
 
     if not writes:
         for names in shards:
-            shard_tensors(names)
+            write_shard(None, names)
         return path
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
@@ -424,19 +459,13 @@ def save_pretrained(model: Llama, path, dtype=None, max_shard_size="5GB", tokeni
         weight_map, total = {}, 0
         for i, names in enumerate(shards):
             file = SINGLE_FILE if len(shards) == 1 else f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
-            tensors = shard_tensors(names)  # one shard in memory at a time
-            if error is not None:
-                continue
-            try:
-                save_file(tensors, str(tmp / file), metadata={"format": "pt"})
-            except (OSError, SafetensorError) as e:
-                error = e if isinstance(e, OSError) else OSError(f"{tmp / file}: {e}")
-                writes = False  # go on gathering with the other ranks, then raise
-                continue
-            for n, t in tensors.items():
+            try:  # after a failed write, go on gathering with the other ranks, then raise
+                write_shard(tmp / file if error is None else None, names)
+            except OSError as e:
+                error = e
+            for n in names:
                 weight_map[n] = file
-                total += t.numel() * t.element_size()
-            del tensors
+                total += full_shape(hf_names[n]).numel() * dtype.itemsize
         if error is not None:
             raise error
         if len(shards) > 1:

@@ -276,6 +276,23 @@ class TransformerBlock(nn.Module):
         return h + self.feed_forward(self.ffn_norm(h))
 
 
+class OutputHead(nn.Linear):
+    """The output projection (dim -> vocab_size): logits, or with labels the loss straight from the hidden
+    states through the chunked fused head of minillm/losses.py, so the [B, T, vocab] logits never exist at
+    once. Being a module call either way matters under ZeRO-3: DeepSpeed gathers the weight for this call
+    (and again for its backward) and releases it after, instead of keeping a vocab x dim matrix whole on
+    every rank for the whole step, as a weight read from outside its module would have to be."""
+
+    def forward(self, hidden, labels=None, reduction: str = "sum"):
+        if labels is None:
+            return super().forward(hidden)
+        if reduction == "sum":
+            return cross_entropy_sum(hidden, self.weight, labels)[0]
+        if reduction == "none":
+            return -token_logprobs(hidden, self.weight, labels)
+        raise ValueError(f"reduction must be 'sum' or 'none', got {reduction!r}")
+
+
 # Activation checkpointing (Korthikanti et al. 2022, "Reducing Activation Recomputation in Large
 # Transformer Models"). "full" keeps only each block's input and reruns the whole block in backward.
 # "selective" keeps what the matmuls and the attention kernels produced, the expensive part, and reruns
@@ -302,7 +319,7 @@ class Llama(nn.Module):
         self.tok_embeddings = nn.Embedding(config.vocab_size, config.dim)
         self.layers = nn.ModuleList(TransformerBlock(config, i) for i in range(config.n_layers))
         self.norm = RMSNorm(config.dim, config.norm_eps)
-        self.output = nn.Linear(config.dim, config.vocab_size, bias=False)
+        self.output = OutputHead(config.dim, config.vocab_size, bias=False)
         if config.tie_embeddings:
             self.output.weight = self.tok_embeddings.weight
         # Rotary frequencies stay a plain fp32 tensor, not a buffer: model.to(bfloat16) would round a
@@ -374,14 +391,7 @@ class Llama(nn.Module):
         logits never exist at once: reduction "sum" gives the summed NLL over the scored tokens (a scalar,
         what pretraining and SFT divide by the global token count), "none" the NLL per token [B, T] (0 where
         not scored; ORPO averages its negation per response)."""
-        hidden = self.hidden_states(input_ids, position_ids, doc_ids, cache)
-        if labels is None:
-            return self.output(hidden)
-        if reduction == "sum":
-            return cross_entropy_sum(hidden, self.output.weight, labels)[0]
-        if reduction == "none":
-            return -token_logprobs(hidden, self.output.weight, labels)
-        raise ValueError(f"reduction must be 'sum' or 'none', got {reduction!r}")
+        return self.output(self.hidden_states(input_ids, position_ids, doc_ids, cache), labels, reduction)
 
     def num_params(self, exclude_embeddings: bool = False) -> int:
         n = sum(p.numel() for p in self.parameters())

@@ -325,6 +325,7 @@ class TrainOptions:
     beta2: float = 0.95  # AdamW beta2
     grad_clip: float = 1.0  # clip the global gradient norm to this; 0 = no clipping
     zero_stage: typing.Literal[0, 1, 2, 3] = 0  # DeepSpeed ZeRO stage (3 shards weights, gradients and optimizer state)
+    offload: typing.Literal["none", "optimizer", "optimizer+params"] = "none"  # ZeRO-Offload, for fewer GPUs than the model states need: AdamW's state and the fp32 weights in CPU memory (ZeRO 1-3), +params also ZeRO-3's weight partitions
     deepspeed: str = ""  # a DeepSpeed JSON merged over the generated config
     # run directory, logging, checkpoints
     out_dir: str = "runs/demo/run"  # where metrics, checkpoints and the exported model go
@@ -352,6 +353,10 @@ class TrainOptions:
             require(0 <= getattr(self, name) < 1, name, getattr(self, name), "must be in [0, 1)")
         require(self.grad_clip >= 0, "grad_clip", self.grad_clip, "must be >= 0 (0 = no clipping)")
         require(self.peak_tflops >= 0, "peak_tflops", self.peak_tflops, "must be >= 0")
+        require(self.offload == "none" or self.zero_stage >= 1, "offload", self.offload,
+                "needs --zero-stage 1, 2 or 3 (ZeRO-0 keeps every state on the GPU)")
+        require(self.offload != "optimizer+params" or self.zero_stage == 3, "offload", self.offload,
+                "needs --zero-stage 3 (only ZeRO-3 partitions the weights); use --offload optimizer")
         if self.log_to == "tensorboard" and importlib.util.find_spec("tensorboard") is None:
             raise OptionError(TENSORBOARD_HINT)
         if self.resume and self.overwrite:

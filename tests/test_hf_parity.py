@@ -17,7 +17,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from minillm.generate import generate
-from minillm.hf import load_pretrained, save_pretrained
+from minillm.hf import load_pretrained, save_pretrained, to_hf_name
 from minillm.model import Llama, LlamaConfig
 
 LLAMA3_SCALING = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
@@ -214,3 +214,20 @@ def test_greedy_generation_matches_transformers(tmp_path, case):
             expected = expected[:expected.index(2)]
         assert tokens == expected
     assert sum(len(t) for t in got) >= 20  # the comparison covered real decoding steps
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_streamed_weights_are_the_bytes_safetensors_writes(tmp_path, dtype):
+    """save_pretrained writes each file one tensor at a time after a header made from the shapes; the file is
+    byte for byte what safetensors.torch.save_file writes for the same tensors (the oracle)."""
+    model = tiny_minillm()
+    save_pretrained(model, tmp_path / "ours", dtype=dtype, max_shard_size="40KB")
+    index = json.loads((tmp_path / "ours" / "model.safetensors.index.json").read_text())
+    shards = sorted(set(index["weight_map"].values()))
+    assert len(shards) > 2
+    params = {to_hf_name(n): p for n, p in model.named_parameters()}
+    for shard in shards:
+        names = [n for n, f in index["weight_map"].items() if f == shard]
+        save_file({n: params[n].detach().to(dtype).contiguous() for n in names}, str(tmp_path / shard),
+                  metadata={"format": "pt"})
+        assert (tmp_path / "ours" / shard).read_bytes() == (tmp_path / shard).read_bytes(), shard

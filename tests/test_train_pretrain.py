@@ -337,3 +337,16 @@ def test_log_to_tensorboard_without_the_package_is_one_line(tmp_path, monkeypatc
     with pytest.raises(OptionError, match=r"^--log-to tensorboard needs the tensorboard package: "
                                           r"pip install 'minillm\[tensorboard\]'$"):
         parse_options(TrainOptions, ["--log-to", "tensorboard", "--out-dir", str(tmp_path)])
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("args", [["--zero-stage", "2", "--offload", "optimizer"],
+                                  ["--zero-stage", "3", "--offload", "optimizer+params"]],
+                         ids=["zero2-optimizer", "zero3-optimizer+params"])
+def test_offload_on_two_ranks_matches_single_process(world, single, tmp_path, args):
+    """ZeRO-Offload keeps AdamW's state (and ZeRO-3's weight partitions) in CPU memory and steps there with the
+    same torch AdamW, groups and rates: the same loss curve as one process holding everything."""
+    run(world, tmp_path, "--micro-batch-size", "2", "--grad-accum", "2", *args, nproc=2)
+    ref, got = metrics(single), metrics(tmp_path)
+    assert [g["loss"] for g in got] == pytest.approx([r["loss"] for r in ref], rel=1e-4, abs=1e-5)
+    assert got[-1]["val_loss_et"] == pytest.approx(ref[-1]["val_loss_et"], rel=1e-4)
