@@ -24,7 +24,7 @@ CUDA caching allocator) have. A fixed threshold maps every tensor on its own, so
 program holds, for minillm and the peer alike; minillm.memory_plan predicts that.
 GB = 2^30 bytes. A run that fails (non-zero exit, e.g. killed by the OOM killer) is recorded as failed with
 its last peaks and the tail of its log; the harness goes on. A combination whose predicted total
-(predicted_total_gb, a placeholder) exceeds --skip-over-gb is skipped.
+(ranks x minillm.memory_plan's per-rank peak) exceeds --skip-over-gb is skipped.
 
 Outputs in OUT (--out): results.json (every run; a re-run replaces the same run's entry, so several
 invocations build one table), table.md (printed too), traces/RUN.csv (t_s, rank, rss_gb), logs/RUN.log.
@@ -56,11 +56,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a check
 
 from minillm.engine import deepspeed_config  # noqa: E402
 from minillm.files import atomic_write, to_json  # noqa: E402
+from minillm.memory_plan import GB, parameter_counts, plan  # noqa: E402
 from minillm.model import LlamaConfig  # noqa: E402
 from minillm.options import cli, parse_options, require  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
-GB = 2**30
 VOCAB_SIZE = 32000
 HEAD_DIM = 128
 MAX_POSITIONS = 2048
@@ -128,25 +128,21 @@ def model_shape(size: str) -> dict:
             "tie_word_embeddings": False, "max_position_embeddings": MAX_POSITIONS}
 
 
+def model_config(shape: dict) -> LlamaConfig:
+    return LlamaConfig(vocab_size=shape["vocab_size"], dim=shape["hidden_size"], n_layers=shape["num_hidden_layers"],
+                       n_heads=shape["num_attention_heads"], n_kv_heads=shape["num_key_value_heads"],
+                       hidden_dim=shape["intermediate_size"], max_seq_len=shape["max_position_embeddings"],
+                       tie_embeddings=shape["tie_word_embeddings"])
+
+
 def count_params(shape: dict) -> int:
-    d, ff, kv = shape["hidden_size"], shape["intermediate_size"], shape["num_key_value_heads"]
-    kv_dim = kv * d // shape["num_attention_heads"]
-    block = 2 * d * d + 2 * d * kv_dim + 3 * d * ff + 2 * d  # q, o; k, v; w1, w2, w3; two norms
-    embeddings = shape["vocab_size"] * d * (1 if shape["tie_word_embeddings"] else 2)
-    return embeddings + shape["num_hidden_layers"] * block + d
+    return parameter_counts(model_config(shape))["P"]
 
 
-RUNTIME_GB_PER_RANK = 0.6  # python + torch + DeepSpeed, measured on CPU before any model exists (rough)
-
-
-def predicted_total_gb(params: int, ranks: int, stage: int) -> float:
-    """PLACEHOLDER, to be replaced by minillm.memory_plan: a rough fp32 + AdamW total over all ranks.
-
-    Per rank, bytes per parameter: ZeRO-0 16 (weights 4, gradients 4, two moments 8); ZeRO-1 4 + 4 + 8/ranks;
-    ZeRO-2 4 + 12/ranks + 4 (a full-size gradient buffer); ZeRO-3 16/ranks + 4 (a gathered copy's worth).
-    Activations and the export are not counted."""
-    per_param = {0: 16, 1: 8 + 8 / ranks, 2: 8 + 12 / ranks, 3: 4 + 16 / ranks}[stage]
-    return ranks * (params * per_param / GB + RUNTIME_GB_PER_RANK)
+def predicted_rank_gb(shape: dict, ranks: int, stage: int, cfg) -> float:
+    """minillm.memory_plan's per-rank peak for this run on this CPU (what the table's "plan" column shows)."""
+    return plan(model_config(shape), ranks, stage, "cpu", cfg.seq_len, cfg.micro_batch_size, "none",
+                cfg.offload)["peak"] / GB
 
 
 def minillm_ds_config(micro_batch_size: int, grad_accum: int, zero_stage: int, shape: dict, deepspeed: str = "",
@@ -156,12 +152,7 @@ def minillm_ds_config(micro_batch_size: int, grad_accum: int, zero_stage: int, s
     options = types.SimpleNamespace(micro_batch_size=micro_batch_size, grad_accum=grad_accum, grad_clip=1.0,
                                     zero_stage=zero_stage, deepspeed=deepspeed, offload=offload)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    model_config = LlamaConfig(vocab_size=shape["vocab_size"], dim=shape["hidden_size"],
-                               n_layers=shape["num_hidden_layers"], n_heads=shape["num_attention_heads"],
-                               n_kv_heads=shape["num_key_value_heads"], hidden_dim=shape["intermediate_size"],
-                               max_seq_len=shape["max_position_embeddings"],
-                               tie_embeddings=shape["tie_word_embeddings"])
-    return deepspeed_config(options, device, model_config)
+    return deepspeed_config(options, device, model_config(shape))
 
 
 # ----------------------------------------------------------------------------- inputs, built once (subprocesses)
@@ -369,7 +360,7 @@ def run_combination(impl: str, size: str, stage: int, ranks: int, cfg: BenchOpti
     result = {"key": key, "impl": impl, "size": size, "params": inputs["params"],
               "fp32_gb": round(inputs["params"] * 4 / GB, 3), "ranks": ranks, "stage": stage,
               **r, "max_peak_gb": max(r["rank_peaks_gb"], default=None), "ok": ok,
-              "predicted_total_gb": round(predicted_total_gb(inputs["params"], ranks, stage), 2),
+              "predicted_rank_gb": round(inputs["predicted"], 3),
               "seq_len": cfg.seq_len, "micro_batch_size": cfg.micro_batch_size, "grad_accum": cfg.grad_accum,
               "steps": cfg.steps, "trace": str(trace_file), "log": str(out / "logs" / f"{key}.log"),
               "load_avg_before": round(load_before, 2), "date": time.strftime("%Y-%m-%d %H:%M:%S")}
@@ -400,7 +391,7 @@ def cell(result: dict | None) -> str:
     if result is None:
         return "—"
     if result.get("skipped"):
-        return f"skipped (predicted {result['predicted_total_gb']:.1f} GB)"
+        return f"skipped (plan: {result['ranks']} x {result['predicted_rank_gb']:.1f} GB)"
     peak = f"{result['max_peak_gb']:.2f}" if result["max_peak_gb"] is not None else "?"
     if result["ok"]:
         return peak
@@ -409,22 +400,24 @@ def cell(result: dict | None) -> str:
 
 
 def table(results: dict[str, dict]) -> str:
-    """Markdown: one row per size x stage x ranks, each implementation's largest per-rank peak."""
+    """Markdown: one row per size x stage x ranks, each implementation's largest per-rank peak, and the plan."""
     rows = sorted({(r["params"], r["size"], r["stage"], r["ranks"]) for r in results.values()})
     lines = ["| size | params | ZeRO | ranks | minillm max rank GB | peer max rank GB | minillm / peer "
-             "| minillm per rank | peer per rank | exact max (minillm, peer) |",
-             "|---|---:|---:|---:|---:|---:|---:|---|---|---|"]
+             "| plan GB | plan / minillm | minillm per rank | peer per rank |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|---:|---|---|"]
     for params, size, stage, ranks in rows:
         got = {impl: results.get(f"{impl}-{size}-z{stage}-n{ranks}") for impl in IMPLS}
         measured = {impl: r for impl, r in got.items() if r and r.get("ok")}
         ratio = f"{measured['minillm']['max_peak_gb'] / measured['peer']['max_peak_gb']:.2f}" \
             if len(measured) == 2 else "—"
+        planned = next((r["predicted_rank_gb"] for r in got.values() if r and "predicted_rank_gb" in r), None)
+        plan_cell = f"{planned:.2f}" if planned is not None else "—"
+        plan_ratio = f"{planned / measured['minillm']['max_peak_gb']:.2f}" \
+            if planned is not None and "minillm" in measured else "—"
         per_rank = [" ".join(f"{p:.2f}" for p in r["rank_peaks_gb"]) if r and not r.get("skipped") else "—"
                     for r in got.values()]
-        exact = ", ".join(f"{r['exact_max_gb']:.2f}" if r and r.get("exact_max_gb") is not None else "—"
-                          for r in got.values())
         lines.append(f"| {size} | {params / 1e6:,.0f}M | {stage} | {ranks} | {cell(got['minillm'])} | "
-                     f"{cell(got['peer'])} | {ratio} | {per_rank[0]} | {per_rank[1]} | {exact} |")
+                     f"{cell(got['peer'])} | {ratio} | {plan_cell} | {plan_ratio} | {per_rank[0]} | {per_rank[1]} |")
     return "\n".join(lines) + "\n"
 
 
@@ -448,23 +441,24 @@ def main(argv=None):
             atomic_write(ds_path, to_json(minillm_ds_config(cfg.micro_batch_size, cfg.grad_accum, stage, shape, cfg.deepspeed,
                                                        cfg.offload)))
             for ranks in int_list(cfg.ranks):
-                predicted = predicted_total_gb(params, ranks, stage)
+                predicted = predicted_rank_gb(shape, ranks, stage, cfg)
                 for impl in impls:
                     key = f"{impl}-{size}-z{stage}-n{ranks}"
-                    if predicted > cfg.skip_over_gb:
-                        print(f"{key}: skipped, predicted {predicted:.1f} GB > --skip-over-gb {cfg.skip_over_gb}",
-                              flush=True)
+                    if predicted * ranks > cfg.skip_over_gb:
+                        print(f"{key}: skipped, the plan says {ranks} x {predicted:.1f} GB > --skip-over-gb "
+                              f"{cfg.skip_over_gb}", flush=True)
                         record(results, {"key": key, "impl": impl, "size": size, "params": params, "ranks": ranks,
                                          "stage": stage, "skipped": True, "ok": None,
-                                         "predicted_total_gb": round(predicted, 2)}, results_path)
+                                         "predicted_rank_gb": round(predicted, 3)}, results_path)
                         continue
                     model_dir = model_dir or build_model(out, size, shape)
-                    inputs = {"model": model_dir, "world": world, "ds_config": ds_path, "params": params}
+                    inputs = {"model": model_dir, "world": world, "ds_config": ds_path, "params": params,
+                              "predicted": predicted}
                     r = run_combination(impl, size, stage, ranks, cfg, inputs)
                     record(results, r, results_path)
                     peaks = " ".join(f"{p:.2f}" for p in r["rank_peaks_gb"])
                     print(f"{key}: {'ok' if r['ok'] else 'FAILED (exit %s)' % r['exit_code']}, per-rank peak GB "
-                          f"[{peaks}], exact max {r['exact_max_gb'] or '—'}, predicted total {predicted:.1f}, "
+                          f"[{peaks}], exact max {r['exact_max_gb'] or '—'}, plan {predicted:.2f} per rank, "
                           f"{r['wall_s']:.0f} s", flush=True)
                     if not r["ok"]:
                         print("  " + r["output_tail"][-1500:].replace("\n", "\n  "), flush=True)
