@@ -300,6 +300,25 @@ def weights_only_loading():
             os.environ["TORCH_FORCE_WEIGHTS_ONLY_LOAD"] = before
 
 
+def _load_universal(engine, universal: Path):
+    """engine.load_checkpoint from a universal copy, with two repairs of DeepSpeed 0.19's ZeRO-3 reader: it
+    gives every parameter group the first group's settings (weight decay, lr_scale; ours are the run's
+    options, put back here), and one shared `step` tensor to every group's Adam state, which the fused
+    AdamW then advances once per group at every step (wrong bias correction): each gets its own copy."""
+    groups = [{k: v for k, v in g.items() if k != "params"} for g in engine.optimizer.param_groups]
+    engine._config.load_universal_checkpoint = True  # what {"checkpoint": {"load_universal": true}} sets
+    try:
+        loaded, _ = engine.load_checkpoint(str(universal.parent), tag=universal.name)
+    finally:
+        engine._config.load_universal_checkpoint = False
+    for group, settings in zip(engine.optimizer.param_groups, groups):
+        group.update(settings)
+    for state in engine.optimizer.optimizer.state.values():
+        if torch.is_tensor(state.get("step")):
+            state["step"] = state["step"].clone()
+    return loaded
+
+
 def load_checkpoint(engine, out_dir, model_config: dict | None = None) -> dict | None:
     """Restore engine (weights, optimizer, DeepSpeed state) and RNG from the `latest` checkpoint.
     Returns its trainer_state, or None when there is nothing to resume. Every problem (a `latest` that
@@ -345,11 +364,7 @@ def load_checkpoint(engine, out_dir, model_config: dict | None = None) -> dict |
     try:
         with weights_only_loading():
             if universal:
-                engine._config.load_universal_checkpoint = True  # what {"checkpoint": {"load_universal": true}} sets
-                try:
-                    loaded, _ = engine.load_checkpoint(str(path), tag="universal")
-                finally:
-                    engine._config.load_universal_checkpoint = False
+                loaded = _load_universal(engine, path / "universal")
             else:
                 loaded, _ = engine.load_checkpoint(str(root), tag=tag)
     except pickle.UnpicklingError as e:
