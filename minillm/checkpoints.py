@@ -220,11 +220,18 @@ def convert_to_universal(path: Path) -> Path:
     args = types.SimpleNamespace(input_folder=str(path), output_folder=str(tmp / "universal"),
                                  num_extract_workers=1, num_merge_workers=1, keep_temp_folder=False, strict=True,
                                  inject_missing_state=True)
-    with weights_only_loading(), contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
-        ds_to_universal(args)  # (it also writes tmp/latest_universal, which goes with tmp)
-    os.replace(tmp / "universal", final)
-    shutil.rmtree(tmp, ignore_errors=True)
+    try:
+        with weights_only_loading(), contextlib.redirect_stdout(io.StringIO()), \
+                contextlib.redirect_stderr(io.StringIO()):
+            ds_to_universal(args)  # (it also writes tmp/latest_universal, which goes with tmp)
+        os.replace(tmp / "universal", final)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
     return final
+
+
+def _ranks(n: int) -> str:
+    return f"{n} rank{'s' * (n != 1)}"
 
 
 def _rank_shards(path: Path, zero_stage: int, world_size: int) -> list[Path]:
@@ -255,14 +262,14 @@ def check_resumable(path: Path, state: dict, engine, world_size: int) -> int:
         keep = (f"use --grad-accum {saved_rows // (world_size * micro)}" if saved_rows % (world_size * micro) == 0
                 else f"use --micro-batch-size {saved_rows // (world_size * accum)}"
                 if saved_rows % (world_size * accum) == 0 else f"no whole --grad-accum does on {world_size} ranks")
-        raise ValueError(f"checkpoint {path.name} was written by {saved_world} ranks x micro-batch {saved_micro} x "
-                         f"grad-accum {saved_accum} = {saved_rows} rows per step; {world_size} rank{'s' * (world_size != 1)} x {micro} x "
+        raise ValueError(f"checkpoint {path.name} was written by {_ranks(saved_world)} x micro-batch {saved_micro} x "
+                         f"grad-accum {saved_accum} = {saved_rows} rows per step; {_ranks(world_size)} x {micro} x "
                          f"{accum} = {rows}: {keep} to keep the global batch")
     converted = saved_world != world_size and stage > 0 and (path / "universal").is_dir()
     for shard in [] if converted else _rank_shards(path, stage, saved_world):
         if not shard.is_file():
             raise ValueError(f"checkpoint {path}: {shard.name} is missing (the checkpoint was written by "
-                             f"{saved_world} ranks; every rank's shard is needed)")
+                             f"{_ranks(saved_world)}; every rank's shard is needed)")
     return saved_world
 
 
@@ -349,7 +356,7 @@ def load_checkpoint(engine, out_dir, model_config: dict | None = None) -> dict |
     # Another number of ranks under ZeRO 1-3: DeepSpeed reads the universal copy (converted here once, by rank 0)
     universal = saved_world != world_size and engine.zero_optimization_stage() > 0
     if universal and not (path / "universal").is_dir():
-        print0(f"checkpoint {path.name}: written by {saved_world} ranks, resumed on {world_size}: converting it to "
+        print0(f"checkpoint {path.name}: written by {_ranks(saved_world)}, resumed on {world_size}: converting it to "
                f"DeepSpeed's universal format ({path / 'universal'})")
         failed, error = 0.0, ""
         if rank == 0:
@@ -359,7 +366,7 @@ def load_checkpoint(engine, out_dir, model_config: dict | None = None) -> dict |
                 text = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
                 failed, error = 1.0, text[:200]
         if all_reduce_sum([failed], engine.device)[0] > 0:
-            raise ValueError(f"checkpoint {path}: cannot convert it to the universal format for {world_size} ranks "
+            raise ValueError(f"checkpoint {path}: cannot convert it to the universal format for {_ranks(world_size)} "
                              f"({error or 'failed on rank 0'}); the checkpoint itself is unchanged")
     try:
         with weights_only_loading():
