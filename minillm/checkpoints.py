@@ -36,6 +36,7 @@ import pickle
 import re
 import shutil
 import signal
+import time
 from pathlib import Path
 
 import torch
@@ -167,6 +168,10 @@ def save_checkpoint(engine, out_dir, step: int, trainer_state: dict, keep: int =
     except Exception as e:  # noqa: BLE001 - every rank must reach the agreement below
         failed, error = 1.0, e
     _agree_or_remove(failed, error, tmp, root, engine.device)
+    if rank == 0 and (missing := _unseen_rank_files(tmp, engine.zero_optimization_stage(), dist.get_world_size())):
+        failed, error = 1.0, OSError(f"{missing[0]} (written by another rank) is not there: is --out-dir on a "
+                                     "filesystem that every node shares?")
+    _agree_or_remove(failed, error, tmp, root, engine.device)
     if universal and engine.zero_optimization_stage() > 0:  # every shard is written now
         failed = 0.0
         if rank == 0:
@@ -186,6 +191,19 @@ def save_checkpoint(engine, out_dir, step: int, trainer_state: dict, keep: int =
             shutil.rmtree(p, ignore_errors=True)
     dist.barrier()
     return final
+
+
+def _unseen_rank_files(tmp: Path, zero_stage: int, world_size: int, patience_s: float = 30.0) -> list[str]:
+    """The files of other ranks that rank 0 cannot see in the checkpoint being written. On several nodes every
+    rank writes into the run directory, so it must be one directory that every node shares; a network
+    filesystem may show another node's new file a little late, hence the patience."""
+    deadline = time.monotonic() + patience_s
+    while True:
+        rng_files = [f"rng_state_rank{r}.safetensors" for r in range(world_size)]
+        missing = missing_shards(tmp, zero_stage, world_size) + [n for n in rng_files if not (tmp / n).is_file()]
+        if not missing or time.monotonic() > deadline:
+            return missing
+        time.sleep(1.0)
 
 
 def _agree_or_remove(failed: float, error, tmp: Path, root: Path, device):
@@ -234,16 +252,16 @@ def _ranks(n: int) -> str:
     return f"{n} rank{'s' * (n != 1)}"
 
 
-def _rank_shards(path: Path, zero_stage: int, world_size: int) -> list[Path]:
-    """The per-rank files DeepSpeed writes for a checkpoint of `world_size` ranks."""
+def missing_shards(path: Path, zero_stage: int, world_size: int) -> list[str]:
+    """The per-rank files DeepSpeed writes for a checkpoint of `world_size` ranks that are not in `path`
+    (its optimizer shards are named bf16_zero_pp_rank_* in bf16 runs)."""
     if zero_stage == 0:
-        return [path / "mp_rank_00_model_states.pt"]
-    shards = [path / f"zero_pp_rank_{r}_mp_rank_00_optim_states.pt" for r in range(world_size)]
-    if zero_stage == 3:
-        shards += [path / f"zero_pp_rank_{r}_mp_rank_00_model_states.pt" for r in range(world_size)]
+        names = ["mp_rank_00_model_states.pt"]
     else:
-        shards.append(path / "mp_rank_00_model_states.pt")
-    return shards
+        names = [f"zero_pp_rank_{r}_mp_rank_00_optim_states.pt" for r in range(world_size)]
+        names += ([f"zero_pp_rank_{r}_mp_rank_00_model_states.pt" for r in range(world_size)] if zero_stage == 3
+                  else ["mp_rank_00_model_states.pt"])
+    return [n for n in names if not (path / n).is_file() and not (path / f"bf16_{n}").is_file()]
 
 
 def check_resumable(path: Path, state: dict, engine, world_size: int) -> int:
@@ -266,10 +284,9 @@ def check_resumable(path: Path, state: dict, engine, world_size: int) -> int:
                          f"grad-accum {saved_accum} = {saved_rows} rows per step; {_ranks(world_size)} x {micro} x "
                          f"{accum} = {rows}: {keep} to keep the global batch")
     converted = saved_world != world_size and stage > 0 and (path / "universal").is_dir()
-    for shard in [] if converted else _rank_shards(path, stage, saved_world):
-        if not shard.is_file():
-            raise ValueError(f"checkpoint {path}: {shard.name} is missing (the checkpoint was written by "
-                             f"{_ranks(saved_world)}; every rank's shard is needed)")
+    if not converted and (missing := missing_shards(path, stage, saved_world)):
+        raise ValueError(f"checkpoint {path}: {missing[0]} is missing (the checkpoint was written by "
+                         f"{_ranks(saved_world)}; every rank's shard is needed)")
     return saved_world
 
 

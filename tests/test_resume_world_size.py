@@ -237,6 +237,19 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def launch_node(world, tmp_path, node: int, port: int, out, *args):
+    """Node `node` of two: a torchrun launcher of one process at a localhost c10d rendezvous, with its own
+    environment and working directory (tmp_path/nodeK)."""
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes=2", "--nproc_per_node=1", f"--node-rank={node}",
+           "--rdzv-backend=c10d", f"--rdzv-endpoint=127.0.0.1:{port}", "--rdzv-id=minillm-test",
+           str(ROOT / "train_pretrain.py"), *map(str, pretrain_args(world, out, *batch(2, 2, 2, 2), *args))]
+    home = tmp_path / f"node{node}"
+    home.mkdir(exist_ok=True)
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "TMPDIR": str(home),
+           "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
+    return subprocess.Popen(cmd, env=env, cwd=home, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+
 @pytest.mark.slow
 def test_two_nodes_equal_one_node_with_two_ranks(world, two_ranks_zero2, tmp_path):
     """Two torchrun launchers of one process each, meeting at a localhost c10d rendezvous, as two nodes do
@@ -244,18 +257,7 @@ def test_two_nodes_equal_one_node_with_two_ranks(world, two_ranks_zero2, tmp_pat
     filesystem): the same run as `--standalone --nproc_per_node=2`. The checkpoint has both ranks' shards and
     RNG states and one trainer_state.json (global rank 0 writes it)."""
     out, port = tmp_path / "run", free_port()
-
-    def launch(node: int, *args):
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes=2", "--nproc_per_node=1", f"--node-rank={node}",
-               "--rdzv-backend=c10d", f"--rdzv-endpoint=127.0.0.1:{port}", "--rdzv-id=minillm-test",
-               str(ROOT / "train_pretrain.py"), *map(str, pretrain_args(world, out, *batch(2, 2, 2, 2), *args))]
-        home = tmp_path / f"node{node}"
-        home.mkdir(exist_ok=True)
-        env = {**os.environ, "OMP_NUM_THREADS": "1", "TMPDIR": str(home),
-               "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
-        return subprocess.Popen(cmd, env=env, cwd=home, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-
-    nodes = [launch(0), launch(1)]
+    nodes = [launch_node(world, tmp_path, node, port, out) for node in (0, 1)]
     outputs = [p.communicate(timeout=300)[0] for p in nodes]
     assert [p.returncode for p in nodes] == [0, 0], "\n".join(o[-3000:] for o in outputs)
     assert_same_run(two_ranks_zero2, out)
@@ -278,3 +280,16 @@ def test_zero3_decays_the_matrices_as_zero0_does(world, tmp_path):
     w0, w3 = weights(tmp_path / "zero0"), weights(tmp_path / "zero3")
     for name in w0:
         torch.testing.assert_close(w3[name], w0[name], rtol=1e-4, atol=1e-5, msg=name)
+
+
+@pytest.mark.slow
+def test_two_nodes_without_a_shared_run_directory_fail_at_the_first_save(world, tmp_path):
+    """Each node's --out-dir its own directory (a relative path from different working directories, as two
+    nodes' local disks): rank 0 cannot see rank 1's shard, so the save fails with one line saying what the
+    run directory must be, and no checkpoint is left."""
+    port = free_port()
+    nodes = [launch_node(world, tmp_path, node, port, "run", "--max-steps", "1") for node in (0, 1)]
+    outputs = [p.communicate(timeout=300)[0] for p in nodes]
+    assert all(p.returncode != 0 for p in nodes)
+    assert "is --out-dir on a filesystem that every node shares?" in outputs[0], outputs[0][-3000:]
+    assert not (tmp_path / "node0" / "run" / "checkpoints" / "step_0000001").exists()
