@@ -90,7 +90,8 @@ Written by `{script}`; `options.json` holds every option of the run.
 | `checkpoints/latest` | the name of the newest complete checkpoint |
 | `model/` | the result in Hugging Face layout (safetensors, config, tokenizer); `training_state.json` says which step it is |
 
-Resume after an interruption: the same command with `--resume` (same `--out-dir`).
+Resume after an interruption: the same command with `--resume` (same `--out-dir`); on another number of GPUs
+keep micro-batch x grad-accum x GPUs (the checkpoint is converted to DeepSpeed's universal format once).
 Plots: `python -m minillm.report {cfg.out_dir}`.
 Evaluate: `python evaluate.py --model {Path(cfg.out_dir) / 'model'} --tasks TASK_DIR --prompt-format chat`
 (`raw` for a pretrained model).
