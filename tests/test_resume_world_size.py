@@ -229,6 +229,42 @@ def test_sft_two_ranks_resumed_on_one_equals_uninterrupted(tmp_path):
     assert_same_run(full, part)
 
 
+@pytest.mark.slow
+def test_orpo_two_ranks_resumed_on_one_equals_uninterrupted(tmp_path):
+    """ORPO's steps are slices of each epoch's seeded order of whole global batches of pairs: 2 ranks x 2 x 2
+    and 1 rank x 2 x 4 take the same 8 pairs at every step. ZeRO-1, 2 epochs of 6 steps."""
+    from minillm.hf import save_pretrained
+    from minillm.model import Llama, LlamaConfig
+    from minillm.tokenizer import SentencePieceTokenizer
+
+    rng = random.Random(0)
+    colours = {"red": "punane", "blue": "sinine", "green": "roheline", "black": "must"}
+    animals = {"cat": "kass", "dog": "koer", "cow": "lehm", "bird": "lind"}
+    records = []
+    for _ in range(48):
+        c, a = rng.choice(list(colours)), rng.choice(list(animals))
+        wrong = rng.choice([x for x in colours if x != c])
+        records.append({"prompt": f"Translate to Estonian: the {c} {a}", "chosen": f"{colours[c]} {animals[a]}",
+                        "rejected": f"{colours[wrong]} {animals[a]}"})
+    (tmp_path / "prefs.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    tok = SentencePieceTokenizer.train(iter(json.dumps(r) for r in records * 4), tmp_path / "tok", 300)
+    torch.manual_seed(0)
+    save_pretrained(Llama(LlamaConfig.from_preset("tiny", vocab_size=tok.vocab_size, max_seq_len=64)),
+                    tmp_path / "init", tokenizer=tok)
+
+    def orpo(out, ranks, *args):
+        return run_script("train_orpo.py", [
+            "--init-from", tmp_path / "init", "--train-data", tmp_path / "prefs.jsonl", "--valid-data", "",
+            "--seq-len", "64", "--epochs", "2", "--warmup-steps", "1", "--save-interval", STOP, "--log-interval", "1",
+            "--out-dir", out, *batch(ranks, 2, 4 // ranks, 1), *args], nproc=ranks)
+
+    full = tmp_path / "full"
+    orpo(full, 2)
+    part = interrupted_copy(full, tmp_path / "part")
+    orpo(part, 1, "--resume")
+    assert_same_run(full, part)
+
+
 # ----------------------------------------------------------------------------- multi-node
 
 def free_port() -> int:
