@@ -373,11 +373,11 @@ def load_checkpoint(engine, out_dir, model_config: dict | None = None) -> dict |
     saved_world = check_resumable(path, state, engine, world_size)
     # Another number of ranks under ZeRO 1-3: DeepSpeed reads the universal copy (converted here once, by rank 0)
     universal = saved_world != world_size and engine.zero_optimization_stage() > 0
-    if universal and not (path / "universal").is_dir():
-        print0(f"checkpoint {path.name}: written by {_ranks(saved_world)}, resumed on {world_size}: converting it to "
-               f"DeepSpeed's universal format ({path / 'universal'})")
+    if universal:  # every rank reaches the agreement: whether a copy was there is rank 0's to see and say
         failed, error = 0.0, ""
-        if rank == 0:
+        if rank == 0 and not (path / "universal").is_dir():
+            print0(f"checkpoint {path.name}: written by {_ranks(saved_world)}, resumed on {world_size}: converting it "
+                   f"to DeepSpeed's universal format ({path / 'universal'})")
             try:
                 convert_to_universal(path)
             except Exception as e:  # noqa: BLE001 - every rank must reach the agreement below

@@ -118,14 +118,17 @@ def test_two_ranks_resumed_on_one_equals_uninterrupted(world, two_ranks_zero2, t
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("zero_stage, ranks, resumed_on", [(1, 1, 2), (0, 2, 1), (3, 2, 1)])
-def test_resume_on_another_number_of_ranks_equals_uninterrupted(world, tmp_path, zero_stage, ranks, resumed_on):
-    """1 -> 2 (ZeRO-1), 2 -> 1 (ZeRO-0: its checkpoint is whole, nothing to convert; ZeRO-3, whose universal
-    load needs minillm's repairs of DeepSpeed's reader); 8 rows per step throughout."""
+@pytest.mark.parametrize("zero_stage, ranks, resumed_on, args", [
+    (1, 1, 2, ["--trainable", "embeddings"]), (0, 2, 1, []), (3, 2, 1, ["--embedding-lr", "2e-2"])],
+    ids=["zero1-1to2-frozen", "zero0-2to1", "zero3-2to1-embedding-lr"])
+def test_resume_on_another_number_of_ranks_equals_uninterrupted(world, tmp_path, zero_stage, ranks, resumed_on, args):
+    """1 -> 2 (ZeRO-1, every weight but the embeddings frozen), 2 -> 1 (ZeRO-0: its checkpoint is whole, nothing
+    to convert; ZeRO-3, whose universal load needs minillm's repairs of DeepSpeed's reader: the embeddings'
+    group has its own learning rate); 8 rows per step throughout."""
     full = tmp_path / "full"
-    pretrain(world, full, *batch(ranks, 2, 4 // ranks, zero_stage), nproc=ranks)
+    pretrain(world, full, *batch(ranks, 2, 4 // ranks, zero_stage), *args, nproc=ranks)
     part = interrupted_copy(full, tmp_path / "part")
-    pretrain(world, part, *batch(resumed_on, 2, 4 // resumed_on, zero_stage), "--resume", nproc=resumed_on)
+    pretrain(world, part, *batch(resumed_on, 2, 4 // resumed_on, zero_stage), *args, "--resume", nproc=resumed_on)
     assert_same_run(full, part)
     assert (part / "checkpoints" / "step_0000006" / "universal").is_dir() == (zero_stage > 0)
 
