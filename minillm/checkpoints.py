@@ -278,12 +278,16 @@ def check_resumable(path: Path, state: dict, engine, world_size: int) -> int:
     saved_micro, saved_accum = options.get("micro_batch_size", micro), options.get("grad_accum", accum)
     saved_rows, rows = saved_world * saved_micro * saved_accum, world_size * micro * accum
     if saved_rows != rows:
-        keep = (f"use --grad-accum {saved_rows // (world_size * micro)}" if saved_rows % (world_size * micro) == 0
-                else f"use --micro-batch-size {saved_rows // (world_size * accum)}"
-                if saved_rows % (world_size * accum) == 0 else f"no whole --grad-accum does on {world_size} ranks")
+        if saved_rows % (world_size * micro) == 0:
+            advice = f"use --grad-accum {saved_rows // (world_size * micro)} to keep the global batch"
+        elif saved_rows % (world_size * accum) == 0:
+            advice = f"use --micro-batch-size {saved_rows // (world_size * accum)} to keep the global batch"
+        else:
+            advice = (f"{saved_rows} rows do not split over {_ranks(world_size)}: resume on a number of ranks that "
+                      f"divides {saved_rows}")
         raise ValueError(f"checkpoint {path.name} was written by {_ranks(saved_world)} x micro-batch {saved_micro} x "
                          f"grad-accum {saved_accum} = {saved_rows} rows per step; {_ranks(world_size)} x {micro} x "
-                         f"{accum} = {rows}: {keep} to keep the global batch")
+                         f"{accum} = {rows}: {advice}")
     converted = saved_world != world_size and stage > 0 and (path / "universal").is_dir()
     if not converted and (missing := missing_shards(path, stage, saved_world)):
         raise ValueError(f"checkpoint {path}: {missing[0]} is missing (the checkpoint was written by "
