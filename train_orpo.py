@@ -12,6 +12,10 @@ One GPU:
     python train_orpo.py --init-from runs/sft/model --train-data prefs.jsonl --micro-batch-size 4 --grad-accum 16
 8 GPUs:
     torchrun --nproc_per_node=8 train_orpo.py --init-from runs/sft/model --train-data prefs.jsonl --zero-stage 3
+2 nodes x 8 GPUs: the same command on each node, --out-dir on a filesystem both share, the data at the same path:
+    torchrun --nnodes=2 --nproc_per_node=8 --rdzv-backend=c10d --rdzv-endpoint=HOST:PORT --rdzv-id=JOB train_orpo.py ...
+Resume (same --out-dir): add --resume; on another number of ranks keep micro_batch_size x grad_accum x ranks (the
+rows of every step depend only on that product); README "Resuming on a different number of GPUs", "Multi-node".
 
 Metrics (every step: over the step's pairs on all ranks; val_*: over every held-out pair, each once):
     loss             nll + lambda * or_loss, what is minimised

@@ -11,7 +11,14 @@ One GPU:
         --seq-len 1024 --micro-batch-size 8 --grad-accum 32 --lr 2e-5 --min-lr 2e-6 --zero-stage 2
 8 GPUs (global batch = micro_batch_size x grad_accum x 8 sequences):
     torchrun --nproc_per_node=8 train_pretrain.py --init-from llama-2-7b-hf ... --grad-accum 4 --zero-stage 3
-Resume after an interruption or preemption (same --out-dir): add --resume.
+2 nodes x 8 GPUs: the same command on each node; --out-dir on a filesystem both share, the token shards at the same
+path on both (read-only), the global batch micro_batch_size x grad_accum x 16 (SLURM: `srun torchrun ...`, README
+"Multi-node"):
+    torchrun --nnodes=2 --nproc_per_node=8 --rdzv-backend=c10d --rdzv-endpoint=HOST:PORT --rdzv-id=JOB \\
+        train_pretrain.py --init-from llama-2-7b-hf ... --grad-accum 2 --zero-stage 3 --out-dir /shared/runs/pt
+Resume after an interruption or preemption (same --out-dir): add --resume. On another number of ranks, change
+--grad-accum so the global batch stays the same (16 -> 8 GPUs: --grad-accum 2 -> 4); the ZeRO shards are converted
+once to DeepSpeed's universal format (README "Resuming on a different number of GPUs").
 After extending the vocabulary (python -m minillm.vocab extend), train the embedding and head first, everything else
 frozen (--trainable embeddings --lr 1e-4, a few hundred steps), then --init-from that run's model with all weights
 trainable, the embeddings optionally faster (--embedding-lr 5e-5 beside --lr 2e-5).

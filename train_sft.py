@@ -15,6 +15,10 @@ One GPU:
 8 GPUs, sequential curriculum (stages separated by ';', each with its own LR schedule):
     torchrun --nproc_per_node=8 train_sft.py --init-from runs/pt/model \\
         --train-data "trtask.jsonl;alpaca_et.jsonl,alpaca_en.jsonl" --micro-batch-size 4 --grad-accum 4 --zero-stage 3
+2 nodes x 8 GPUs: the same command on each node, --out-dir on a filesystem both share, the data at the same path:
+    torchrun --nnodes=2 --nproc_per_node=8 --rdzv-backend=c10d --rdzv-endpoint=HOST:PORT --rdzv-id=JOB train_sft.py ...
+Resume (same --out-dir): add --resume; on another number of ranks keep micro_batch_size x grad_accum x ranks (the
+rows of every step depend only on that product); README "Resuming on a different number of GPUs", "Multi-node".
 """
 from __future__ import annotations
 

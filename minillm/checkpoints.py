@@ -3,6 +3,9 @@
     OUT_DIR/options.json            the options of the run (written once the run has really started)
     OUT_DIR/metrics.jsonl           one JSON object per step (minillm.monitor.MetricsLog)
     OUT_DIR/checkpoints/step_N/     DeepSpeed's shards, trainer_state.json, RNG states (safetensors)
+    OUT_DIR/checkpoints/step_N/universal/   the same state in DeepSpeed's universal format (one file per
+                                    parameter and state), written when a run resumes it on another number of
+                                    ranks, or at save with --universal-checkpoints
     OUT_DIR/checkpoints/latest      the name of the newest complete checkpoint ("step_0000200")
     OUT_DIR/model/                  the exported model in Hugging Face layout, + training_state.json
     OUT_DIR/README.md               what is where, how to resume, how to evaluate
@@ -13,6 +16,12 @@ once; a failed save (a full disk) removes its temporary files, leaves `latest` a
 checkpoints as they were, and stops with one line naming the path and the free space; resuming loads
 no pickled object other than tensors and DeepSpeed's own bookkeeping types (a planted pickle is
 refused), and `latest` must name a step_N directory of this run.
+
+Another number of ranks: a checkpoint records the world size it was written by (trainer_state.json). A resume
+on another one must keep the global batch (micro-batch x grad-accum x ranks, refused in one line otherwise);
+its ZeRO 1-3 shards are then converted once into DeepSpeed's universal format (step_N/universal, written
+under step_N/.universal.tmp and renamed in when complete: `latest` keeps naming step_N, the shards stay) and
+loaded from there. ZeRO-0's checkpoint is the whole model and optimizer, which loads on any number of ranks.
 """
 from __future__ import annotations
 
@@ -27,12 +36,13 @@ import pickle
 import re
 import shutil
 import signal
+import time
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
 
-from minillm.engine import all_reduce_sum
+from minillm.engine import all_reduce_sum, print0
 from minillm.files import atomic_write, to_json
 from minillm.options import RUN_FILES
 
@@ -80,7 +90,8 @@ Written by `{script}`; `options.json` holds every option of the run.
 | `checkpoints/latest` | the name of the newest complete checkpoint |
 | `model/` | the result in Hugging Face layout (safetensors, config, tokenizer); `training_state.json` says which step it is |
 
-Resume after an interruption: the same command with `--resume` (same `--out-dir`).
+Resume after an interruption: the same command with `--resume` (same `--out-dir`); on another number of GPUs
+keep micro-batch x grad-accum x GPUs (the checkpoint is converted to DeepSpeed's universal format once).
 Plots: `python -m minillm.report {cfg.out_dir}`.
 Evaluate: `python evaluate.py --model {Path(cfg.out_dir) / 'model'} --tasks TASK_DIR --prompt-format chat`
 (`raw` for a pretrained model).
@@ -121,13 +132,15 @@ def weights_finite(model, device) -> bool:
     return all_reduce_sum([bad], device)[0] == 0
 
 
-def save_checkpoint(engine, out_dir, step: int, trainer_state: dict, keep: int = 2) -> Path:
+def save_checkpoint(engine, out_dir, step: int, trainer_state: dict, keep: int = 2, universal: bool = False) -> Path:
     """Write `out_dir/checkpoints/step_N` (every rank calls this), then point `latest` at it.
 
     DeepSpeed writes each rank's shard into `.tmp/step_N`; only when every rank succeeded does rank 0
     rename it into place, replace `latest` (atomic_write) and delete the oldest checkpoints beyond `keep`
     (never the one `latest` names). trainer_state (step, data position, options) goes in
-    trainer_state.json, RNG states in safetensors: nothing of ours is pickled."""
+    trainer_state.json with the world size, RNG states in safetensors: nothing of ours is pickled.
+    universal: rank 0 also converts the shards into step_N/universal before the rename (any number of
+    ranks can then resume it without a conversion)."""
     from safetensors.torch import save_file
 
     root = Path(out_dir) / "checkpoints"
@@ -139,7 +152,7 @@ def save_checkpoint(engine, out_dir, step: int, trainer_state: dict, keep: int =
     if not weights_finite(engine.module, engine.device):  # never save (or rotate away a good one) over NaN
         raise ValueError(f"step {step}: the weights are not finite; stopped without saving, the last checkpoint "
                          f"({latest_tag(root) or 'none'}) is the last finite state (lower --lr?)")
-    failed = 0.0
+    failed, error = 0.0, None
     try:
         if rank == 0:
             shutil.rmtree(tmp, ignore_errors=True)
@@ -151,14 +164,23 @@ def save_checkpoint(engine, out_dir, step: int, trainer_state: dict, keep: int =
             rng["cuda"] = torch.cuda.get_rng_state()
         save_file(rng, str(tmp / f"rng_state_rank{rank}.safetensors"))
         if rank == 0:
-            atomic_write(tmp / "trainer_state.json", to_json(trainer_state, indent=1))
+            atomic_write(tmp / "trainer_state.json",
+                         to_json({**trainer_state, "world_size": dist.get_world_size()}, indent=1))
     except Exception as e:  # noqa: BLE001 - every rank must reach the agreement below
         failed, error = 1.0, e
-    if all_reduce_sum([failed], engine.device)[0] > 0:
-        message = _write_error(error, tmp) if failed else f"cannot write checkpoint {tmp}: another rank failed"
+    _agree_or_remove(failed, error, tmp, root, engine.device)
+    if rank == 0 and (missing := _unseen_rank_files(tmp, engine.zero_optimization_stage(), dist.get_world_size())):
+        failed, error = 1.0, OSError(f"{missing[0]} (written by another rank) is not there: is --out-dir on a "
+                                     "filesystem that every node shares?")
+    _agree_or_remove(failed, error, tmp, root, engine.device)
+    if universal and engine.zero_optimization_stage() > 0:  # every shard is written now
+        failed = 0.0
         if rank == 0:
-            shutil.rmtree(root / ".tmp", ignore_errors=True)
-        raise OSError(message) from None
+            try:
+                convert_to_universal(tmp)
+            except Exception as e:  # noqa: BLE001 - every rank must reach the agreement below
+                failed, error = 1.0, e
+        _agree_or_remove(failed, error, tmp, root, engine.device)
     if rank == 0:
         if final.exists():  # a leftover that `latest` does not name (checked above): replace it
             shutil.rmtree(final)
@@ -170,6 +192,107 @@ def save_checkpoint(engine, out_dir, step: int, trainer_state: dict, keep: int =
             shutil.rmtree(p, ignore_errors=True)
     dist.barrier()
     return final
+
+
+def _unseen_rank_files(tmp: Path, zero_stage: int, world_size: int, patience_s: float = 30.0) -> list[str]:
+    """The files of other ranks that rank 0 cannot see in the checkpoint being written. On several nodes every
+    rank writes into the run directory, so it must be one directory that every node shares; a network
+    filesystem may show another node's new file a little late, hence the patience."""
+    deadline = time.monotonic() + patience_s
+    while True:
+        rng_files = [f"rng_state_rank{r}.safetensors" for r in range(world_size)]
+        missing = missing_shards(tmp, zero_stage, world_size) + [n for n in rng_files if not (tmp / n).is_file()]
+        if not missing or time.monotonic() > deadline:
+            return missing
+        time.sleep(1.0)
+
+
+def _agree_or_remove(failed: float, error, tmp: Path, root: Path, device):
+    """Every rank learns whether any failed; if one did, rank 0 removes the temporary checkpoint and every
+    rank raises the same one-line OSError."""
+    if all_reduce_sum([failed], device)[0] > 0:
+        message = _write_error(error, tmp) if failed else f"cannot write checkpoint {tmp}: another rank failed"
+        if dist.get_rank() == 0:
+            shutil.rmtree(root / ".tmp", ignore_errors=True)
+        raise OSError(message) from None
+
+
+# ----------------------------------------------------------------------------- another number of ranks
+
+def convert_to_universal(path: Path) -> Path:
+    """Convert the ZeRO 1-3 shards of checkpoint `path` into DeepSpeed's universal format, `path/universal`
+    (one process: rank 0). Written under `path/.universal.tmp` and renamed in only when complete, so an
+    interrupted conversion is never used (the next one starts afresh); the shards are kept. DeepSpeed's
+    converter reads the shards with weights-only unpickling like every load here."""
+    import io
+    import types
+
+    from deepspeed.checkpoint.ds_to_universal import main as ds_to_universal
+
+    final, tmp = path / "universal", path / ".universal.tmp"
+    if final.is_dir():
+        return final
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    # inject_missing_state: our checkpoints carry no universal_checkpoint_info (no tensor parallelism to
+    # describe); one worker: converting in-process (workers would re-import torch and DeepSpeed)
+    args = types.SimpleNamespace(input_folder=str(path), output_folder=str(tmp / "universal"),
+                                 num_extract_workers=1, num_merge_workers=1, keep_temp_folder=False, strict=True,
+                                 inject_missing_state=True)
+    try:
+        with weights_only_loading(), contextlib.redirect_stdout(io.StringIO()), \
+                contextlib.redirect_stderr(io.StringIO()):
+            ds_to_universal(args)  # (it also writes tmp/latest_universal, which goes with tmp)
+        os.replace(tmp / "universal", final)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return final
+
+
+def _ranks(n: int) -> str:
+    return f"{n} rank{'s' * (n != 1)}"
+
+
+def missing_shards(path: Path, zero_stage: int, world_size: int) -> list[str]:
+    """The per-rank files DeepSpeed writes for a checkpoint of `world_size` ranks that are not in `path`
+    (its optimizer shards are named bf16_zero_pp_rank_* in bf16 runs)."""
+    if zero_stage == 0:
+        names = ["mp_rank_00_model_states.pt"]
+    else:
+        names = [f"zero_pp_rank_{r}_mp_rank_00_optim_states.pt" for r in range(world_size)]
+        names += ([f"zero_pp_rank_{r}_mp_rank_00_model_states.pt" for r in range(world_size)] if zero_stage == 3
+                  else ["mp_rank_00_model_states.pt"])
+    return [n for n in names if not (path / n).is_file() and not (path / f"bf16_{n}").is_file()]
+
+
+def check_resumable(path: Path, state: dict, engine, world_size: int) -> int:
+    """The world size checkpoint `path` was written by, once its ZeRO stage, global batch and rank shards are
+    found fit for this run (each problem one ValueError naming the checkpoint and what differs)."""
+    options = state.get("options", {})
+    saved_world = state.get("world_size") or len(list(path.glob("rng_state_rank*.safetensors")))
+    stage, saved_stage = engine.zero_optimization_stage(), options.get("zero_stage")
+    if saved_stage is not None and saved_stage != stage:
+        raise ValueError(f"checkpoint {path}: written with --zero-stage {saved_stage}, this run uses --zero-stage "
+                         f"{stage}; resume with --zero-stage {saved_stage}")
+    micro, accum = engine.train_micro_batch_size_per_gpu(), engine.gradient_accumulation_steps()
+    saved_micro, saved_accum = options.get("micro_batch_size", micro), options.get("grad_accum", accum)
+    saved_rows, rows = saved_world * saved_micro * saved_accum, world_size * micro * accum
+    if saved_rows != rows:
+        if saved_rows % (world_size * micro) == 0:
+            advice = f"use --grad-accum {saved_rows // (world_size * micro)} to keep the global batch"
+        elif saved_rows % (world_size * accum) == 0:
+            advice = f"use --micro-batch-size {saved_rows // (world_size * accum)} to keep the global batch"
+        else:
+            advice = (f"{saved_rows} rows do not split over {_ranks(world_size)}: resume on a number of ranks that "
+                      f"divides {saved_rows}")
+        raise ValueError(f"checkpoint {path.name} was written by {_ranks(saved_world)} x micro-batch {saved_micro} x "
+                         f"grad-accum {saved_accum} = {saved_rows} rows per step; {_ranks(world_size)} x {micro} x "
+                         f"{accum} = {rows}: {advice}")
+    converted = saved_world != world_size and stage > 0 and (path / "universal").is_dir()
+    if not converted and (missing := missing_shards(path, stage, saved_world)):
+        raise ValueError(f"checkpoint {path}: {missing[0]} is missing (the checkpoint was written by "
+                         f"{_ranks(saved_world)}; every rank's shard is needed)")
+    return saved_world
 
 
 # ----------------------------------------------------------------------------- loading
@@ -206,6 +329,25 @@ def weights_only_loading():
             os.environ["TORCH_FORCE_WEIGHTS_ONLY_LOAD"] = before
 
 
+def _load_universal(engine, universal: Path):
+    """engine.load_checkpoint from a universal copy, with two repairs of DeepSpeed 0.19's ZeRO-3 reader: it
+    gives every parameter group the first group's settings (weight decay, lr_scale; ours are the run's
+    options, put back here), and one shared `step` tensor to every group's Adam state, which the fused
+    AdamW then advances once per group at every step (wrong bias correction): each gets its own copy."""
+    groups = [{k: v for k, v in g.items() if k != "params"} for g in engine.optimizer.param_groups]
+    engine._config.load_universal_checkpoint = True  # what {"checkpoint": {"load_universal": true}} sets
+    try:
+        loaded, _ = engine.load_checkpoint(str(universal.parent), tag=universal.name)
+    finally:
+        engine._config.load_universal_checkpoint = False
+    for group, settings in zip(engine.optimizer.param_groups, groups):
+        group.update(settings)
+    for state in engine.optimizer.optimizer.state.values():
+        if torch.is_tensor(state.get("step")):
+            state["step"] = state["step"].clone()
+    return loaded
+
+
 def load_checkpoint(engine, out_dir, model_config: dict | None = None) -> dict | None:
     """Restore engine (weights, optimizer, DeepSpeed state) and RNG from the `latest` checkpoint.
     Returns its trainer_state, or None when there is nothing to resume. Every problem (a `latest` that
@@ -231,9 +373,29 @@ def load_checkpoint(engine, out_dir, model_config: dict | None = None) -> dict |
         diff = [k for k in model_config if state["model_config"].get(k) != model_config[k]]
         raise ValueError(f"{state_file}: the checkpoint is of another model ({', '.join(diff[:3])} differ); "
                          "resume with the options it was written with")
+    rank, world_size = dist.get_rank(), dist.get_world_size()
+    saved_world = check_resumable(path, state, engine, world_size)
+    # Another number of ranks under ZeRO 1-3: DeepSpeed reads the universal copy (converted here once, by rank 0)
+    universal = saved_world != world_size and engine.zero_optimization_stage() > 0
+    if universal:  # every rank reaches the agreement: whether a copy was there is rank 0's to see and say
+        failed, error = 0.0, ""
+        if rank == 0 and not (path / "universal").is_dir():
+            print0(f"checkpoint {path.name}: written by {_ranks(saved_world)}, resumed on {world_size}: converting it "
+                   f"to DeepSpeed's universal format ({path / 'universal'})")
+            try:
+                convert_to_universal(path)
+            except Exception as e:  # noqa: BLE001 - every rank must reach the agreement below
+                text = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+                failed, error = 1.0, text[:200]
+        if all_reduce_sum([failed], engine.device)[0] > 0:
+            raise ValueError(f"checkpoint {path}: cannot convert it to the universal format for {_ranks(world_size)} "
+                             f"({error or 'failed on rank 0'}); the checkpoint itself is unchanged")
     try:
         with weights_only_loading():
-            loaded, _ = engine.load_checkpoint(str(root), tag=tag)
+            if universal:
+                loaded = _load_universal(engine, path / "universal")
+            else:
+                loaded, _ = engine.load_checkpoint(str(root), tag=tag)
     except pickle.UnpicklingError as e:
         culprit = re.search(r"GLOBAL ([\w.]+)", str(e))
         raise ValueError(f"{path}: refused to load: a file there holds a pickled object that is not a tensor or "
@@ -244,11 +406,14 @@ def load_checkpoint(engine, out_dir, model_config: dict | None = None) -> dict |
         raise ValueError(f"{path}: cannot load this checkpoint ({text[:200]})") from None
     if loaded is None:
         raise ValueError(f"{path}: DeepSpeed found no checkpoint there (files missing?)")
-    rng_file = path / f"rng_state_rank{dist.get_rank()}.safetensors"
+    # On another number of ranks every rank takes rank 0's RNG state. Nothing the scripts train with draws from
+    # torch's global generator (the model has no dropout; data orders have their own seeded generators), so
+    # the losses do not depend on it; it is restored for whatever might.
+    rng_file = path / f"rng_state_rank{rank if saved_world == world_size else 0}.safetensors"
     try:
         rng = load_file(str(rng_file))
     except (OSError, SafetensorError) as e:
-        raise ValueError(f"{rng_file}: missing or damaged ({e}); was the run on another number of ranks?") from None
+        raise ValueError(f"{rng_file}: missing or damaged ({e})") from None
     torch.set_rng_state(rng["torch"])
     if "cuda" in rng and torch.cuda.is_available():
         torch.cuda.set_rng_state(rng["cuda"])
@@ -327,7 +492,8 @@ def save_checkpoint_if_due(engine, cfg, step: int, total: int, trainer_state, pr
     SIGTERM arrived (every rank agrees; the loop then stops, see Preemption.stop). trainer_state() gives
     what the checkpoint records besides DeepSpeed's state."""
     if preemption.requested(engine.device) or step == total or (cfg.save_interval and step % cfg.save_interval == 0):
-        save_checkpoint(engine, cfg.out_dir, step, trainer_state(), keep=cfg.keep_checkpoints)
+        save_checkpoint(engine, cfg.out_dir, step, trainer_state(), keep=cfg.keep_checkpoints,
+                        universal=cfg.universal_checkpoints)
 
 
 class Preemption:

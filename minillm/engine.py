@@ -247,8 +247,8 @@ def optimizer_groups(model: nn.Module, weight_decay: float, trainable: str = "al
             embeddings.append(p)
         elif trainable == "embeddings":
             p.requires_grad_(False)
-        elif p.requires_grad:
-            (matrices if p.dim() >= 2 else vectors).append(p)
+        elif p.requires_grad:  # (a ZeRO-3 parameter born partitioned is an empty 1-d tensor; ds_shape is its shape)
+            (matrices if len(getattr(p, "ds_shape", p.shape)) >= 2 else vectors).append(p)
     return [{"params": matrices, "weight_decay": weight_decay}, {"params": vectors, "weight_decay": 0.0},
             {"params": embeddings, "weight_decay": weight_decay, "lr_scale": embedding_lr_scale}]
 

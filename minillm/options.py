@@ -334,6 +334,7 @@ class TrainOptions:
     eval_interval: int = 50  # validate every N steps and after the last one; 0 = only at epoch ends and after the last step
     save_interval: int = 200  # checkpoint every N steps and after the last one; 0 = only after the last step (and on SIGTERM)
     keep_checkpoints: int = 2  # checkpoints kept in OUT_DIR/checkpoints (the oldest are deleted)
+    universal_checkpoints: bool = False  # also write each checkpoint in DeepSpeed's universal format at save (a resume on another number of ranks converts it otherwise; costs the optimizer's size again on disk)
     resume: bool = False  # continue the run in out_dir from its latest checkpoint
     overwrite: bool = False  # start afresh in an out_dir that holds a run (its checkpoints, metrics and model are deleted)
     seed: int = 1337  # seed of initialisation, data order and sampling

@@ -115,15 +115,18 @@ def one_process_group():
 
 
 class FakeEngine:
-    """What save_checkpoint needs of a DeepSpeed engine: it writes one file per save and counts the saves."""
+    """What save_checkpoint needs of a DeepSpeed engine: it writes ZeRO-0's one file per save and counts the saves."""
 
     def __init__(self):
         self.device, self.saves = torch.device("cpu"), []
         self.module = torch.nn.Linear(2, 2)
 
+    def zero_optimization_stage(self):
+        return 0
+
     def save_checkpoint(self, save_dir, tag, save_latest):
         self.saves.append(tag)
-        (Path(save_dir) / tag / "model.bin").write_bytes(b"weights")
+        (Path(save_dir) / tag / "mp_rank_00_model_states.pt").write_bytes(b"weights")
 
 
 def test_save_replaces_checkpoints_without_a_missing_latest(one_process_group, tmp_path, monkeypatch):
@@ -148,7 +151,7 @@ def test_save_replaces_checkpoints_without_a_missing_latest(one_process_group, t
     assert sorted(p.name for p in root.iterdir()) == ["latest", "step_0000003", "step_0000004"]
     (root / "step_0000005").mkdir()  # a leftover that `latest` does not name (a run killed before its rename)
     checkpoints.save_checkpoint(engine, tmp_path, 5, {"step": 5}, keep=2)
-    assert latest(tmp_path) == "step_0000005" and (root / "step_0000005" / "model.bin").exists()
+    assert latest(tmp_path) == "step_0000005" and (root / "step_0000005" / "mp_rank_00_model_states.pt").exists()
 
 
 # ----------------------------------------------------------------------------- a full disk
