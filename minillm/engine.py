@@ -19,6 +19,10 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 
+from minillm.hf import full_shape, load_pretrained, load_weights, read_config
+from minillm.model import Llama, LlamaConfig
+from minillm.tokenizer import check_vocab_fits, load_tokenizer
+
 # ----------------------------------------------------------------------------- processes
 
 
@@ -107,9 +111,8 @@ def deepspeed_config(cfg, device, model_config) -> dict:
     use, and holds about two blocks' weights whole at a time. DeepSpeed's defaults are sized for nothing: a
     5e8-element gradient bucket (2 GB in fp32) that every rank fills, and up to 1e9 weights kept whole from
     forward to backward, whatever the number of ranks (bench/bench_zero_memory.py, BENCHMARKS.md)."""
-    dim = model_config.dim
-    c = model_config  # the weights of one transformer block: q, k, v, o and the three MLP matrices
-    block = c.dim * (2 * c.n_heads + 2 * c.n_kv_heads) * c.head_dim + 3 * c.dim * c.hidden_dim
+    c, dim = model_config, model_config.dim
+    block = c.dim * (2 * c.n_heads + 2 * c.n_kv_heads) * c.head_dim + 3 * c.dim * c.hidden_dim  # q, o, k, v, MLP
     zero = {"stage": cfg.zero_stage}
     if cfg.zero_stage in (1, 2):
         zero.update(reduce_bucket_size=dim * dim, allgather_bucket_size=dim * dim)
@@ -177,10 +180,6 @@ def load_model_and_tokenizer(cfg, device, preset: str = ""):
     it is gathered, and leaving the gathering hands every rank its slice. A random preset is initialised the
     same way, tensor by tensor with the same random numbers as a plain start (Llama.init_weights), so both
     starts give the same model."""
-    from minillm.hf import load_pretrained, load_weights, read_config
-    from minillm.model import Llama, LlamaConfig
-    from minillm.tokenizer import check_vocab_fits, load_tokenizer
-
     if cfg.init_from:
         config = read_config(cfg.init_from)[0]
         tokenizer = load_tokenizer(cfg.tokenizer or cfg.init_from)
@@ -247,8 +246,8 @@ def optimizer_groups(model: nn.Module, weight_decay: float, trainable: str = "al
             embeddings.append(p)
         elif trainable == "embeddings":
             p.requires_grad_(False)
-        elif p.requires_grad:  # (a ZeRO-3 parameter born partitioned is an empty 1-d tensor; ds_shape is its shape)
-            (matrices if len(getattr(p, "ds_shape", p.shape)) >= 2 else vectors).append(p)
+        elif p.requires_grad:  # (a ZeRO-3 parameter born partitioned is an empty 1-d tensor: its full shape)
+            (matrices if len(full_shape(p)) >= 2 else vectors).append(p)
     return [{"params": matrices, "weight_decay": weight_decay}, {"params": vectors, "weight_decay": 0.0},
             {"params": embeddings, "weight_decay": weight_decay, "lr_scale": embedding_lr_scale}]
 
