@@ -275,3 +275,32 @@ def write_corpus(path, texts, field: str = "text", row_group_size: int = 4, zstd
         data = b"".join(zstandard.ZstdCompressor().compress(data[i:i + step]) for i in range(0, len(data), step))
     path.write_bytes(data)
     return path
+
+
+def _sentences(rng, words, n_sentences):
+    return " ".join(" ".join(rng.choice(words) for _ in range(rng.randint(3, 9))).capitalize() + "."
+                    for _ in range(n_sentences))
+
+
+def build_pretrain_world(root: Path) -> Path:
+    """A tokenizer (root/tokenizer) and token shards (root/{et,en}_{train,valid}) for two 'languages', built from
+    seeded random sentences: the world of the pretraining and resume tests."""
+    from minillm.prepare import prepare
+    from minillm.tokenizer import SentencePieceTokenizer
+
+    rng = random.Random(0)
+    et = "kass koer maja linn päike õun jõgi mägi tänav sõber väike suur ilus".split()
+    en = "cat dog house town sun apple river hill street friend small big nice".split()
+    texts = []
+    for lang, words in (("et", et), ("en", en)):
+        for split, n in (("train", 120), ("valid", 10)):
+            with open(root / f"{lang}_{split}.jsonl", "w") as f:
+                for _ in range(n):
+                    texts.append(_sentences(rng, words, rng.randint(1, 6)))
+                    f.write(json.dumps({"text": texts[-1]}) + "\n")
+    tok = SentencePieceTokenizer.train(iter(texts), root / "tok", 400)
+    tok.save_pretrained(root / "tokenizer")
+    for lang in ("et", "en"):
+        for split in ("train", "valid"):
+            prepare([root / f"{lang}_{split}.jsonl"], root / "tokenizer", root / f"{lang}_{split}")
+    return root

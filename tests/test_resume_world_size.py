@@ -18,37 +18,15 @@ import sys
 
 import pytest
 import torch
-from conftest import ROOT, read_metrics, run_script
+from conftest import build_pretrain_world, ROOT, read_metrics, run_script
 
 STEPS, STOP = 12, 6
 
 
-def _text(rng, words, n_sentences):
-    return " ".join(" ".join(rng.choice(words) for _ in range(rng.randint(3, 9))).capitalize() + "."
-                    for _ in range(n_sentences))
-
-
 @pytest.fixture(scope="module")
 def world(tmp_path_factory):
-    """A tokenizer and token shards for two 'languages' (tests/test_train_pretrain.py's world)."""
-    from minillm.prepare import prepare
-    from minillm.tokenizer import SentencePieceTokenizer
-
-    root = tmp_path_factory.mktemp("pretrain")
-    rng = random.Random(0)
-    et = "kass koer maja linn päike õun jõgi mägi tänav sõber väike suur ilus".split()
-    en = "cat dog house town sun apple river hill street friend small big nice".split()
-    texts = []
-    for lang, words in (("et", et), ("en", en)):
-        with open(root / f"{lang}_train.jsonl", "w") as f:
-            for _ in range(120):
-                texts.append(_text(rng, words, rng.randint(1, 6)))
-                f.write(json.dumps({"text": texts[-1]}) + "\n")
-    tok = SentencePieceTokenizer.train(iter(texts), root / "tok", 400)
-    tok.save_pretrained(root / "tokenizer")
-    for lang in ("et", "en"):
-        prepare([root / f"{lang}_train.jsonl"], root / "tokenizer", root / f"{lang}_train")
-    return root
+    """A tokenizer and token shards for two "languages" (conftest.build_pretrain_world)."""
+    return build_pretrain_world(tmp_path_factory.mktemp("pretrain"))
 
 
 def pretrain_args(world, out, *args) -> list:

@@ -11,40 +11,16 @@ import time
 
 import pytest
 import torch
-from conftest import read_metrics, run_script
+from conftest import build_pretrain_world, read_metrics, run_script
 
 STEPS = 4
 EMBEDDINGS = {"model.embed_tokens.weight", "lm_head.weight"}  # the input embedding and the output head (untied)
 
 
-def _text(rng, words, n_sentences):
-    return " ".join(" ".join(rng.choice(words) for _ in range(rng.randint(3, 9))).capitalize() + "."
-                    for _ in range(n_sentences))
-
-
 @pytest.fixture(scope="module")
 def world(tmp_path_factory):
-    """A tokenizer and token shards for two 'languages', built from seeded random sentences."""
-    from minillm.prepare import prepare
-    from minillm.tokenizer import SentencePieceTokenizer
-
-    root = tmp_path_factory.mktemp("pretrain")
-    rng = random.Random(0)
-    et = "kass koer maja linn päike õun jõgi mägi tänav sõber väike suur ilus".split()
-    en = "cat dog house town sun apple river hill street friend small big nice".split()
-    texts = []
-    for lang, words in (("et", et), ("en", en)):
-        for split, n in (("train", 120), ("valid", 10)):
-            with open(root / f"{lang}_{split}.jsonl", "w") as f:
-                for _ in range(n):
-                    texts.append(_text(rng, words, rng.randint(1, 6)))
-                    f.write(json.dumps({"text": texts[-1]}) + "\n")
-    tok = SentencePieceTokenizer.train(iter(texts), root / "tok", 400)
-    tok.save_pretrained(root / "tokenizer")
-    for lang in ("et", "en"):
-        for split in ("train", "valid"):
-            prepare([root / f"{lang}_{split}.jsonl"], root / "tokenizer", root / f"{lang}_{split}")
-    return root
+    """A tokenizer and token shards for two "languages" (conftest.build_pretrain_world)."""
+    return build_pretrain_world(tmp_path_factory.mktemp("pretrain"))
 
 
 def run(world, out, *args, nproc=1, check=True, popen=False):
