@@ -94,6 +94,9 @@ def main(argv=None):
         step, tokens_seen = state["step"], state["tokens_seen"]
         loader.load_state_dict(state["loader"])
         print0(f"resumed from step {step} ({tokens_seen:,} tokens seen)")
+    if step >= cfg.max_steps:  # a resume with nothing left to do: say so, touch no file
+        print0(f"nothing to do: the checkpoint is at step {step} >= --max-steps {cfg.max_steps}")
+        return teardown_distributed()
     start_run(cfg, rank, step, run_readme("train_pretrain.py", cfg, "continual pretraining"))
     result = ExportedModel(engine, model, tokenizer, cfg, by_validation=False)  # the model after the last step
 

@@ -107,6 +107,9 @@ def main(argv=None):
     if cfg.resume and (state := load_checkpoint(engine, cfg.out_dir, model.config.architecture()) or {}):
         step = state["step"]
         print0(f"resumed from step {step}")
+    if step >= total_steps:  # a resume with nothing left to do: say so, touch no file
+        print0(f"nothing to do: the checkpoint is at step {step} >= the run's {total_steps} steps")
+        return teardown_distributed()
     start_run(cfg, rank, step, run_readme("train_sft.py", cfg, "instruction tuning (SFT)"))
     # LLAMMAS keeps the model with the best validation loss; without validation, the last one
     result = ExportedModel(engine, model, tokenizer, cfg, chat_template, by_validation=bool(valid), best=state.get("best"))

@@ -107,8 +107,9 @@ def latest_tag(root: Path) -> str | None:
         return None
 
 
-def _write_error(e: BaseException, path: Path) -> str:
-    """One line for a failed checkpoint write: what failed, where, and how much space is left."""
+def _write_error(e: BaseException, path: Path, previous: str | None) -> str:
+    """One line for a failed checkpoint write: what failed, where, how much space is left, and what is left
+    to resume from (`previous`: the checkpoint `latest` names, if any)."""
     try:
         free = shutil.disk_usage(path if path.exists() else path.parent).free
     except OSError:
@@ -116,8 +117,10 @@ def _write_error(e: BaseException, path: Path) -> str:
     text = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
     no_space = getattr(e, "errno", None) == errno.ENOSPC or "no space left" in str(e).lower() or 0 <= free < 16 << 20
     reason = "no space left on device" if no_space else text
-    return f"cannot write checkpoint {path}: {reason} ({free / 2**30:.2f} GiB free there); removed the partial " \
-           f"checkpoint, the previous one and 'latest' are intact"
+    space = f" ({free / 2**30:.2f} GiB free there)" if free >= 0 else ""
+    kept = f"the previous one ({previous}) and 'latest' are intact" if previous else \
+        "there is no earlier checkpoint of this run"
+    return f"cannot write checkpoint {path}: {reason}{space}; removed the partial checkpoint, {kept}"
 
 
 def weights_finite(model, device) -> bool:
@@ -211,7 +214,8 @@ def _agree_or_remove(failed: float, error, tmp: Path, root: Path, device):
     """Every rank learns whether any failed; if one did, rank 0 removes the temporary checkpoint and every
     rank raises the same one-line OSError."""
     if all_reduce_sum([failed], device)[0] > 0:
-        message = _write_error(error, tmp) if failed else f"cannot write checkpoint {tmp}: another rank failed"
+        message = _write_error(error, tmp, latest_tag(root)) if failed else \
+            f"cannot write checkpoint {tmp}: another rank failed"
         if dist.get_rank() == 0:
             shutil.rmtree(root / ".tmp", ignore_errors=True)
         raise OSError(message) from None
@@ -358,8 +362,12 @@ def load_checkpoint(engine, out_dir, model_config: dict | None = None) -> dict |
 
     root = Path(out_dir) / "checkpoints"
     tag = latest_tag(root)
-    if tag is None:
-        return None
+    if tag is None:  # a kill between a checkpoint's rename and the first `latest`: never start over it
+        complete = sorted(p.name for p in root.glob("step_*") if TAG.fullmatch(p.name) and p.is_dir())
+        if not complete:
+            return None
+        tag = complete[-1]
+        print0(f"{root / 'latest'} is missing; resuming from the newest complete checkpoint, {tag}")
     path = root / tag
     if not TAG.fullmatch(tag) or not path.is_dir() or path.is_symlink() or path.resolve().parent != root.resolve():
         raise ValueError(f"{root / 'latest'}: names {tag[:60]!r}, which is not a step_NNNNNNN checkpoint directory "

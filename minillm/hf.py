@@ -96,10 +96,43 @@ def _first(x):
     return (x[0] if x else None) if isinstance(x, list) else x
 
 
+# The config.json fields minillm reads, and what each must be (None: the field may be null).
+_POSITIVE_INTS = ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads", "vocab_size")
+_OPTIONAL_POSITIVE_INTS = ("num_key_value_heads", "head_dim", "max_position_embeddings", "sliding_window")
+_POSITIVE_NUMBERS = ("rms_norm_eps", "rope_theta")
+_TOKEN_IDS = ("bos_token_id", "eos_token_id", "pad_token_id")
+
+
+def _check_types(hf: dict, source: str):
+    """One line naming the field, its value and what it must be, for any field of the wrong type or sign."""
+    def bad(key, expected):
+        raise ValueError(f"{source}: {key}={hf[key]!r} must be {expected}")
+
+    def is_int(v):
+        return isinstance(v, int) and not isinstance(v, bool)
+
+    for key in _POSITIVE_INTS + _OPTIONAL_POSITIVE_INTS:
+        if key in hf and not (is_int(hf[key]) and hf[key] > 0) and not (key in _OPTIONAL_POSITIVE_INTS and hf[key] is None):
+            bad(key, "a positive integer" + (" or null" if key in _OPTIONAL_POSITIVE_INTS else ""))
+    for key in _POSITIVE_NUMBERS:
+        if key in hf and not (isinstance(hf[key], (int, float)) and not isinstance(hf[key], bool) and hf[key] > 0):
+            bad(key, "a positive number")
+    for key in _TOKEN_IDS:
+        value = hf.get(key)
+        if value is not None and not (is_int(value) and value >= 0) and not (
+                isinstance(value, list) and all(is_int(v) and v >= 0 for v in value)):
+            bad(key, "a token id (an integer >= 0), a list of them, or null")
+    if "tie_word_embeddings" in hf and not isinstance(hf["tie_word_embeddings"], bool):
+        bad("tie_word_embeddings", "true or false")
+
+
 def config_from_hf(hf: dict, source: str = "config.json") -> LlamaConfig:
     """LlamaConfig from a Hugging Face config.json dict (model_type llama, mistral or qwen2); anything minillm
     does not implement (sliding-window attention, other activations, MLP or o-projection biases, rope
-    scalings other than Llama-3's) is an error naming the field."""
+    scalings other than Llama-3's) is an error naming the field, and so is a value of the wrong type."""
+    if not isinstance(hf, dict):
+        raise ValueError(f"{source}: must be a JSON object (found a {type(hf).__name__})")
+    _check_types(hf, source)
     family = hf.get("model_type", "llama")
     if family not in ARCHITECTURES:
         raise ValueError(f"{source}: model_type {family!r} is not supported (minillm loads "

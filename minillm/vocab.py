@@ -46,6 +46,7 @@ from torch import nn
 from minillm.corpora import check_readable, iter_texts
 from minillm.files import atomic_write, read_lines, to_json
 from minillm.hf import load_pretrained, save_pretrained
+from minillm.model import OutputHead
 from minillm.hf_tokenizer import HFTokenizer, uses_component
 from minillm.options import cli, parse_options, require
 from minillm.sentencepiece_model import PIECE_NORMAL, PIECE_USER_DEFINED, read_pieces, rewrite_model_proto
@@ -212,7 +213,7 @@ def resize_embeddings(model: nn.Module, new_vocab_size: int, init_rows: dict[int
     new_emb.weight.requires_grad_(emb.requires_grad)
     model.tok_embeddings = new_emb
     old_out = model.output.weight
-    new_out = nn.Linear(dim, new_vocab_size, bias=False, device=old_out.device, dtype=old_out.dtype)
+    new_out = OutputHead(dim, new_vocab_size, bias=False, device=old_out.device, dtype=old_out.dtype)
     if tied:
         new_out.weight = new_emb.weight
     else:
@@ -254,6 +255,11 @@ def extend(args) -> dict:
     out = Path(args.out)
     if out.exists() and not out.is_dir():
         raise ValueError(f"--out {out}: exists and is not a directory")
+    for option, target, source, source_option in (("--out", out, args.base, "--base"),
+                                                  ("--model-out", args.model_out, args.model_in, "--model-in")):
+        if target and source and Path(target).resolve() == Path(source).resolve():
+            raise ValueError(f"{option} {target}: is {source_option}, which would be overwritten; write the "
+                             "extended one to another directory")
     chat = [t for t in CHAT_TOKENS if base.piece_to_id(t) is None] if args.add_chat_tokens else []
     if isinstance(base, HFTokenizer):
         for path in args.corpus:

@@ -196,6 +196,10 @@ CASES = [
     ("vocab-base-missing", ["-m", "minillm.vocab", "extend", "--base", "{ws}/nobase", "--corpus", "{ws}/et.txt",
                             "--new-vocab-size", "450", "--out", "{ws}/o"], write("et.txt", "tere\n"),
      ["nobase", "no tokenizer"]),
+    ("vocab-out-is-base", ["-m", "minillm.vocab", "extend", "--base", "{ws}/tok", "--corpus", "{ws}/et.txt",
+                           "--new-vocab-size", "450", "--out", "{ws}/tok/"],
+     both(write("et.txt", "tere\n"), lambda ws, w: shutil.copytree(w / "tok", ws / "tok")),
+     ["--out", "is --base", "overwritten"]),
     ("vocab-out-file", ["-m", "minillm.vocab", "extend", "--base", "{w}/tok", "--corpus", "{ws}/et.txt",
                         "--new-vocab-size", "450", "--out", "{ws}/et.txt"], write("et.txt", "tere\n"),
      ["--out", "et.txt", "not a directory"]),
@@ -213,6 +217,12 @@ CASES = [
     ("instructions-command", ["-m", "minillm.instructions", "frobnicate"], None, ["unknown command 'frobnicate'"]),
     # ---------------------------------------------------------------- python -m minillm.chat
     ("chat-model-missing", ["-m", "minillm.chat", "--model", "{ws}/nomodel"], None, ["nomodel", "config.json"]),
+    ("chat-config-list", ["-m", "minillm.chat", "--model", "{ws}/m"], write("m/config.json", "[1, 2]"),
+     ["m/config.json", "must be a JSON object"]),
+    ("chat-config-type", ["-m", "minillm.chat", "--model", "{ws}/m"],
+     write("m/config.json", '{"hidden_size": "64", "intermediate_size": 128, "num_hidden_layers": 2, '
+                            '"num_attention_heads": 4, "vocab_size": 100}'),
+     ["m/config.json", "hidden_size='64'", "positive integer"]),
     ("chat-temperature", ["-m", "minillm.chat", "--model", "{w}/init", "--temperature", "-1"], None,
      ["--temperature -1.0"]),
     ("chat-top-p", ["-m", "minillm.chat", "--model", "{w}/init", "--top-p", "0"], None, ["--top-p 0.0"]),

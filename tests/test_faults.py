@@ -163,10 +163,46 @@ def test_full_disk_keeps_the_previous_checkpoint_and_says_so(tiny_world, tmp_pat
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
     line = error_line(proc)
     assert "cannot write checkpoint" in line and "step_0000003" in line and "no space left on device" in line
-    assert "GiB free" in line
+    assert "GiB free" in line and "the previous one (step_0000002) and 'latest' are intact" in line
     assert latest(out) == "step_0000002" and finite_checkpoint(out / "checkpoints" / "step_0000002")
     assert not (out / "checkpoints" / ".tmp").exists() and not (out / "checkpoints" / "step_0000003").exists()
     assert [r["step"] for r in read_metrics(out)] == [1, 2, 3]
+
+
+def test_full_disk_at_the_first_checkpoint_says_there_is_none(tiny_world, tmp_path):
+    out = tmp_path / "run"
+    cmd = [sys.executable, str(ROOT / "tests" / "inject_fault.py"), "enospc", "0", str(ROOT / "train_pretrain.py"),
+           *pretrain_args(tiny_world, out), "--max-steps", "3", "--save-interval", "1"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    line = error_line(proc)
+    assert "step_0000001" in line and "there is no earlier checkpoint of this run" in line and "intact" not in line
+    assert not (out / "checkpoints" / "latest").exists()
+
+
+# ----------------------------------------------------------------------------- resuming what is there
+
+def test_resume_with_nothing_left_to_do_says_so_and_touches_no_file(tiny_world, tmp_path):
+    out = tmp_path / "run"
+    args = pretrain_args(tiny_world, out) + ["--save-interval", "2"]
+    run_script("train_pretrain.py", args + ["--max-steps", "4"])
+    before = {p: p.read_bytes() for p in out.rglob("*") if p.is_file()}
+    proc = run_script("train_pretrain.py", args + ["--max-steps", "2", "--resume"])
+    assert "nothing to do: the checkpoint is at step 4 >= --max-steps 2" in proc.stdout
+    assert "SIGTERM" not in proc.stdout + proc.stderr
+    assert {p: p.read_bytes() for p in out.rglob("*") if p.is_file()} == before
+
+
+def test_resume_without_latest_continues_from_the_newest_checkpoint(tiny_world, tmp_path):
+    """A kill between a checkpoint's rename and the first write of `latest` leaves complete step_N directories
+    and no `latest`: the resume continues from the newest, never from step 0 over them."""
+    out = tmp_path / "run"
+    args = pretrain_args(tiny_world, out) + ["--save-interval", "2"]
+    run_script("train_pretrain.py", args + ["--max-steps", "4"])
+    (out / "checkpoints" / "latest").unlink()
+    proc = run_script("train_pretrain.py", args + ["--max-steps", "6", "--resume"])
+    assert "latest is missing; resuming from the newest complete checkpoint, step_0000004" in proc.stdout
+    assert "resumed from step 4" in proc.stdout
+    assert [r["step"] for r in read_metrics(out)] == list(range(1, 7))
 
 
 # ----------------------------------------------------------------------------- re-running a finished run

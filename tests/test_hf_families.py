@@ -164,6 +164,28 @@ def test_unimplemented_attention_is_refused_naming_the_field(tmp_path, family, f
         load_pretrained(tmp_path)
 
 
+@pytest.mark.parametrize("field, value, message", [
+    ("head_dim", "16", r"head_dim='16' must be a positive integer or null"),
+    ("hidden_size", "64", r"hidden_size='64' must be a positive integer"),
+    ("num_hidden_layers", -1, r"num_hidden_layers=-1 must be a positive integer"),
+    ("rms_norm_eps", "1e-5", r"rms_norm_eps='1e-5' must be a positive number"),
+    ("rope_theta", -10000.0, r"rope_theta=-10000.0 must be a positive number"),
+    ("max_position_embeddings", "2048", r"max_position_embeddings='2048' must be a positive integer or null"),
+    ("eos_token_id", "2", r"eos_token_id='2' must be a token id"),
+    ("tie_word_embeddings", "false", r"tie_word_embeddings='false' must be true or false"),
+])
+def test_a_field_of_the_wrong_type_is_one_line_naming_it(tmp_path, field, value, message):
+    hf_model("llama", False, None).save_pretrained(tmp_path)
+    config = json.loads((tmp_path / "config.json").read_text())
+    config[field] = value
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ValueError, match=r"config\.json: " + message):
+        load_pretrained(tmp_path)
+    (tmp_path / "config.json").write_text(json.dumps([config]))
+    with pytest.raises(ValueError, match=r"config\.json: must be a JSON object \(found a list\)"):
+        load_pretrained(tmp_path)
+
+
 def test_a_window_as_long_as_the_context_is_full_attention(tmp_path):
     """Qwen2 configs carry sliding_window / max_window_layers unused, and a Mistral window that covers the whole
     context changes nothing: both load (the logits test above covers Qwen2's)."""
