@@ -67,13 +67,34 @@ def start_run(cfg, rank: int, resumed_step: int, readme: str):
                 shutil.rmtree(path) if path.is_dir() else path.unlink(missing_ok=True)
         metrics = out / "metrics.jsonl"
         if metrics.exists():  # a resumed run rewrites the steps after its checkpoint
-            kept = [line for line in metrics.read_text(encoding="utf-8").splitlines()
-                    if line.strip() and json.loads(line).get("step", 0) <= resumed_step]
+            kept = [line for line, record in _metric_records(metrics) if record.get("step", 0) <= resumed_step]
             atomic_write(metrics, "".join(line + "\n" for line in kept))
         atomic_write(out / "options.json", to_json(dataclasses.asdict(cfg)))
         atomic_write(out / "README.md", readme)
     if dist.is_initialized():
         dist.barrier()
+
+
+def _metric_records(path: Path) -> list[tuple[str, dict]]:
+    """(line, record) of every line of metrics.jsonl. A torn last line (a kill while it was written) is dropped
+    with a warning naming it; damage anywhere else is an error naming the file and line."""
+    lines = [(n, line) for n, line in enumerate(path.read_text(encoding="utf-8", errors="replace").splitlines(), 1)
+             if line.strip()]
+    records = []
+    for i, (n, line) in enumerate(lines):
+        try:
+            record = json.loads(line)
+            if not isinstance(record, dict):
+                raise ValueError("not a JSON object")
+        except ValueError as e:
+            if i == len(lines) - 1:
+                print(f"warning: {path}:{n}: a torn last line (the run was killed while writing it), dropped",
+                      flush=True)
+                break
+            raise ValueError(f"{path}:{n}: damaged ({str(e).splitlines()[0]}); only the last line may be torn") \
+                from None
+        records.append((line, record))
+    return records
 
 
 def run_readme(script: str, cfg, what: str) -> str:

@@ -308,3 +308,19 @@ def test_fit_context_drops_the_oldest_turns_and_caps_the_reply(tiny_world):
     assert prompt == render(kept, tok, add_generation_prompt=True)[0]
     short, budget, dropped = fit_context(system + turns[:2] + [messages[-1]], tok, 96, 10)
     assert dropped == 0 and budget == 10  # room enough: nothing dropped, the asked-for budget
+
+
+def test_a_torn_last_metrics_line_is_dropped_and_damage_elsewhere_is_named(tiny_world, tmp_path):
+    out = tmp_path / "run"
+    args = pretrain_args(tiny_world, out) + ["--save-interval", "2"]
+    run_script("train_pretrain.py", args + ["--max-steps", "2"])
+    metrics = out / "metrics.jsonl"
+    metrics.write_text(metrics.read_text() + '{"step": 3, "loss": 4.')  # killed while writing step 3's line
+    proc = run_script("train_pretrain.py", args + ["--max-steps", "3", "--resume"])
+    assert f"warning: {metrics}:" in proc.stdout and "torn last line" in proc.stdout
+    assert [r["step"] for r in read_metrics(out)] == [1, 2, 3]
+    lines = metrics.read_text().splitlines()
+    metrics.write_text("\n".join([lines[0], '{"step": 2, "lo', *lines[1:]]) + "\n")  # damage in the middle
+    proc = run_script("train_pretrain.py", args + ["--max-steps", "4", "--resume"], check=False)
+    line = error_line(proc)
+    assert f"{metrics}:2: damaged" in line
