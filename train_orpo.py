@@ -37,10 +37,11 @@ from typing import Literal
 import torch
 
 from minillm.chat_format import chat_template_jinja, end_ids, resolve_template
-from minillm.checkpoints import (ExportedModel, Preemption, load_checkpoint, run_readme, save_checkpoint_if_due,
-                                 start_run)
+from minillm.checkpoints import (ExportedModel, Preemption, check_same_data, load_checkpoint, run_readme,
+                                 save_checkpoint_if_due, start_run)
 from minillm.engine import (all_reduce_sum, batch_to, build_engine, end_validation, engine_step, load_model_and_tokenizer, lr_at,
                             model_inputs, print0, set_lr, setup_distributed, teardown_distributed)
+from minillm.files import fingerprints
 from minillm.losses import IGNORE_INDEX, orpo_loss, orpo_means, pair_logprobs, split_pairs
 from minillm.monitor import RunLog, peak_flops, peak_memory_gb, step_flops
 from minillm.options import TrainOptions, cli, parse_options, require
@@ -51,6 +52,7 @@ from minillm.sft_data import epoch_order, load_preference_files, pair_batch, ste
 class ORPOOptions(TrainOptions):
     # data
     train_data: str = "data/sample/preferences/train.jsonl"  # preference JSONL files, comma-separated
+    allow_data_change: bool = False  # resume although the training or validation files differ from the checkpoint's (recorded in the checkpoints); without it that is refused
     valid_data: str = "data/sample/preferences/valid.jsonl"  # held-out pairs; '' = no validation (the last model is exported)
     template: Literal["auto", "tulu", "llama3", "chatml", "alpaca"] = "auto"  # how pairs are rendered (SFT's template): a chat layout, the Alpaca prompt, or auto = the chat layout whose markers the tokenizer has
     # ORPO
@@ -97,6 +99,7 @@ def main(argv=None):
     train_pairs = load_preference_files(cfg.train_data.split(","), tokenizer, cfg.seq_len, print0, template)
     valid_pairs = (load_preference_files(cfg.valid_data.split(","), tokenizer, cfg.seq_len, print0, template)
                    if cfg.valid_data else [])
+    data = fingerprints(f.strip() for f in f"{cfg.train_data},{cfg.valid_data}".replace(";", ",").split(",") if f.strip())
     pairs_per_step = cfg.micro_batch_size * cfg.grad_accum * world_size
     if len(train_pairs) < pairs_per_step:
         raise ValueError(f"{cfg.train_data}: {len(train_pairs)} usable pairs, fewer than one global batch "
@@ -133,6 +136,7 @@ def main(argv=None):
     if cfg.resume and (state := load_checkpoint(engine, cfg.out_dir, model.config.architecture()) or {}):
         step = state["step"]
         print0(f"resumed from step {step}")
+    data_changes = check_same_data(state, data, cfg.allow_data_change)
     if step >= total_steps:  # a resume with nothing left to do: say so, touch no file
         print0(f"nothing to do: the checkpoint is at step {step} >= the run's {total_steps} steps")
         return teardown_distributed()
@@ -142,7 +146,8 @@ def main(argv=None):
                            best=state.get("best"))
 
     def trainer_state() -> dict:  # what a checkpoint needs besides DeepSpeed's own state
-        return {"step": step, "best": result.best, "options": asdict(cfg), "model_config": model.config.architecture()}
+        return {"step": step, "best": result.best, "options": asdict(cfg), "model_config": model.config.architecture(),
+                "data": data, "data_changes": data_changes}
 
     log = RunLog(cfg.out_dir, rank, total_steps, step, cfg.log_interval, "orpo", log_to=cfg.log_to)
     if valid_pairs and step == 0:  # where alignment starts from

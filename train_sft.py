@@ -28,10 +28,11 @@ from dataclasses import asdict, dataclass
 from typing import Literal
 
 from minillm.chat_format import chat_template_jinja, end_ids, resolve_template
-from minillm.checkpoints import (ExportedModel, Preemption, load_checkpoint, run_readme, save_checkpoint_if_due,
-                                 start_run)
+from minillm.checkpoints import (ExportedModel, Preemption, check_same_data, load_checkpoint, run_readme,
+                                 save_checkpoint_if_due, start_run)
 from minillm.engine import (all_reduce_sum, batch_to, build_engine, engine_step, load_model_and_tokenizer, lr_at,
                             model_inputs, print0, set_lr, setup_distributed, teardown_distributed)
+from minillm.files import fingerprints
 from minillm.losses import IGNORE_INDEX, global_mean_scale
 from minillm.monitor import RunLog, peak_flops, peak_memory_gb, step_flops, validation_loss
 from minillm.options import TrainOptions, cli, parse_options, require
@@ -42,6 +43,7 @@ from minillm.sft_data import epoch_order, load_sft_examples, pack_examples, step
 class SFTOptions(TrainOptions):
     # data: JSONL files, ',' between the files of one stage, ';' between sequential stages
     train_data: str = "runs/demo/sft/train.jsonl"  # SFT records (Alpaca or chat); ';' separates curriculum stages
+    allow_data_change: bool = False  # resume although the training or validation files differ from the checkpoint's (recorded in the checkpoints); without it that is refused
     valid_data: str = "runs/demo/sft/valid.jsonl"  # held-out records; '' = no validation (the last model is exported)
     template: Literal["auto", "tulu", "llama3", "chatml", "alpaca"] = "auto"  # how records are rendered and exported as chat_template: a chat layout, the Alpaca prompt, or auto = the chat layout whose markers the tokenizer has
     train_on: Literal["assistant", "last", "all"] = "assistant"  # the loss covers every reply, the last one, or all tokens
@@ -80,6 +82,7 @@ def main(argv=None):
         n_rows = rows["input_ids"].shape[0]
         valid = {"": [take_rows(rows, idx) for s in range(steps_per_epoch(n_rows, cfg.micro_batch_size, 1, world_size))
                       for idx in step_slices(n_rows, s, cfg.micro_batch_size, 1, rank, world_size)]}
+    data = fingerprints(f.strip() for f in f"{cfg.train_data},{cfg.valid_data}".replace(";", ",").split(",") if f.strip())
     byte_lengths = tokenizer.byte_lengths()
     engine, optimizer = build_engine(model, cfg, device)
     chat_template = chat_template_jinja(template, tokenizer)
@@ -107,6 +110,7 @@ def main(argv=None):
     if cfg.resume and (state := load_checkpoint(engine, cfg.out_dir, model.config.architecture()) or {}):
         step = state["step"]
         print0(f"resumed from step {step}")
+    data_changes = check_same_data(state, data, cfg.allow_data_change)
     if step >= total_steps:  # a resume with nothing left to do: say so, touch no file
         print0(f"nothing to do: the checkpoint is at step {step} >= the run's {total_steps} steps")
         return teardown_distributed()
@@ -115,7 +119,8 @@ def main(argv=None):
     result = ExportedModel(engine, model, tokenizer, cfg, chat_template, by_validation=bool(valid), best=state.get("best"))
 
     def trainer_state() -> dict:  # what a checkpoint needs besides DeepSpeed's own state
-        return {"step": step, "best": result.best, "options": asdict(cfg), "model_config": model.config.architecture()}
+        return {"step": step, "best": result.best, "options": asdict(cfg), "model_config": model.config.architecture(),
+                "data": data, "data_changes": data_changes}
 
     log = RunLog(cfg.out_dir, rank, total_steps, step, cfg.log_interval, "sft", log_to=cfg.log_to)
     if valid and step == 0:  # where instruction tuning starts from

@@ -516,6 +516,32 @@ class ExportedModel:
         return f"exported {self.path} (Hugging Face layout): step {self.best['step']}{how}"
 
 
+def check_same_data(state: dict, data: dict[str, dict], allow_change: bool) -> list:
+    """Whether a resume trains on the data its checkpoint was written with (`data`: files.fingerprints of the
+    run's data files, the checkpoint's under state["data"]). A file added, missing, or with other contents is
+    one ValueError naming it, unless `allow_change` (--allow-data-change), which is then said and recorded:
+    returns the checkpoint's list of allowed changes, with this one appended."""
+    changes = list(state.get("data_changes", []))
+    before = state.get("data")
+    if before is None:  # a checkpoint from before fingerprints were recorded
+        return changes
+    differ = [(path, "not in the checkpoint's data") for path in data if path not in before]
+    differ += [(path, "in the checkpoint's data, not in this run's") for path in before if path not in data]
+    differ += [(path, f"its contents changed ({before[path]['size']:,} -> {data[path]['size']:,} bytes, another "
+                      "sha256)" if before[path]["size"] != data[path]["size"] else "its contents changed (another sha256)")
+               for path in data if path in before and before[path]["sha256"] != data[path]["sha256"]]
+    if not differ:
+        return changes
+    path, why = differ[0]
+    step = state.get("step")
+    if not allow_change:
+        raise ValueError(f"{path}: {why} since the checkpoint of step {step}; resume with the data it was trained on, "
+                         "or add --allow-data-change to continue on this data")
+    print0(f"warning: --allow-data-change: {path}: {why} since the checkpoint of step {step}; continuing on this data"
+           + (f" ({len(differ)} files differ)" if len(differ) > 1 else ""))
+    return changes + [{"step": step, "files": [p for p, _ in differ]}]
+
+
 def save_checkpoint_if_due(engine, cfg, step: int, total: int, trainer_state, preemption):
     """save_checkpoint after every --save-interval steps (0 = none in between), after the last step, and when a
     SIGTERM arrived (every rank agrees; the loop then stops, see Preemption.stop). trainer_state() gives

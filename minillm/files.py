@@ -1,4 +1,4 @@
-"""File I/O the whole package shares: the one atomic write and the one JSONL reader.
+"""File I/O the whole package shares: the one atomic write, the one JSONL reader, data fingerprints.
 
 Atomic writes: the data goes to a temporary file beside the target, is fsync'd, and is renamed over the
 target, so a reader (or a crash) sees the old file or the new one, never half of one. Corpora (large
@@ -6,6 +6,7 @@ text, JSONL and Parquet files, streamed) are read by minillm/corpora.py.
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import tempfile
@@ -112,3 +113,16 @@ def read_lines(path, limit: int | None = None) -> list[str]:
 
 def write_jsonl(path, records):
     atomic_write(path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records))
+
+
+def fingerprints(paths) -> dict[str, dict]:
+    """{path: {"size", "mtime", "sha256"}} of each file: what a checkpoint records of the data it was trained on."""
+    out = {}
+    for path in paths:
+        digest = hashlib.sha256()
+        with open(path, "rb") as f:
+            for block in iter(lambda: f.read(1 << 20), b""):
+                digest.update(block)
+        stat = os.stat(path)
+        out[str(path)] = {"size": stat.st_size, "mtime": stat.st_mtime, "sha256": digest.hexdigest()}
+    return out

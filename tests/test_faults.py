@@ -324,3 +324,31 @@ def test_a_torn_last_metrics_line_is_dropped_and_damage_elsewhere_is_named(tiny_
     proc = run_script("train_pretrain.py", args + ["--max-steps", "4", "--resume"], check=False)
     line = error_line(proc)
     assert f"{metrics}:2: damaged" in line
+
+
+@pytest.mark.parametrize("script", ["train_sft.py", "train_orpo.py"])
+def test_resume_on_other_data_is_refused_unless_allowed_and_then_recorded(tiny_world, tmp_path, script):
+    """A checkpoint records size, mtime and sha256 of every data file; a resume whose files differ (another
+    file, or the same name with other contents) is one line naming the file, unless --allow-data-change."""
+    import shutil
+    source = tiny_world / "data" / {"train_sft.py": "sft/alpaca_et.jsonl",
+                                    "train_orpo.py": "preferences/train.jsonl"}[script]
+    train = tmp_path / "train.jsonl"
+    shutil.copy(source, train)
+    out = tmp_path / "run"
+    args = ["--init-from", tiny_world / "init", "--train-data", train, "--valid-data", "", "--seq-len", "128",
+            "--micro-batch-size", "4", "--save-interval", "1", "--out-dir", out]
+    run_script(script, args + ["--epochs", "1"])
+    lines = train.read_text().splitlines()
+    train.write_text("\n".join(lines[1:] + lines[:1]) + "\n")  # the same records in another order
+    options = (out / "options.json").read_bytes()
+    proc = run_script(script, args + ["--epochs", "2", "--resume"], check=False)
+    line = error_line(proc)
+    assert str(train) in line and "its contents changed" in line and "--allow-data-change" in line
+    assert (out / "options.json").read_bytes() == options  # nothing rewritten
+    proc = run_script(script, args + ["--epochs", "2", "--resume", "--allow-data-change"])
+    assert "warning: --allow-data-change" in proc.stdout
+    state = json.loads((out / "checkpoints" / (out / "checkpoints" / "latest").read_text().strip()
+                        / "trainer_state.json").read_text())
+    assert state["data_changes"] and state["data_changes"][0]["files"] == [str(train)]
+    assert state["data"][str(train)]["sha256"] and json.loads((out / "options.json").read_text())["allow_data_change"]
