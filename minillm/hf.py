@@ -259,6 +259,9 @@ def _weight_files(path: Path) -> dict[str, Path]:
             weight_map = json.loads((path / INDEX_FILE).read_text())["weight_map"]
         except (json.JSONDecodeError, KeyError, TypeError) as e:
             raise ValueError(f"{path / INDEX_FILE}: not a valid safetensors index ({e})") from None
+        for name, shard in weight_map.items():  # shards are file names beside the index, never paths elsewhere
+            if not isinstance(shard, str) or Path(shard).name != shard or shard in ("", ".", ".."):
+                raise ValueError(f"{path / INDEX_FILE}: tensor {name!r} is in {shard!r}, not a file name in {path}")
         files = {name: path / shard for name, shard in weight_map.items()}
         for shard in sorted(set(files.values())):
             if not shard.is_file():

@@ -75,6 +75,9 @@ class TokenShards:
         self.vocab_size = int(self.meta["vocab_size"])
         self._bins, self._idx = [], []
         for s in self.meta["shards"]:
+            for key in ("bin", "idx"):  # prepare writes plain file names; anything else would leave the directory
+                if not isinstance(s.get(key), str) or Path(s[key]).name != s[key] or s[key] in ("", ".", ".."):
+                    raise ValueError(f"{meta_file}: shard {key} {s.get(key)!r} is not a file name in {self.path}")
             bin_file = self.path / s["bin"]
             expected = s["num_tokens"] * self.dtype.itemsize
             if not bin_file.is_file() or bin_file.stat().st_size != expected:

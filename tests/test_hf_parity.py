@@ -231,3 +231,14 @@ def test_streamed_weights_are_the_bytes_safetensors_writes(tmp_path, dtype):
         save_file({n: params[n].detach().to(dtype).contiguous() for n in names}, str(tmp_path / shard),
                   metadata={"format": "pt"})
         assert (tmp_path / "ours" / shard).read_bytes() == (tmp_path / shard).read_bytes(), shard
+
+
+def test_shards_named_outside_the_directory_are_refused(tmp_path):
+    save_pretrained(tiny_minillm(), tmp_path / "m", max_shard_size="40KB")
+    index_file = tmp_path / "m" / "model.safetensors.index.json"
+    index = json.loads(index_file.read_text())
+    name = next(iter(index["weight_map"]))
+    index["weight_map"][name] = "../outside/model-00001-of-00005.safetensors"
+    index_file.write_text(json.dumps(index))
+    with pytest.raises(ValueError, match=r"index\.json: tensor .* is in '\.\./outside/.*', not a file name"):
+        load_pretrained(tmp_path / "m")

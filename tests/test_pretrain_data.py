@@ -277,3 +277,12 @@ def test_validation_targets_do_not_depend_on_the_split(tmp_path, batch_size, wor
     assert len({len(b) for b in per_rank}) == 1
     targets = [b["labels"][b["labels"] != -100] for batches in zip(*per_rank) for b in batches]
     assert torch.cat(targets).tolist() == stream[1:41]
+
+
+def test_meta_json_shard_names_never_leave_the_directory(tmp_path):
+    synthetic_source(tmp_path / "s", 10, 100, 30, seed=4)
+    meta = json.loads((tmp_path / "s" / "meta.json").read_text())
+    meta["shards"][0]["bin"] = "../outside/tokens_00000.bin"
+    (tmp_path / "s" / "meta.json").write_text(json.dumps(meta))
+    with pytest.raises(ValueError, match=r"meta\.json: shard bin '\.\./outside/tokens_00000\.bin' is not a file name"):
+        TokenShards(tmp_path / "s")
