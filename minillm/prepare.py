@@ -20,6 +20,7 @@ import itertools
 import json
 import multiprocessing
 import os
+import re
 import shutil
 import sys
 import time
@@ -196,24 +197,32 @@ def commit_shards(out_dir, shards: list[dict], meta: dict):
     """Put finished .tmp shards in place and write meta.json last.
 
     meta.json goes first so that no moment exists where an old meta describes new (or half-renamed) shards;
-    shards of an older, larger run that are no longer listed are removed."""
+    shards of an older, larger run that are no longer listed are removed: only those its meta.json listed
+    (the directory may hold other files of the user's, whatever their names)."""
     out_dir = Path(out_dir)
+    old = set()
+    try:
+        old = {name for s in json.loads((out_dir / META_FILE).read_text())["shards"] for name in (s["bin"], s["idx"])
+               if isinstance(name, str) and Path(name).name == name}
+    except (OSError, ValueError, KeyError, TypeError):
+        pass  # no (readable) manifest: nothing is known to be ours
     (out_dir / META_FILE).unlink(missing_ok=True)
     keep = set()
     for s in shards:
         for name in (s["bin"], s["idx"]):
             os.replace(out_dir / (name + ".tmp"), out_dir / name)
             keep.add(name)
-    for p in out_dir.glob("tokens_*"):
-        if p.name not in keep:
-            p.unlink(missing_ok=True)
+    for name in old - keep:
+        (out_dir / name).unlink(missing_ok=True)
     atomic_write(out_dir / META_FILE, to_json({**meta, "shards": shards}))
 
 
 def _remove_leftovers(out_dir: Path):
     """Temp files of a killed run; never read, removed so they do not pile up."""
-    for p in list(out_dir.glob("tokens_*.tmp")) + list(out_dir.glob(META_FILE + ".tmp")):
-        p.unlink(missing_ok=True)
+    for p in out_dir.glob("tokens_*.tmp"):  # only the names this tool writes (tokens_00000.bin.tmp, ...)
+        if re.fullmatch(r"tokens_\d{5}\.(bin|idx\.npy)\.tmp", p.name):
+            p.unlink(missing_ok=True)
+    (out_dir / (META_FILE + ".tmp")).unlink(missing_ok=True)
 
 
 def write_shards(out_dir, docs, vocab_size: int, *, dtype=None, shard_tokens: int = DEFAULT_SHARD_TOKENS,

@@ -382,3 +382,20 @@ def test_memory_stays_bounded_whatever_the_corpus_size(tok_file, tmp_path):
         assert grew < 64, f"{name}: the main process grew by {grew:.0f} MB"
         assert (tmp_path / name.replace(".", "_") / "tokens_00000.bin").read_bytes() == \
             (tmp_path / "jsonl" / "tokens_00000.bin").read_bytes()
+
+
+def test_only_its_own_shards_are_ever_removed(tok_file, corpus, tmp_path):
+    """A re-run with fewer shards removes the shards its meta.json listed, never a user's file whatever its name."""
+    inputs, _ = corpus
+    out = tmp_path / "out"
+    out.mkdir()
+    mine = {"tokens_notes.txt": "my notes", "tokens_plan.tmp": "draft", "tokens_00099.bin": "not from prepare"}
+    for name, text in mine.items():
+        (out / name).write_text(text)
+    many = prepare(inputs, tok_file, out, text_field="body", shard_tokens=64, progress=False)
+    assert len(many["shards"]) > 1
+    few = prepare(inputs, tok_file, out, text_field="body", shard_tokens=10**6, progress=False)
+    assert len(few["shards"]) == 1
+    listed = {name for s in few["shards"] for name in (s["bin"], s["idx"])}
+    assert {p.name for p in out.iterdir()} == listed | set(mine) | {"meta.json"}
+    assert all((out / name).read_text() == text for name, text in mine.items())
