@@ -140,7 +140,7 @@ def main(argv=None):
         result.update(record, last)
         log.step(record, extra=tuple(k for k in record if k.startswith("val_loss")))
         save_checkpoint_if_due(engine, cfg, step, cfg.max_steps, trainer_state, preemption)  # every N steps, the last, SIGTERM
-    log.close(result.summary() if step == cfg.max_steps else f"SIGTERM: saved step {step} to {cfg.out_dir}/checkpoints")
+    log.close(result.summary() if step == cfg.max_steps else f"{preemption.signal}: saved step {step} to {cfg.out_dir}/checkpoints")
     teardown_distributed()
 
 

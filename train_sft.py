@@ -164,7 +164,7 @@ def main(argv=None):
         result.update(record, last)
         log.step(record, extra=("val_loss",))
         save_checkpoint_if_due(engine, cfg, step, total_steps, trainer_state, preemption)  # every N steps, the last, SIGTERM
-    log.close(result.summary() if step == total_steps else f"SIGTERM: saved step {step} to {cfg.out_dir}/checkpoints")
+    log.close(result.summary() if step == total_steps else f"{preemption.signal}: saved step {step} to {cfg.out_dir}/checkpoints")
     teardown_distributed()
 
 

@@ -552,17 +552,24 @@ def save_checkpoint_if_due(engine, cfg, step: int, total: int, trainer_state, pr
 
 
 class Preemption:
-    """SIGTERM (cluster preemption) sets a flag; at the end of the step every rank asks `requested()` together
-    (an all-reduce), so all save the same step even if the signal reached only some of them; then `stop` is
-    True and the loop ends."""
+    """SIGTERM (cluster preemption) or Ctrl-C (SIGINT) sets a flag; at the end of the step every rank asks
+    `requested()` together (an all-reduce), so all save the same step even if the signal reached only some of
+    them; then `stop` is True and the loop ends. `signal` names what came. A second Ctrl-C leaves at once,
+    without saving."""
 
     def __init__(self):
-        self.flag, self.stop = False, False
+        self.flag, self.stop, self.signal = False, False, ""
         signal.signal(signal.SIGTERM, self._handler)
+        signal.signal(signal.SIGINT, self._handler)
 
     def _handler(self, signum, frame):
-        self.flag = True
+        if signum == signal.SIGINT and self.flag:
+            raise KeyboardInterrupt
+        if signum == signal.SIGINT:
+            print("Ctrl-C: saving at the end of this step (again: leave at once, without saving)", flush=True)
+        self.flag, self.signal = True, signal.Signals(signum).name
 
     def requested(self, device) -> bool:
         self.stop = all_reduce_sum([float(self.flag)], device)[0] > 0
+        self.signal = self.signal or ("a signal to another rank" if self.stop else "")
         return self.stop

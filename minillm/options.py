@@ -277,7 +277,7 @@ def parse_options(spec, argv=None, prog: str | None = None, description: str = "
 
 def cli(main):
     """Decorator for a command's main(argv=None): bad input (ValueError, OSError) becomes one line,
-    `error: ...`, on stderr and exit status 1, never a traceback.
+    `error: ...`, on stderr and exit status 1, never a traceback; Ctrl-C one line, `interrupted`, status 130.
     MINILLM_TRACEBACK=1 shows the traceback instead."""
     @functools.wraps(main)
     def run(argv=None):
@@ -294,6 +294,11 @@ def cli(main):
                 dist.destroy_process_group()  # no barrier: the other ranks may have stopped already
             print(f"error: {message}", file=sys.stderr, flush=True)
             raise SystemExit(1) from None
+        except KeyboardInterrupt:  # Ctrl-C: one line and the shell's status for it (a training run saves first)
+            if os.environ.get("MINILLM_TRACEBACK"):
+                raise
+            print("interrupted", file=sys.stderr, flush=True)
+            raise SystemExit(130) from None
     return run
 
 

@@ -352,3 +352,24 @@ def test_resume_on_other_data_is_refused_unless_allowed_and_then_recorded(tiny_w
                         / "trainer_state.json").read_text())
     assert state["data_changes"] and state["data_changes"][0]["files"] == [str(train)]
     assert state["data"][str(train)]["sha256"] and json.loads((out / "options.json").read_text())["allow_data_change"]
+
+
+def test_ctrl_c_saves_at_the_step_end_and_a_second_leaves_at_once(tiny_world, tmp_path):
+    for presses in (1, 2):
+        out = tmp_path / f"run{presses}"
+        args = pretrain_args(tiny_world, out) + ["--max-steps", "400", "--save-interval", "100"]
+        proc = run_script("train_pretrain.py", args, popen=True)
+        deadline = time.time() + 240
+        while time.time() < deadline and not ((out / "metrics.jsonl").exists() and len(read_metrics(out)) >= 2):
+            time.sleep(0.05)
+        for _ in range(presses):
+            proc.send_signal(signal.SIGINT)
+            time.sleep(0.01)
+        output, _ = proc.communicate(timeout=240)
+        assert "Traceback" not in output and "KeyboardInterrupt" not in output, output[-3000:]
+        if presses == 1:
+            stopped = read_metrics(out)[-1]["step"]
+            assert proc.returncode == 0 and "Ctrl-C: saving at the end of this step" in output
+            assert f"SIGINT: saved step {stopped}" in output and latest(out) == f"step_{stopped:07d}"
+        else:
+            assert proc.returncode == 130 and output.strip().endswith("interrupted"), output[-2000:]
