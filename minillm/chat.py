@@ -100,6 +100,7 @@ def main(argv=None):
     tokenizer = load_tokenizer(args.model)
     template = resolve_template("auto", tokenizer)
     interactive = sys.stdin.isatty()
+    sys.stdin.reconfigure(errors="replace")  # a line that is not UTF-8 is read with U+FFFD, and said so below
     messages = [{"role": "system", "content": args.system}] if args.system else []
     said_dropping = False
     while True:
@@ -117,6 +118,8 @@ def main(argv=None):
             continue
         if not user:
             continue
+        if "\ufffd" in user:
+            print("(that line was not valid UTF-8: its undecodable bytes became \ufffd)", file=sys.stderr)
         messages.append({"role": "user", "content": user})
         if interactive:
             sys.stdout.write("model> ")

@@ -291,6 +291,15 @@ def test_chat_keeps_answering_past_the_context(tiny_world, tmp_path):
     assert proc.stderr.count("outgrew the model's context of 64 tokens") == 1
 
 
+def test_chat_reads_a_line_that_is_not_utf8_and_says_so(tiny_world):
+    proc = subprocess.run([sys.executable, "-m", "minillm.chat", "--model", str(tiny_world / "init"),
+                           "--temperature", "0", "--max-new-tokens", "4"],
+                          input=b"Tere \xff\xfe maailm\nTere\n", capture_output=True, timeout=300, cwd=ROOT)
+    stderr = proc.stderr.decode()
+    assert proc.returncode == 0 and "Traceback" not in stderr, stderr[-2000:]
+    assert stderr.count("not valid UTF-8") == 1
+
+
 def test_fit_context_drops_the_oldest_turns_and_caps_the_reply(tiny_world):
     from minillm.chat import MIN_REPLY_TOKENS, fit_context
     from minillm.chat_format import render
