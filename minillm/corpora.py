@@ -95,7 +95,7 @@ def expand_inputs(items, fmt: str = "auto") -> list[Path]:
     inside it, recursively, sorted (with fmt 'auto' the names corpus_format knows, else every file; names
     starting with '.' or '_' never, such as .cache or _SUCCESS); a glob pattern ('*', '?', '[...]', '**'
     for any depth) as its matches, sorted. A pattern without matches, a directory without corpus files and a
-    file named twice are errors."""
+    file named twice are errors, and so is anything that is not a regular file."""
     out: list[Path] = []
     for item in map(str, items):
         if os.path.isdir(item):
@@ -115,6 +115,8 @@ def expand_inputs(items, fmt: str = "auto") -> list[Path]:
             out.append(Path(item))
     seen: dict[str, Path] = {}
     for p in out:
+        if p.exists() and not p.is_file():  # a FIFO (or device, socket) would be read forever
+            raise ValueError(f"{p}: not a regular file (a FIFO, device or socket); corpora are read from files")
         key = os.path.realpath(p)
         if key in seen:
             raise ValueError(f"{p}: named twice in the inputs (also as {seen[key]}); each file is read once")

@@ -105,3 +105,15 @@ def test_tokenizer_cli_trains_on_a_parquet_glob_like_on_the_documents(tmp_path):
     assert r.returncode == 0, r.stderr
     direct = SentencePieceTokenizer.train(iter(docs), tmp_path / "direct", 320)
     assert (tmp_path / "cli" / "tokenizer.model").read_bytes() == direct.model_proto
+
+
+def test_a_fifo_among_the_inputs_is_refused_not_read_forever(tmp_path):
+    import os
+    d = tmp_path / "corpus"
+    d.mkdir()
+    (d / "a.txt").write_text("tere\n")
+    os.mkfifo(d / "b.txt")
+    with pytest.raises(ValueError, match=r"b\.txt: not a regular file \(a FIFO"):
+        expand_inputs([d])
+    with pytest.raises(ValueError, match=r"b\.txt: not a regular file"):
+        expand_inputs([d / "b.txt"])
