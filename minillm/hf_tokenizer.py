@@ -99,11 +99,21 @@ class HFTokenizer:
             self._tok = RustTokenizer.from_str(tokenizer_json)
         except Exception as e:  # tokenizers raises a bare Exception for malformed files
             raise ValueError(f"{name}: not a valid tokenizer.json ({e})") from None
+        kind = type(self._tok.model).__name__
+        if kind not in ("BPE", "Unigram"):  # WordPiece / WordLevel would turn unknown words into one <unk>
+            raise ValueError(f"{name}: a {kind} tokenizer.json; minillm supports BPE (Llama-3, Qwen2, Mistral) "
+                             "and Unigram models")
+        for field in ("bos_token", "eos_token", "pad_token", "unk_token"):
+            value = self.config.get(field)
+            if value is not None and token_text(value) is None:
+                raise ValueError(f"{name}: tokenizer_config.json's {field} {value!r} is neither a string nor an "
+                                 "AddedToken object with a \"content\" string")
         self._tok.encode_special_tokens = True  # text is text: see the module docstring
         self._continuation = None  # built on first use when the pre-tokenizer adds a prefix space
         self.added = dict(self._tok.get_added_tokens_decoder())  # id -> AddedToken (content, special, ...)
         self.vocab_size = max(self._tok.get_vocab(with_added_tokens=True).values()) + 1
         self.bos_id = self._find_bos()
+        self._id_of(token_text(self.config.get("bos_token")), "bos_token")  # declared: it must exist
         eos = self._id_of(token_text(self.config.get("eos_token")), "eos_token")
         declared = declared_eos_ids(self.generation_config)
         if eos is None and not declared:

@@ -186,6 +186,21 @@ def test_bad_tokenizer_directories_give_one_line_errors(layout, tmp_path):
     (tmp_path / "tokenizer_config.json").write_text("[1, 2]")
     with pytest.raises(ValueError, match="tokenizer_config.json: tokenizer config must be a JSON object"):
         load_tokenizer(tmp_path)
+    config = json.loads((directory / "tokenizer_config.json").read_text())
+    for bos, message in (("<|no such bos|>", "bos_token '<|no such bos|>' is not a token"),
+                         (7, "bos_token 7 is neither a string nor an AddedToken")):
+        (tmp_path / "tokenizer_config.json").write_text(json.dumps({**config, "bos_token": bos}))
+        with pytest.raises(ValueError, match=message):
+            load_tokenizer(tmp_path)
+
+
+def test_a_wordpiece_tokenizer_is_refused(tmp_path):
+    """A WordPiece (or WordLevel) tokenizer.json would turn every word it does not know into one [UNK]."""
+    from tokenizers import Tokenizer, models
+    Tokenizer(models.WordPiece({"[UNK]": 0, "tere": 1}, unk_token="[UNK]")).save(str(tmp_path / "tokenizer.json"))
+    (tmp_path / "tokenizer_config.json").write_text('{"eos_token": "tere"}')
+    with pytest.raises(ValueError, match="a WordPiece tokenizer.json; minillm supports BPE"):
+        load_tokenizer(tmp_path)
 
 
 def test_prepare_stores_documents_with_the_tokenizers_own_bos_and_eos(layout, tmp_path):
