@@ -37,8 +37,8 @@ from typing import Literal
 import torch
 
 from minillm.chat_format import chat_template_jinja, end_ids, resolve_template
-from minillm.checkpoints import (ExportedModel, Preemption, check_same_data, load_checkpoint, run_readme,
-                                 save_checkpoint_if_due, start_run)
+from minillm.checkpoints import (ExportedModel, Preemption, check_same_data, load_checkpoint, lock_run,
+                                 run_readme, save_checkpoint_if_due, start_run)
 from minillm.engine import (all_reduce_sum, batch_to, build_engine, end_validation, engine_step, load_model_and_tokenizer, lr_at,
                             model_inputs, print0, set_lr, setup_distributed, teardown_distributed)
 from minillm.files import fingerprints
@@ -91,6 +91,7 @@ def pair_sums(engine, batch, n_tokens: float, n_pairs: float, cfg) -> tuple[torc
 def main(argv=None):
     cfg = parse_options(ORPOOptions, argv, prog="train_orpo.py", description=__doc__)
     rank, world_size, device = setup_distributed(cfg.seed)
+    lock_run(cfg.out_dir, rank, device)  # one run at a time in a run directory
 
     model, tokenizer = load_model_and_tokenizer(cfg, device)
     template = resolve_template(cfg.template, tokenizer)

@@ -30,8 +30,8 @@ import time
 from dataclasses import asdict, dataclass
 from typing import Literal
 
-from minillm.checkpoints import (ExportedModel, Preemption, load_checkpoint, run_readme, save_checkpoint_if_due,
-                                 start_run)
+from minillm.checkpoints import (ExportedModel, Preemption, load_checkpoint, lock_run, run_readme,
+                                 save_checkpoint_if_due, start_run)
 from minillm.engine import (all_reduce_sum, batch_to, build_engine, engine_step, load_model_and_tokenizer, lr_at,
                             model_inputs, optimizer_groups, print0, set_lr, setup_distributed, teardown_distributed)
 from minillm.losses import IGNORE_INDEX, global_mean_scale
@@ -74,6 +74,7 @@ class PretrainOptions(TrainOptions):
 def main(argv=None):
     cfg = parse_options(PretrainOptions, argv, prog="train_pretrain.py", description=__doc__)
     rank, world_size, device = setup_distributed(cfg.seed)
+    lock_run(cfg.out_dir, rank, device)  # one run at a time in a run directory
 
     model, tokenizer = load_model_and_tokenizer(cfg, device, preset=cfg.preset)
     sources = parse_sources(cfg.data)

@@ -43,7 +43,7 @@ import torch
 import torch.distributed as dist
 
 from minillm.engine import all_reduce_sum, print0
-from minillm.files import atomic_write, to_json
+from minillm.files import atomic_write, lock_directory, to_json
 from minillm.options import RUN_FILES
 
 TAG = re.compile(r"step_\d{7}")
@@ -54,6 +54,20 @@ def options_hash(cfg) -> str:
 
 
 # ----------------------------------------------------------------------------- the run directory
+
+def lock_run(out_dir, rank: int, device):
+    """Rank 0 takes the run directory's lock (minillm.files.lock_directory) before anything is read or written;
+    every rank stops with the same one line if another run holds it."""
+    failed, message = 0.0, "another run holds the run directory"
+    if rank == 0:
+        try:
+            if note := lock_directory(out_dir):
+                print(note, flush=True)
+        except ValueError as e:
+            failed, message = 1.0, str(e)
+    if all_reduce_sum([failed], device)[0] > 0:
+        raise ValueError(message)
+
 
 def start_run(cfg, rank: int, resumed_step: int, readme: str):
     """Once the run has really started (data read, engine built): with --overwrite delete the old run's

@@ -1,4 +1,4 @@
-"""File I/O the whole package shares: the one atomic write, the one JSONL reader, data fingerprints.
+"""File I/O the whole package shares: the one atomic write, the one JSONL reader, data fingerprints, the run lock.
 
 Atomic writes: the data goes to a temporary file beside the target, is fsync'd, and is renamed over the
 target, so a reader (or a crash) sees the old file or the new one, never half of one. Corpora (large
@@ -6,9 +6,11 @@ text, JSONL and Parquet files, streamed) are read by minillm/corpora.py.
 """
 from __future__ import annotations
 
+import atexit
 import hashlib
 import json
 import os
+import socket
 import tempfile
 from pathlib import Path
 
@@ -126,3 +128,57 @@ def fingerprints(paths) -> dict[str, dict]:
         stat = os.stat(path)
         out[str(path)] = {"size": stat.st_size, "mtime": stat.st_mtime, "sha256": digest.hexdigest()}
     return out
+
+
+def lock_directory(directory) -> str | None:
+    """Take DIRECTORY/.lock for this process (created exclusively; it names the pid and host), so two runs never
+    write into one run directory. Released when the process exits; a directory this call created is removed
+    again then if nothing else was written into it. A lock left by a dead process of this host (kill -9) is
+    taken over, and returned as a note to say so. Another live holder, or one on another host (which cannot
+    be checked from here), is a ValueError naming it."""
+    directory = Path(directory)
+    created = not directory.exists()
+    directory.mkdir(parents=True, exist_ok=True)
+    lock, me = directory / ".lock", {"pid": os.getpid(), "host": socket.gethostname()}
+    note = None
+    for _ in range(2):
+        try:
+            fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+        except FileExistsError:
+            try:
+                holder = json.loads(lock.read_text(encoding="utf-8"))
+                pid, host = int(holder["pid"]), str(holder["host"])
+            except (OSError, ValueError, KeyError, TypeError):
+                pid, host = None, "?"
+            if pid is not None and host == me["host"] and not _alive(pid):
+                lock.unlink(missing_ok=True)  # stale: its process is gone
+                note = f"{lock}: removed the stale lock of process {pid}, which is no longer running"
+                continue
+            raise ValueError(f"{directory}: in use by another run (process {pid} on {host}, {lock}); wait for it, "
+                             "or delete the lock file if no such run is alive") from None
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            json.dump(me, f)
+        atexit.register(_release, lock, me["pid"], directory if created else None)
+        return note
+    raise ValueError(f"{lock}: could not be taken")
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _release(lock: Path, pid: int, created: Path | None):
+    if os.getpid() != pid:  # a forked child (a data worker) exits too: the lock is the parent's
+        return
+    lock.unlink(missing_ok=True)
+    if created is not None:
+        try:
+            created.rmdir()  # only if empty: a run that failed before writing anything leaves nothing behind
+        except OSError:
+            pass

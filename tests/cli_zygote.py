@@ -6,6 +6,7 @@ environment, stdout and stderr files, exit status.
     python tests/cli_zygote.py < cases.json > results.json
     cases.json: [{"argv": ["train_sft.py", "--lr", "-1"], "cwd": DIR, "stdout": FILE, "stderr": FILE}, ...]
 """
+import atexit
 import json
 import os
 import runpy
@@ -63,6 +64,7 @@ def main():
             try:
                 code = run_case(case)
             finally:
+                atexit._run_exitfuncs()  # as the interpreter does at exit (os._exit below skips it)
                 sys.stdout.flush()
                 sys.stderr.flush()
                 os._exit(code)

@@ -382,3 +382,30 @@ def test_ctrl_c_saves_at_the_step_end_and_a_second_leaves_at_once(tiny_world, tm
             assert f"SIGINT: saved step {stopped}" in output and latest(out) == f"step_{stopped:07d}"
         else:
             assert proc.returncode == 130 and output.strip().endswith("interrupted"), output[-2000:]
+
+
+def test_a_second_run_into_the_same_directory_is_refused_and_a_stale_lock_is_taken_over(tiny_world, tmp_path):
+    out = tmp_path / "run"
+    args = pretrain_args(tiny_world, out) + ["--max-steps", "400", "--save-interval", "100"]
+    first = run_script("train_pretrain.py", args, popen=True)
+    try:
+        deadline = time.time() + 240
+        while time.time() < deadline and not ((out / "metrics.jsonl").exists() and len(read_metrics(out)) >= 1):
+            time.sleep(0.05)
+        second = run_script("train_pretrain.py", args + ["--resume"], check=False)
+        line = error_line(second)
+        assert f"in use by another run (process {first.pid}" in line and ".lock" in line
+    finally:
+        first.send_signal(signal.SIGTERM)
+        first.communicate(timeout=240)
+    assert not (out / ".lock").exists()  # released at exit
+    # a lock left by a process that no longer runs (kill -9): taken over, said
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    (out / ".lock").write_text(json.dumps({"pid": dead.pid, "host": socket.gethostname()}))
+    proc = run_script("train_pretrain.py", args[:-4] + ["--max-steps", "2", "--overwrite"])
+    assert f"removed the stale lock of process {dead.pid}" in proc.stdout
+    # a start that fails before writing anything leaves no directory behind
+    proc = run_script("train_pretrain.py", pretrain_args(tiny_world, tmp_path / "new") + ["--seq-len", "100000"],
+                      check=False)
+    assert "max_seq_len" in error_line(proc) and not (tmp_path / "new").exists()
