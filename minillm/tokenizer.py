@@ -257,7 +257,7 @@ class SentencePieceTokenizer:
               user_defined_symbols: Iterable[str] = CHAT_TOKENS, pad_piece: bool = False,
               character_coverage: float = 0.9999, max_sentence_length: int = 16384,
               input_sentence_size: int = 0, num_threads: int | None = None, seed: int = 0,
-              verbose: bool = False, **sp_options) -> "SentencePieceTokenizer":
+              verbose: bool = False, source: str | None = None, **sp_options) -> "SentencePieceTokenizer":
         """Train a Llama-style BPE tokenizer and write `{model_prefix}.model` (atomically).
 
         inputs: a text file path, a list of paths, or any other iterable of strings (documents; each line
@@ -268,6 +268,7 @@ class SentencePieceTokenizer:
         pieces. pad_piece=True adds a '<pad>' piece (id 3); by default there is none, as in Llama-2.
         Lines longer than max_sentence_length bytes are skipped *for training* (encode handles any length).
         input_sentence_size > 0 trains on that many randomly sampled lines (bounds memory on big corpora).
+        source: what an iterator's text came from (its files), for error messages.
         Extra keyword arguments go to sentencepiece's trainer unchanged.
         """
         model_prefix = Path(model_prefix)
@@ -298,7 +299,7 @@ class SentencePieceTokenizer:
             lines = [line for doc in inputs for line in str(doc).splitlines() if line]
             if not lines:
                 raise ValueError("SentencePieceTokenizer.train: empty training corpus (the text iterator gave no text)")
-            source = f"<{len(lines)} lines of text>"
+            source = source or f"<{len(lines)} lines of text>"  # (what the caller says the text came from)
             options["sentence_iterator"] = iter(lines)
 
         spm.set_random_generator_seed(seed)
@@ -466,9 +467,16 @@ def main(argv=None):
     for path in inputs:
         check_readable(path, cfg.format, cfg.text_field)
     out = Path(cfg.out)
-    out.mkdir(parents=True, exist_ok=True)
-    tok = SentencePieceTokenizer.train(iter_texts(inputs, cfg.format, cfg.text_field, cfg.txt_docs),
-                                       out / "tokenizer", cfg.vocab_size, seed=cfg.seed)
+    created = not out.exists()
+    out.mkdir(parents=True, exist_ok=True)  # (an unwritable --out fails here, before the training)
+    try:
+        tok = SentencePieceTokenizer.train(iter_texts(inputs, cfg.format, cfg.text_field, cfg.txt_docs),
+                                           out / "tokenizer", cfg.vocab_size, seed=cfg.seed,
+                                           source=", ".join(map(str, inputs)))
+    except BaseException:
+        if created:  # a failed training leaves nothing behind
+            out.rmdir()
+        raise
     tok.save_pretrained(out)
     print(f"trained {tok.vocab_size}-piece tokenizer -> {out}")
 

@@ -404,7 +404,15 @@ def claim_table(claim: Claim, values: dict, n_seeds: int) -> tuple[str, list]:
 def read_timings(out: Path) -> dict:
     """OUT/timings.json of an earlier run ({} when there is none): each stage's seconds and total_s."""
     path = out / "timings.json"
-    return json.loads(path.read_text(encoding="utf-8")) if path.exists() else {}
+    if not path.exists():
+        return {}
+    try:
+        timings = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError) as e:
+        raise ValueError(f"{path}: damaged ({e}); delete it to count the stages' times afresh") from None
+    if not isinstance(timings, dict):
+        raise ValueError(f"{path}: must be a JSON object of each stage's seconds; delete it to count them afresh")
+    return timings
 
 
 def write_report(out: Path, opts: ReproduceOptions, seeds: list[int], timings: dict):

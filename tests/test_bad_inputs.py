@@ -183,6 +183,11 @@ CASES = [
                          "{ws}/t"], write("c.txt", "tere\n"), ["--vocab-size 0"]),
     ("tokenizer-missing", ["-m", "minillm.tokenizer", "train", "--input", "{ws}/nope.txt", "--vocab-size", "50",
                            "--out", "{ws}/t"], None, ["nope.txt", "cannot read"]),
+    ("tokenizer-vocab-too-big", ["-m", "minillm.tokenizer", "train", "--input", "{ws}/c.txt", "--vocab-size", "5000",
+                                 "--out", "{ws}/t"], write("c.txt", "tere maailm\n"),
+     ["c.txt: sentencepiece training failed", "Vocabulary size"]),
+    ("reproduce-timings", ["scripts/reproduce.py", "--report-only", "--out", "{ws}/r"], write("r/timings.json", "{bad"),
+     ["r/timings.json: damaged", "delete it"]),
     ("tokenizer-format", ["-m", "minillm.tokenizer", "train", "--input", "{ws}/c.csv", "--vocab-size", "50", "--out",
                           "{ws}/t"], write("c.csv", "a,b\n"), ["c.csv", "unknown input format"]),
     # ---------------------------------------------------------------- python -m minillm.vocab
