@@ -28,7 +28,6 @@ load_weights for a model built elsewhere (ZeRO-3's partitioned start, minillm/en
 """
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import re
@@ -40,7 +39,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 
 from minillm.files import to_json
-from minillm.model import Llama, LlamaConfig, rope_inv_freq
+from minillm.model import Llama, LlamaConfig, no_gathering, rope_inv_freq
 
 SINGLE_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
@@ -326,10 +325,6 @@ def full_shape(param) -> torch.Size:
     return getattr(param, "ds_shape", param.shape)
 
 
-def _no_gathering(params):
-    return contextlib.nullcontext()
-
-
 def load_weights(model: Llama, path, gathered=None, reads: bool = True, files=None):
     """Copy the tensors of the Hugging Face directory `path` into `model`'s parameters, one tensor at a time
     from the memory-mapped safetensors files (converted to each parameter's dtype and device as copied).
@@ -339,7 +334,7 @@ def load_weights(model: Llama, path, gathered=None, reads: bool = True, files=No
     that one rank only. Every rank checks the names and shapes (from the files' headers), so a bad directory
     fails on all of them alike. Peak memory: the rank's partition plus one whole tensor."""
     files = files or _weight_files(Path(path))
-    gathered = gathered or _no_gathering
+    gathered = gathered or no_gathering
     config = model.config
     wanted = {}  # HF name -> (minillm name, parameter)
     for name, param in model.named_parameters():  # named_parameters lists a tied parameter once
@@ -457,7 +452,7 @@ def save_pretrained(model: Llama, path, dtype=None, max_shard_size="5GB", tokeni
     hf_names = {to_hf_name(n): p for n, p in params.items()}
     shards = _plan_shards([(n, full_shape(p).numel() * dtype.itemsize) for n, p in hf_names.items()],
                           parse_size(max_shard_size))
-    gathered = gathered or _no_gathering
+    gathered = gathered or no_gathering
 
     def write_shard(file: Path | None, names: list[str]):
         """Stream one shard's tensors into `file`, one gathered tensor at a time (file None: only take part in

@@ -312,6 +312,11 @@ def _selective_context():
     return create_selective_checkpoint_contexts(_selective_policy)
 
 
+def no_gathering(params):
+    """The `gathered` of a model whose parameters are whole (not ZeRO-3 partitions): nothing to do."""
+    return contextlib.nullcontext()
+
+
 class Llama(nn.Module):
     def __init__(self, config: LlamaConfig, init: bool = True):
         super().__init__()
@@ -328,13 +333,14 @@ class Llama(nn.Module):
         if init:  # (ZeRO-3 builds the model partitioned, then calls init_weights with its gathering)
             self.init_weights()
 
-    def init_weights(self, gathered=lambda params: contextlib.nullcontext()):
+    def init_weights(self, gathered=None):
         """Every matrix N(0, 0.02), biases 0 (norms start at 1), then the residual projections (wo, w2) scaled
         down as GPT-2 / llama2.c do, so the residual stream's variance does not grow with depth at init.
 
         One module at a time, in a fixed order, from the global generator: the same seed gives the same
         weights however the model is stored. Under ZeRO-3 (minillm.engine) `gathered(params)` makes a
         module's partitioned parameters whole while they are drawn."""
+        gathered = gathered or no_gathering
         for module in self.modules():  # only leaves draw, so this is the order nn.Module.apply visits them in
             if isinstance(module, (nn.Linear, nn.Embedding)):
                 with gathered(list(module.parameters(recurse=False))), torch.no_grad():
