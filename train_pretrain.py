@@ -68,6 +68,9 @@ class PretrainOptions(TrainOptions):
         require(self.max_steps >= 1, "max_steps", self.max_steps, "must be at least 1")
         require(self.eval_tokens >= 0, "eval_tokens", self.eval_tokens, "must be >= 0 (0 = all)")
         require(self.embedding_lr >= 0, "embedding_lr", self.embedding_lr, "must be >= 0 (0 = --lr)")
+        require(self.trainable == "all" or self.init_from, "trainable", self.trainable,
+                "needs --init-from: training only the embeddings of a random model teaches nothing (it is the first "
+                "stage after extending a trained model's vocabulary)")
 
 
 @cli
@@ -91,7 +94,8 @@ def main(argv=None):
                                      optimizer_groups(model, cfg.weight_decay, cfg.trainable, embedding_lr_scale))
 
     step, tokens_seen = 0, 0
-    if cfg.resume and (state := load_checkpoint(engine, cfg.out_dir, model.config.architecture())) is not None:
+    if cfg.resume and (state := load_checkpoint(engine, cfg.out_dir, model.config.architecture(),
+                                                cfg.trainable)) is not None:
         step, tokens_seen = state["step"], state["tokens_seen"]
         loader.load_state_dict(state["loader"])
         print0(f"resumed from step {step} ({tokens_seen:,} tokens seen)")

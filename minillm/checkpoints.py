@@ -387,11 +387,11 @@ def _load_universal(engine, universal: Path):
     return loaded
 
 
-def load_checkpoint(engine, out_dir, model_config: dict | None = None) -> dict | None:
+def load_checkpoint(engine, out_dir, model_config: dict | None = None, trainable: str | None = None) -> dict | None:
     """Restore engine (weights, optimizer, DeepSpeed state) and RNG from the `latest` checkpoint.
     Returns its trainer_state, or None when there is nothing to resume. Every problem (a `latest` that
-    does not name a checkpoint of this run, missing or damaged files, a checkpoint of another model, a
-    file holding anything but tensors) is a ValueError naming the file."""
+    does not name a checkpoint of this run, missing or damaged files, a checkpoint of another model or of
+    another --trainable, a file holding anything but tensors) is a ValueError naming the file."""
     from safetensors import SafetensorError
     from safetensors.torch import load_file
 
@@ -416,6 +416,11 @@ def load_checkpoint(engine, out_dir, model_config: dict | None = None) -> dict |
         diff = [k for k in model_config if state["model_config"].get(k) != model_config[k]]
         raise ValueError(f"{state_file}: the checkpoint is of another model ({', '.join(diff[:3])} differ); "
                          "resume with the options it was written with")
+    saved_trainable = state.get("options", {}).get("trainable", trainable)
+    if trainable is not None and saved_trainable != trainable:  # the optimizer state has other parameter groups
+        raise ValueError(f"{state_file}: the checkpoint trains --trainable {saved_trainable}, this run --trainable "
+                         f"{trainable}; resume with --trainable {saved_trainable}, or start a new run with --init-from "
+                         f"{Path(out_dir) / 'model'} --trainable {trainable}")
     rank, world_size = dist.get_rank(), dist.get_world_size()
     saved_world = check_resumable(path, state, engine, world_size)
     # Another number of ranks under ZeRO 1-3: DeepSpeed reads the universal copy (converted here once, by rank 0)

@@ -120,6 +120,10 @@ CASES = [
      damage("checkpoints/step_0000002/trainer_state.json", "{"), ["trainer_state.json", "damaged"]),
     ("pt-resume-other-model", pre("--resume", "--max-steps", "3", "--preset", "demo"), copy_run,
      ["trainer_state.json", "another model"]),
+    ("pt-resume-other-trainable", pre("--resume", "--max-steps", "3", "--init-from", "{ws}/out/model", "--trainable",
+                                      "embeddings"), copy_run,
+     ["trainer_state.json", "--trainable all, this run --trainable embeddings", "--init-from"]),
+    ("pt-trainable-random", pre("--trainable", "embeddings"), None, ["--trainable 'embeddings'", "needs --init-from"]),
     # ---------------------------------------------------------------- train_sft.py
     ("sft-bad-json", SFT_ARGS + ["--train-data", "{ws}/bad.jsonl"], jsonl("bad.jsonl", GOOD_SFT, '{"instruction": '),
      ["bad.jsonl:2", "not valid JSON"]),

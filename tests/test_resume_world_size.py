@@ -97,12 +97,17 @@ def test_two_ranks_resumed_on_one_equals_uninterrupted(world, two_ranks_zero2, t
 
 @pytest.mark.slow
 @pytest.mark.parametrize("zero_stage, ranks, resumed_on, args", [
-    (1, 1, 2, ["--trainable", "embeddings"]), (0, 2, 1, []), (3, 2, 1, ["--embedding-lr", "2e-2"])],
+    (1, 1, 2, ["--trainable", "embeddings", "--init-from", "{trained}"]), (0, 2, 1, []),
+    (3, 2, 1, ["--embedding-lr", "2e-2"])],
     ids=["zero1-1to2-frozen", "zero0-2to1", "zero3-2to1-embedding-lr"])
-def test_resume_on_another_number_of_ranks_equals_uninterrupted(world, tmp_path, zero_stage, ranks, resumed_on, args):
-    """1 -> 2 (ZeRO-1, every weight but the embeddings frozen), 2 -> 1 (ZeRO-0: its checkpoint is whole, nothing
-    to convert; ZeRO-3, whose universal load needs minillm's repairs of DeepSpeed's reader: the embeddings'
-    group has its own learning rate); 8 rows per step throughout."""
+def test_resume_on_another_number_of_ranks_equals_uninterrupted(world, tmp_path, request, zero_stage, ranks,
+                                                                 resumed_on, args):
+    """1 -> 2 (ZeRO-1, every weight but the embeddings of an already trained model frozen), 2 -> 1 (ZeRO-0: its
+    checkpoint is whole, nothing to convert; ZeRO-3, whose universal load needs minillm's repairs of DeepSpeed's
+    reader: the embeddings' group has its own learning rate); 8 rows per step throughout."""
+    if "{trained}" in args:  # the reference run's model: --trainable embeddings continues a trained model
+        trained = request.getfixturevalue("two_ranks_zero2") / "model"
+        args = [str(trained) if a == "{trained}" else a for a in args]
     full = tmp_path / "full"
     pretrain(world, full, *batch(ranks, 2, 4 // ranks, zero_stage), *args, nproc=ranks)
     part = interrupted_copy(full, tmp_path / "part")
