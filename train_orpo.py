@@ -43,7 +43,7 @@ from minillm.engine import (all_reduce_sum, batch_to, build_engine, end_validati
                             model_inputs, print0, set_lr, setup_distributed, teardown_distributed)
 from minillm.files import fingerprints
 from minillm.losses import IGNORE_INDEX, orpo_loss, orpo_means, pair_logprobs, split_pairs
-from minillm.monitor import RunLog, peak_flops, peak_memory_gb, step_flops
+from minillm.monitor import RunLog, StallWatch, peak_flops, peak_memory_gb, step_flops
 from minillm.options import TrainOptions, cli, parse_options, require
 from minillm.sft_data import epoch_order, load_preference_files, pair_batch, step_slices, steps_per_epoch
 
@@ -150,7 +150,8 @@ def main(argv=None):
         return {"step": step, "best": result.best, "options": asdict(cfg), "model_config": model.config.architecture(),
                 "data": data, "data_changes": data_changes}
 
-    log = RunLog(cfg.out_dir, rank, total_steps, step, cfg.log_interval, "orpo", log_to=cfg.log_to)
+    log = RunLog(cfg.out_dir, rank, total_steps, step, cfg.log_interval, "orpo", log_to=cfg.log_to,
+                 stall_watch=StallWatch(model.config.vocab_size, cfg.warmup_steps))  # warns of a collapsed run
     if valid_pairs and step == 0:  # where alignment starts from
         log.start({"step": 0, **validate()})
     peak, preemption, order_epoch, order = peak_flops(device, cfg.peak_tflops) * world_size, Preemption(), None, None

@@ -35,7 +35,7 @@ from minillm.checkpoints import (ExportedModel, Preemption, load_checkpoint, loc
 from minillm.engine import (all_reduce_sum, batch_to, build_engine, engine_step, load_model_and_tokenizer, lr_at,
                             model_inputs, optimizer_groups, print0, set_lr, setup_distributed, teardown_distributed)
 from minillm.losses import IGNORE_INDEX, global_mean_scale
-from minillm.monitor import RunLog, peak_flops, peak_memory_gb, step_flops, validation_loss
+from minillm.monitor import RunLog, StallWatch, peak_flops, peak_memory_gb, step_flops, validation_loss
 from minillm.options import TrainOptions, cli, parse_options, require
 from minillm.pretrain_data import PackedLoader, parse_mixture, parse_sources, validation_batches
 
@@ -109,7 +109,8 @@ def main(argv=None):
         return {"step": step, "tokens_seen": tokens_seen, "loader": loader.state_dict(), "options": asdict(cfg),
                 "model_config": model.config.architecture()}
 
-    log = RunLog(cfg.out_dir, rank, cfg.max_steps, step, cfg.log_interval, "pretrain", log_to=cfg.log_to)
+    log = RunLog(cfg.out_dir, rank, cfg.max_steps, step, cfg.log_interval, "pretrain", log_to=cfg.log_to,
+                 stall_watch=StallWatch(model.config.vocab_size, cfg.warmup_steps))  # warns of a collapsed run
     if valid and step == 0:  # where pretraining starts from
         log.start({"step": 0, **validation_loss(engine, valid, byte_lengths, device)})
     peak, preemption = peak_flops(device, cfg.peak_tflops) * world_size, Preemption()

@@ -34,7 +34,7 @@ from minillm.engine import (all_reduce_sum, batch_to, build_engine, engine_step,
                             model_inputs, print0, set_lr, setup_distributed, teardown_distributed)
 from minillm.files import fingerprints
 from minillm.losses import IGNORE_INDEX, global_mean_scale
-from minillm.monitor import RunLog, peak_flops, peak_memory_gb, step_flops, validation_loss
+from minillm.monitor import RunLog, StallWatch, peak_flops, peak_memory_gb, step_flops, validation_loss
 from minillm.options import TrainOptions, cli, parse_options, require
 from minillm.sft_data import epoch_order, load_sft_examples, pack_examples, step_slices, steps_per_epoch, take_rows
 
@@ -123,7 +123,8 @@ def main(argv=None):
         return {"step": step, "best": result.best, "options": asdict(cfg), "model_config": model.config.architecture(),
                 "data": data, "data_changes": data_changes}
 
-    log = RunLog(cfg.out_dir, rank, total_steps, step, cfg.log_interval, "sft", log_to=cfg.log_to)
+    log = RunLog(cfg.out_dir, rank, total_steps, step, cfg.log_interval, "sft", log_to=cfg.log_to,
+                 stall_watch=StallWatch(model.config.vocab_size, cfg.warmup_steps))  # warns of a collapsed run
     if valid and step == 0:  # where instruction tuning starts from
         log.start({"step": 0, **validation_loss(engine, valid, byte_lengths, device)})
     peak, preemption, rows_key, rows = peak_flops(device, cfg.peak_tflops) * world_size, Preemption(), None, None

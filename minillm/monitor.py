@@ -149,14 +149,48 @@ def scalars(record: dict) -> dict:
             if k != "step" and isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)}
 
 
+class StallWatch:
+    """Training that has stopped learning without a NaN, said once each as a warning (the run goes on: the user
+    decides). A loss that stays within 1% of ln(vocab size), the cross-entropy of a uniform prediction, for
+    `patience` steps after warmup: an absurd learning rate flattens the output distribution, which is finite and
+    therefore passes the NaN check. A gradient norm of exactly 0: no weight can learn (all frozen, or no target
+    token in the batch). The loss watched is the language-model NLL ("nll" where a script's loss adds other
+    terms, as ORPO's does), else "loss"."""
+
+    def __init__(self, vocab_size: int, warmup_steps: int, patience: int = 20, tolerance: float = 0.01):
+        self.uniform_loss = math.log(vocab_size) if vocab_size > 1 else None
+        self.warmup_steps, self.patience, self.tolerance = warmup_steps, patience, tolerance
+        self.steps_at_uniform, self.said = 0, set()
+
+    def check(self, record: dict) -> list[str]:
+        """The warnings this step's record raises (each at most once per run)."""
+        warnings, step = [], record["step"]
+        loss = record.get("nll", record.get("loss"))
+        at_uniform = (self.uniform_loss is not None and step > self.warmup_steps and loss is not None
+                      and abs(loss - self.uniform_loss) <= self.tolerance * self.uniform_loss)
+        self.steps_at_uniform = self.steps_at_uniform + 1 if at_uniform else 0
+        if self.steps_at_uniform >= self.patience and "uniform" not in self.said:
+            self.said.add("uniform")
+            warnings.append(f"warning: step {step}: the loss has stayed at {loss:.4f}, within 1% of ln(vocabulary) = "
+                            f"{self.uniform_loss:.4f} (a uniform prediction), for {self.patience} steps after warmup: "
+                            "the model has collapsed and is not learning (lower --lr?)")
+        if record.get("grad_norm") == 0.0 and "zero_grad" not in self.said:
+            self.said.add("zero_grad")
+            warnings.append(f"warning: step {step}: the gradient norm is 0: no weight is learning (every weight "
+                            "frozen, or no target token in the batch?)")
+        return warnings
+
+
 class RunLog:
     """What rank 0 reports while a script trains: metrics.jsonl (one JSON object per step, flushed), the
     fixed-format step line every `log_interval` steps, at every validation and after the last step, a
-    tqdm bar when stdout is a terminal, and with log_to="tensorboard" the same numbers as TensorBoard
-    scalars."""
+    tqdm bar when stdout is a terminal, with log_to="tensorboard" the same numbers as TensorBoard scalars,
+    and the StallWatch's warnings."""
 
-    def __init__(self, out_dir, rank: int, total: int, start: int, log_interval: int, desc: str, log_to: str = ""):
+    def __init__(self, out_dir, rank: int, total: int, start: int, log_interval: int, desc: str, log_to: str = "",
+                 stall_watch: StallWatch | None = None):
         self.rank, self.total, self.first, self.log_interval, self.t0 = rank, total, start, log_interval, time.time()
+        self.stall_watch = stall_watch
         self.file = open(Path(out_dir) / "metrics.jsonl", "a", encoding="utf-8") if rank == 0 else None
         self.tensorboard = tensorboard_writer(out_dir, start) if rank == 0 and log_to == "tensorboard" else None
         self.bar = tqdm(total=total, initial=start, desc=desc, dynamic_ncols=True,
@@ -175,6 +209,8 @@ class RunLog:
         """metrics.jsonl, the bar, and the step line when it is due (with the `extra` keys of the record)."""
         self.write(record)
         self.bar.update(1)
+        for warning in self.stall_watch.check(record) if self.stall_watch else []:
+            self.print(warning)
         step = record["step"]
         if step % self.log_interval == 0 or step == self.total or "val_loss" in record:
             eta = (time.time() - self.t0) / max(step - self.first, 1) * (self.total - step)

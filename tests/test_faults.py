@@ -6,6 +6,7 @@ subprocesses on the tiny world (tests/conftest.py), a few seconds each.
     .venv/bin/python -m pytest -q tests/test_faults.py
 """
 import json
+import math
 import os
 import signal
 import socket
@@ -17,6 +18,9 @@ from pathlib import Path
 import pytest
 import torch
 from conftest import ROOT, pretrain_args, read_metrics, run_script
+
+from minillm.monitor import StallWatch
+from minillm.tokenizer import load_tokenizer
 
 
 def error_line(proc) -> str:
@@ -77,6 +81,42 @@ def test_nonfinite_loss_stops_sft_and_orpo(tiny_world, tmp_path, script):
                                "--epochs", "1", "--micro-batch-size", "4", "--out-dir", tmp_path / "run2"], check=False)
     assert "step 1: the loss is nan" in error_line(proc)  # the step-0 validation is NaN too: nothing exported
     assert not (tmp_path / "run2" / "model").exists()
+
+
+def test_a_collapsed_run_is_warned_of_once(tiny_world, tmp_path):
+    """--lr 1e6 flattens the tiny model's output in one step: every later loss is ln(vocab) exactly and every
+    gradient 0, finite throughout, so the NaN check passes. The zero gradient is said at its first step, the
+    collapse after 20 steps at ln(vocab) past warmup; each once."""
+    data = tiny_world / "data" / "sft" / "alpaca_et.jsonl"
+    (tmp_path / "train.jsonl").write_text("".join(data.read_text().splitlines(keepends=True)[:50]))
+    proc = run_script("train_sft.py", ["--init-from", tiny_world / "init", "--train-data", tmp_path / "train.jsonl",
+                                       "--valid-data", "", "--seq-len", "128", "--epochs", "1", "--micro-batch-size",
+                                       "1", "--lr", "1e6", "--min-lr", "1e5", "--warmup-steps", "2", "--log-interval",
+                                       "100", "--out-dir", tmp_path / "run"])
+    records = read_metrics(tmp_path / "run")
+    vocab = load_tokenizer(tiny_world / "init").vocab_size
+    first_zero = next(r["step"] for r in records if r["grad_norm"] == 0.0)
+    at_uniform = [r["step"] for r in records if r["step"] > 2 and abs(r["loss"] - math.log(vocab)) < 0.01 * math.log(vocab)]
+    assert len(records) >= 23 and at_uniform[:20] == list(range(3, 23)), at_uniform  # the collapse being warned of
+    warnings = [line for line in proc.stdout.splitlines() if line.startswith("warning: ")]
+    assert warnings == [f"warning: step {first_zero}: the gradient norm is 0: no weight is learning (every weight "
+                        "frozen, or no target token in the batch?)",
+                        f"warning: step 22: the loss has stayed at {records[21]['loss']:.4f}, within 1% of "
+                        f"ln(vocabulary) = {math.log(vocab):.4f} (a uniform prediction), for 20 steps after warmup: "
+                        "the model has collapsed and is not learning (lower --lr?)"], warnings
+
+
+def test_the_stall_watch_counts_only_consecutive_steps_after_warmup():
+    """19 steps at ln(V), one step off, 19 more: no warning; a loss falling through ln(V) during warmup: none;
+    ORPO's records are watched by their NLL, not by the loss that adds the odds-ratio term."""
+    uniform = math.log(400)
+    watch = StallWatch(400, warmup_steps=5)
+    losses = [uniform] * 5 + [uniform * 1.005] * 19 + [uniform * 0.9] + [uniform] * 19
+    assert [w for step, loss in enumerate(losses, 1) for w in watch.check({"step": step, "loss": loss})] == []
+    assert watch.check({"step": 45, "loss": uniform}) != []  # the 20th consecutive step
+    orpo = StallWatch(400, warmup_steps=0, patience=2)
+    assert orpo.check({"step": 1, "loss": uniform + 0.7, "nll": uniform}) == []
+    assert len(orpo.check({"step": 2, "loss": uniform + 0.7, "nll": uniform})) == 1
 
 
 # ----------------------------------------------------------------------------- SIGTERM on a saving step
