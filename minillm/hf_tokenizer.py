@@ -113,6 +113,7 @@ class HFTokenizer:
         self.added = dict(self._tok.get_added_tokens_decoder())  # id -> AddedToken (content, special, ...)
         self.vocab_size = max(self._tok.get_vocab(with_added_tokens=True).values()) + 1
         self.bos_id = self._find_bos()
+        self.unk_id = self._find_unk()
         self._id_of(token_text(self.config.get("bos_token")), "bos_token")  # declared: it must exist
         eos = self._id_of(token_text(self.config.get("eos_token")), "eos_token")
         declared = declared_eos_ids(self.generation_config)
@@ -124,6 +125,13 @@ class HFTokenizer:
         self.pad_id = self._find_pad()
         self.special_ids = frozenset(i for i in (self.bos_id, self.eos_id, self.pad_id) if i is not None)
         self.chat_template, self.model_max_length = chat_template_and_max_length(self.config)
+
+    def _find_unk(self) -> int | None:
+        """The id the model emits for text it cannot cover: BPE's unk_token, Unigram's unk_id; None for byte-level
+        BPE (Llama-3, Qwen2: every text encodes without one)."""
+        model = json.loads(self.tokenizer_json).get("model") or {}
+        unk = model.get("unk_token") if model.get("type") == "BPE" else model.get("unk_id")
+        return self._tok.token_to_id(unk) if isinstance(unk, str) else unk if isinstance(unk, int) else None
 
     def _id_of(self, token: str | None, field: str) -> int | None:
         if token is None:

@@ -32,35 +32,47 @@ from typing import Literal
 import numpy as np
 from tqdm import tqdm
 
-from minillm.corpora import CorpusOptions, check_readable, chunk_texts, corpus_format, expand_inputs, iter_chunks
+from minillm.corpora import CHUNK_BYTES, CorpusOptions, check_readable, chunk_texts, corpus_format, expand_inputs, iter_chunks
 from minillm.files import atomic_write, to_json
 from minillm.options import cli, parse_options, require
 from minillm.pretrain_data import FORMAT, FORMAT_VERSION, META_FILE, TokenShards, shard_names, token_dtype
 from minillm.tokenizer import load_tokenizer
 
 DEFAULT_SHARD_TOKENS = 1 << 28  # 512 MiB of uint16 per shard; documents never straddle shards
+UNKNOWN_SHARE_WARNING = 0.01  # more unknown tokens than this share of a corpus: the tokenizer does not fit it
 JOBS_PER_WORKER = 2  # chunks in flight per worker process (each about corpora.CHUNK_BYTES of text)
 
 # ============================================================================ tokenizing (worker processes)
+DEFAULT_MAX_DOC_CHARS = 1_000_000  # longer documents are split: a tokenizer needs ~50x a text's size while encoding it
 _worker_tokenizer = None
+_worker_max_doc_chars = DEFAULT_MAX_DOC_CHARS
 
 
-def _init_worker(tokenizer_path: str, in_pool: bool = False):
-    global _worker_tokenizer
+def _init_worker(tokenizer_path: str, max_doc_chars: int, in_pool: bool = False):
+    global _worker_tokenizer, _worker_max_doc_chars
     if in_pool:  # one thread per worker process: the processes are the parallelism
         os.environ["TOKENIZERS_PARALLELISM"] = "false"
     _worker_tokenizer = load_tokenizer(tokenizer_path)  # each process loads its own copy; nothing is pickled
+    _worker_max_doc_chars = max_doc_chars
 
 
-def _tokenize_chunk(chunk) -> dict:
-    """Parse and tokenize a corpora.Chunk; returns its non-empty documents as one flat array plus lengths,
-    their word counts and their indices among the chunk's records (for counting the skipped ones)."""
-    texts = chunk_texts(chunk)
-    kept = [i for i, t in enumerate(texts) if t and not t.isspace()]  # no strip(): it would copy every text
-    n_records, texts = len(texts), [texts[i] for i in kept]
-    tok = _worker_tokenizer
+def split_long_text(text: str, max_chars: int) -> list[str]:
+    """`text` in consecutive pieces of at most max_chars characters, each cut at the last whitespace of its second
+    half (dropped, as a document's edges carry none), or at max_chars where that half has none."""
+    pieces, start = [], 0
+    while len(text) - start > max_chars:
+        end = start + max_chars
+        cut = max(text.rfind(space, start + max_chars // 2, end) for space in (" ", "\n", "\t"))
+        pieces.append(text[start:cut] if cut > start else text[start:end])
+        start = cut + 1 if cut > start else end
+    pieces.append(text[start:])
+    return pieces
+
+
+def _encode_documents(tok, texts: list[str]) -> tuple[np.ndarray, np.ndarray]:
+    """texts -> (one flat int32 array of [BOS] + ids + EOS per text, the lengths), built with numpy (a Python loop
+    over every id is the slow part)."""
     ids = tok.encode_batch(texts, num_threads=1) if texts else []
-    # Each document becomes [BOS] + ids + EOS; built with numpy (a Python loop over every id is the slow part).
     has_bos = tok.bos_id is not None
     lengths = np.fromiter(map(len, ids), dtype=np.int64, count=len(ids)) + 1 + has_bos
     ends = np.cumsum(lengths)
@@ -72,9 +84,40 @@ def _tokenize_chunk(chunk) -> dict:
         is_text[ends - lengths] = False
         flat[ends - lengths] = tok.bos_id
     flat[is_text] = np.fromiter(itertools.chain.from_iterable(ids), dtype=np.int32, count=int(is_text.sum()))
-    words = np.fromiter((len(t.split()) for t in texts), dtype=np.int64, count=len(texts))
-    return {"tokens": flat, "lengths": lengths, "words": words, "kept": np.array(kept, dtype=np.int64),
-            "records": n_records}
+    return flat, lengths
+
+
+def _tokenize_chunk(chunk) -> dict:
+    """Parse and tokenize a corpora.Chunk; returns its non-empty documents as one flat array plus lengths,
+    their word counts, the index among the chunk's records each came from (a record longer than the worker's
+    max_doc_chars gives several documents) and how many tokens are the unknown token."""
+    texts = chunk_texts(chunk)
+    limit = _worker_max_doc_chars
+    docs, record_of = [], []
+    for i, text in enumerate(texts):
+        if not text or text.isspace():  # no strip(): it would copy every text
+            continue
+        pieces = split_long_text(text, limit) if limit and len(text) > limit else [text]
+        docs += pieces
+        record_of += [i] * len(pieces)
+    n_records = len(texts)
+    del texts
+    # Encode in groups of about a chunk's text: the tokenizer's working memory stays bounded whatever one
+    # record holds (one long line is one chunk).
+    budget, groups, size = max(CHUNK_BYTES, limit), [[]], 0
+    for text in docs:
+        if groups[-1] and size + len(text) > budget:
+            groups.append([])
+            size = 0
+        groups[-1].append(text)
+        size += len(text)
+    encoded = [_encode_documents(_worker_tokenizer, group) for group in groups]
+    flat = np.concatenate([f for f, _ in encoded]) if encoded else np.empty(0, np.int32)
+    lengths = np.concatenate([n for _, n in encoded]) if encoded else np.empty(0, np.int64)
+    unk_id = getattr(_worker_tokenizer, "unk_id", None)
+    words = np.fromiter((len(t.split()) for t in docs), dtype=np.int64, count=len(docs))
+    return {"tokens": flat, "lengths": lengths, "words": words, "kept": np.array(record_of, dtype=np.int64),
+            "records": n_records, "unknown": int((flat == unk_id).sum()) if unk_id is not None else 0}
 
 
 def _jobs(inputs, fmt, text_field, txt_docs):
@@ -96,19 +139,19 @@ def _docs_within_caps(lengths: np.ndarray, n_docs: int, n_tokens: int, max_docs,
     return keep
 
 
-def _run_jobs(jobs, tok, tokenizer_path: str, workers: int):
+def _run_jobs(jobs, tok, tokenizer_path: str, workers: int, max_doc_chars: int):
     """Results of _tokenize_chunk in input order. workers <= 1: here, with `tok` (already loaded); workers > 1:
     a process pool, each loading tokenizer_path, with a bounded window of jobs in flight (Pool.imap would
     read the whole corpus into its queue)."""
-    global _worker_tokenizer
+    global _worker_tokenizer, _worker_max_doc_chars
     if workers <= 1:
-        _worker_tokenizer = tok
+        _worker_tokenizer, _worker_max_doc_chars = tok, max_doc_chars
         for job, nbytes in jobs:
             yield _tokenize_chunk(job), nbytes
         return
     # spawn: workers start clean (no forked torch/OpenMP state); they import this module and load the model.
     ctx = multiprocessing.get_context("spawn")
-    with ctx.Pool(workers, initializer=_init_worker, initargs=(tokenizer_path, True)) as pool:
+    with ctx.Pool(workers, initializer=_init_worker, initargs=(tokenizer_path, max_doc_chars, True)) as pool:
         window = deque()
         for job, nbytes in jobs:
             window.append((pool.apply_async(_tokenize_chunk, (job,)), nbytes))
@@ -287,13 +330,16 @@ def _up_to_date(out_dir: Path, fingerprint: dict) -> dict | None:
 
 def prepare(inputs, tokenizer, out_dir, *, fmt: str = "auto", text_field: str = "text", txt_docs: str = "line",
             workers: int = 1, name: str | None = None, dtype=None, shard_tokens: int = DEFAULT_SHARD_TOKENS,
-            max_docs: int | None = None, max_tokens: int | None = None, progress: bool = True) -> dict:
+            max_docs: int | None = None, max_tokens: int | None = None, max_doc_chars: int = DEFAULT_MAX_DOC_CHARS,
+            progress: bool = True) -> dict:
     """Tokenize `inputs` (files, directories, glob patterns: corpora.expand_inputs) with `tokenizer` (a
     tokenizer directory, or a tokenizer.model / tokenizer.json file: minillm.tokenizer.load_tokenizer) into
     shards in `out_dir`. Returns the meta dict (with "skipped": True when nothing had to be done).
     dtype: None = uint16 when the vocabulary fits, else uint32.
     max_docs / max_tokens: stop after that many (non-empty) documents / at the first document end at or past
     that many tokens (BOS and EOS included); None = read everything. See the module docstring for the layout.
+    max_doc_chars: a longer document is stored as consecutive documents of at most that many characters (cut at
+    whitespace; said in a warning), so that memory stays bounded whatever one line holds; 0 = never split.
     workers > 1 starts 'spawn' processes: a script calling this must guard its entry point with
     `if __name__ == "__main__":` (the CLI does)."""
     inputs = expand_inputs(inputs, fmt)
@@ -301,6 +347,8 @@ def prepare(inputs, tokenizer, out_dir, *, fmt: str = "auto", text_field: str = 
         raise ValueError("no input files given")
     if txt_docs not in ("line", "paragraph"):
         raise ValueError(f"txt_docs must be 'line' or 'paragraph', got {txt_docs!r}")
+    if max_doc_chars < 0:
+        raise ValueError(f"max_doc_chars must be >= 0 (0 = never split a document), got {max_doc_chars}")
     for cap, value in (("max_docs", max_docs), ("max_tokens", max_tokens)):
         if value is not None and value < 1:
             raise ValueError(f"{cap} must be at least 1 (or None for no cap), got {value}")
@@ -311,7 +359,8 @@ def prepare(inputs, tokenizer, out_dir, *, fmt: str = "auto", text_field: str = 
     out_dir = Path(out_dir)
     name = name or out_dir.name
     fingerprint = _fingerprint(inputs, tok.sha256(), dtype, format=fmt, text_field=text_field, txt_docs=txt_docs,
-                               shard_tokens=shard_tokens, max_docs=max_docs, max_tokens=max_tokens)
+                               shard_tokens=shard_tokens, max_docs=max_docs, max_tokens=max_tokens,
+                               max_doc_chars=max_doc_chars)
     if (meta := _up_to_date(out_dir, fingerprint)) is not None:
         if progress:
             print(f"{out_dir}: up to date (same inputs, tokenizer and options); nothing to do")
@@ -323,21 +372,25 @@ def prepare(inputs, tokenizer, out_dir, *, fmt: str = "auto", text_field: str = 
     out_dir.mkdir(parents=True, exist_ok=True)
     _remove_leftovers(out_dir)
     writer = ShardWriter(out_dir, dtype, tok.vocab_size, shard_tokens)
-    n_docs = n_tokens = n_words = n_skipped = 0
+    n_docs = n_tokens = n_words = n_skipped = n_split = n_unknown = 0
+    unk_id = getattr(tok, "unk_id", None)
     capped = False
     t0 = time.time()
     bar = tqdm(total=sum(f["size"] for f in fingerprint["inputs"]), unit="B", unit_scale=True,
                desc=f"tokenizing {name}", disable=not progress or not sys.stderr.isatty(), dynamic_ncols=True)
-    results = _run_jobs(_jobs(inputs, fmt, text_field, txt_docs), tok, str(tokenizer), workers)
+    results = _run_jobs(_jobs(inputs, fmt, text_field, txt_docs), tok, str(tokenizer), workers, max_doc_chars)
     try:
         for result, nbytes in results:
             tokens, lengths, words = result["tokens"], result["lengths"], result["words"]
             keep = _docs_within_caps(lengths, n_docs, n_tokens, max_docs, max_tokens)
+            records = result["kept"]  # the record each document came from (a split record gives several)
             if keep < len(lengths):  # a cap cuts this chunk: its first `keep` documents are the last ones
                 tokens, lengths, words = tokens[:int(lengths[:keep].sum())], lengths[:keep], words[:keep]
-                n_skipped += int(result["kept"][keep - 1]) + 1 - keep
+                n_skipped += int(records[keep - 1]) + 1 - len(np.unique(records[:keep]))
             else:
-                n_skipped += result["records"] - len(lengths)
+                n_skipped += result["records"] - len(np.unique(records))
+            n_split += int((np.unique(records[:keep], return_counts=True)[1] > 1).sum())
+            n_unknown += result["unknown"] if keep == len(result["lengths"]) else int((tokens == unk_id).sum())
             writer.add(tokens, lengths)
             n_docs += len(lengths)
             n_tokens += len(tokens)
@@ -369,10 +422,17 @@ def prepare(inputs, tokenizer, out_dir, *, fmt: str = "auto", text_field: str = 
             "fingerprint": fingerprint, "num_docs": n_docs, "num_tokens": n_tokens,
             "num_text_tokens": text_tokens, "num_words": n_words,
             "tokens_per_word": text_tokens / max(n_words, 1), "skipped_empty_docs": n_skipped,
-            "max_docs": max_docs, "max_tokens": max_tokens, "capped": capped,
-            "seconds": round(time.time() - t0, 3)}
+            "max_docs": max_docs, "max_tokens": max_tokens, "capped": capped, "max_doc_chars": max_doc_chars,
+            "split_long_docs": n_split, "unknown_tokens": n_unknown, "seconds": round(time.time() - t0, 3)}
     commit_shards(out_dir, shards, meta)
     meta["shards"] = shards
+    if n_split:
+        print(f"warning: {name}: {n_split:,} document(s) longer than --max-doc-chars {max_doc_chars:,} were each "
+              "stored as several consecutive documents (cut at whitespace)")
+    if n_unknown > UNKNOWN_SHARE_WARNING * text_tokens:
+        print(f"warning: {name}: {n_unknown / max(text_tokens, 1):.1%} of the tokens are the unknown token "
+              f"(id {unk_id}): the tokenizer does not cover this corpus's characters; extend it "
+              "(python -m minillm.vocab extend) or use one with byte fallback")
     if progress:
         print(summary_line(meta, out_dir))
     return {**meta, "skipped": False}
@@ -396,6 +456,7 @@ class PrepareOptions(CorpusOptions):
     out: str  # output directory
     max_docs: int = 0  # stop after this many non-empty documents (the first ones, in input order); 0 = all
     max_tokens: int = 0  # stop at the first document end at or past this many tokens (BOS/EOS included); 0 = all
+    max_doc_chars: int = DEFAULT_MAX_DOC_CHARS  # store a longer document as several (cut at whitespace, with a warning): bounds memory; 0 = never split
     workers: int = field(default_factory=lambda: max(1, min(os.cpu_count() or 1, 16)))  # tokenizer processes
     name: str = ""  # name of this source in the summary; '' = the output directory's name
     shard_tokens: int = DEFAULT_SHARD_TOKENS  # tokens per shard (about: documents never straddle shards)
@@ -406,6 +467,7 @@ class PrepareOptions(CorpusOptions):
         require(self.shard_tokens >= 1, "shard_tokens", self.shard_tokens, "must be at least 1")
         require(self.max_docs >= 0, "max_docs", self.max_docs, "must be >= 0 (0 = no cap)")
         require(self.max_tokens >= 0, "max_tokens", self.max_tokens, "must be >= 0 (0 = no cap)")
+        require(self.max_doc_chars >= 0, "max_doc_chars", self.max_doc_chars, "must be >= 0 (0 = never split)")
 
 
 @dataclass(kw_only=True)
@@ -423,7 +485,8 @@ def main(argv=None):
         return
     prepare(cfg.input, cfg.tokenizer, cfg.out, fmt=cfg.format, text_field=cfg.text_field, txt_docs=cfg.txt_docs,
             workers=cfg.workers, name=cfg.name or None, dtype=None if cfg.dtype == "auto" else cfg.dtype,
-            shard_tokens=cfg.shard_tokens, max_docs=cfg.max_docs or None, max_tokens=cfg.max_tokens or None)
+            shard_tokens=cfg.shard_tokens, max_docs=cfg.max_docs or None, max_tokens=cfg.max_tokens or None,
+            max_doc_chars=cfg.max_doc_chars)
 
 
 if __name__ == "__main__":

@@ -173,6 +173,8 @@ CASES = [
                        "--workers", "1"], jsonl("c.jsonl", {"body": "ok"}), ["c.jsonl:1", "missing field 'text'"]),
     ("prepare-workers", ["-m", "minillm.prepare", "--tokenizer", "{w}/tok", "--input", "{ws}/c.txt", "--out", "{ws}/o",
                          "--workers", "0"], write("c.txt", "tere\n"), ["--workers 0"]),
+    ("prepare-max-doc-chars", ["-m", "minillm.prepare", "--tokenizer", "{w}/tok", "--input", "{ws}/c.txt", "--out",
+                               "{ws}/o", "--max-doc-chars", "-5"], write("c.txt", "tere\n"), ["--max-doc-chars -5", ">= 0"]),
     ("prepare-format", ["-m", "minillm.prepare", "--tokenizer", "{w}/tok", "--input", "{ws}/c.txt", "--out", "{ws}/o",
                         "--format", "xml"], write("c.txt", "tere\n"), ["--format 'xml'"]),
     ("prepare-unnamed-text", ["-m", "minillm.prepare", "--tokenizer", "{w}/tok", "--input", "{ws}/train.et", "--out",

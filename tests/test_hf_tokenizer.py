@@ -203,6 +203,20 @@ def test_a_wordpiece_tokenizer_is_refused(tmp_path):
         load_tokenizer(tmp_path)
 
 
+def test_the_unknown_token_is_the_models_own(layout, tmp_path):
+    """Byte-level BPE (Llama-3, Qwen2) has none; a BPE with an unk_token has the id transformers gives it."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    _, _, tok, _ = layout
+    assert tok.unk_id is None
+    bpe = Tokenizer(models.BPE({"<unk>": 0, "</s>": 1, "a": 2, "b": 3, "ab": 4}, [("a", "b")], unk_token="<unk>"))
+    bpe.pre_tokenizer = pre_tokenizers.Whitespace()
+    bpe.save(str(tmp_path / "tokenizer.json"))
+    (tmp_path / "tokenizer_config.json").write_text('{"eos_token": "</s>", "unk_token": "<unk>"}')
+    tok = load_tokenizer(tmp_path)
+    oracle = transformers.PreTrainedTokenizerFast(tokenizer_file=str(tmp_path / "tokenizer.json"), unk_token="<unk>")
+    assert tok.unk_id == oracle.unk_token_id == 0 and tok.encode("ab c") == oracle.encode("ab c") == [4, 0]
+
+
 def test_prepare_stores_documents_with_the_tokenizers_own_bos_and_eos(layout, tmp_path):
     from minillm.prepare import prepare
     from minillm.pretrain_data import TokenShards

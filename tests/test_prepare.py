@@ -25,7 +25,7 @@ import zstandard
 
 import minillm
 from conftest import write_corpus
-from minillm.prepare import prepare
+from minillm.prepare import prepare, split_long_text
 from minillm.pretrain_data import TokenShards, token_dtype
 from minillm.tokenizer import SentencePieceTokenizer, load_tokenizer
 
@@ -382,6 +382,72 @@ def test_memory_stays_bounded_whatever_the_corpus_size(tok_file, tmp_path):
         assert grew < 64, f"{name}: the main process grew by {grew:.0f} MB"
         assert (tmp_path / name.replace(".", "_") / "tokens_00000.bin").read_bytes() == \
             (tmp_path / "jsonl" / "tokens_00000.bin").read_bytes()
+
+
+def test_long_documents_are_split_at_whitespace_into_consecutive_documents(tok_file, tmp_path, capsys):
+    """--max-doc-chars 1000: a 3,500-character line becomes documents of at most 1,000 characters, each cut at
+    the last whitespace of its second half, which together are the line; a line without whitespace is cut at
+    1,000; short lines are untouched; worker processes give the same shards; the warning counts the lines."""
+    rng = random.Random(7)
+    long_line = " ".join(sentence(rng, 100, 100) for _ in range(6))[:3500]
+    no_space = "x" * 2500
+    lines = [sentence(rng), long_line, no_space, sentence(rng)]
+    (tmp_path / "c.txt").write_text("\n".join(lines) + "\n", encoding="utf-8")
+    meta = prepare([tmp_path / "c.txt"], tok_file, tmp_path / "one", max_doc_chars=1000, progress=False)
+    pieces = split_long_text(long_line, 1000)
+    assert " ".join(pieces) == long_line and all(500 <= len(p) <= 1000 for p in pieces[:-1]) and len(pieces) == 4
+    want = [lines[0], *pieces, no_space[:1000], no_space[1000:2000], no_space[2000:], lines[3]]
+    assert shard_docs(tmp_path / "one") == expected_docs(tok_file, want)
+    assert meta["split_long_docs"] == 2 and meta["num_docs"] == len(want) and meta["skipped_empty_docs"] == 0
+    assert "warning: one: 2 document(s) longer than --max-doc-chars 1,000 were each stored as several" in \
+        capsys.readouterr().out
+    prepare([tmp_path / "c.txt"], tok_file, tmp_path / "two", max_doc_chars=1000, workers=2, progress=False)
+    assert shard_docs(tmp_path / "two") == shard_docs(tmp_path / "one")
+    prepare([tmp_path / "c.txt"], tok_file, tmp_path / "whole", max_doc_chars=0, progress=False)
+    assert shard_docs(tmp_path / "whole") == expected_docs(tok_file, lines)
+
+
+@pytest.mark.skipif(not Path("/proc/self/status").exists(), reason="reads VmHWM from /proc (Linux)")
+def test_one_huge_line_is_prepared_in_a_fraction_of_the_memory(tok_file, tmp_path):
+    """A 7.5 MB single-line document, one process: tokenized whole (--max-doc-chars 0) the process grows by ~50x
+    the line (the tokenizer's working memory, the control that the measurement sees it); split at the default 1M
+    characters it grows by under 20x (reading the line, and its token arrays) and under 40% of the control."""
+    rng = random.Random(8)
+    line = " ".join(rng.choice(WORDS) for _ in range(1_400_000))
+    (tmp_path / "long.txt").write_text(line + "\n", encoding="utf-8")
+    size_mb = len(line) / 2**20
+    env = {**os.environ, "PYTHONPATH": str(Path(minillm.__file__).parents[1])}
+    grew = {}
+    for max_chars in ("0", "1000000"):
+        r = subprocess.run([sys.executable, "-c", MEASURED_PREPARE, "--tokenizer", str(tok_file), "--input",
+                            str(tmp_path / "long.txt"), "--out", str(tmp_path / f"out{max_chars}"), "--workers", "1",
+                            "--max-doc-chars", max_chars], capture_output=True, text=True, env=env, timeout=300)
+        assert r.returncode == 0, r.stderr
+        grew[max_chars] = json.loads(r.stdout.strip().splitlines()[-1])["grew_mb"]
+    assert grew["0"] > 30 * size_mb, grew
+    assert grew["1000000"] < 20 * size_mb and grew["1000000"] < 0.4 * grew["0"], grew
+    assert TokenShards(tmp_path / "out1000000").meta["num_docs"] == 8
+
+
+def test_a_corpus_the_tokenizer_cannot_cover_is_warned_of(tmp_path, capsys):
+    """A sentencepiece model without byte fallback trained on Latin text: a corpus with 2% Cyrillic words gets
+    <unk> for them, and prepare says which share; the same corpus without them prepares silently."""
+    rng = random.Random(9)
+    (tmp_path / "train.txt").write_text("\n".join(sentence(rng) for _ in range(300)) + "\n", encoding="utf-8")
+    spm.SentencePieceTrainer.train(input=str(tmp_path / "train.txt"), model_prefix=str(tmp_path / "plain"),
+                                   vocab_size=50, byte_fallback=False, character_coverage=1.0, minloglevel=2)
+    sp = spm.SentencePieceProcessor(model_file=str(tmp_path / "plain.model"))
+    latin = [sentence(rng, 20, 20) for _ in range(50)]
+    mixed = [t if i % 2 else t + " жук" for i, t in enumerate(latin)]
+    for name, texts in (("latin", latin), ("mixed", mixed)):
+        (tmp_path / f"{name}.txt").write_text("\n".join(texts) + "\n", encoding="utf-8")
+        meta = prepare([tmp_path / f"{name}.txt"], tmp_path / "plain.model", tmp_path / name, progress=False)
+        ids = [i for t in texts for i in sp.encode(t)]
+        assert meta["unknown_tokens"] == ids.count(sp.unk_id())  # the oracle: sentencepiece itself
+    out = capsys.readouterr().out
+    share = meta["unknown_tokens"] / meta["num_text_tokens"]
+    assert 0.01 < share and f"warning: mixed: {share:.1%} of the tokens are the unknown token (id 0)" in out
+    assert "latin:" not in out
 
 
 def test_only_its_own_shards_are_ever_removed(tok_file, corpus, tmp_path):
