@@ -54,6 +54,7 @@ class ORPOOptions(TrainOptions):
     train_data: str = "data/sample/preferences/train.jsonl"  # preference JSONL files, comma-separated
     allow_data_change: bool = False  # resume although the training or validation files differ from the checkpoint's (recorded in the checkpoints); without it that is refused
     valid_data: str = "data/sample/preferences/valid.jsonl"  # held-out pairs; '' = no validation (the last model is exported)
+    initial_can_be_best: bool = True  # the step-0 validation takes part in choosing the exported model: when no step beats it, the initial weights are exported (false: the best trained step, with a note)
     template: Literal["auto", "tulu", "llama3", "chatml", "alpaca"] = "auto"  # how pairs are rendered (SFT's template): a chat layout, the Alpaca prompt, or auto = the chat layout whose markers the tokenizer has
     # ORPO
     orpo_lambda: float = 0.1  # weight of L_OR (TRL's default; the ORPO paper used 0.05-0.25)
@@ -153,7 +154,7 @@ def main(argv=None):
     log = RunLog(cfg.out_dir, rank, total_steps, step, cfg.log_interval, "orpo", log_to=cfg.log_to,
                  stall_watch=StallWatch(model.config.vocab_size, cfg.warmup_steps))  # warns of a collapsed run
     if valid_pairs and step == 0:  # where alignment starts from
-        log.start({"step": 0, **validate()})
+        log.start(result.start({"step": 0, **validate()}))
     peak, preemption, order_epoch, order = peak_flops(device, cfg.peak_tflops) * world_size, Preemption(), None, None
     while step < total_steps and not preemption.stop:
         t0 = time.time()

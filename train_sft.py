@@ -53,6 +53,7 @@ class SFTOptions(TrainOptions):
     # model: a Hugging Face directory (the pretraining stage's OUT_DIR/model)
     init_from: str = "runs/demo/pretrain/model"
     eval_interval: int = 0
+    initial_can_be_best: bool = True  # the step-0 validation takes part in choosing the exported model: when no step beats it, the initial weights are exported (false: the best trained step, with a note)
     out_dir: str = "runs/demo/sft"
 
     def check(self):
@@ -126,7 +127,7 @@ def main(argv=None):
     log = RunLog(cfg.out_dir, rank, total_steps, step, cfg.log_interval, "sft", log_to=cfg.log_to,
                  stall_watch=StallWatch(model.config.vocab_size, cfg.warmup_steps))  # warns of a collapsed run
     if valid and step == 0:  # where instruction tuning starts from
-        log.start({"step": 0, **validation_loss(engine, valid, byte_lengths, device)})
+        log.start(result.start({"step": 0, **validation_loss(engine, valid, byte_lengths, device)}))
     peak, preemption, rows_key, rows = peak_flops(device, cfg.peak_tflops) * world_size, Preemption(), None, None
     while step < total_steps and not preemption.stop:
         t0 = time.time()

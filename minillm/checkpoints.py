@@ -503,10 +503,12 @@ def export_model(engine, model, out_dir, tokenizer, chat_template: str | None = 
 
 class ExportedModel:
     """OUT_DIR/model, the result of a stage: with `by_validation` the model with the best validation loss so
-    far (LLAMMAS keeps that checkpoint), else the model after the last step. `update(record, last)` after
-    every step exports when the record makes it so (and marks the record "best"); training_state.json in
-    the directory names the step, its validation loss and the options' hash; `best` goes into checkpoints
-    so a resumed run keeps comparing against it."""
+    far (LLAMMAS keeps that checkpoint), else the model after the last step. `start(record)` takes the step-0
+    validation: with cfg.initial_can_be_best (the default) the initial weights are exported then and stay the
+    result unless a step beats them, else step 0 is only the baseline the summary compares with. `update(record,
+    last)` after every step exports when the record makes it so (and marks the record "best");
+    training_state.json in the directory names the step, its validation loss and the options' hash; `best` goes
+    into checkpoints so a resumed run keeps comparing against it."""
 
     def __init__(self, engine, model, tokenizer, cfg, chat_template: str | None = None, by_validation: bool = True,
                  best: dict | None = None):
@@ -515,6 +517,16 @@ class ExportedModel:
         self.best = best or {"step": 0, "val_loss": None}
         self.path = Path(cfg.out_dir) / "model"
 
+    def start(self, record: dict) -> dict:
+        """The step-0 record (validation of the initial weights), returned for the log."""
+        if not self.by_validation:
+            return record
+        if getattr(self.cfg, "initial_can_be_best", False):
+            self.update(record, last=False)  # exports the initial weights: the result until a step beats them
+        else:
+            self.best = {**self.best, "initial_val_loss": record.get("val_loss")}
+        return record
+
     def update(self, record: dict, last: bool):
         val = record.get("val_loss")
         if val is not None and not math.isfinite(val):
@@ -522,17 +534,27 @@ class ExportedModel:
                              f"{self.path} (the best so far: step {self.best['step']})")
         better = self.by_validation and val is not None and (self.best["val_loss"] is None or val < self.best["val_loss"])
         if better or (last and not self.by_validation):
-            self.best = {"step": record["step"], "val_loss": val}
+            self.best = {**self.best, "step": record["step"], "val_loss": val}
             if self.by_validation:  # the step line says "(best)"
                 record["best"] = True
             export_model(self.engine, self.model, self.path, self.tokenizer, self.chat_template,
-                         state={**self.best, "options_sha256": options_hash(self.cfg)})
+                         state={"step": record["step"], "val_loss": val, "options_sha256": options_hash(self.cfg)})
 
     def summary(self) -> str:
         if self.by_validation and (self.best is None or self.best["val_loss"] is None):
             return f"no validation happened, so nothing was exported to {self.path}"
-        how = f", the best val_loss {self.best['val_loss']:.4f}" if self.by_validation else ", the last step"
-        return f"exported {self.path} (Hugging Face layout): step {self.best['step']}{how}"
+        if not self.by_validation:
+            return f"exported {self.path} (Hugging Face layout): step {self.best['step']}, the last step"
+        if self.best["step"] == 0:
+            return (f"no step improved on the initial model's val_loss {self.best['val_loss']:.4f}: exported the "
+                    f"initial weights (step 0) to {self.path} (--initial-can-be-best false exports the best trained "
+                    "step instead)")
+        line = (f"exported {self.path} (Hugging Face layout): step {self.best['step']}, the best val_loss "
+                f"{self.best['val_loss']:.4f}")
+        initial = self.best.get("initial_val_loss")
+        if initial is not None and self.best["val_loss"] >= initial:
+            line += f"; no step improved on the initial model's val_loss {initial:.4f} (--initial-can-be-best false)"
+        return line
 
 
 def check_same_data(state: dict, data: dict[str, dict], allow_change: bool) -> list:

@@ -56,7 +56,7 @@ from typing import Literal
 
 from minillm.chat_format import as_messages, render, resolve_template
 from minillm.files import atomic_write, read_jsonl, read_lines, to_json, write_jsonl
-from minillm.languages import LANGUAGE_NAMES
+from minillm.languages import LANGUAGE_NAMES, bitext_languages
 from minillm.options import cli, parse_options, require
 from minillm.sft_data import load_sft_jsonl
 
@@ -143,10 +143,11 @@ def digit_runs(text: str) -> list[str]:
     return sorted(_DIGIT_RUN.findall(_SEPARATOR_BETWEEN_DIGITS.sub("", text)))
 
 
-def numbers(text: str, lang: str) -> list[Decimal]:
+def numbers(text: str, lang: str, not_numbers=frozenset()) -> list[Decimal]:
     """The numbers of a text as values, sorted: a separator before exactly three digits groups thousands
     (12,500 = 12 500 = 12500), another one is the decimal point (1,50 = 1.5), and the language's words for
-    zero count as 0."""
+    zero count as 0, except the spellings in `not_numbers` (words both sides of a pair share verbatim are
+    identifiers, like NULL, not Estonian's "null" = zero)."""
     values = []
     for token in _NUMBER.findall(text):
         plain = _THOUSANDS.sub("", token)
@@ -156,7 +157,8 @@ def numbers(text: str, lang: str) -> list[Decimal]:
         else:
             values.append(Decimal(plain).normalize())
     zero = ZERO_WORDS.get(lang)
-    values += [Decimal(0) for word in re.findall(r"\w+", text.lower()) if zero and zero.fullmatch(word)]
+    values += [Decimal(0) for word in re.findall(r"\w+", text)
+               if zero and zero.fullmatch(word.lower()) and word not in not_numbers]
     return sorted(values)
 
 
@@ -195,16 +197,22 @@ def first_failing_filter(src: str, tgt: str, cfg: FilterConfig, src_lang: str = 
     ends = {terminal_punctuation(s), terminal_punctuation(t)}
     if len(ends) > 1 and (cfg.strict_terminal_punct or ends != {".", ""}):
         return "terminal_punct"
-    if (digit_runs(s) != digit_runs(t)) if cfg.strict_numerals else (numbers(s, src_lang) != numbers(t, tgt_lang)):
-        return "numerals"
+    if cfg.strict_numerals:
+        if digit_runs(s) != digit_runs(t):
+            return "numerals"
+    else:
+        shared = set(re.findall(r"\w+", s)) & set(re.findall(r"\w+", t))  # identifiers, names: not number words
+        if numbers(s, src_lang, shared) != numbers(t, tgt_lang, shared):
+            return "numerals"
     return None
 
 
 def filter_pairs(pairs: list[tuple[str, str]], cfg: FilterConfig | None = None, src_lang: str = "en",
                  tgt_lang: str = "et"):
-    """(kept pairs with their 1-based line numbers, report {filter: removed count, 'kept', 'total'})."""
+    """(kept pairs with their 1-based line numbers, report {filter: removed count, 'kept', 'total', 'examples':
+    {filter: the first two removed pairs as [line, source, target]}})."""
     cfg = cfg or FilterConfig()
-    removed = Counter()
+    removed, examples = Counter(), {}
     seen, kept = set(), []
     for line_no, (src, tgt) in enumerate(pairs, 1):
         reason = first_failing_filter(src, tgt, cfg, src_lang, tgt_lang)
@@ -215,10 +223,12 @@ def filter_pairs(pairs: list[tuple[str, str]], cfg: FilterConfig | None = None, 
             seen.add(key)
         if reason:
             removed[reason] += 1
+            if removed[reason] <= 2:
+                examples.setdefault(reason, []).append([line_no, src.strip(), tgt.strip()])
         else:
             kept.append((line_no, src.strip(), tgt.strip()))
     report = {name: removed[name] for name in FILTERS}
-    report.update(kept=len(kept), total=len(pairs))
+    report.update(kept=len(kept), total=len(pairs), examples=examples)
     return kept, report
 
 
@@ -228,7 +238,14 @@ def format_filter_report(report: dict) -> str:
     for name in FILTERS:
         lines.append(f"{name:<16}{report[name]:>9}{100 * report[name] / total:>7.1f}%")
     lines.append(f"{'kept':<16}{report['kept']:>9}{100 * report['kept'] / total:>7.1f}%  of {report['total']} pairs")
+    for name, pairs in report.get("examples", {}).items():  # what each filter removed, to check it is right
+        for line_no, src, tgt in pairs:
+            lines.append(f"  {name} (line {line_no}): {_clip(src)!r} | {_clip(tgt)!r}")
     return "\n".join(lines)
+
+
+def _clip(text: str, width: int = 60) -> str:
+    return text if len(text) <= width else text[:width - 3] + "..."
 
 
 # ============================================================================ instruction templates
@@ -316,15 +333,18 @@ def build_translation_instructions(pairs, src_lang: str, tgt_lang: str, reverse_
 
 
 def translate_command(args) -> dict:
-    pairs = read_bitext(args.src or None, args.tgt or None, args.tsv or None, args.jsonl or None, args.src_lang,
-                        args.tgt_lang)
+    src_lang, tgt_lang, found = bitext_languages(args.src_lang, args.tgt_lang, LANGUAGE_FORMS["en"],
+                                                 args.src, args.tgt, args.tsv or args.jsonl)
+    print(f"languages: {src_lang} -> {tgt_lang} ({found})")
+    pairs = read_bitext(args.src or None, args.tgt or None, args.tsv or None, args.jsonl or None, src_lang,
+                        tgt_lang)
     cfg = FilterConfig(**{f.name: getattr(args, f.name) for f in fields(FilterConfig)})  # same-named options
-    kept, report = filter_pairs(pairs, cfg, args.src_lang, args.tgt_lang)
+    kept, report = filter_pairs(pairs, cfg, src_lang, tgt_lang)
     if not kept:
         raise ValueError(f"{args.src or args.tsv or args.jsonl}: no sentence pair passed the filters\n"
                          + format_filter_report(report))
     template_langs = args.template_langs.split(",") if args.template_langs else None
-    records = build_translation_instructions([(s, t) for _, s, t in kept], args.src_lang, args.tgt_lang,
+    records = build_translation_instructions([(s, t) for _, s, t in kept], src_lang, tgt_lang,
                                              args.reverse_share, args.format, args.seed, args.inline_share,
                                              template_langs)
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
@@ -333,7 +353,7 @@ def translate_command(args) -> dict:
     if args.report:
         atomic_write(args.report, to_json(report))
     print(format_filter_report(report))
-    print(f"{len(records)} instructions ({report['reversed']} reversed, {args.tgt_lang}->{args.src_lang}) "
+    print(f"{len(records)} instructions ({report['reversed']} reversed, {tgt_lang}->{src_lang}) "
           f"-> {args.out}")
     return report
 
@@ -521,8 +541,8 @@ class TranslateOptions:
     tgt: str = ""  # target-language text file, line-aligned with --src
     tsv: str = ""  # or: one 'source<TAB>target' pair per line
     jsonl: str = ""  # or: JSONL with {SRC_LANG: .., TGT_LANG: ..}, {source, target} or {translation: {..}}
-    src_lang: str = "en"  # language code of the source side
-    tgt_lang: str = "et"  # language code of the target side
+    src_lang: str = ""  # language code of the source side; '' = from the file names (train.en, en-et.tsv), said
+    tgt_lang: str = ""  # language code of the target side; '' = from the file names (train.pl, en-pl.tsv), said
     reverse_share: float = 0.25  # share of pairs asked target -> source (LLAMMAS: 25%)
     inline_share: float = 0.5  # share with the sentence inside the instruction (else in the input field)
     template_langs: str = ""  # comma-separated template languages ('' = English and the other language)

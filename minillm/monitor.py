@@ -219,8 +219,9 @@ class RunLog:
     def start(self, record: dict):
         """The step-0 record (validation before the first step: where training starts from)."""
         self.write(record)
-        self.print(f"step {0:>6d}/{self.total:<6d} | " + " | ".join(f"{k} {v:.4f}" for k, v in record.items()
-                                                              if k.startswith("val_") and "tokens" not in k))
+        self.print(f"step {0:>6d}/{self.total:<6d} | " + " | ".join(
+            f"{k} {v:.4f}" if k != "val_pairs" else f"{k} {int(v)}" for k, v in record.items()
+            if k.startswith("val_") and "tokens" not in k))
 
     def print(self, text: str):
         if self.rank == 0:

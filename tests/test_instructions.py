@@ -15,8 +15,8 @@ import pytest
 
 from minillm.chat_format import render
 from minillm.instructions import (
-    FILTERS, FilterConfig, build_translation_instructions, digit_runs, filter_pairs, first_failing_filter, main,
-    numbers, terminal_punctuation,
+    FILTERS, FilterConfig, build_translation_instructions, digit_runs, filter_pairs, first_failing_filter,
+    format_filter_report, main, numbers, terminal_punctuation,
 )
 from minillm.tokenizer import SentencePieceTokenizer
 
@@ -55,6 +55,9 @@ def good_pairs(n: int) -> list[tuple[str, str]]:
     ("It is raining", "Sajab vihma.", None),
     ("Unknown media type.", "Tundmatu meedia tüüp", None),
     ("division by 0", "nulliga jagamine", None),
+    # kept: NULL on both sides is an identifier, not Estonian's "null" (zero); in Estonian alone it is zero
+    ("The value is NULL.", "Väärtus on NULL.", None),
+    ("Set the pointer to NULL before freeing it.", "Määra osuti enne vabastamist NULL-iks.", None),
     ("It costs 1.50 euros.", "See maksab 1,5 eurot.", None),
     ("Line one.\nLine\ttwo.", "Rida üks.\nRida\tkaks.", None),
     # kept: separators between digits are ignored, terminal punctuation is read past closing quotes
@@ -110,10 +113,17 @@ def test_filter_report_counts_each_pair_once_under_its_first_failing_filter():
            ("A cake costs 8.00 euros.", "Kook maksab 13,00 eurot."),  # numerals
            ("Yes.", "Jah, seda ma tõesti arvan ja usun kindlalt.")]   # length_ratio
     kept, report = filter_pairs(pairs + bad)
+    examples = report.pop("examples")
     assert report == {"empty": 1, "control_chars": 0, "identical": 1, "long_word": 0, "length": 0, "length_ratio": 1,
                       "alpha": 0, "terminal_punct": 0, "numerals": 1, "duplicate": 2, "kept": 20, "total": 26}
     assert [line for line, _, _ in kept] == list(range(1, 21))
     assert set(report) == set(FILTERS) | {"kept", "total"}
+    # the first two removals of each filter, with their lines, in the report and its printout
+    assert examples["duplicate"] == [[23, pairs[3][0], pairs[3][1]], [24, pairs[4][0], pairs[4][1]]]
+    assert examples["numerals"] == [[25, "A cake costs 8.00 euros.", "Kook maksab 13,00 eurot."]]
+    assert set(examples) == {"empty", "identical", "duplicate", "numerals", "length_ratio"}
+    printed = format_filter_report({**report, "examples": examples})
+    assert "  numerals (line 25): 'A cake costs 8.00 euros.' | 'Kook maksab 13,00 eurot.'" in printed
 
 
 # ----------------------------------------------------------------------------- translation instructions
@@ -162,8 +172,8 @@ def test_polish_templates_and_chat_format():
 def write_bitext(tmp_path, pairs):
     (tmp_path / "en.txt").write_text("".join(s + "\n" for s, _ in pairs), encoding="utf-8")
     (tmp_path / "et.txt").write_text("".join(t + "\n" for _, t in pairs), encoding="utf-8")
-    (tmp_path / "pairs.tsv").write_text("".join(f"{s}\t{t}\n" for s, t in pairs), encoding="utf-8")
-    (tmp_path / "pairs.jsonl").write_text("".join(json.dumps({"en": s, "et": t}) + "\n" for s, t in pairs),
+    (tmp_path / "pairs.en-et.tsv").write_text("".join(f"{s}\t{t}\n" for s, t in pairs), encoding="utf-8")
+    (tmp_path / "pairs.en-et.jsonl").write_text("".join(json.dumps({"en": s, "et": t}) + "\n" for s, t in pairs),
                                           encoding="utf-8")
 
 
@@ -172,8 +182,8 @@ def test_translate_cli_inputs_agree_and_report(tmp_path, capsys):
     write_bitext(tmp_path, pairs)
     outputs = []
     for name, source in (("files", ["--src", str(tmp_path / "en.txt"), "--tgt", str(tmp_path / "et.txt")]),
-                         ("tsv", ["--tsv", str(tmp_path / "pairs.tsv")]),
-                         ("jsonl", ["--jsonl", str(tmp_path / "pairs.jsonl")])):
+                         ("tsv", ["--tsv", str(tmp_path / "pairs.en-et.tsv")]),
+                         ("jsonl", ["--jsonl", str(tmp_path / "pairs.en-et.jsonl")])):
         out = tmp_path / f"{name}.jsonl"
         report = main(["translate", *source, "--src-lang", "en", "--tgt-lang", "et", "--reverse-share", "0.25",
                        "--format", "alpaca", "--out", str(out), "--seed", "0", "--report", str(tmp_path / "r.json")])
@@ -204,7 +214,7 @@ def test_misaligned_bitext_names_both_files_and_writes_nothing(tmp_path, capsys)
     ("a\tb\n\xff\n", None),  # written as bytes below: not UTF-8
 ])
 def test_bad_tsv_names_file_and_line(tmp_path, capsys, content, message):
-    path = tmp_path / "bad.tsv"
+    path = tmp_path / "bad.en-et.tsv"
     if message is None:
         path.write_bytes(b"a\tb\n\xff\tc\n")
         message = ":2: not valid UTF-8"
@@ -216,7 +226,7 @@ def test_bad_tsv_names_file_and_line(tmp_path, capsys, content, message):
 
 
 def test_bad_jsonl_bitext_names_file_and_line(tmp_path, capsys):
-    path = tmp_path / "bad.jsonl"
+    path = tmp_path / "bad.en-et.jsonl"
     path.write_text(json.dumps({"en": "a", "et": "b"}) + "\n" + json.dumps({"en": "a"}) + "\n", encoding="utf-8")
     with pytest.raises(SystemExit):
         main(["translate", "--jsonl", str(path), "--out", str(tmp_path / "o.jsonl")])
@@ -227,17 +237,38 @@ def test_cli_runs_as_a_module(tmp_path):
     write_bitext(tmp_path, good_pairs(8))
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
     proc = subprocess.run([sys.executable, "-m", "minillm.instructions", "translate", "--tsv",
-                           str(tmp_path / "pairs.tsv"), "--format", "chat", "--out", str(tmp_path / "o.jsonl")],
+                           str(tmp_path / "pairs.en-et.tsv"), "--format", "chat", "--out", str(tmp_path / "o.jsonl")],
                           capture_output=True, text=True, env=env, timeout=120)
     assert proc.returncode == 0, proc.stderr
     assert len((tmp_path / "o.jsonl").read_text().splitlines()) == 8
     assert "kept" in proc.stdout
 
 
+def test_languages_come_from_the_options_or_the_file_names_and_are_said(tmp_path, capsys):
+    """train.en / train.pl give en -> pl, said; a name that tells nothing, or a code without prompts, is refused
+    listing the known codes (a default of Estonian once turned Polish bitext into Estonian instructions)."""
+    pairs = good_pairs(8)
+    (tmp_path / "train.en").write_text("".join(s + "\n" for s, _ in pairs), encoding="utf-8")
+    (tmp_path / "train.pl").write_text("".join(t + "\n" for _, t in pairs), encoding="utf-8")
+    main(["translate", "--src", str(tmp_path / "train.en"), "--tgt", str(tmp_path / "train.pl"), "--reverse-share",
+          "0", "--template-langs", "en", "--out", str(tmp_path / "o.jsonl")])
+    assert "languages: en -> pl (from the file names)" in capsys.readouterr().out
+    records = [json.loads(line) for line in (tmp_path / "o.jsonl").read_text().splitlines()]
+    assert all("Polish" in r["instruction"] and "Estonian" not in r["instruction"] for r in records)
+    (tmp_path / "pairs.tsv").write_text("".join(f"{s}\t{t}\n" for s, t in pairs), encoding="utf-8")
+    for args, message in (([], "pairs.tsv: cannot tell the languages from the file name(s); give --src-lang and "
+                               "--tgt-lang (known: en, et, pl)"),
+                          (["--src-lang", "en", "--tgt-lang", "xx"], "--tgt-lang 'xx': no instruction prompts for this "
+                                                                     "language (known: en, et, pl)")):
+        with pytest.raises(SystemExit) as e:
+            main(["translate", "--tsv", str(tmp_path / "pairs.tsv"), *args, "--out", str(tmp_path / "n.jsonl")])
+        assert e.value.code == 1 and message in capsys.readouterr().err and not (tmp_path / "n.jsonl").exists()
+
+
 def test_missing_input_file(tmp_path, capsys):
     with pytest.raises(SystemExit) as e:
-        main(["translate", "--tsv", str(tmp_path / "missing.tsv"), "--out", str(tmp_path / "o.jsonl")])
-    assert e.value.code == 1 and "missing.tsv: cannot read" in capsys.readouterr().err
+        main(["translate", "--tsv", str(tmp_path / "missing.en-et.tsv"), "--out", str(tmp_path / "o.jsonl")])
+    assert e.value.code == 1 and "missing.en-et.tsv: cannot read" in capsys.readouterr().err
 
 
 # ----------------------------------------------------------------------------- mixtures

@@ -248,6 +248,28 @@ def test_the_last_step_is_validated_and_the_export_names_its_step(world, tmp_pat
     assert best["step"] == 12  # the loss is still falling: the last step is the best one, and it was exported
 
 
+def test_the_initial_model_takes_part_in_best(world, tmp_path):
+    """--lr 10 makes every step worse than the initial model on validation: the export is the initial weights
+    (bit-identical to --init-from), said; with --initial-can-be-best false it is the best trained step, with the
+    note that it did not improve on the start."""
+    from safetensors.torch import load_file
+    proc = run(world, tmp_path / "a", "--micro-batch-size", "16", "--lr", "10", "--min-lr", "1")
+    m = metrics(tmp_path / "a", with_start=True)
+    assert m[0]["step"] == 0 and m[0]["best"] and all(r["val_loss"] > m[0]["val_loss"] for r in m[1:] if "val_loss" in r)
+    assert f"no step improved on the initial model's val_loss {m[0]['val_loss']:.4f}: exported the initial weights " \
+           f"(step 0) to {tmp_path / 'a' / 'model'}" in proc.stdout
+    exported, initial = load_file(str(tmp_path / "a" / "model" / "model.safetensors")), \
+        load_file(str(world / "init" / "model.safetensors"))
+    assert exported.keys() == initial.keys() and all(torch.equal(exported[k], initial[k]) for k in initial)
+    assert json.loads((tmp_path / "a" / "model" / "training_state.json").read_text())["step"] == 0
+    proc = run(world, tmp_path / "b", "--micro-batch-size", "16", "--lr", "10", "--min-lr", "1",
+               "--initial-can-be-best", "false")
+    m = metrics(tmp_path / "b", with_start=True)
+    best = min((r for r in m[1:] if "val_loss" in r), key=lambda r: r["val_loss"])
+    assert "best" not in m[0] and f"step {best['step']}, the best val_loss {best['val_loss']:.4f}; no step " \
+        f"improved on the initial model's val_loss {m[0]['val_loss']:.4f}" in proc.stdout
+
+
 def test_a_tokenizer_json_model_trains_and_aligns_in_its_own_layout(world, tmp_path):
     """A Qwen2-style model (tokenizer.json only, no BOS, ChatML markers): SFT with --template auto renders in
     ChatML and exports its Jinja twin; ORPO from that export picks the same layout from the chat template;
