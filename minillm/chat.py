@@ -7,7 +7,9 @@ model declares or any marker of the layout.
     python -m minillm.chat --model runs/demo/orpo/model --temperature 0.6 --top-p 0.9 --repetition-penalty 1.2
     echo "Translate to Estonian: the red cat" | python -m minillm.chat --model DIR   # one turn, then exit
 
-Commands at the prompt: /reset clears the history, /quit (or Ctrl-D) leaves.
+At the prompt: /reset clears the history, /quit (or Ctrl-D) leaves, and a line of three double quotes
+starts a message of several lines (a paste), which another such line ends.
+
 The defaults are the sampling settings of the LLAMMAS paper (top-p 0.9, temperature 0.6,
 repetition penalty 1.2); --temperature 0 is greedy.
 """
@@ -65,10 +67,11 @@ def fit_context(messages: list[dict], tokenizer, max_seq_len: int, max_new_token
     return prompt, min(max_new_tokens, max_seq_len - len(prompt)), dropped
 
 
-def reply(model, tokenizer, messages, args, template: str, out=sys.stdout) -> tuple[str, int]:
+def reply(model, tokenizer, messages, args, template: str, out=sys.stdout, prefix: str = "") -> tuple[str, int]:
     """Generate the assistant's next turn for `messages` in chat_format's `template`, streaming its text to
-    `out`; returns (the text, how many old turns had to be left out). The reply is capped by the context the
-    conversation leaves."""
+    `out` after `prefix` (written with the first token, so that whatever the first forward pass prints comes
+    before it); returns (the text, how many old turns had to be left out). The reply is capped by the context
+    the conversation leaves."""
     prompt, budget, dropped = fit_context(messages, tokenizer, model.config.max_seq_len, args.max_new_tokens,
                                           template)
     printed = ""
@@ -76,6 +79,8 @@ def reply(model, tokenizer, messages, args, template: str, out=sys.stdout) -> tu
 
     def stream(row, token):
         nonlocal printed
+        if not tokens:
+            out.write(prefix)
         tokens.append(token)
         text = tokenizer.decode(tokens)
         if not text.endswith("\ufffd"):  # wait for the rest of a multi-byte character
@@ -87,15 +92,36 @@ def reply(model, tokenizer, messages, args, template: str, out=sys.stdout) -> tu
                    top_k=args.top_k, top_p=args.top_p, repetition_penalty=args.repetition_penalty,
                    eos_id=stop_ids(tokenizer, template), tokenizer=tokenizer, seed=args.seed, stream=stream)[0]
     text = tokenizer.decode(new)
+    if not tokens:  # nothing was generated (the model ended at once)
+        out.write(prefix)
     if text.startswith(printed):  # what the stream held back (an unfinished character)
         out.write(text[len(printed):])
     out.write("\n")
     return text.strip(), dropped
 
 
+MULTILINE = '"""'  # a line of its own that starts and ends a message of several lines
+
+
+def read_message(interactive: bool) -> str | None:
+    """The user's next message: one line, or the lines between two MULTILINE lines; None at the end of input."""
+    line = input("you> ") if interactive else sys.stdin.readline()
+    if not interactive and not line:
+        return None
+    if line.strip() != MULTILINE:
+        return line
+    lines = []
+    while True:
+        line = input("... ") if interactive else sys.stdin.readline()
+        if (not interactive and not line) or line.strip() == MULTILINE:
+            return "\n".join(lines)
+        lines.append(line.rstrip("\n"))
+
+
 @cli
 def main(argv=None):
-    args = parse_options(ChatOptions, argv, prog="python -m minillm.chat", description=__doc__.split("\n\n")[0])
+    args = parse_options(ChatOptions, argv, prog="python -m minillm.chat",
+                         description="\n\n".join(__doc__.split("\n\n")[:3:2]))  # what it is, and the commands
     model = load_pretrained(args.model, device="cuda" if torch.cuda.is_available() else "cpu")
     tokenizer = load_tokenizer(args.model)
     template = resolve_template("auto", tokenizer)
@@ -103,12 +129,16 @@ def main(argv=None):
     sys.stdin.reconfigure(errors="replace")  # a line that is not UTF-8 is read with U+FFFD, and said so below
     messages = [{"role": "system", "content": args.system}] if args.system else []
     said_dropping = False
+    if interactive:
+        print(f"{args.model}: {model.config.family} model, chat layout '{template}', context {model.config.max_seq_len} "
+              f"tokens. /reset clears the history, /quit leaves, a line \"\"\" starts and ends a message of "
+              "several lines.")
     while True:
         try:
-            user = input("you> ") if interactive else sys.stdin.readline()
+            user = read_message(interactive)
         except (EOFError, KeyboardInterrupt):
             break
-        if not interactive and not user:
+        if user is None:
             break
         user = user.strip()
         if user in ("/quit", "/exit"):
@@ -121,9 +151,7 @@ def main(argv=None):
         if "\ufffd" in user:
             print("(that line was not valid UTF-8: its undecodable bytes became \ufffd)", file=sys.stderr)
         messages.append({"role": "user", "content": user})
-        if interactive:
-            sys.stdout.write("model> ")
-        text, dropped = reply(model, tokenizer, messages, args, template)
+        text, dropped = reply(model, tokenizer, messages, args, template, prefix="model> " if interactive else "")
         if dropped and not said_dropping:
             print(f"(the conversation outgrew the model's context of {model.config.max_seq_len} tokens: its oldest "
                   "turns are left out of the prompt from now on)", file=sys.stderr)

@@ -529,6 +529,9 @@ class ExportedModel:
 
     def update(self, record: dict, last: bool):
         val = record.get("val_loss")
+        if val is not None and not math.isfinite(val) and record["step"] == 0:
+            raise ValueError(f"step 0: the initial model's validation loss is {val}; stopped before training, nothing "
+                             "exported (a damaged --init-from?)")
         if val is not None and not math.isfinite(val):
             raise ValueError(f"step {record['step']}: the validation loss is {val}; stopped without exporting over "
                              f"{self.path} (the best so far: step {self.best['step']})")

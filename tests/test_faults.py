@@ -79,7 +79,8 @@ def test_nonfinite_loss_stops_sft_and_orpo(tiny_world, tmp_path, script):
                        "train_orpo.py": ["--valid-data", data / "preferences/valid.jsonl"]}[script]
     proc = run_script(script, ["--init-from", tmp_path / "broken", *files, *with_validation, "--seq-len", "128",
                                "--epochs", "1", "--micro-batch-size", "4", "--out-dir", tmp_path / "run2"], check=False)
-    assert "step 1: the loss is nan" in error_line(proc)  # the step-0 validation is NaN too: nothing exported
+    assert "step 0: the initial model's validation loss is nan; stopped before training, nothing exported" in \
+        error_line(proc)  # the step-0 validation is NaN: caught before the first step
     assert not (tmp_path / "run2" / "model").exists()
 
 
@@ -338,6 +339,39 @@ def test_chat_reads_a_line_that_is_not_utf8_and_says_so(tiny_world):
     stderr = proc.stderr.decode()
     assert proc.returncode == 0 and "Traceback" not in stderr, stderr[-2000:]
     assert stderr.count("not valid UTF-8") == 1
+
+
+def test_chat_in_a_terminal_says_what_it_runs_and_takes_multiline_messages(tiny_world):
+    """On a terminal (a pty): a banner names the model, its chat layout and the commands; the backend line of the
+    first forward pass comes before "model> ", not inside the reply; a \"\"\" block is one message (one reply);
+    --help lists the commands."""
+    import pty  # noqa: F401 - Linux/macOS only, like the chat's terminal handling
+    import select
+    master, slave = os.openpty()
+    proc = subprocess.Popen([sys.executable, "-m", "minillm.chat", "--model", str(tiny_world / "init"), "--temperature",
+                             "0", "--max-new-tokens", "3"], stdin=slave, stdout=slave, stderr=subprocess.PIPE,
+                            cwd=ROOT, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    os.close(slave)
+    os.write(master, b'"""\nTere\nmaailm\n"""\n/quit\n')
+    out = b""
+    while True:
+        ready, _, _ = select.select([master], [], [], 120)
+        try:
+            chunk = os.read(master, 4096) if ready else b""
+        except OSError:  # EIO: the child closed the terminal
+            chunk = b""
+        if not chunk:
+            break
+        out += chunk
+    proc.wait(timeout=60)
+    os.close(master)
+    text = out.decode(errors="replace")
+    assert proc.returncode == 0, proc.stderr.read().decode()[-2000:]
+    assert f"{tiny_world / 'init'}: llama model, chat layout 'tulu', context" in text and "/reset" in text, text
+    assert text.count("model> ") == 1 and text.index("attention: ") < text.index("model> "), text  # one reply
+    help_text = subprocess.run([sys.executable, "-m", "minillm.chat", "--help"], capture_output=True, text=True,
+                               cwd=ROOT, timeout=120).stdout
+    assert "/reset clears the history, /quit (or Ctrl-D) leaves" in help_text and "three double quotes" in help_text
 
 
 def test_fit_context_drops_the_oldest_turns_and_caps_the_reply(tiny_world):
