@@ -1,4 +1,4 @@
-"""Stage 3: preference alignment with ORPO (odds-ratio preference optimisation, no reference model).
+"""Stage 3: preference alignment, by default with ORPO (odds-ratio preference optimisation, no reference model).
 
 PLLuM aligns its instruction-tuned models with ORPO on ~40K preference pairs. Per pair the loss is
 NLL(chosen) + lambda * L_OR (minillm/losses.py writes L_OR out): the model learns the chosen answer and, at
@@ -6,8 +6,21 @@ the same time, to give it higher odds than the rejected one. Records are JSONL {
 "chosen": str | message, "rejected": str | message}, rendered with SFT's chat layout (--template), so both
 answers share the prompt's tokens exactly. Chosen and rejected go through ONE concatenated forward pass.
 
+--objective picks the loss (PLLuM's next check compares them on identical data); the loop is the same:
+    orpo  NLL(chosen) + lambda * odds-ratio loss; no reference model (Hong et al. 2024). The default.
+    dpo   -log sigmoid(beta * (log-ratio(chosen) - log-ratio(rejected))), log-ratio = log pi - log pi_ref of
+          the response (Rafailov et al. 2023); --label-smoothing > 0 is cDPO.
+    ipo   (per-token log-ratio gap - 1 / (2 beta))^2: DPO that stops at a finite margin (Azar et al. 2023).
+    kto   unpaired examples, each desirable or undesirable: 1 - sigmoid(beta * (log-ratio - z0)) (or of
+          z0 - log-ratio), z0 a batch estimate of KL(pi || pi_ref) (Ethayarajh et al. 2024). Reads the pairs
+          above (chosen: desirable, rejected: undesirable) and records {"prompt" | "messages", "completion",
+          "label": true | false}.
+pi_ref is the initial model: its log-probs of every example are computed once before the first step and kept
+in OUT_DIR/reference_logps.safetensors (minillm/preference.py), so training holds one model, as ORPO.
+
 CPU, one process (the demo's stage):
     python train_orpo.py --init-from runs/demo/sft/model --train-data prefs.jsonl --valid-data prefs_valid.jsonl
+    python train_orpo.py --objective dpo --beta 0.1 ...
 One GPU:
     python train_orpo.py --init-from runs/sft/model --train-data prefs.jsonl --micro-batch-size 4 --grad-accum 16
 8 GPUs:
@@ -18,6 +31,7 @@ Resume (same --out-dir): add --resume; on another number of ranks keep micro_bat
 rows of every step depend only on that product); README "Resuming on a different number of GPUs", "Multi-node".
 
 Metrics (every step: over the step's pairs on all ranks; val_*: over every held-out pair, each once):
+  orpo:
     loss             nll + lambda * or_loss, what is minimised
     nll              mean NLL per chosen token trained on (response + end-of-turn; + prompt with --nll-on-prompt)
     or_loss          mean L_OR = -log sigmoid(log_odds) over pairs
@@ -26,6 +40,12 @@ Metrics (every step: over the step's pairs on all ranks; val_*: over every held-
     reward_accuracy  share of pairs whose chosen response has the higher mean log-prob
     margin           mean (chosen_logps - rejected_logps), nats per token
     chosen_length / rejected_length mean response tokens per pair
+  dpo, ipo, kto (TRL's names; KTO's per-side means are over its desirable / undesirable examples):
+    loss             the objective's mean loss per pair (KTO: per example)
+    rewards/chosen, rewards/rejected   mean beta * log-ratio of the chosen / rejected responses
+    rewards/margins  rewards/chosen - rewards/rejected;  rewards/accuracies (dpo, ipo): share with chosen > rejected
+    logps/chosen, logps/rejected       mean summed log-prob of the responses
+    kl               (kto) the reference point z0 of the step
 """
 from __future__ import annotations
 
@@ -42,9 +62,11 @@ from minillm.checkpoints import (ExportedModel, Preemption, check_same_data, loa
 from minillm.engine import (all_reduce_sum, batch_to, build_engine, end_validation, engine_step, load_model_and_tokenizer, lr_at,
                             model_inputs, print0, set_lr, setup_distributed, teardown_distributed)
 from minillm.files import fingerprints
-from minillm.losses import IGNORE_INDEX, orpo_loss, orpo_means, pair_logprobs, split_pairs
+from minillm.losses import (IGNORE_INDEX, dpo_loss, ipo_loss, kto_loss, kto_reference_point, orpo_loss, orpo_means,
+                            pair_logprobs, reference_means, sequence_logprobs, split_pairs)
 from minillm.monitor import RunLog, StallWatch, peak_flops, peak_memory_gb, step_flops
 from minillm.options import TrainOptions, cli, parse_options, require
+from minillm.preference import kto_batch, load_kto_files, load_reference, save_reference, score_everything
 from minillm.sft_data import epoch_order, load_preference_files, pair_batch, step_slices, steps_per_epoch
 
 
@@ -56,9 +78,15 @@ class ORPOOptions(TrainOptions):
     valid_data: str = "data/sample/preferences/valid.jsonl"  # held-out pairs; '' = no validation (the last model is exported)
     initial_can_be_best: bool = True  # the step-0 validation takes part in choosing the exported model: when no step beats it, the initial weights are exported (false: the best trained step, with a note)
     template: Literal["auto", "tulu", "llama3", "chatml", "alpaca"] = "auto"  # how pairs are rendered (SFT's template): a chat layout, the Alpaca prompt, or auto = the chat layout whose markers the tokenizer has
+    objective: Literal["orpo", "dpo", "ipo", "kto"] = "orpo"  # the preference loss (the docstring above)
     # ORPO
     orpo_lambda: float = 0.1  # weight of L_OR (TRL's default; the ORPO paper used 0.05-0.25)
     nll_on_prompt: bool = False  # the NLL also scores the prompt (TRL's ORPOTrainer); default: response + end-of-turn only
+    # DPO, IPO, KTO: the reference is the initial model
+    beta: float = 0.1  # strength of the tie to the reference (TRL's default); IPO's target log-ratio gap is 1 / (2 beta)
+    label_smoothing: float = 0.0  # DPO: probability that a pair's preference is wrong (cDPO); 0 = DPO
+    desirable_weight: float = 1.0  # KTO: weight of the desirable examples' loss
+    undesirable_weight: float = 1.0  # KTO: weight of the undesirable examples' loss
     epochs: int = 1  # passes over the training pairs
     # model: a Hugging Face directory (the SFT stage's OUT_DIR/model); the ORPO paper: lr 8e-6 for 7B models
     init_from: str = "runs/demo/sft/model"
@@ -74,18 +102,54 @@ class ORPOOptions(TrainOptions):
         require(self.orpo_lambda >= 0 and math.isfinite(self.orpo_lambda), "orpo_lambda", self.orpo_lambda,
                 "must be >= 0")
         require(bool(self.train_data.replace(",", "").strip()), "train_data", self.train_data, "names no file")
+        require(self.beta > 0 and math.isfinite(self.beta), "beta", self.beta, "must be > 0")
+        require(0 <= self.label_smoothing < 0.5, "label_smoothing", self.label_smoothing, "must be in [0, 0.5)")
+        require(self.label_smoothing == 0 or self.objective == "dpo", "label_smoothing", self.label_smoothing,
+                "applies to --objective dpo only")
+        for name in ("desirable_weight", "undesirable_weight"):
+            require(getattr(self, name) >= 0, name, getattr(self, name), "must be >= 0")
 
 
-def pair_sums(engine, batch, n_tokens: float, n_pairs: float, cfg) -> tuple[torch.Tensor, dict]:
-    """One micro-batch of pairs forward: the loss to backpropagate and the sums the metrics are made of."""
+def sequence_sums(engine, batch) -> torch.Tensor:
+    """Forward: the summed log-prob of each row's response tokens [rows] (DPO, IPO, KTO compare these)."""
+    return sequence_logprobs(-engine(**model_inputs(batch), reduction="none"), batch["response_mask"])[0]
+
+
+def objective_sums(engine, batch, n_tokens: float, n_items: float, kl: float | None, cfg) -> tuple[torch.Tensor, dict]:
+    """One micro-batch forward: the loss to backpropagate and the sums the metrics are made of. n_tokens: the
+    step's chosen tokens (ORPO's NLL), n_items: its pairs (KTO: examples), kl: KTO's reference point."""
+    if cfg.objective == "kto":
+        return kto_loss(sequence_sums(engine, batch), batch["ref_completion"], batch["desirable"], kl, cfg.beta,
+                        cfg.desirable_weight, cfg.undesirable_weight, n_examples=max(n_items, 1),
+                        example_mask=batch["example_mask"])
     token_logps = -engine(**model_inputs(batch), reduction="none")  # forward: per-token log-probs [2B, T]
     parts = pair_logprobs(token_logps, batch["labels"], batch["response_mask"])
     real = batch["pair_mask"]
+    if cfg.objective == "dpo":
+        return dpo_loss(parts["chosen_sum_logps"], parts["rejected_sum_logps"], batch["ref_chosen"],
+                        batch["ref_rejected"], cfg.beta, cfg.label_smoothing, n_pairs=max(n_items, 1), pair_mask=real)
+    if cfg.objective == "ipo":
+        return ipo_loss(parts["chosen_sum_logps"], parts["rejected_sum_logps"], batch["ref_chosen"],
+                        batch["ref_rejected"], parts["chosen_lengths"], parts["rejected_lengths"], cfg.beta,
+                        n_pairs=max(n_items, 1), pair_mask=real)
     loss, sums = orpo_loss(parts["chosen_nll_sum"] / max(n_tokens, 1), parts["chosen_logps"],
-                           parts["rejected_logps"], cfg.orpo_lambda, n_pairs=max(n_pairs, 1), pair_mask=real,
+                           parts["rejected_logps"], cfg.orpo_lambda, n_pairs=max(n_items, 1), pair_mask=real,
                            chosen_lengths=parts["chosen_lengths"], rejected_lengths=parts["rejected_lengths"])
     sums.update(nll_sum=parts["chosen_nll_sum"].item(), nll_tokens=float(parts["chosen_nll_tokens"]))
     return loss, sums
+
+
+def means(totals: dict, kl: float | None, cfg) -> dict:
+    """The logged metrics from the sums of a step or a validation pass."""
+    if cfg.objective == "orpo":
+        return orpo_means(totals, cfg.orpo_lambda)
+    return reference_means(totals) | ({"kl": kl} if kl is not None else {})
+
+
+# what the step line shows besides loss, lr and speed (every metric is in metrics.jsonl)
+LOGGED = {"orpo": ("reward_accuracy", "margin", "val_loss", "val_reward_accuracy"),
+          "kto": ("kl", "rewards/margins", "val_loss", "val_rewards/margins")}
+LOGGED["dpo"] = LOGGED["ipo"] = ("rewards/accuracies", "rewards/margins", "val_loss", "val_rewards/accuracies")
 
 
 @cli
@@ -98,41 +162,83 @@ def main(argv=None):
     template = resolve_template(cfg.template, tokenizer)
     print0(f"template: {template}")
     model.config.eos_ids = end_ids(model.config.eos_ids or [model.config.eos_id], tokenizer, template)  # exported
-    train_pairs = load_preference_files(cfg.train_data.split(","), tokenizer, cfg.seq_len, print0, template)
-    valid_pairs = (load_preference_files(cfg.valid_data.split(","), tokenizer, cfg.seq_len, print0, template)
-                   if cfg.valid_data else [])
+    load = load_kto_files if cfg.objective == "kto" else load_preference_files  # KTO: unpaired examples
+    train_set = load(cfg.train_data.split(","), tokenizer, cfg.seq_len, print0, template)
+    valid_set = load(cfg.valid_data.split(","), tokenizer, cfg.seq_len, print0, template) if cfg.valid_data else []
     data = fingerprints(f.strip() for f in f"{cfg.train_data},{cfg.valid_data}".replace(";", ",").split(",") if f.strip())
-    pairs_per_step = cfg.micro_batch_size * cfg.grad_accum * world_size
-    if len(train_pairs) < pairs_per_step:
-        raise ValueError(f"{cfg.train_data}: {len(train_pairs)} usable pairs, fewer than one global batch "
-                         f"({pairs_per_step} = micro_batch_size x grad_accum x ranks)")
+    items_per_step = cfg.micro_batch_size * cfg.grad_accum * world_size
+    if len(train_set) < items_per_step:
+        raise ValueError(f"{cfg.train_data}: {len(train_set)} usable {'examples' if cfg.objective == 'kto' else 'pairs'}, "
+                         f"fewer than one global batch ({items_per_step} = micro_batch_size x grad_accum x ranks)")
     # Whole global batches only: the incomplete last one of an epoch is skipped (its pairs come back in the
     # next epoch's order), so every training step weighs the same number of pairs.
-    epoch_steps = len(train_pairs) // pairs_per_step
+    epoch_steps = len(train_set) // items_per_step
     total_steps = cfg.epochs * epoch_steps
     engine, optimizer = build_engine(model, cfg, device)
     chat_template = chat_template_jinja(template, tokenizer)
+    sides = {"orpo": (), "kto": ("completion", "kl")}.get(cfg.objective, ("chosen", "rejected"))
+    reference: dict[str, torch.Tensor] = {}  # "train/chosen" -> log pi_ref of every training pair's chosen response, ...
 
-    def batches(pairs, indices_per_micro) -> tuple[list[dict], float, float]:
-        """The micro-batches of a step (or a validation slice) and the step's global chosen-token and pair counts."""
-        out = [batch_to(pair_batch(pairs, idx, cfg.nll_on_prompt, tokenizer.pad_id), device) for idx in indices_per_micro]
-        n_tokens, n_pairs = all_reduce_sum([sum((split_pairs(b["labels"])[0] != IGNORE_INDEX).sum().item() for b in out),
-                                            sum(b["pair_mask"].sum().item() for b in out)], device)
-        return out, n_tokens, n_pairs
+    def make_batch(items, split: str, indices: list[int], mismatched: bool = False) -> dict:
+        """Rows of pairs (chosen, then rejected) or KTO examples (or their mismatched sequences), with the
+        reference log-probs of those indices once they exist (0 for padding, index -1)."""
+        batch = (kto_batch(items, indices, tokenizer.pad_id, mismatched) if cfg.objective == "kto"
+                 else pair_batch(items, indices, cfg.nll_on_prompt, tokenizer.pad_id))
+        for side in sides if reference else ():
+            batch[f"ref_{side}"] = torch.where(torch.tensor(indices) >= 0,
+                                               reference[f"{split}/{side}"][[max(i, 0) for i in indices]], 0.0)
+        return batch_to(batch, device)
+
+    def batches(items, split: str, indices_per_micro) -> tuple[list[dict], float, float]:
+        """The micro-batches of a step (or a validation slice) and the step's global chosen-token and pair (KTO:
+        example) counts."""
+        out = [make_batch(items, split, idx) for idx in indices_per_micro]
+        real = "example_mask" if cfg.objective == "kto" else "pair_mask"
+        n_tokens, n_items = all_reduce_sum([sum((split_pairs(b["labels"])[0] != IGNORE_INDEX).sum().item()
+                                                for b in out if cfg.objective != "kto"),
+                                            sum(b[real].sum().item() for b in out)], device)
+        return out, n_tokens, n_items
+
+    @torch.no_grad()
+    def reference_point(items, split: str, indices_per_micro) -> float | None:
+        """KTO's z0 over the examples of all these micro-batches on all ranks (no gradient); None otherwise."""
+        if cfg.objective != "kto":
+            return None
+        total, count = 0.0, 0.0
+        for idx in indices_per_micro:
+            batch = make_batch(items, split, idx, mismatched=True)
+            real = batch["example_mask"]
+            total += float((sequence_sums(engine, batch) - batch["ref_kl"])[real].sum())
+            count += float(real.sum())
+        return kto_reference_point(*all_reduce_sum([total, count], device))
+
+    @torch.no_grad()
+    def reference_logprobs(items, split: str) -> dict[str, torch.Tensor]:
+        """log pi_ref of every example of a split under the model as it is now (the initial one), ranks sharing."""
+        def score(indices):
+            batch = make_batch(items, split, indices)
+            if cfg.objective == "kto":
+                kl_batch = make_batch(items, split, indices, mismatched=True)
+                return {"completion": sequence_sums(engine, batch), "kl": sequence_sums(engine, kl_batch)}
+            return dict(zip(sides, split_pairs(sequence_sums(engine, batch))))
+        logps = score_everything(score, len(items), cfg.micro_batch_size, rank, world_size, device)
+        return {f"{split}/{side}": values for side, values in logps.items()}
 
     @torch.no_grad()
     def validate() -> dict:
         """Every held-out pair scored once on any number of ranks and micro-batch size; exact means."""
         engine.eval()
+        slices = [step_slices(len(valid_set), s, cfg.micro_batch_size, 1, rank, world_size)
+                  for s in range(steps_per_epoch(len(valid_set), cfg.micro_batch_size, 1, world_size))]
+        kl = reference_point(valid_set, "valid", [idx for micro in slices for idx in micro])  # KTO: over the whole set
         totals: dict[str, float] = {}
-        for s in range(steps_per_epoch(len(valid_pairs), cfg.micro_batch_size, 1, world_size)):
-            micro, n_tokens, n_pairs = batches(valid_pairs, step_slices(len(valid_pairs), s, cfg.micro_batch_size, 1,
-                                                                        rank, world_size))
-            for sums in (pair_sums(engine, b, n_tokens, n_pairs, cfg)[1] for b in micro):
+        for indices in slices:
+            micro, n_tokens, n_items = batches(valid_set, "valid", indices)
+            for sums in (objective_sums(engine, b, n_tokens, n_items, kl, cfg)[1] for b in micro):
                 totals = {k: totals.get(k, 0.0) + v for k, v in sums.items()}
         end_validation(engine)
         totals = dict(zip(totals, all_reduce_sum(list(totals.values()), device)))
-        return {f"val_{k}": v for k, v in orpo_means(totals, cfg.orpo_lambda).items()}
+        return {f"val_{k}": v for k, v in means(totals, kl, cfg).items()}
 
     step, state = 0, {}
     if cfg.resume and (state := load_checkpoint(engine, cfg.out_dir, model.config.architecture()) or {}):
@@ -142,34 +248,46 @@ def main(argv=None):
     if step >= total_steps:  # a resume with nothing left to do: say so, touch no file
         print0(f"nothing to do: the checkpoint is at step {step} >= the run's {total_steps} steps")
         return teardown_distributed()
-    start_run(cfg, rank, step, run_readme("train_orpo.py", cfg, "preference alignment (ORPO)"))
+    start_run(cfg, rank, step, run_readme("train_orpo.py", cfg, f"preference alignment ({cfg.objective.upper()})"))
+    splits = {"train": train_set, "valid": valid_set}
+    if sides and state:  # a resume: the model is no longer the reference; read what the run started with
+        reference = load_reference(cfg.out_dir, data, {f"{split}/{side}": len(items) for split, items in splits.items()
+                                                       for side in sides if items})
+    elif sides:  # once, before the first step: the initial model is the reference
+        engine.eval()
+        new = {k: v for split, items in splits.items() if items for k, v in reference_logprobs(items, split).items()}
+        end_validation(engine)
+        save_reference(cfg.out_dir, new, data, rank)
+        reference = new
     # the model with the best validation loss; without validation, the last one
-    result = ExportedModel(engine, model, tokenizer, cfg, chat_template, by_validation=bool(valid_pairs),
+    result = ExportedModel(engine, model, tokenizer, cfg, chat_template, by_validation=bool(valid_set),
                            best=state.get("best"))
 
     def trainer_state() -> dict:  # what a checkpoint needs besides DeepSpeed's own state
         return {"step": step, "best": result.best, "options": asdict(cfg), "model_config": model.config.architecture(),
                 "data": data, "data_changes": data_changes}
 
-    log = RunLog(cfg.out_dir, rank, total_steps, step, cfg.log_interval, "orpo", log_to=cfg.log_to,
+    log = RunLog(cfg.out_dir, rank, total_steps, step, cfg.log_interval, cfg.objective, log_to=cfg.log_to,
                  stall_watch=StallWatch(model.config.vocab_size, cfg.warmup_steps))  # warns of a collapsed run
-    if valid_pairs and step == 0:  # where alignment starts from
+    if valid_set and step == 0:  # where alignment starts from
         log.start(result.start({"step": 0, **validate()}))
     peak, preemption, order_epoch, order = peak_flops(device, cfg.peak_tflops) * world_size, Preemption(), None, None
     while step < total_steps and not preemption.stop:
         t0 = time.time()
         epoch, step_in_epoch = divmod(step, epoch_steps)
         if order_epoch != epoch:  # one seeded shuffle per epoch
-            order_epoch, order = epoch, epoch_order(len(train_pairs), epoch, cfg.seed)
+            order_epoch, order = epoch, epoch_order(len(train_set), epoch, cfg.seed)
         lr = lr_at(step, cfg, total_steps)
         set_lr(optimizer, lr)
-        # NLL: a mean over every chosen token of the global batch; L_OR: a mean over its pairs. Both counts
-        # are summed over ranks before the first backward.
-        slices = step_slices(len(train_pairs), step_in_epoch, cfg.micro_batch_size, cfg.grad_accum, rank, world_size)
-        micro_batches, n_tokens, n_pairs = batches(train_pairs, [[order[i] for i in idx] for idx in slices])
+        # NLL: a mean over every chosen token of the global batch; L_OR (and DPO's, IPO's, KTO's loss): a mean over
+        # its pairs (KTO: examples). Both counts, and KTO's reference point, are summed over ranks before the first backward.
+        slices = step_slices(len(train_set), step_in_epoch, cfg.micro_batch_size, cfg.grad_accum, rank, world_size)
+        indices = [[order[i] for i in idx] for idx in slices]
+        micro_batches, n_tokens, n_items = batches(train_set, "train", indices)
+        kl = reference_point(train_set, "train", indices)  # KTO: z0 of the step, a forward without gradient
         totals: dict[str, float] = {}
         for batch in micro_batches:
-            loss, sums = pair_sums(engine, batch, n_tokens, n_pairs, cfg)  # forward
+            loss, sums = objective_sums(engine, batch, n_tokens, n_items, kl, cfg)  # forward
             engine.backward(loss * world_size * cfg.grad_accum)  # backward (DeepSpeed averages; this undoes it)
             grad_norm = engine_step(engine, model)  # the update happens after the step's last micro-batch
             totals = {k: totals.get(k, 0.0) + v for k, v in sums.items()}
@@ -179,17 +297,17 @@ def main(argv=None):
 
         tokens, flops = all_reduce_sum([sum(b["input_ids"].numel() for b in micro_batches),
                                         step_flops(model.config, micro_batches)], device)
-        record = {"step": step, "epoch": epoch + 1, "lr": lr, **orpo_means(totals, cfg.orpo_lambda),
+        record = {"step": step, "epoch": epoch + 1, "lr": lr, **means(totals, kl, cfg),
                   "grad_norm": grad_norm, "tokens_per_s": tokens / dt, "mfu": flops / dt / peak,
                   "peak_memory_gb": peak_memory_gb(device)}
         if not math.isfinite(record["loss"]) or (grad_norm is not None and not math.isfinite(grad_norm)):
             raise ValueError(f"step {step}: the loss is {record['loss']} (gradient norm {grad_norm}); stopped without "
                              "saving or exporting, the last checkpoint is the last finite state (lower --lr?)")
         last = step == total_steps
-        if valid_pairs and (last or (cfg.eval_interval and step % cfg.eval_interval == 0)):
+        if valid_set and (last or (cfg.eval_interval and step % cfg.eval_interval == 0)):
             record.update(validate())
         result.update(record, last)
-        log.step(record, extra=("reward_accuracy", "margin", "val_loss", "val_reward_accuracy"))
+        log.step(record, extra=LOGGED[cfg.objective])
         save_checkpoint_if_due(engine, cfg, step, total_steps, trainer_state, preemption)  # every N steps, the last, SIGTERM
     log.close(result.summary() if step == total_steps else f"{preemption.signal}: saved step {step} to {cfg.out_dir}/checkpoints")
     teardown_distributed()

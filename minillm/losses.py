@@ -1,5 +1,6 @@
 """The loss math of every stage, written out: per-token log-probs from hidden states (chunked, exact
-gradients), the token-level cross-entropy sum used by pretraining and SFT, and ORPO's odds-ratio loss.
+gradients), the token-level cross-entropy sum used by pretraining and SFT, ORPO's odds-ratio loss, and the
+reference-model objectives beside it: DPO (with cDPO's label smoothing), IPO and KTO.
 
 Label convention (the whole package): `labels[..., t]` is the token to predict at position t (the data
 code already shifted input_ids left) and -100 marks positions that are not scored. Nothing here shifts.
@@ -340,6 +341,130 @@ def orpo_means(totals: dict[str, float], beta: float) -> dict[str, float]:
     return out
 
 
+# ----------------------------------------------------------------------------- DPO, IPO, KTO (a reference model)
+# These compare the policy with the initial model pi_ref through log-ratios r(y|x) = log pi(y|x) - log pi_ref(y|x),
+# where log pi(y|x) is the SUMMED log-prob of the response tokens (`sequence_logprobs`' sum, as TRL). log pi_ref
+# is computed once before training (minillm.preference) and read from the run directory, so no second model is
+# in memory. Like `orpo_loss`, each returns (loss, sums): sums over the real examples, divided once per step or
+# validation set by `reference_means`, so means do not depend on how examples fall into micro-batches and ranks.
+
+
+def _pair_sums(per_pair, chosen_logps, rejected_logps, chosen_rewards, rejected_rewards, real) -> dict[str, float]:
+    """The sums behind TRL's DPOTrainer metrics (rewards/*, logps/*) over the real pairs."""
+    with torch.no_grad():
+        c, r = chosen_rewards[real].float(), rejected_rewards[real].float()
+        return {"pairs": float(real.sum()), "loss": float(per_pair[real].sum()),
+                "rewards/chosen": float(c.sum()), "rewards/rejected": float(r.sum()),
+                "rewards/accuracies": float((c > r).sum()), "rewards/margins": float((c - r).sum()),
+                "logps/chosen": float(chosen_logps[real].sum()), "logps/rejected": float(rejected_logps[real].sum())}
+
+
+def _check_pairs(name, *logps):
+    if any(x.shape != logps[0].shape for x in logps) or logps[0].dim() != 1:
+        raise ValueError(f"{name}: the policy and reference log-probs must all be [pairs], got "
+                         f"{[tuple(x.shape) for x in logps]}")
+
+
+def dpo_loss(chosen_logps: torch.Tensor, rejected_logps: torch.Tensor, ref_chosen_logps: torch.Tensor,
+             ref_rejected_logps: torch.Tensor, beta: float = 0.1, label_smoothing: float = 0.0, *,
+             n_pairs: float | None = None, pair_mask: torch.Tensor | None = None) -> tuple[torch.Tensor, dict]:
+    """DPO (Rafailov et al. 2023, "Direct Preference Optimization", arXiv:2305.18290, eq. 7), with conservative
+    label smoothing (cDPO, Mitchell 2023: each label is wrong with probability eps):
+        h = [log pi(y_w|x) - log pi_ref(y_w|x)] - [log pi(y_l|x) - log pi_ref(y_l|x)]
+        L = -(1 - eps) log sigmoid(beta h) - eps log sigmoid(-beta h)
+    chosen_logps, rejected_logps [P]: summed response-token log-probs of the policy; ref_*: of pi_ref.
+    beta: strength of the KL tie to pi_ref (TRL's default 0.1). n_pairs: the divisor of the summed loss (the
+    step's global pair count; default the real pairs here). pair_mask [P]: False for padding pairs.
+    The implicit rewards are beta * log-ratio (TRL: rewards/chosen, rewards/rejected; accuracies: chosen > rejected).
+    """
+    _check_pairs("dpo_loss", chosen_logps, rejected_logps, ref_chosen_logps, ref_rejected_logps)
+    real = torch.ones_like(chosen_logps, dtype=torch.bool) if pair_mask is None else pair_mask.bool()
+    chosen_ratio = chosen_logps.float() - ref_chosen_logps.float()
+    rejected_ratio = rejected_logps.float() - ref_rejected_logps.float()
+    h = chosen_ratio - rejected_ratio
+    per_pair = -(1 - label_smoothing) * F.logsigmoid(beta * h) - label_smoothing * F.logsigmoid(-beta * h)
+    per_pair = torch.where(real, per_pair, 0.0)
+    loss = per_pair.sum() / (max(float(real.sum()), 1.0) if n_pairs is None else n_pairs)
+    return loss, _pair_sums(per_pair, chosen_logps, rejected_logps, beta * chosen_ratio, beta * rejected_ratio, real)
+
+
+def ipo_loss(chosen_logps: torch.Tensor, rejected_logps: torch.Tensor, ref_chosen_logps: torch.Tensor,
+             ref_rejected_logps: torch.Tensor, chosen_lengths: torch.Tensor, rejected_lengths: torch.Tensor,
+             beta: float = 0.1, *, n_pairs: float | None = None, pair_mask: torch.Tensor | None = None
+             ) -> tuple[torch.Tensor, dict]:
+    """IPO (Azar et al. 2023, "A General Theoretical Paradigm to Understand Learning from Human Preferences",
+    arXiv:2310.12036, eq. 17): a squared loss that pulls the log-ratio gap to 1 / (2 beta) instead of to infinity,
+    on log-ratios averaged per response token (TRL's normalisation, confirmed by the IPO authors):
+        h = [log pi(y_w|x) - log pi_ref(y_w|x)] / |y_w| - [log pi(y_l|x) - log pi_ref(y_l|x)] / |y_l|
+        L = (h - 1 / (2 beta))^2
+    Arguments as `dpo_loss`, plus the response token counts [P]. Rewards stay beta * (summed) log-ratio, as TRL.
+    """
+    _check_pairs("ipo_loss", chosen_logps, rejected_logps, ref_chosen_logps, ref_rejected_logps)
+    real = torch.ones_like(chosen_logps, dtype=torch.bool) if pair_mask is None else pair_mask.bool()
+    chosen_ratio = chosen_logps.float() - ref_chosen_logps.float()
+    rejected_ratio = rejected_logps.float() - ref_rejected_logps.float()
+    h = chosen_ratio / chosen_lengths.clamp_min(1) - rejected_ratio / rejected_lengths.clamp_min(1)
+    per_pair = torch.where(real, (h - 1 / (2 * beta)) ** 2, 0.0)
+    loss = per_pair.sum() / (max(float(real.sum()), 1.0) if n_pairs is None else n_pairs)
+    return loss, _pair_sums(per_pair, chosen_logps, rejected_logps, beta * chosen_ratio, beta * rejected_ratio, real)
+
+
+def kto_reference_point(kl_logratio_sum: float, count: float) -> float:
+    """KTO's reference point z0 (Ethayarajh et al. 2024, arXiv:2402.01306, eq. 7) as TRL estimates it:
+        z0 = max(0, mean_i [log pi(y'_i|x_i) - log pi_ref(y'_i|x_i)])
+    over the batch's mismatched pairs (x_i, y'_i) (y'_i: another example's completion), a number without
+    gradient. Here the mean runs over the whole step's (or validation set's) examples on all ranks."""
+    return max(kl_logratio_sum / max(count, 1.0), 0.0)
+
+
+def kto_loss(logps: torch.Tensor, ref_logps: torch.Tensor, desirable: torch.Tensor, kl: float, beta: float = 0.1,
+             desirable_weight: float = 1.0, undesirable_weight: float = 1.0, *, n_examples: float | None = None,
+             example_mask: torch.Tensor | None = None) -> tuple[torch.Tensor, dict]:
+    """KTO (Ethayarajh et al. 2024, "KTO: Model Alignment as Prospect Theoretic Optimization", arXiv:2402.01306,
+    eq. 7-8) on unpaired examples, each desirable or undesirable:
+        r = log pi(y|x) - log pi_ref(y|x)        (summed completion-token log-probs)
+        L = w_D (1 - sigmoid(beta (r - z0)))     for a desirable y
+        L = w_U (1 - sigmoid(beta (z0 - r)))     for an undesirable y
+    z0 = kl: `kto_reference_point`. logps, ref_logps [N]; desirable [N] bool; n_examples: the divisor of the summed
+    loss (the step's global example count); example_mask [N]: False for padding. TRL's metrics: rewards/chosen
+    (mean beta r over desirable), rewards/rejected (over undesirable), logps/chosen, logps/rejected; the sums here
+    also count "desirable" and "undesirable" (their divisors)."""
+    if not (logps.shape == ref_logps.shape == desirable.shape) or logps.dim() != 1:
+        raise ValueError(f"kto_loss: logps {tuple(logps.shape)}, ref_logps {tuple(ref_logps.shape)} and desirable "
+                         f"{tuple(desirable.shape)} must all be [examples]")
+    real = torch.ones_like(logps, dtype=torch.bool) if example_mask is None else example_mask.bool()
+    good, bad = real & desirable.bool(), real & ~desirable.bool()
+    ratio = logps.float() - ref_logps.float()
+    per_example = torch.where(good, desirable_weight * (1 - torch.sigmoid(beta * (ratio - kl))),
+                              undesirable_weight * (1 - torch.sigmoid(beta * (kl - ratio))))
+    per_example = torch.where(real, per_example, 0.0)
+    loss = per_example.sum() / (max(float(real.sum()), 1.0) if n_examples is None else n_examples)
+    with torch.no_grad():
+        rewards = beta * ratio
+        sums = {"examples": float(real.sum()), "desirable": float(good.sum()), "undesirable": float(bad.sum()),
+                "loss": float(per_example.sum()), "rewards/chosen": float(rewards[good].sum()),
+                "rewards/rejected": float(rewards[bad].sum()), "logps/chosen": float(logps[good].float().sum()),
+                "logps/rejected": float(logps[bad].float().sum())}
+    return loss, sums
+
+
+def reference_means(totals: dict[str, float]) -> dict[str, float]:
+    """Metrics of `dpo_loss`/`ipo_loss`/`kto_loss` from sums over a whole step or validation set: per-pair
+    quantities divided by the pairs (KTO: the loss by the examples, rewards/chosen and logps/chosen by the
+    desirable examples, */rejected by the undesirable ones, rewards/margins = rewards/chosen - rewards/rejected,
+    as TRL's KTOTrainer). Other keys (a "kl", lengths) pass through as given or per pair."""
+    if "examples" in totals:  # KTO
+        good, bad = max(totals["desirable"], 1.0), max(totals["undesirable"], 1.0)
+        out = {k: v for k, v in totals.items()}
+        out["loss"] = totals["loss"] / max(totals["examples"], 1.0)
+        for side, n in (("chosen", good), ("rejected", bad)):
+            out[f"rewards/{side}"], out[f"logps/{side}"] = totals[f"rewards/{side}"] / n, totals[f"logps/{side}"] / n
+        out["rewards/margins"] = out["rewards/chosen"] - out["rewards/rejected"]
+        return out
+    pairs = max(totals["pairs"], 1.0)
+    return {k: v if k == "pairs" else v / pairs for k, v in totals.items()}
+
+
 # ----------------------------------------------------------------------------- one pass for both answers
 
 
@@ -359,17 +484,18 @@ def pair_logprobs(token_logps: torch.Tensor, labels: torch.Tensor,
 
     Returns chosen_nll_sum (sum of -log p over the chosen half's labels, prompt included if the labels
     include it), chosen_nll_tokens (their count), chosen_logps / rejected_logps [B] (mean log-prob over
-    the response tokens: a and b of `odds_ratio_loss`; 0 for a padding pair, which has none) and
+    the response tokens: a and b of `odds_ratio_loss`; 0 for a padding pair, which has none),
+    chosen_sum_logps / rejected_sum_logps [B] (their sums: what DPO, IPO and KTO compare with pi_ref) and
     chosen_lengths / rejected_lengths [B] (response token counts)."""
     if response_mask is None:
         response_mask = labels != IGNORE_INDEX
     logps_c, logps_r = split_pairs(token_logps)
     mask_c, mask_r = split_pairs(response_mask)
     labels_c, _ = split_pairs(labels)
-    _, len_c, a = sequence_logprobs(logps_c, mask_c)
-    _, len_r, b = sequence_logprobs(logps_r, mask_r)
+    sum_c, len_c, a = sequence_logprobs(logps_c, mask_c)
+    sum_r, len_r, b = sequence_logprobs(logps_r, mask_r)
     scored_c = labels_c != IGNORE_INDEX
     return {"chosen_nll_sum": -torch.where(scored_c, logps_c.float(), 0.0).sum(),
             "chosen_nll_tokens": scored_c.sum(),
-            "chosen_logps": a, "rejected_logps": b,
+            "chosen_logps": a, "rejected_logps": b, "chosen_sum_logps": sum_c, "rejected_sum_logps": sum_r,
             "chosen_lengths": len_c, "rejected_lengths": len_r}

@@ -149,6 +149,9 @@ def scalars(record: dict) -> dict:
             if k != "step" and isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)}
 
 
+COUNT_KEYS = ("_pairs", "_examples", "_desirable", "_undesirable")  # validation counts: printed as integers
+
+
 class StallWatch:
     """Training that has stopped learning without a NaN, said once each as a warning (the run goes on: the user
     decides). A loss that stays within 1% of ln(vocab size), the cross-entropy of a uniform prediction, for
@@ -220,7 +223,7 @@ class RunLog:
         """The step-0 record (validation before the first step: where training starts from)."""
         self.write(record)
         self.print(f"step {0:>6d}/{self.total:<6d} | " + " | ".join(
-            f"{k} {v:.4f}" if k != "val_pairs" else f"{k} {int(v)}" for k, v in record.items()
+            f"{k} {int(v)}" if k.endswith(COUNT_KEYS) else f"{k} {v:.4f}" for k, v in record.items()
             if k.startswith("val_") and "tokens" not in k))
 
     def print(self, text: str):

@@ -305,7 +305,8 @@ def cli(main):
 # ----------------------------------------------------------------------------- the training scripts' options
 
 TENSORBOARD_HINT = "--log-to tensorboard needs the tensorboard package: pip install 'minillm[tensorboard]'"
-RUN_FILES = ("options.json", "metrics.jsonl", "checkpoints", "model", "tensorboard")  # what marks an out_dir as holding a run
+REFERENCE_LOGPS = "reference_logps.safetensors"  # DPO/IPO/KTO: log pi_ref of every example (minillm.preference)
+RUN_FILES = ("options.json", "metrics.jsonl", "checkpoints", "model", "tensorboard", REFERENCE_LOGPS)  # what marks an out_dir as holding a run
 
 @dataclasses.dataclass(kw_only=True)
 class TrainOptions:

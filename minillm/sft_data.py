@@ -129,36 +129,44 @@ def preference_parts(record) -> tuple[list[dict], str, str]:
     for field in ("prompt", "chosen", "rejected"):
         if field not in record:
             raise ValueError(f"missing field '{field}'")
-    prompt = record["prompt"]
+    messages = prompt_messages(record["prompt"], "prompt")
+    return messages, reply_text(record["chosen"], "chosen", messages), reply_text(record["rejected"], "rejected", messages)
+
+
+def prompt_messages(prompt, field: str) -> list[dict]:
+    """The messages of a prompt field: a string is one user turn; a list of messages must end with the turn to
+    answer. ValueError names the field."""
     if isinstance(prompt, str):
         messages = [{"role": "user", "content": prompt}]
     else:
         try:
             check_messages(prompt, training=False)
         except ValueError as e:
-            raise ValueError(f"'prompt': {e}") from None
+            raise ValueError(f"'{field}': {e}") from None
         messages = prompt
         if messages[-1]["role"] == "assistant":
-            raise ValueError("'prompt' ends with an assistant turn; it must end with the turn to answer")
+            raise ValueError(f"'{field}' ends with an assistant turn; it must end with the turn to answer")
     if not (messages[-1]["content"] or "").strip():
-        raise ValueError("empty 'prompt'")
-    replies = []
-    for field in ("chosen", "rejected"):
-        value = record[field]
-        if isinstance(value, list):
-            if len(value) > 1 and value[:-1] != messages:
-                raise ValueError(f"'{field}' is a conversation that does not start with the prompt")
-            value = value[-1] if value else None
-        if isinstance(value, dict):
-            if value.get("role", "assistant") != "assistant":
-                raise ValueError(f"'{field}' has role {value.get('role')!r}, expected 'assistant'")
-            value = value.get("content")
-        if not isinstance(value, str):
-            raise ValueError(f"'{field}' must be a string or an assistant message")
-        if not value.strip():
-            raise ValueError(f"empty '{field}' response")
-        replies.append(value)
-    return messages, replies[0], replies[1]
+        raise ValueError(f"empty '{field}'")
+    return messages
+
+
+def reply_text(value, field: str, messages: list[dict]) -> str:
+    """The reply of a chosen/rejected/completion field: a string, an assistant message, or a conversation that
+    starts with the prompt's `messages` and ends with one assistant message. ValueError names the field."""
+    if isinstance(value, list):
+        if len(value) > 1 and value[:-1] != messages:
+            raise ValueError(f"'{field}' is a conversation that does not start with the prompt")
+        value = value[-1] if value else None
+    if isinstance(value, dict):
+        if value.get("role", "assistant") != "assistant":
+            raise ValueError(f"'{field}' has role {value.get('role')!r}, expected 'assistant'")
+        value = value.get("content")
+    if not isinstance(value, str):
+        raise ValueError(f"'{field}' must be a string or an assistant message")
+    if not value.strip():
+        raise ValueError(f"empty '{field}' response")
+    return value
 
 
 def render_preference(record, tokenizer, seq_len: int, template: str = "auto") -> dict | None:

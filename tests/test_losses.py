@@ -521,3 +521,45 @@ def test_all_reduce_sum_across_two_gloo_ranks(tmp_path):
     import json
     for out, _ in outs:
         assert json.loads(out.strip().splitlines()[-1]) == [30.0, 7.0]  # every rank gets the sums
+
+
+# ----------------------------------------------------------------------------- DPO, IPO, KTO
+
+
+def test_dpo_ipo_kto_match_float64_formulas():
+    """Each loss and metric against its paper's formula in float64 Python math, with padding rows masked out;
+    cDPO's label smoothing (not in TRL 1.16's sigmoid loss) as TRL <= 0.x wrote it."""
+    from minillm.losses import dpo_loss, ipo_loss, kto_loss, kto_reference_point, reference_means
+
+    g = torch.Generator().manual_seed(3)
+    pc, pr, rc, rr = (-20 * torch.rand(6, generator=g) for _ in range(4))
+    lc, lr = torch.randint(1, 9, (6,), generator=g), torch.randint(1, 9, (6,), generator=g)
+    real = torch.tensor([True, True, False, True, True, True])
+    idx = [i for i in range(6) if real[i]]
+    logsig = lambda x: -math.log1p(math.exp(-x))  # noqa: E731
+    beta, eps = 0.2, 0.1
+    h = {i: float(pc[i] - rc[i]) - float(pr[i] - rr[i]) for i in idx}
+    loss, sums = dpo_loss(pc, pr, rc, rr, beta, eps, n_pairs=5.0, pair_mask=real)
+    want = sum(-(1 - eps) * logsig(beta * h[i]) - eps * logsig(-beta * h[i]) for i in idx) / 5
+    assert abs(float(loss) - want) < 1e-5
+    m = reference_means(sums)
+    assert abs(m["rewards/margins"] - sum(beta * h[i] for i in idx) / 5) < 1e-5
+    assert m["rewards/accuracies"] == sum(h[i] > 0 for i in idx) / 5
+    assert abs(m["logps/chosen"] - sum(float(pc[i]) for i in idx) / 5) < 1e-5
+    loss, _ = ipo_loss(pc, pr, rc, rr, lc, lr, beta, pair_mask=real)
+    gap = {i: float(pc[i] - rc[i]) / int(lc[i]) - float(pr[i] - rr[i]) / int(lr[i]) for i in idx}
+    assert abs(float(loss) - sum((gap[i] - 1 / (2 * beta)) ** 2 for i in idx) / 5) < 1e-4
+    # KTO: z0 clamped at 0; desirable and undesirable sides, weights, per-side means
+    assert kto_reference_point(-3.0, 2.0) == 0.0 and kto_reference_point(3.0, 2.0) == 1.5
+    good = torch.tensor([True, False, True, False, False, True])
+    z0, wd, wu = 0.3, 1.5, 0.7
+    loss, sums = kto_loss(pc, rc, good, z0, beta, wd, wu, n_examples=5.0, example_mask=real)
+    sig = lambda x: 1 / (1 + math.exp(-x))  # noqa: E731
+    r = {i: float(pc[i] - rc[i]) for i in idx}
+    want = sum(wd * (1 - sig(beta * (r[i] - z0))) if good[i] else wu * (1 - sig(beta * (z0 - r[i]))) for i in idx) / 5
+    assert abs(float(loss) - want) < 1e-6
+    m = reference_means(sums)
+    chosen = [beta * r[i] for i in idx if good[i]]
+    rejected = [beta * r[i] for i in idx if not good[i]]
+    assert abs(m["rewards/chosen"] - sum(chosen) / len(chosen)) < 1e-5
+    assert abs(m["rewards/margins"] - (sum(chosen) / len(chosen) - sum(rejected) / len(rejected))) < 1e-5
