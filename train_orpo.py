@@ -57,8 +57,7 @@ from typing import Literal
 import torch
 
 from minillm.chat_format import chat_template_jinja, end_ids, resolve_template
-from minillm.checkpoints import (ExportedModel, Preemption, check_same_data, load_checkpoint, lock_run,
-                                 run_readme, save_checkpoint_if_due, start_run)
+from minillm.checkpoints import ExportedModel, load_checkpoint, save_checkpoint_if_due
 from minillm.engine import (all_reduce_sum, batch_to, build_engine, end_validation, engine_step, load_model_and_tokenizer, lr_at,
                             model_inputs, print0, set_lr, setup_distributed, teardown_distributed)
 from minillm.files import fingerprints
@@ -67,6 +66,7 @@ from minillm.losses import (IGNORE_INDEX, dpo_loss, ipo_loss, kto_loss, kto_refe
 from minillm.monitor import RunLog, StallWatch, peak_flops, peak_memory_gb, step_flops
 from minillm.options import TrainOptions, cli, parse_options, require
 from minillm.preference import kto_batch, load_kto_files, load_reference, save_reference, score_everything
+from minillm.run_dir import Preemption, check_same_data, lock_run, run_readme, start_run
 from minillm.sft_data import epoch_order, load_preference_files, pair_batch, step_slices, steps_per_epoch
 
 

@@ -30,14 +30,14 @@ import time
 from dataclasses import asdict, dataclass
 from typing import Literal
 
-from minillm.checkpoints import (ExportedModel, Preemption, load_checkpoint, lock_run, run_readme,
-                                 save_checkpoint_if_due, start_run)
+from minillm.checkpoints import ExportedModel, load_checkpoint, save_checkpoint_if_due
 from minillm.engine import (all_reduce_sum, batch_to, build_engine, engine_step, load_model_and_tokenizer, lr_at,
                             model_inputs, optimizer_groups, print0, set_lr, setup_distributed, teardown_distributed)
 from minillm.losses import IGNORE_INDEX, global_mean_scale
 from minillm.monitor import RunLog, StallWatch, peak_flops, peak_memory_gb, step_flops, validation_loss
 from minillm.options import TrainOptions, cli, parse_options, require
 from minillm.pretrain_data import PackedLoader, parse_mixture, parse_sources, validation_batches
+from minillm.run_dir import Preemption, lock_run, run_readme, start_run
 
 
 @dataclass(kw_only=True)

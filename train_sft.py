@@ -28,14 +28,14 @@ from dataclasses import asdict, dataclass
 from typing import Literal
 
 from minillm.chat_format import chat_template_jinja, end_ids, resolve_template
-from minillm.checkpoints import (ExportedModel, Preemption, check_same_data, load_checkpoint, lock_run,
-                                 run_readme, save_checkpoint_if_due, start_run)
+from minillm.checkpoints import ExportedModel, load_checkpoint, save_checkpoint_if_due
 from minillm.engine import (all_reduce_sum, batch_to, build_engine, engine_step, load_model_and_tokenizer, lr_at,
                             model_inputs, print0, set_lr, setup_distributed, teardown_distributed)
 from minillm.files import fingerprints
 from minillm.losses import IGNORE_INDEX, global_mean_scale
 from minillm.monitor import RunLog, StallWatch, peak_flops, peak_memory_gb, step_flops, validation_loss
 from minillm.options import TrainOptions, cli, parse_options, require
+from minillm.run_dir import Preemption, check_same_data, lock_run, run_readme, start_run
 from minillm.sft_data import epoch_order, load_sft_examples, pack_examples, step_slices, steps_per_epoch, take_rows
 
 

@@ -53,6 +53,7 @@ def main():
     import torch  # noqa: F401
 
     import minillm.checkpoints  # noqa: F401
+    import minillm.run_dir  # noqa: F401
     import minillm.engine  # noqa: F401
     results = []
     for case in cases:
