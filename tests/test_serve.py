@@ -28,6 +28,7 @@ from minillm.chat_format import chat_template_jinja, render
 from minillm.generate import generate
 from minillm.hf import load_pretrained, save_pretrained
 from minillm.model import Llama, LlamaConfig
+from minillm.serve import ServeOptions, build_server
 from minillm.tokenizer import SentencePieceTokenizer, load_tokenizer
 
 openai = pytest.importorskip("openai", reason="the official openai client is the oracle: pip install 'minillm[test]'")
@@ -268,3 +269,43 @@ def test_chat_page_in_headless_chromium_streams_the_reply(served, tmp_path):
     assert shown["reply"] == expected, shown["bubbles"]
     assert shown["updates"] > 3  # it grew piece by piece as the events came
     assert (tmp_path / "page.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+@pytest.mark.parametrize("family, tokenizer_fixture, layout", [("qwen2", "qwen2_dir", "chatml"),
+                                                               ("mistral", "llama3_dir", "llama3")])
+def test_other_families_and_tokenizer_json_serve_their_own_layout(family, tokenizer_fixture, layout, request, tmp_path):
+    """A Qwen2 model with a Qwen2.5-layout tokenizer.json (ChatML), a Mistral one with a Llama-3-layout one: the
+    server finds the layout, stops at the layout's end-of-turn token, shows no control token as text."""
+    tok = load_tokenizer(request.getfixturevalue(tokenizer_fixture))
+    torch.manual_seed(1)
+    model = Llama(LlamaConfig(vocab_size=tok.vocab_size, dim=64, n_layers=2, n_heads=4, n_kv_heads=2, hidden_dim=160,
+                              max_seq_len=128, family=family, attention_bias=family == "qwen2",
+                              eos_id=tok.eos_id, pad_id=tok.pad_id))
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.dim() == 2:
+                p.normal_(0, 0.15)
+        # The layout's end-of-turn token is likely early: the reply must stop there, not show it.
+        model.output.weight[tok.marker_id("<|im_end|>" if layout == "chatml" else "<|eot_id|>")] *= 3
+    save_pretrained(model, tmp_path / "model", tokenizer=tok)
+    server = build_server(ServeOptions(model=str(tmp_path / "model"), port=0, name="m"))
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        assert server.template == layout and server.server_address[0] == "127.0.0.1"
+        client = openai.OpenAI(base_url=f"http://127.0.0.1:{server.server_address[1]}/v1", api_key="-", max_retries=0)
+        loaded, tok = load_pretrained(tmp_path / "model"), load_tokenizer(tmp_path / "model")
+        reasons = []
+        for question in ("Kus elab Mari?", "the red cat", "tere maailm"):
+            prompt = render([{"role": "user", "content": question}], tok, template=layout, add_generation_prompt=True)[0]
+            expected = generate(loaded, [prompt], max_new_tokens=24, eos_id=stops(tok))[0]
+            answer = client.chat.completions.create(model="m", messages=[{"role": "user", "content": question}],
+                                                    max_tokens=24, temperature=0)
+            text = answer.choices[0].message.content
+            assert text == tok.decode(expected) and "<|" not in text
+            assert answer.usage.completion_tokens == len(expected)
+            reasons.append(answer.choices[0].finish_reason)
+        assert "stop" in reasons  # some reply did reach an end token, which was not shown
+    finally:
+        server.shutdown()
+        server.server_close()
