@@ -62,6 +62,7 @@ class ModelServer(ThreadingHTTPServer):
     daemon_threads = True  # a client that keeps its connection open never holds the process at exit
 
     def __init__(self, address, model, tokenizer, template: str | None, name: str, args: ServeOptions):
+        self.engine = None  # started once the socket is bound (a failed bind closes the server at once)
         super().__init__(address, Handler)
         self.model, self.tokenizer, self.template, self.name, self.args = model, tokenizer, template, name, args
         self.created = int(time.time())
@@ -77,7 +78,8 @@ class ModelServer(ThreadingHTTPServer):
 
     def server_close(self):
         super().server_close()
-        self.engine.stop()
+        if self.engine is not None:
+            self.engine.stop()
 
     def model_card(self) -> dict:
         return {"id": self.name, "object": "model", "created": self.created, "owned_by": "minillm",
