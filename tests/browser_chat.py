@@ -8,6 +8,7 @@ needed. tests/test_serve.py uses it; run alone, it takes the README's screenshot
         --out docs/chat_page.png
 """
 import base64
+import dataclasses
 import json
 import os
 import shutil
@@ -106,11 +107,12 @@ class Browser:
         self.profile.cleanup()
 
 
-def chat_on_page(url: str, message: str, screenshot: str | Path | None = None, temperature: float | None = None,
-                 max_tokens: int | None = None) -> dict:
-    """Open the chat page, send `message`, wait until the reply has streamed in. Returns what the page shows:
-    {"model", "layout", "reply" (None when none came), "updates" (how many times the reply grew while
-    streaming), "bubbles" (every message and error shown)}."""
+def chat_on_page(url: str, message: str | list[str], screenshot: str | Path | None = None,
+                 temperature: float | None = None, max_tokens: int | None = None) -> dict:
+    """Open the chat page, send `message` (or each message of a list: a conversation), wait until each reply
+    has streamed in. Returns what the page shows: {"model", "layout", "reply" (the last; None when none
+    came), "updates" (how many times the replies grew while streaming), "bubbles" (every message and error
+    shown)}."""
     browser = Browser()
     try:
         browser.call("Page.navigate", url=url)
@@ -120,18 +122,19 @@ def chat_on_page(url: str, message: str, screenshot: str | Path | None = None, t
             settings += f"document.getElementById('temperature').value = '{temperature}';"
         if max_tokens is not None:
             settings += f"document.getElementById('max-tokens').value = '{max_tokens}';"
-        # Count the reply's text changes as they happen: a streamed reply grows piece by piece.
+        # Count the replies' text changes as they happen: a streamed reply grows piece by piece.
         browser.js(settings + """
             window.replyUpdates = 0;
             new MutationObserver((records) => { window.replyUpdates += records.length; })
-                .observe(document.getElementById('log'), {childList: true, subtree: true, characterData: true});
-            document.getElementById('input').value = %s;
-            document.getElementById('form').requestSubmit();""" % json.dumps(message))
-        browser.wait_for("document.body.dataset.state === 'idle'")  # the page is 'streaming' from the submit on
+                .observe(document.getElementById('log'), {childList: true, subtree: true, characterData: true});""")
+        for text in [message] if isinstance(message, str) else message:  # one turn after another
+            browser.js("document.getElementById('input').value = %s; document.getElementById('form').requestSubmit();"
+                       % json.dumps(text))
+            browser.wait_for("document.body.dataset.state === 'idle'")  # 'streaming' from the submit on
         shown = browser.js("""({
             model: document.getElementById('model-name').textContent,
             layout: document.getElementById('layout').textContent,
-            reply: document.querySelector('.msg.assistant') && document.querySelector('.msg.assistant').textContent,
+            reply: [...document.querySelectorAll('.msg.assistant')].map((m) => m.textContent).pop() || null,
             updates: window.replyUpdates,
             bubbles: [...document.querySelectorAll('.msg')].map((m) => m.className + ': ' + m.textContent)})""")
         if screenshot is not None:
@@ -145,7 +148,7 @@ def chat_on_page(url: str, message: str, screenshot: str | Path | None = None, t
 @dataclass(kw_only=True)
 class ScreenshotOptions:
     url: str = "http://127.0.0.1:8000/"  # the running server's address
-    message: str = "Tõlgi inglise keelde: punane kass"  # what to send
+    message: list[str] = dataclasses.field(default_factory=lambda: ["Tõlgi inglise keelde: punane kass"])  # what to send, one turn each
     out: str = "docs/chat_page.png"  # the screenshot (PNG)
     temperature: float = 0.0  # the page's temperature control while sending
 
