@@ -39,3 +39,5 @@ $PY evaluate.py --model "$RUN/pretrain/model" --prompt-format raw --out "$RUN/ev
 $PY evaluate.py --model "$RUN/sft/model" --prompt-format chat --out "$RUN/eval_sft" "${EVAL[@]}" > /dev/null
 $PY evaluate.py --model "$RUN/orpo/model" --prompt-format chat --out "$RUN/eval_orpo" "${EVAL[@]}" > /dev/null
 $PY evaluate.py --compare "$RUN/eval_pretrain/results.json" "$RUN/eval_sft/results.json" "$RUN/eval_orpo/results.json"
+echo "== talk to the final model: in the browser at http://127.0.0.1:8000/, or with any OpenAI client (Ctrl-C stops it)"
+echo "$PY -m minillm.serve --model $RUN/orpo/model"

@@ -124,6 +124,7 @@ class HFTokenizer:
         self.eos_ids = tuple(dict.fromkeys([self.eos_id, *declared]))
         self.pad_id = self._find_pad()
         self.special_ids = frozenset(i for i in (self.bos_id, self.eos_id, self.pad_id) if i is not None)
+        self.control_ids = frozenset(i for i, t in self.added.items() if t.special)  # never text to show
         self.chat_template, self.model_max_length = chat_template_and_max_length(self.config)
 
     def _find_unk(self) -> int | None:

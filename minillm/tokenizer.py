@@ -8,7 +8,8 @@ A directory with tokenizer.model loads the sentencepiece kind (as transformers' 
 with only tokenizer.json the other. Both have: vocab_size, bos_id (None when the tokenizer puts no BOS
 before a text), eos_id, eos_ids (every end id the model declares: eos_id, then generation_config.json's),
 pad_id, chat_template, model_max_length, encode(text, bos=, eos=), encode_continuation, encode_batch,
-decode, id_to_piece, piece_to_id (None when absent), marker_id, byte_lengths, sha256, save_pretrained.
+decode, id_to_piece, piece_to_id (None when absent), marker_id, control_ids (every control token and marker),
+byte_lengths, sha256, save_pretrained.
 
 Text is text, for both kinds: the spelling of a control token or a chat marker in the text ("<|user|>"
 typed in a message) is encoded as ordinary text, never as that token, so nobody can forge a chat turn;
@@ -137,6 +138,7 @@ class SentencePieceTokenizer:
         pieces = read_pieces(proto)
         self._markers = {p: i for i, (p, _, kind) in enumerate(pieces)
                          if kind == PIECE_CONTROL or (kind == PIECE_USER_DEFINED and is_marker(p))}
+        self.control_ids = frozenset(self._markers.values())  # what text never produces: never text to show
         # Text is encoded by a copy in which the marker pieces are control pieces (see the module docstring);
         # the other user-defined pieces still match in text, as in sentencepiece and transformers.
         self._text_proto, self._sp_text = proto, self.sp

@@ -11,7 +11,7 @@ import pytest
 import torch
 import transformers
 
-from minillm.generate import generate, left_pad, process_logits
+from minillm.generate import DecodeBatch, Sampling, Sequence, generate, left_pad, process_logits
 from minillm.model import Llama, LlamaConfig
 
 V = 96
@@ -102,6 +102,42 @@ def test_eos_stops_and_is_not_returned(model):
     out = generate(model, [prompt, prompt[:3]], max_new_tokens=15, eos_id=[stop],
                    stream=lambda row, tok: streamed.append((row, tok)))
     assert [t for r, t in streamed if r == 0] == out[0] and [t for r, t in streamed if r == 1] == out[1]
+
+
+@pytest.mark.parametrize("sampling", [Sampling(), Sampling(temperature=1.2, top_p=0.95, repetition_penalty=1.3, seed=7)])
+def test_sequences_joining_and_leaving_mid_decode_get_what_they_get_alone(model, sampling):
+    """Continuous batching: rows join at different steps (a longer prompt than the running rows' width, a
+    shorter one), leave at different steps, and each gets exactly the tokens generate gives it alone."""
+    prompts = [random_ids(n, seed=30 + n) for n in (4, 13, 2, 7)]
+    budgets = [12, 5, 9, 6]
+    join_at = {0: [0], 2: [1], 4: [2, 3]}  # step -> the sequences that join before it
+    alone = [generate(model, [p], max_new_tokens=n, eos_id=[], temperature=sampling.temperature,
+                      top_p=sampling.top_p, repetition_penalty=sampling.repetition_penalty, seed=sampling.seed)[0]
+             for p, n in zip(prompts, budgets)]
+    seqs = [Sequence(p, n, sampling) for p, n in zip(prompts, budgets)]
+    batch, widths, step = DecodeBatch(model), [], 0
+    while step <= max(join_at) or batch.seqs:
+        batch.add([seqs[i] for i in join_at.get(step, [])])
+        widths.append(len(batch.seqs))
+        batch.step()
+        step += 1
+    assert [s.tokens for s in seqs] == alone
+    assert all(s.finish_reason == "length" for s in seqs)
+    assert max(widths) == 4 and batch.cache is None  # rows really overlapped, and all left
+
+
+def test_a_sequence_finished_from_outside_leaves_at_the_next_step(model):
+    batch = DecodeBatch(model)
+    keep, cancel = Sequence(random_ids(5, seed=40), 8), Sequence(random_ids(9, seed=41), 8)
+    batch.add([keep, cancel])
+    batch.step()
+    cancel.finish("cancelled")
+    events = batch.step()
+    assert (cancel, None) in events and batch.seqs == [keep] and len(cancel.tokens) == 1
+    assert batch.cache.k.shape[1] == 1
+    while batch.seqs:
+        batch.step()
+    assert keep.tokens == generate(model, [keep.prompt], max_new_tokens=8, eos_id=[])[0]
 
 
 class CharTokenizer:
