@@ -88,6 +88,7 @@ class ORPOOptions(TrainOptions):
     desirable_weight: float = 1.0  # KTO: weight of the desirable examples' loss
     undesirable_weight: float = 1.0  # KTO: weight of the undesirable examples' loss
     epochs: int = 1  # passes over the training pairs
+    max_steps: int = 0  # stop after this many optimizer steps (the LR schedule ends there); 0 = all the epochs' steps
     # model: a Hugging Face directory (the SFT stage's OUT_DIR/model); the ORPO paper: lr 8e-6 for 7B models
     init_from: str = "runs/demo/sft/model"
     micro_batch_size: int = 4  # pairs per rank per forward (2x rows: chosen + rejected)
@@ -99,6 +100,7 @@ class ORPOOptions(TrainOptions):
     def check(self):
         super().check()
         require(self.epochs >= 1, "epochs", self.epochs, "must be at least 1")
+        require(self.max_steps >= 0, "max_steps", self.max_steps, "must be >= 0 (0 = all the epochs' steps)")
         require(self.orpo_lambda >= 0 and math.isfinite(self.orpo_lambda), "orpo_lambda", self.orpo_lambda,
                 "must be >= 0")
         require(bool(self.train_data.replace(",", "").strip()), "train_data", self.train_data, "names no file")
@@ -173,7 +175,7 @@ def main(argv=None):
     # Whole global batches only: the incomplete last one of an epoch is skipped (its pairs come back in the
     # next epoch's order), so every training step weighs the same number of pairs.
     epoch_steps = len(train_set) // items_per_step
-    total_steps = cfg.epochs * epoch_steps
+    total_steps = min(cfg.epochs * epoch_steps, cfg.max_steps or cfg.epochs * epoch_steps)
     engine, optimizer = build_engine(model, cfg, device)
     chat_template = chat_template_jinja(template, tokenizer)
     sides = {"orpo": (), "kto": ("completion", "kl")}.get(cfg.objective, ("chosen", "rejected"))

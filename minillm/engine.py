@@ -192,7 +192,7 @@ def load_model_and_tokenizer(cfg, device, preset: str = ""):
     check_vocab_fits(tokenizer, config.vocab_size)
     if cfg.seq_len > config.max_seq_len:
         raise ValueError(f"--seq-len {cfg.seq_len} is larger than the model's context (max_seq_len "
-                         f"{config.max_seq_len})")
+                         f"{config.max_seq_len}): use --seq-len {config.max_seq_len} or less")
     if cfg.zero_stage == 3:
         import deepspeed
 

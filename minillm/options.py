@@ -251,8 +251,10 @@ def parse_options(spec, argv=None, prog: str | None = None, description: str = "
     argv = list(sys.argv[1:] if argv is None else argv)
     prog = prog or os.path.basename(sys.argv[0])
     if isinstance(spec, dict):
+        first = next(iter(spec))
         if not argv or argv[0] in ("-h", "--help"):
-            print(f"usage: {prog} COMMAND [--option value ...]   ({prog} COMMAND --help for its options)")
+            print(f"usage: {prog} [COMMAND] [--option value ...]   (without a COMMAND: {first}; {prog} COMMAND "
+                  "--help for its options)")
             if description:
                 print("\n" + description.strip())
             print("\ncommands:")
@@ -261,13 +263,16 @@ def parse_options(spec, argv=None, prog: str | None = None, description: str = "
             sys.exit(0 if argv else 2)
         command = argv[0]
         if command.startswith("--") and command not in ("--help",):  # options first: the first command
-            command, argv = next(iter(spec)), [next(iter(spec)), *argv]
+            command, argv = first, [first, *argv]
         if command not in spec:
             raise OptionError(f"unknown command {command!r} (choose one of {', '.join(spec)})")
         cls = spec[command]
         if "-h" in argv or "--help" in argv:
             print(help_text(cls, f"{prog} {command}", inspect.getdoc(cls) or ""))
             sys.exit(0)
+        positional = getattr(cls, "POSITIONAL", None)  # `info DIR` for `info --dir DIR`
+        if positional and len(argv) > 1 and not argv[1].startswith("--"):
+            argv = [command, f"--{positional.replace('_', '-')}", argv[1], *argv[2:]]
         return command, build_options(cls, argv[1:])
     if "-h" in argv or "--help" in argv:
         print(help_text(spec, prog, description))

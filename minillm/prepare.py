@@ -2,7 +2,7 @@
 `minillm.pretrain_data` reads (layout: see there).
 
     python -m minillm.prepare --tokenizer TOKENIZER_DIR --input 'et/*.parquet' --out tok/et --workers 16
-    python -m minillm.prepare info --dir tok/et
+    python -m minillm.prepare info tok/et
 
 Inputs are read by minillm.corpora (text, JSONL, Parquet; .gz/.zst; files, directories, globs), streamed in
 chunks of about 1 MB that worker processes parse and tokenize; results come back in input order, so the
@@ -27,7 +27,7 @@ import time
 from collections import deque
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal
+from typing import ClassVar, Literal
 
 import numpy as np
 from tqdm import tqdm
@@ -472,7 +472,8 @@ class PrepareOptions(CorpusOptions):
 
 @dataclass(kw_only=True)
 class InfoOptions:
-    """Print the summary of a prepared directory."""
+    """Print the summary of a prepared directory (`info DIR` or `info --dir DIR`)."""
+    POSITIONAL: ClassVar[str] = "dir"  # the one argument that may be given without its flag
     dir: str  # a directory written by `prepare`
 
 

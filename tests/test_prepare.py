@@ -25,6 +25,7 @@ import zstandard
 
 import minillm
 from conftest import write_corpus
+from minillm.prepare import main as prepare_main
 from minillm.prepare import prepare, split_long_text
 from minillm.pretrain_data import TokenShards, token_dtype
 from minillm.tokenizer import SentencePieceTokenizer, load_tokenizer
@@ -112,7 +113,7 @@ def test_shards_round_trip_uint32_many_shards_and_paragraphs(tok_file, tmp_path)
     assert shard_docs(tmp_path / "out") == want
 
 
-def test_cli_with_worker_processes_matches_in_process(tok_file, corpus, tmp_path):
+def test_cli_with_worker_processes_matches_in_process(tok_file, corpus, tmp_path, capsys):
     inputs, _ = corpus
     prepare(inputs, tok_file, tmp_path / "one", text_field="body", workers=1, progress=False)
     env = {**os.environ, "PYTHONPATH": str(Path(minillm.__file__).parents[1])}
@@ -123,6 +124,9 @@ def test_cli_with_worker_processes_matches_in_process(tok_file, corpus, tmp_path
     assert r.returncode == 0, r.stderr
     assert "et: 70 documents" in r.stdout and "tokens/word" in r.stdout
     assert (tmp_path / "one" / "tokens_00000.bin").read_bytes() == (tmp_path / "two" / "tokens_00000.bin").read_bytes()
+    info = [prepare_main(["info", str(tmp_path / "two")]), prepare_main(["info", "--dir", str(tmp_path / "two")])]
+    summaries = capsys.readouterr().out.splitlines()
+    assert len(summaries) == 2 and summaries[0] == summaries[1] and summaries[0].startswith("et: 70 documents"), info
     # bad input through the CLI: one line on stderr, exit status 1
     (tmp_path / "bad.jsonl").write_text('{"text": "ok"}\n{"text": "ok"\n')
     r = subprocess.run(cmd[:7] + [str(tmp_path / "bad.jsonl"), "--out", str(tmp_path / "bad"), "--workers", "1"],

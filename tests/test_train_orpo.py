@@ -146,6 +146,15 @@ def test_selective_checkpointing_and_compile_give_the_same_curve(world, tmp_path
                 assert y[key] == pytest.approx(x[key], rel=1e-4, abs=1e-6), (x["step"], key)
 
 
+def test_max_steps_ends_the_run_and_its_schedule_early(world, tmp_path):
+    """--max-steps 3 of 6 epochs: three steps, the linear schedule (warmup 1) decaying over those three: 1e-3,
+    1e-3, then halfway to --min-lr 1e-4."""
+    run(world, tmp_path, "--epochs", "6", "--micro-batch-size", "8", "--max-steps", "3", "--lr", "1e-3", "--min-lr",
+        "1e-4", "--valid-data", "")
+    assert [(r["step"], r["lr"]) for r in metrics(tmp_path)] == [(1, 1e-3), (2, 1e-3), (3, pytest.approx(5.5e-4))]
+    assert json.loads((tmp_path / "model" / "training_state.json").read_text())["step"] == 3
+
+
 def test_bad_pairs(world, tmp_path):
     good = preference_records(random.Random(5), 12)
     same = dict(good[0], rejected=good[0]["chosen"])
