@@ -314,6 +314,7 @@ def run(cfg: EvalOptions) -> dict:
     settings = {k: v for k, v in asdict(cfg).items() if k not in ("compare",)}
     results = {"model": cfg.model, "minillm_version": minillm.__version__, "settings": settings,
                "started": time.strftime("%Y-%m-%dT%H:%M:%S"), "results": []}
+    who = "/".join(Path(cfg.model).resolve().parts[-2:])  # which model each progress line is about ("sft/model")
     for spec in specs:
         t0 = time.time()
         try:
@@ -330,11 +331,14 @@ def run(cfg: EvalOptions) -> dict:
             write_atomic(out / "predictions" / f"{safe_file_name(spec['name'])}.jsonl",
                          "".join(json.dumps(p, ensure_ascii=False) + "\n" for p in predictions))
             head = [r for r in rows if r["headline"]][:2]
-            print(f"[{spec['name']}] " + ", ".join(f"{r['metric']} {format_value(r['value'])}" for r in head)
+            print(f"[{who}: {spec['name']}] " + ", ".join(f"{r['metric']} {format_value(r['value'])}" for r in head)
                   + f" ({time.time() - t0:.1f}s)", file=sys.stderr)
             counts = {r["metric"]: r["value"] for r in rows if r["headline"]}
             if warning := degenerate_outputs(counts, len(spec["records"])):
-                print(f"warning: [{spec['name']}] {warning}: its scores say little about the model", file=sys.stderr)
+                untuned = (" (expected of a model that was not instruction-tuned: it continues a raw prompt, often with "
+                           "nothing)" if cfg.prompt_format == "raw" else "")
+                print(f"warning: [{who}: {spec['name']}] {warning}: its scores say little about the model{untuned}",
+                      file=sys.stderr)
         results["finished"] = time.strftime("%Y-%m-%dT%H:%M:%S")
         write_atomic(out / "results.json", json.dumps(results, ensure_ascii=False, indent=1) + "\n")
     table = markdown_table(results)

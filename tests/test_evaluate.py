@@ -522,7 +522,10 @@ def test_a_model_that_says_nothing_is_flagged(model_dir, tmp_path, capsys):
                     [{"source": f"good morning {i}", "reference": "tere hommikust", "src_lang": "en", "tgt_lang": "et"}
                      for i in range(4)])
     evaluate.main(["--model", str(tmp_path / "mute"), "--tasks", str(mt), "--out", str(tmp_path / "r"),
-                   "--progress", "false", "--max-new-tokens", "4"])
+                   "--progress", "false", "--max-new-tokens", "4", "--prompt-format", "raw"])
     captured = capsys.readouterr()
-    assert "warning: [mt] 4 of 4 outputs are empty" in captured.err
+    who = f"{tmp_path.name}/mute"  # every progress line names the model it is about
+    assert f"warning: [{who}: mt] 4 of 4 outputs are empty" in captured.err
+    assert "(expected of a model that was not instruction-tuned" in captured.err  # raw prompts: a base model
+    assert f"[{who}: mt] bleu 0.00" in captured.err
     assert "| mt | empty_outputs | 4 | - | 4 |" in captured.out
