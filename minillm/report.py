@@ -38,7 +38,7 @@ def _pyplot():
 
 # ----------------------------------------------------------------------------- charts
 
-def line_chart(path, title: str, series: dict, ylabel: str, xlabel: str = "step", logy: bool = False) -> bool:
+def line_chart(path, title: str, series: dict, ylabel: str, xlabel: str = "step") -> bool:
     """One PNG: each entry of `series` ({label: (xs, ys)}) a line (a series of one point, a marker).
     Returns False (and draws nothing) without matplotlib or without data."""
     series = {k: v for k, v in series.items() if v[0]}
@@ -49,11 +49,6 @@ def line_chart(path, title: str, series: dict, ylabel: str, xlabel: str = "step"
     for label, (xs, ys) in series.items():
         ax.plot(xs, ys, label=label, marker="o" if len(xs) <= 30 else None, markersize=3)
     ax.set(title=title, xlabel=xlabel, ylabel=ylabel)
-    if logy and all(y > 0 for _, ys in series.values() for y in ys):
-        from matplotlib.ticker import NullFormatter, ScalarFormatter
-        ax.set_yscale("log")
-        ax.yaxis.set_major_formatter(ScalarFormatter())  # 2, 3, 4 rather than 2x10^0
-        ax.yaxis.set_minor_formatter(NullFormatter())
     ax.grid(alpha=0.3)
     if len(series) > 1:
         ax.legend(fontsize=8)
@@ -61,6 +56,41 @@ def line_chart(path, title: str, series: dict, ylabel: str, xlabel: str = "step"
     fig.savefig(path, dpi=100)
     plt.close(fig)
     return True
+
+
+def panel_chart(path, title: str, panels: dict[str, dict], ylabel: str, xlabel: str = "step") -> bool:
+    """One PNG with a panel per entry of `panels` ({panel title: {label: (xs, ys)}}), each its own linear y-axis
+    (quantities of different definitions never share one). Returns False without matplotlib or data."""
+    panels = {t: {k: v for k, v in series.items() if v[0]} for t, series in panels.items()}
+    panels = {t: series for t, series in panels.items() if series}
+    if not plots_available() or not panels:
+        return False
+    plt = _pyplot()
+    fig, axes = plt.subplots(1, len(panels), figsize=(5.5 * len(panels) + 1, 4), squeeze=False)
+    colours = {label: f"C{i}" for i, label in enumerate(dict.fromkeys(k for s in panels.values() for k in s))}
+    for ax, (panel_title, series) in zip(axes.flat, panels.items()):
+        for label, (xs, ys) in series.items():
+            ax.plot(xs, ys, label=label, color=colours[label], marker="o" if len(xs) <= 30 else None, markersize=3)
+        ax.set(title=panel_title, xlabel=xlabel, ylabel=ylabel)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return True
+
+
+def loss_kind(records: list[dict]) -> str:
+    """What a run's "loss" is, by the keys its stage writes: runs of different kinds are not comparable."""
+    keys = set().union(*records) if records else set()
+    if "or_loss" in keys:
+        return "ORPO: NLL + lambda L_OR"
+    if any(k.startswith("rewards/") for k in keys):
+        return "DPO / IPO / KTO loss"
+    if "stage" in keys or "response_tokens" in keys:
+        return "SFT: NLL per response token"
+    return "pretraining: NLL per token"
 
 
 def bar_chart(path, title: str, panels: list[tuple[str, list[str], list[float], list[float]]]) -> bool:
@@ -192,9 +222,11 @@ def run_report(run_dirs, out_dir=None) -> Path:
     if not plots_available():
         lines += [INSTALL_HINT, ""]
     else:
-        if len(run_dirs) > 1 and line_chart(out_dir / "all_runs_loss.png", "training loss of every run",
-                                            {label: series(recs, "loss") for label, recs in zip(labels, records)},
-                                            "loss (nats/token)", logy=True):
+        by_kind: dict[str, dict] = {}  # one panel per loss definition
+        for label, recs in zip(labels, records):
+            by_kind.setdefault(loss_kind(recs), {})[label] = series(recs, "loss")
+        if len(run_dirs) > 1 and panel_chart(out_dir / "all_runs_loss.png", "training loss of every run, by kind",
+                                             by_kind, "loss (nats)"):
             lines += ["![training loss of every run](all_runs_loss.png)", ""]
         for label, recs in zip(labels, records):
             lines += [f"## {label}", ""] + [f"![{title}]({file})" for title, file in run_charts(label, recs, out_dir)]

@@ -51,6 +51,18 @@ def test_summary_numbers(runs):
     assert (o["steps"], o["best_val_loss"], o["best_val_step"], o["val_loss_by_language"]) == (10, 1.5, 10, {})
 
 
+def test_each_kind_of_loss_is_its_own_panel(runs):
+    """Pretraining, SFT, ORPO and DPO losses are defined differently: each kind gets a panel of its own."""
+    (_, pretrain), (_, orpo) = runs
+    sft = [{"step": 1, "stage": 1, "loss": 2.0}]
+    dpo = [{"step": 1, "loss": 0.69, "rewards/margins": 0.0}]
+    assert [report.loss_kind(r) for r in (pretrain, sft, orpo, dpo)] == [
+        "pretraining: NLL per token", "SFT: NLL per response token", "pretraining: NLL per token",
+        "DPO / IPO / KTO loss"]
+    orpo_with_terms = [{**r, "or_loss": 0.7} for r in orpo]
+    assert report.loss_kind(orpo_with_terms) == "ORPO: NLL + lambda L_OR"
+
+
 def read_png(path):
     import matplotlib.image
     assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", path
