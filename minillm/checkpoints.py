@@ -43,6 +43,7 @@ import torch.distributed as dist
 
 from minillm.engine import all_reduce_sum, print0
 from minillm.files import atomic_write, to_json
+from minillm.hf import save_pretrained
 
 TAG = re.compile(r"step_\d{7}")
 
@@ -398,7 +399,6 @@ def export_model(engine, model, out_dir, tokenizer, chat_template: str | None = 
     export left as it was."""
     import deepspeed
 
-    from minillm.hf import save_pretrained
 
     if not weights_finite(model, engine.device):
         raise ValueError(f"{out_dir}: the weights are not finite; not exported (the previous export is kept)")
@@ -462,7 +462,7 @@ class ExportedModel:
                          state={"step": record["step"], "val_loss": val, "options_sha256": options_hash(self.cfg)})
 
     def summary(self) -> str:
-        if self.by_validation and (self.best is None or self.best["val_loss"] is None):
+        if self.by_validation and self.best["val_loss"] is None:
             return f"no validation happened, so nothing was exported to {self.path}"
         if not self.by_validation:
             return f"exported {self.path} (Hugging Face layout): step {self.best['step']}, the last step"

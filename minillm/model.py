@@ -398,10 +398,3 @@ class Llama(nn.Module):
         what pretraining and SFT divide by the global token count), "none" the NLL per token [B, T] (0 where
         not scored; ORPO averages its negation per response)."""
         return self.output(self.hidden_states(input_ids, position_ids, doc_ids, cache), labels, reduction)
-
-    def num_params(self, exclude_embeddings: bool = False) -> int:
-        n = sum(p.numel() for p in self.parameters())
-        if exclude_embeddings:
-            n -= self.tok_embeddings.weight.numel()
-        return n
-

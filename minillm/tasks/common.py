@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import functools
 import random
-import string
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -64,15 +63,6 @@ def _kind_name(kind) -> str:
     if isinstance(kind, tuple):
         return " or ".join(names.get(k, k.__name__) for k in kind)
     return names.get(kind, kind.__name__)
-
-
-def template_placeholders(template: str) -> list[str]:
-    """Top-level field names a template uses: '{choices[0]}' -> 'choices'."""
-    out = []
-    for _, name, _, _ in string.Formatter().parse(template):
-        if name:
-            out.append(name.split("[")[0].split(".")[0])
-    return out
 
 
 def fill_template(template: str, fields: dict, where: str) -> str:
