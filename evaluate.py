@@ -54,7 +54,7 @@ class EvalOptions(GenerationOptions):
     limit: int = 0  # score only the first N records of each split (0 = all): for quick checks
     # hardware (generation options: minillm.tasks.common.GenerationOptions)
     device: str = "auto"  # auto = cuda when available, else cpu
-    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"  # auto = bfloat16 on GPUs that support it, else float32
+    dtype: Literal["auto", "float32", "bfloat16", "float16", "float64"] = "auto"  # auto = bfloat16 on GPUs that support it, else float32; float64 for exact comparisons with a reference
     # output
     out: str = "results"  # directory for results.json, results.md and predictions/
     progress: bool = True  # a tqdm bar per task
@@ -285,8 +285,12 @@ def load_model(cfg: EvalOptions):
         bf16 = device.type == "cuda" and torch.cuda.is_bf16_supported()
         dtype = torch.bfloat16 if bf16 else torch.float32
     else:
-        dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[cfg.dtype]
-    model = load_pretrained(cfg.model, dtype=dtype, device=device)
+        dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16,
+                 "float64": torch.float64}[cfg.dtype]
+    if dtype == torch.float64:  # checkpoints are never float64: load float32 (exactly), then widen
+        model = load_pretrained(cfg.model, dtype=torch.float32, device=device).double()
+    else:
+        model = load_pretrained(cfg.model, dtype=dtype, device=device)
     tokenizer = load_tokenizer(cfg.tokenizer or cfg.model)
     check_vocab_fits(tokenizer, model.config.vocab_size)
     model.eval()
