@@ -174,6 +174,12 @@ CASES = [
     ("eval-compare-one", ["evaluate.py", "--compare", "{ws}/a.json"], None, ["--compare", "two or more results files"]),
     ("eval-compare-not-results", ["evaluate.py", "--compare", "{ws}/a.json", "{ws}/a.json"], write("a.json", "[]"),
      ["a.json", "not a results file"]),
+    ("eval-judge-no-model", EVAL_ARGS + ["--tasks", "{w}/data/eval", "--judge-url", "http://127.0.0.1:9/v1"], None,
+     ["--judge-model", "required with --judge-url"]),
+    ("eval-judge-prompt-placeholder", EVAL_ARGS + ["--tasks", "{w}/data/eval", "--judge-url", "http://127.0.0.1:9/v1",
+                                                   "--judge-model", "j", "--judge-prompt", "{ws}/judge.txt"],
+     write("judge.txt", "Is {answer} right? [[CORRECT]] or [[INCORRECT]]"),
+     ["judge.txt", "lacks {question}, {reference}"]),
     # ---------------------------------------------------------------- python -m minillm.prepare
     ("prepare-input-missing", ["-m", "minillm.prepare", "--tokenizer", "{w}/tok", "--input", "{ws}/nope.txt",
                                "--out", "{ws}/out"], None, ["nope.txt", "cannot read"]),

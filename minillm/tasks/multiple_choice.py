@@ -18,13 +18,14 @@ from __future__ import annotations
 import re
 import sys
 
+from minillm.judge import JudgeItem
 from minillm.metrics import normalize_answer
 from minillm.tasks.common import (continuation_logprobs, default_stop, demonstrations, encode_choice,
                                   fill_template, mean_metric, prompt_and_generate, prompt_words, require,
                                   require_str_list, verbosity_metrics)
 
 PRIMARY = "acc"
-HIGHER_IS_BETTER = {"acc": True, "acc_norm": True, "acc_bytes": True}
+HIGHER_IS_BETTER = {"acc": True, "acc_norm": True, "acc_bytes": True, "judge_acc": True}
 LETTERS = "ABCDEFGHIJKLMNOPQRSTUVWXYZ"
 
 # COPA connectors ("The man broke his toe because ...") and questions, per language.
@@ -140,6 +141,37 @@ def match_choice(output: str, choices: list[str], language: str) -> int:
         return LETTERS.index(letter.group(1))
     found = [(answer.find(c), -len(c), j) for j, c in enumerate(normalised) if c and c in answer]
     return min(found)[2] if found else -1
+
+
+_BARE_LETTER = re.compile(r"^\(?([A-Z])\)?[.):]?$")
+
+
+def exact_choice(output: str, choices: list[str], language: str) -> int:
+    """Index of the choice the answer is exactly (its text after SQuAD normalisation, or its bare letter
+    'B', 'B.', '(B)'), else -1: what string matching decides before a judge is asked."""
+    answer = normalize_answer(output, language)
+    for j, choice in enumerate(choices):
+        if answer == normalize_answer(choice, language):
+            return j
+    letter = _BARE_LETTER.match(output.strip())
+    return LETTERS.index(letter.group(1)) if letter and LETTERS.index(letter.group(1)) < len(choices) else -1
+
+
+def judge_items(spec: dict, split: str, predictions: list[dict]) -> list[JudgeItem] | None:
+    """For evaluate.py --judge-url, generate mode only: an answer that is exactly one choice is decided by
+    string matching (right or wrong); any other goes to the judge with the right choice as the reference."""
+    if spec.get("mode") != "generate":
+        return None
+    items = []
+    for record, pred in zip(spec[split + "records"], predictions):
+        fields = template_fields(record, spec)
+        question = (f"{record['premise']}\n{fields['question_text']}" if "premise" in record else record["question"])
+        question += "\n" + fields["choices_block"]
+        exact = exact_choice(pred["output"], record["choices"], spec.get("language", "en"))
+        items.append(JudgeItem(question=question, answer=pred["output"].strip(),
+                               reference=f"{LETTERS[record['label']]}. {record['choices'][record['label']]}",
+                               string_verdict=None if exact < 0 else exact == record["label"]))
+    return items
 
 
 def run(ctx, spec: dict, template: str, split: str = "", desc: str = "") -> tuple[dict, list[dict]]:
