@@ -180,6 +180,16 @@ CASES = [
                                                    "--judge-model", "j", "--judge-prompt", "{ws}/judge.txt"],
      write("judge.txt", "Is {answer} right? [[CORRECT]] or [[INCORRECT]]"),
      ["judge.txt", "lacks {question}, {reference}"]),
+    ("eval-belebele-field", EVAL_ARGS + ["--tasks", "{ws}/b.task.json"],
+     both(write("b.task.json", '{"type": "multiple_choice", "format": "belebele", "data": "b.jsonl"}'),
+          jsonl("b.jsonl", {"flores_passage": "p", "question": "q", "mc_answer1": "a", "mc_answer2": "b",
+                            "mc_answer4": "d", "correct_answer_num": "1"})),
+     ["b.jsonl:1", "missing field 'mc_answer3'"]),
+    ("eval-flores-unaligned", EVAL_ARGS + ["--tasks", "{ws}/f.task.json"],
+     both(write("f.task.json", '{"type": "translation", "format": "flores", "data": "en.devtest", '
+                               '"target_data": "et.devtest", "src_lang": "en", "tgt_lang": "et"}'),
+          both(write("en.devtest", "a\nb\n"), write("et.devtest", "x\n"))),
+     ["et.devtest", "1 lines, but", "en.devtest has 2"]),
     # ---------------------------------------------------------------- python -m minillm.prepare
     ("prepare-input-missing", ["-m", "minillm.prepare", "--tokenizer", "{w}/tok", "--input", "{ws}/nope.txt",
                                "--out", "{ws}/out"], None, ["nope.txt", "cannot read"]),
