@@ -34,6 +34,7 @@ from typing import Literal
 
 import minillm
 from minillm.files import atomic_write
+from minillm.judge import Judge
 from minillm.metrics import degenerate_outputs
 from minillm.options import cli, parse_options, require
 from minillm.tasks import TASK_TYPES
@@ -54,11 +55,19 @@ class EvalOptions(GenerationOptions):
     limit: int = 0  # score only the first N records of each split (0 = all): for quick checks
     # hardware (generation options: minillm.tasks.common.GenerationOptions)
     device: str = "auto"  # auto = cuda when available, else cpu
-    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"  # auto = bfloat16 on GPUs that support it, else float32
+    dtype: Literal["auto", "float32", "bfloat16", "float16", "float64"] = "auto"  # auto = bfloat16 on GPUs that support it, else float32; float64 for exact comparisons with a reference
     # output
     out: str = "results"  # directory for results.json, results.md and predictions/
     progress: bool = True  # a tqdm bar per task
     compare: list[str] = field(default_factory=list)  # two or more results.json files: print them side by side and exit
+    # LLM-as-a-judge for QA and generated multiple choice (minillm.judge); API key: $MINILLM_JUDGE_API_KEY
+    judge_url: str = ""  # base URL of an OpenAI-compatible API, e.g. http://host:8000/v1; '' = no judge
+    judge_model: str = ""  # the model name the judge endpoint serves
+    judge_prompt: str = ""  # judge prompt file with {question}, {reference}, {answer}; '' = minillm/judge_prompt.txt
+    judge_cache: str = ""  # directory of cached judgements; '' = OUT/judge_cache
+    judge_concurrency: int = 4  # judge requests in flight at once
+    judge_retries: int = 4  # retries of a failed judge request (exponential backoff from 1 s)
+    judge_max_tokens: int = 512  # longest judge reply (its reasoning, then the verdict)
 
 
     def check(self):
@@ -75,6 +84,13 @@ class EvalOptions(GenerationOptions):
         require(0 < self.top_p <= 1, "top_p", self.top_p, "must be in (0, 1]")
         require(self.top_k >= 0, "top_k", self.top_k, "must be >= 0 (0 = all)")
         require(self.repetition_penalty > 0, "repetition_penalty", self.repetition_penalty, "must be > 0")
+        require(bool(self.judge_model) or not self.judge_url, "judge_model", self.judge_model,
+                "is required with --judge-url (the model name the endpoint serves)")
+        require(bool(self.judge_url) or not self.judge_model, "judge_url", self.judge_url,
+                "is required with --judge-model")
+        require(self.judge_concurrency >= 1, "judge_concurrency", self.judge_concurrency, "must be at least 1")
+        require(self.judge_retries >= 0, "judge_retries", self.judge_retries, "must be >= 0")
+        require(self.judge_max_tokens >= 1, "judge_max_tokens", self.judge_max_tokens, "must be at least 1")
 
 
 def task_files(paths: list[str]) -> list[Path]:
@@ -123,15 +139,28 @@ def pick_best(values: list[float | None], higher: bool) -> int:
     return (max if higher else min)(candidates, key=lambda i: (values[i], -i) if higher else (values[i], i))
 
 
-def evaluate_task(ctx: EvalContext, spec: dict) -> tuple[list[dict], list[dict]]:
-    """Score every template of a task on its test data (and pick the reported one on dev data).
-    Returns (result rows, predictions)."""
+def judged(judge: Judge | None, module, spec: dict, metrics: dict, preds: list[dict]) -> dict:
+    """With a judge and a task type it grades (QA, generated multiple choice): the judge's metrics added to
+    `metrics`, its verdict to each prediction."""
+    items = module.judge_items(spec, "", preds) if judge and hasattr(module, "judge_items") else None
+    if not items:
+        return metrics
+    judge_metrics, verdicts = judge.grade(items)
+    for pred, verdict in zip(preds, verdicts):
+        pred.update(verdict)
+    return {**metrics, **judge_metrics}
+
+
+def evaluate_task(ctx: EvalContext, spec: dict, judge: Judge | None = None) -> tuple[list[dict], list[dict]]:
+    """Score every template of a task on its test data (and pick the reported one on dev data; the judge
+    grades test data only). Returns (result rows, predictions)."""
     module = TASK_TYPES[spec["type"]]
     templates, name = spec["templates"], spec["name"]
     tnames = [f"t{i}" for i in range(len(templates))]
     per_template, predictions = [], []
     for i, template in enumerate(templates):
         metrics, preds = module.run(ctx, spec, template, "", f"{name} {tnames[i]}")
+        metrics = judged(judge, module, spec, metrics, preds)
         per_template.append(metric_entries(metrics, len(spec["records"])))
         predictions += [{"task": name, "template": tnames[i], **p} for p in preds]
 
@@ -194,7 +223,7 @@ def format_value(value) -> str:
 
 
 # Left out of the printed table to keep it short (results.json has them): mean lengths are shown.
-TABLE_SKIPS = ("median_tokens", "median_words")
+TABLE_SKIPS = ("median_tokens", "median_words", "judge_cache_hits")
 
 
 def markdown_table(results: dict) -> str:
@@ -285,8 +314,12 @@ def load_model(cfg: EvalOptions):
         bf16 = device.type == "cuda" and torch.cuda.is_bf16_supported()
         dtype = torch.bfloat16 if bf16 else torch.float32
     else:
-        dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[cfg.dtype]
-    model = load_pretrained(cfg.model, dtype=dtype, device=device)
+        dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16,
+                 "float64": torch.float64}[cfg.dtype]
+    if dtype == torch.float64:  # checkpoints are never float64: load float32 (exactly), then widen
+        model = load_pretrained(cfg.model, dtype=torch.float32, device=device).double()
+    else:
+        model = load_pretrained(cfg.model, dtype=dtype, device=device)
     tokenizer = load_tokenizer(cfg.tokenizer or cfg.model)
     check_vocab_fits(tokenizer, model.config.vocab_size)
     model.eval()
@@ -305,23 +338,29 @@ def run(cfg: EvalOptions) -> dict:
             raise ValueError(f"two task files are named {spec['name']!r} (as a file name: {file!r}): "
                              + ", ".join(s["spec_path"] for s, f in zip(specs, files) if f == file))
 
+    out = Path(cfg.out)
+    judge = None
+    if cfg.judge_url:  # the prompt file is read (and checked) now, before the model is loaded
+        judge = Judge(cfg.judge_url, cfg.judge_model, cfg.judge_cache or out / "judge_cache", cfg.judge_prompt,
+                      concurrency=cfg.judge_concurrency, retries=cfg.judge_retries, max_tokens=cfg.judge_max_tokens)
     model, tokenizer = load_model(cfg)
     generation = {f.name: getattr(cfg, f.name) for f in dataclasses.fields(GenerationOptions)}
     ctx = EvalContext(model=model, tokenizer=tokenizer, prompt_format=cfg.prompt_format, progress=cfg.progress,
                       few_shot=None if cfg.few_shot < 0 else cfg.few_shot, system_prompt=cfg.system_prompt or None,
                       **generation)
-    out = Path(cfg.out)
     settings = {k: v for k, v in asdict(cfg).items() if k not in ("compare",)}
     results = {"model": cfg.model, "minillm_version": minillm.__version__, "settings": settings,
                "started": time.strftime("%Y-%m-%dT%H:%M:%S"), "results": []}
+    if judge:
+        results["judge"] = {"url": cfg.judge_url, "prompt": judge.prompt_path, **judge.describe()}
     who = "/".join(Path(cfg.model).resolve().parts[-2:])  # which model each progress line is about ("sft/model")
     for spec in specs:
         t0 = time.time()
         try:
-            rows, predictions = evaluate_task(ctx, spec)
+            rows, predictions = evaluate_task(ctx, spec, judge)
         except Exception as e:  # one failing task must not cost the others their results
             message = f"{type(e).__name__}: {e}"
-            print(f"[{spec['name']}] FAILED: {message}", file=sys.stderr)
+            print(f"[{who}: {spec['name']}] FAILED: {message}", file=sys.stderr)
             if os.environ.get("MINILLM_TRACEBACK"):
                 traceback.print_exc()
             results["results"].append({"task": spec["name"], "type": spec["type"], "error": message})

@@ -155,25 +155,29 @@ def test_raw_continuation_is_the_tail_of_the_whole_text(ctx):
     assert ctx.tokenizer.decode(continuation).strip() == "because"
 
 
-def test_multiple_choice_scores_each_choice_and_normalises_by_bytes(ctx, tmp_path):
+def test_multiple_choice_scores_each_choice_and_normalises_by_characters_and_bytes(ctx, tmp_path):
+    """acc_norm divides by the characters of the choice without its delimiter (' '), acc_bytes by its UTF-8
+    bytes: lm-evaluation-harness's definitions (tests/test_lm_eval_parity.py checks them against lm_eval)."""
     spec = load_task(write_task(tmp_path, "copa", {"type": "multiple_choice", "language": "en"}, COPA), TASK_TYPES)
     metrics, predictions = multiple_choice.run(ctx, spec, spec["templates"][0])
-    correct = correct_norm = 0
+    hits = {"acc": 0, "acc_norm": 0, "acc_bytes": 0}
     for record, pred in zip(COPA, predictions):
         prompt = record["premise"].rstrip(".") + (" because" if record["question"] == "cause" else " therefore")
         assert pred["prompt"] == prompt
-        texts = [" " + c[0].lower() + c[1:] for c in record["choices"]]
-        expected = [manual_logprob(ctx.model, *encode_choice(ctx, prompt, [], t)) for t in texts]
+        choices = [c[0].lower() + c[1:] for c in record["choices"]]
+        expected = [manual_logprob(ctx.model, *encode_choice(ctx, prompt, [], " " + c)) for c in choices]
         assert pred["logprobs"] == pytest.approx(expected, abs=1e-9)
-        assert pred["choice_bytes"] == [len(t.encode()) for t in texts]
-        best = max(range(len(texts)), key=lambda j: expected[j])
-        best_norm = max(range(len(texts)), key=lambda j: expected[j] / len(texts[j].encode()))
-        assert (pred["pred"], pred["pred_norm"]) == (best, best_norm)
-        correct += best == record["label"]
-        correct_norm += best_norm == record["label"]
-    assert set(metrics) == {"acc", "acc_norm"}
-    for name, hits in (("acc", correct), ("acc_norm", correct_norm)):
-        p = hits / 3
+        assert pred["choice_chars"] == [len(c) for c in choices]
+        assert pred["choice_bytes"] == [len(c.encode()) for c in choices]
+        best = max(range(len(choices)), key=lambda j: expected[j])
+        best_norm = max(range(len(choices)), key=lambda j: expected[j] / len(choices[j]))
+        best_bytes = max(range(len(choices)), key=lambda j: expected[j] / len(choices[j].encode()))
+        assert (pred["pred"], pred["pred_norm"], pred["pred_bytes"]) == (best, best_norm, best_bytes)
+        for name, p in (("acc", best), ("acc_norm", best_norm), ("acc_bytes", best_bytes)):
+            hits[name] += p == record["label"]
+    assert set(metrics) == {"acc", "acc_norm", "acc_bytes"}
+    for name, n_hits in hits.items():
+        p = n_hits / 3
         assert metrics[name]["value"] == p and metrics[name]["n"] == 3
         # the standard error of a mean of 0/1 scores, written out: sqrt(p (1 - p) / (n - 1))
         assert metrics[name]["stderr"] == pytest.approx(math.sqrt(p * (1 - p) / 2))
@@ -295,7 +299,9 @@ def test_perplexity_bits_per_byte_by_hand(ctx, tmp_path):
         n_tokens += len(ids) - 1
     n_bytes = sum(len(t.encode()) for t in texts)
     assert metrics["bits_per_byte"]["value"] == pytest.approx(nll / math.log(2) / n_bytes, rel=1e-9)
-    assert metrics["perplexity"]["value"] == pytest.approx(math.exp(nll / n_tokens), rel=1e-9)
+    assert metrics["token_perplexity"]["value"] == pytest.approx(math.exp(nll / n_tokens), rel=1e-9)
+    assert metrics["byte_perplexity"]["value"] == pytest.approx(math.exp(nll / n_bytes), rel=1e-9)
+    assert metrics["word_perplexity"]["value"] == pytest.approx(math.exp(nll / (3 + 2)), rel=1e-9)  # words by hand
 
 
 def test_perplexity_without_a_bos_scores_every_token_after_an_eos(qwen2_dir, tmp_path):
@@ -328,8 +334,9 @@ def test_end_to_end_every_task_type(model_dir, tmp_path, capsys):
     rows = results["results"]
     assert not [r for r in rows if "error" in r]
     headline = {(r["task"], r["metric"]): r for r in rows if r["headline"]}
-    for key in [("ppl", "bits_per_byte"), ("ppl", "perplexity"), ("ppl", "bits_per_byte[en]"), ("copa", "acc"),
-                ("copa", "acc_norm"), ("mc_gen", "acc"), ("qa", "exact_match"), ("qa", "f1"), ("mt", "bleu"),
+    for key in [("ppl", "bits_per_byte"), ("ppl", "token_perplexity"), ("ppl", "word_perplexity"),
+                ("ppl", "byte_perplexity"), ("ppl", "bits_per_byte[en]"), ("copa", "acc"),
+                ("copa", "acc_norm"), ("copa", "acc_bytes"), ("mc_gen", "acc"), ("qa", "exact_match"), ("qa", "f1"), ("mt", "bleu"),
                 ("mt", "chrf++"), ("mt", "bleu[en-et]"), ("gec", "f0.5"), ("gec", "precision"),
                 ("safety", "attack_success_rate"), ("safety", "false_refusal_rate")]:
         assert key in headline, key
@@ -366,7 +373,7 @@ def test_end_to_end_every_task_type(model_dir, tmp_path, capsys):
         statistics.stdev(float(p["correct"]) for p in copa_preds) / math.sqrt(3))
     assert headline[("safety", "attack_success_rate")]["stderr"] is None  # one harmful prompt: no spread
     # corpus metrics: a bootstrap 95% interval around the value, and its standard error
-    for key in [("ppl", "bits_per_byte"), ("ppl", "perplexity"), ("gec", "f0.5"), ("gec", "precision")]:
+    for key in [("ppl", "bits_per_byte"), ("ppl", "token_perplexity"), ("gec", "f0.5"), ("gec", "precision")]:
         row = headline[key]
         assert row["ci95"][0] <= row["value"] + 1e-9 and row["stderr"] >= 0, key
         assert row["ci95"][1] >= row["ci95"][0], key

@@ -19,11 +19,13 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from minillm.files import json_object, read_json_objects
+from minillm.files import json_object
+from minillm.tasks.formats import FORMATS, read_records
 
 SPEC_KEYS = {"name", "type", "language", "data", "dev_data", "templates", "few_shot", "description",
              "mode", "choice_format",  # multiple_choice
-             "refusal_patterns"}  # safety
+             "refusal_patterns",  # safety
+             "format", "target_data", "dev_target_data", "src_lang", "tgt_lang"}  # benchmark files (formats.py)
 
 
 # ----------------------------------------------------------------------------- reading task files
@@ -112,6 +114,9 @@ def load_task(spec_path, task_types: dict, mc_mode: str | None = None, limit: in
         if not isinstance(templates, list) or not templates or not all(isinstance(t, str) for t in templates):
             raise ValueError(f"{spec_path}:{_line_of_key(text, 'templates')}: 'templates' must be a non-empty "
                              "list of strings")
+    if spec.get("format", "jsonl") not in FORMATS:
+        raise ValueError(f"{spec_path}:{_line_of_key(text, 'format')}: unknown format {spec['format']!r} "
+                         f"(known: {', '.join(FORMATS)})")
     spec["spec_path"] = str(spec_path)
     if mc_mode and task_type == "multiple_choice":
         spec["mode"] = mc_mode
@@ -121,7 +126,7 @@ def load_task(spec_path, task_types: dict, mc_mode: str | None = None, limit: in
         if not isinstance(spec[key], str):
             raise ValueError(f"{spec_path}:{_line_of_key(text, key)}: '{key}' must be a file name")
         data_path = spec_path.parent / spec[key]
-        numbered = read_json_objects(data_path)
+        numbered = read_records(spec, key, data_path, spec_path)
         records, lines = [r for _, r in numbered], [n for n, _ in numbered]
         if limit > 0:
             records, lines = records[:limit], lines[:limit]

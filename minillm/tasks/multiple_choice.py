@@ -5,9 +5,11 @@ Records: {"premise", "question": "cause"|"effect", "choices": [...], "label": in
 
 Two ways to score, picked by the task's "mode" (or evaluate.py --mc-mode):
 - loglik (default): the sum of the model's log-probabilities of each choice's tokens after the prompt
-  (the choice text comes from the task's "choice_format"). acc = argmax of that sum; acc_norm = argmax of
-  the sum divided by the choice's UTF-8 byte length (lm-evaluation-harness's length-normalised accuracy,
-  which stops long choices from being penalised for their extra tokens).
+  (the choice text comes from the task's "choice_format"). The metrics are lm-evaluation-harness's, with
+  its definitions (lm_eval/api/task.py, multiple_choice): acc = argmax of that sum; acc_norm = argmax of the
+  sum divided by the number of characters of the choice without the target delimiter (the whitespace
+  choice_format starts with, " " by default), which stops long choices from being penalised for their extra
+  tokens; acc_bytes = the same divided by the choice's UTF-8 bytes (again without the delimiter).
 - generate: the prompt lists lettered choices ({choices_block}); the model's answer is matched to a choice
   by its text or its letter (see match_choice). Reports acc and verbosity.
 """
@@ -16,13 +18,14 @@ from __future__ import annotations
 import re
 import sys
 
+from minillm.judge import JudgeItem
 from minillm.metrics import normalize_answer
 from minillm.tasks.common import (continuation_logprobs, default_stop, demonstrations, encode_choice,
                                   fill_template, mean_metric, prompt_and_generate, prompt_words, require,
                                   require_str_list, verbosity_metrics)
 
 PRIMARY = "acc"
-HIGHER_IS_BETTER = {"acc": True, "acc_norm": True}
+HIGHER_IS_BETTER = {"acc": True, "acc_norm": True, "acc_bytes": True, "judge_acc": True}
 LETTERS = "ABCDEFGHIJKLMNOPQRSTUVWXYZ"
 
 # COPA connectors ("The man broke his toe because ...") and questions, per language.
@@ -104,6 +107,14 @@ def choice_text(spec: dict, record: dict, j: int) -> str:
     return fill_template(choice_format(spec), fields, f"{spec['spec_path']}: choice_format")
 
 
+def choice_without_delimiter(spec: dict, record: dict, j: int) -> str:
+    """The choice as lm-evaluation-harness's doc_to_choice gives it, which is what its acc_norm and acc_bytes
+    measure: choice_text without the target delimiter, i.e. the whitespace the choice_format starts with."""
+    fmt = choice_format(spec)
+    delimiter = fmt[:len(fmt) - len(fmt.lstrip())]
+    return choice_text(spec, record, j).removeprefix(delimiter)
+
+
 def gold_answer(record: dict, spec: dict) -> str:
     """The demonstration answer for few-shot prompts."""
     if spec.get("mode") == "generate":
@@ -132,6 +143,37 @@ def match_choice(output: str, choices: list[str], language: str) -> int:
     return min(found)[2] if found else -1
 
 
+_BARE_LETTER = re.compile(r"^\(?([A-Z])\)?[.):]?$")
+
+
+def exact_choice(output: str, choices: list[str], language: str) -> int:
+    """Index of the choice the answer is exactly (its text after SQuAD normalisation, or its bare letter
+    'B', 'B.', '(B)'), else -1: what string matching decides before a judge is asked."""
+    answer = normalize_answer(output, language)
+    for j, choice in enumerate(choices):
+        if answer == normalize_answer(choice, language):
+            return j
+    letter = _BARE_LETTER.match(output.strip())
+    return LETTERS.index(letter.group(1)) if letter and LETTERS.index(letter.group(1)) < len(choices) else -1
+
+
+def judge_items(spec: dict, split: str, predictions: list[dict]) -> list[JudgeItem] | None:
+    """For evaluate.py --judge-url, generate mode only: an answer that is exactly one choice is decided by
+    string matching (right or wrong); any other goes to the judge with the right choice as the reference."""
+    if spec.get("mode") != "generate":
+        return None
+    items = []
+    for record, pred in zip(spec[split + "records"], predictions):
+        fields = template_fields(record, spec)
+        question = (f"{record['premise']}\n{fields['question_text']}" if "premise" in record else record["question"])
+        question += "\n" + fields["choices_block"]
+        exact = exact_choice(pred["output"], record["choices"], spec.get("language", "en"))
+        items.append(JudgeItem(question=question, answer=pred["output"].strip(),
+                               reference=f"{LETTERS[record['label']]}. {record['choices'][record['label']]}",
+                               string_verdict=None if exact < 0 else exact == record["label"]))
+    return items
+
+
 def run(ctx, spec: dict, template: str, split: str = "", desc: str = "") -> tuple[dict, list[dict]]:
     if spec.get("mode") == "generate":
         return _run_generate(ctx, spec, template, split, desc)
@@ -153,17 +195,21 @@ def _run_loglik(ctx, spec, template, split, desc):
     per_record: list[list[float]] = [[] for _ in records]
     for i, score in zip(owners, scores):
         per_record[i].append(score)
-    predictions, correct, correct_norm = [], [], []
+    predictions, correct = [], {"acc": [], "acc_norm": [], "acc_bytes": []}
     for i, (record, line) in enumerate(zip(records, lines)):
-        lengths = [len(choice_text(spec, record, j).encode("utf-8")) for j in range(len(record["choices"]))]
+        choices = [choice_without_delimiter(spec, record, j) for j in range(len(record["choices"]))]
+        chars, n_bytes = [len(c) for c in choices], [len(c.encode("utf-8")) for c in choices]
         s = per_record[i]
+        # max() keeps the first of equal values, as numpy's argmax in lm-evaluation-harness does
         pred = max(range(len(s)), key=lambda j: s[j])
-        pred_norm = max(range(len(s)), key=lambda j: s[j] / lengths[j])
-        correct.append(pred == record["label"])
-        correct_norm.append(pred_norm == record["label"])
-        predictions.append({"line": line, "prompt": prompts[i], "logprobs": s, "choice_bytes": lengths, "pred": pred,
-                            "pred_norm": pred_norm, "label": record["label"], "correct": correct[-1]})
-    return {"acc": mean_metric(correct), "acc_norm": mean_metric(correct_norm)}, predictions
+        pred_norm = max(range(len(s)), key=lambda j: s[j] / chars[j])
+        pred_bytes = max(range(len(s)), key=lambda j: s[j] / n_bytes[j])
+        for name, p in (("acc", pred), ("acc_norm", pred_norm), ("acc_bytes", pred_bytes)):
+            correct[name].append(p == record["label"])
+        predictions.append({"line": line, "prompt": prompts[i], "logprobs": s, "choice_chars": chars,
+                            "choice_bytes": n_bytes, "pred": pred, "pred_norm": pred_norm, "pred_bytes": pred_bytes,
+                            "label": record["label"], "correct": correct["acc"][-1]})
+    return {name: mean_metric(hits) for name, hits in correct.items()}, predictions
 
 
 def _run_generate(ctx, spec, template, split, desc):

@@ -8,12 +8,13 @@ from __future__ import annotations
 
 import sys
 
+from minillm.judge import JudgeItem
 from minillm.metrics import exact_match, token_f1
 from minillm.tasks.common import (default_stop, mean_metric, prompt_and_generate, prompt_words, require,
                                   require_str_list, verbosity_metrics)
 
 PRIMARY = "f1"
-HIGHER_IS_BETTER = {"exact_match": True, "f1": True}
+HIGHER_IS_BETTER = {"exact_match": True, "f1": True, "judge_acc": True}
 
 
 def check_record(record: dict, where: str, spec: dict):
@@ -47,3 +48,11 @@ def run(ctx, spec: dict, template: str, split: str = "", desc: str = "") -> tupl
         predictions.append({"line": line, "prompt": prompt, "output": gen["text"], "answers": record["answers"],
                             "exact_match": ems[-1], "f1": f1s[-1], "n_tokens": gen["n_tokens"]})
     return {"exact_match": mean_metric(ems), "f1": mean_metric(f1s), **verbosity_metrics(generations)}, predictions
+
+
+def judge_items(spec: dict, split: str, predictions: list[dict]) -> list[JudgeItem]:
+    """For evaluate.py --judge-url: an exact match (SQuAD normalisation) is correct without asking; any other
+    answer goes to the judge, with the first gold answer as the reference (LLAMMAS: string matching first)."""
+    return [JudgeItem(question=f"{record['context']}\n\n{record['question']}", answer=pred["output"].strip(),
+                      reference=record["answers"][0], string_verdict=True if pred["exact_match"] else None)
+            for record, pred in zip(spec[split + "records"], predictions)]
