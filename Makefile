@@ -19,8 +19,10 @@ $(VENV)/.installed: setup.cfg
 	$(BIN)/pip install -q -e ".[test,eval]"
 	touch $@
 
+# Two pytest workers, one test file each at a time (module fixtures are built once): the tests are mostly
+# single-threaded subprocesses, so the two cores of the reference machine halve the wall time.
 test: setup
-	$(BIN)/python -m pytest -q tests
+	$(BIN)/python -m pytest -q -n 2 --dist loadfile tests
 
 demo: setup
 	bash demo/demo.sh $(BIN)/python $(DATA) $(RUN)
