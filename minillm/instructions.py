@@ -573,7 +573,7 @@ class MixOptions:
     out_dir: str  # where train.jsonl, valid.jsonl and composition.json go
     valid_share: float = 0.02  # share of each source's selected unique examples held out for validation
     tokenizer: str = ""  # count tokens with this tokenizer ('' = count words)
-    template: Literal["auto", "tulu", "llama3", "chatml", "alpaca"] = "auto"  # with --tokenizer: the layout examples are counted in (train_sft.py's --template)
+    template: Literal["auto", "tulu", "llama3", "chatml", "mistral", "alpaca"] = "auto"  # with --tokenizer: the layout examples are counted in (train_sft.py's --template)
     seed: int = 0  # seed of sampling and shuffling
 
     def check(self):
