@@ -5,7 +5,7 @@
     python -m minillm.prepare ... --decontaminate data/eval
 
 What counts as overlap (GPT-3's and Llama's test, on words): texts are lower-cased and split at whitespace
-(so whitespace is normalised; punctuation stays part of its word); a training text overlaps an evaluation
+(ASCII whitespace: so it is normalised; punctuation stays part of its word); a training text overlaps an evaluation
 item when they share an n-gram of --ngram words (default 13). Short evaluation sentences (FLORES-style
 single sentences, fewer than --ngram words but at least --min-sentence-words) have no 13-gram: a training
 text overlaps them when it holds the whole sentence as a run of words.
@@ -16,8 +16,9 @@ source, premise, choices, question, references, target ...). Each item is split 
 sentence gives its n-grams, or itself when short.
 
 Bounded memory: only 64-bit hashes of the evaluation n-grams are held (and which evaluation sets they come
-from); training text is streamed. A word's hash is CRC-32 of its UTF-8 bytes (stable across processes), an
-n-gram's a polynomial of its words' hashes modulo 2^64, computed for all windows of a text at once with numpy.
+from); training text is streamed. A word's hash is a polynomial of its UTF-8 bytes modulo 2^64 (stable across
+processes), an n-gram's a polynomial of its words' hashes; both are computed with numpy for a whole batch of
+texts at once (prepare: a chunk), so the Python work per text is a few C calls.
 
 Report (JSON next to the output, `<output>.decontamination.json`): per evaluation set how many training
 items overlapped it (an item may overlap several sets), and how many were removed in all (none with
@@ -27,7 +28,6 @@ from __future__ import annotations
 
 import json
 import re
-import zlib
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -42,9 +42,33 @@ MULTIPLIER = np.uint64(0x9E3779B97F4A7C15)  # odd 64-bit constant of the n-gram 
 SENTENCE_END = re.compile(r"(?<=[.!?。])\s+|\n+")
 
 
-def word_hashes(text: str) -> np.ndarray:
-    """uint64 hash of every word of the lower-cased, whitespace-split text."""
-    return np.fromiter((zlib.crc32(w.encode()) for w in text.lower().split()), dtype=np.uint64)
+ASCII_SPACE = np.zeros(256, dtype=bool)
+ASCII_SPACE[[9, 10, 11, 12, 13, 32]] = True  # the separators between words
+MAX_WORD_BYTES = 1 << 12  # byte positions in a word beyond this reuse the powers from the start (hash only)
+with np.errstate(over="ignore"):
+    BYTE_POWERS = np.cumprod(np.concatenate([[np.uint64(1)], np.full(MAX_WORD_BYTES - 1, MULTIPLIER)]), dtype=np.uint64)
+
+
+def words_of(texts: list[str]) -> tuple[np.ndarray, np.ndarray]:
+    """(uint64 hash of every word, index of the text it is in) for texts lower-cased and split at ASCII whitespace,
+    all texts at once: the per-text cost is a few C calls, the rest is numpy over the bytes."""
+    encoded = [t.lower().encode() for t in texts]
+    data = np.frombuffer(b"\n".join(encoded), dtype=np.uint8)
+    text_starts = np.cumsum([0] + [len(e) + 1 for e in encoded[:-1]])
+    word = ~ASCII_SPACE[data]
+    first = word & np.concatenate([[True], ~word[:-1]]) if len(data) else word
+    starts = np.flatnonzero(first)
+    if not len(starts):
+        return np.empty(0, dtype=np.uint64), np.empty(0, dtype=np.int64)
+    positions = np.flatnonzero(word)
+    word_of_byte = np.cumsum(first[positions]) - 1
+    offset = positions - starts[word_of_byte]
+    with np.errstate(over="ignore"):
+        contributions = data[positions].astype(np.uint64) * BYTE_POWERS[offset % MAX_WORD_BYTES]
+    hashes = np.add.reduceat(contributions, np.flatnonzero(first[positions]))
+    with np.errstate(over="ignore"):  # the word's length too, so "a" and "a\0" differ
+        hashes = hashes * MULTIPLIER + np.bincount(word_of_byte).astype(np.uint64)
+    return hashes, np.searchsorted(text_starts, starts, side="right") - 1
 
 
 def window_hashes(words: np.ndarray, n: int) -> np.ndarray:
@@ -109,7 +133,7 @@ class EvalIndex:
             for _, record in read_jsonl(data):
                 for text in string_fields(record):
                     for sentence in SENTENCE_END.split(text):
-                        words = word_hashes(sentence)
+                        words, _ = words_of([sentence])
                         n = min(ngram, len(words))
                         if n < min_sentence_words:
                             continue
@@ -124,17 +148,20 @@ class EvalIndex:
 
     def overlaps(self, text: str) -> set[int]:
         """Indices (into self.names) of the evaluation sets `text` shares an n-gram or a short sentence with."""
-        words = word_hashes(text)
-        found = set()
+        return self.batch_overlaps([text])[0]
+
+    def batch_overlaps(self, texts: list[str]) -> list[set[int]]:
+        """overlaps() of each text, computed for all of them at once (windows never span two texts)."""
+        words, text_of = words_of(texts)
+        found = [set() for _ in texts]
         for n, (keys, owners) in self.tables.items():
             windows = window_hashes(words, n)
             if not len(windows):
                 continue
-            at = np.searchsorted(keys, windows)
-            hit = at < len(keys)
-            hit[hit] = keys[at[hit]] == windows[hit]
-            for i in np.unique(at[hit]).tolist():
-                found.update(owners[i])
+            at = np.minimum(np.searchsorted(keys, windows), len(keys) - 1)
+            hit = (keys[at] == windows) & (text_of[:len(windows)] == text_of[n - 1:])
+            for i in np.flatnonzero(hit).tolist():
+                found[text_of[i]].update(owners[at[i]])
         return found
 
 
@@ -148,12 +175,18 @@ class Decontaminator:
 
     def keep(self, text: str) -> bool:
         """Whether to keep a training item whose text (all its fields) is `text`; counts it."""
-        self.seen += 1
-        found = self.index.overlaps(text)
-        for i in found:
-            self.per_set[i] += 1
-        self.overlapping += bool(found)
-        return self.report_only or not found
+        return self.keep_batch([text])[0]
+
+    def keep_batch(self, texts: list[str]) -> list[bool]:
+        """keep() of each text, computed for all at once."""
+        out = []
+        for found in self.index.batch_overlaps(texts):
+            self.seen += 1
+            for i in found:
+                self.per_set[i] += 1
+            self.overlapping += bool(found)
+            out.append(self.report_only or not found)
+        return out
 
     def merge(self, counts: dict):
         """Add the counts of another Decontaminator's report (a worker's)."""
@@ -179,7 +212,8 @@ def decontaminate_records(records: list, eval_paths, ngram: int = DEFAULT_NGRAM,
                           report_only: bool = False) -> tuple[list, dict]:
     """(the records kept, the report)."""
     d = Decontaminator(EvalIndex(eval_paths, ngram, min_sentence_words), report_only)
-    kept = [r for r in records if d.keep(record_text(r))]
+    keep = d.keep_batch([record_text(r) for r in records])
+    kept = [r for r, k in zip(records, keep) if k]
     return kept, d.report()
 
 

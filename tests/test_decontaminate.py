@@ -12,6 +12,8 @@ import pytest
 
 from minillm.decontaminate import EvalIndex, decontaminate_records
 from minillm.instructions import main as instructions_main
+from minillm.prepare import prepare
+from minillm.pretrain_data import TokenShards
 
 LONG = "the quick brown fox jumps over the lazy dog while mari reads her book in the quiet garden"  # 18 words
 SHORT = "Kus elab Mari ja tema kolm lehma täna?"  # 8 words: a whole-sentence match from 8 words on
@@ -91,3 +93,21 @@ def test_command_and_translate_option(eval_dir, tmp_path, capsys):
     written = (tmp_path / "tr.jsonl").read_text()
     assert len(written.splitlines()) == 2 and "fox" not in written
     assert json.loads((tmp_path / "tr.jsonl.decontamination.json").read_text())["per_eval_set"] == {"mt": 1, "qa": 1}
+
+
+def test_prepare_drops_overlapping_documents(eval_dir, tmp_path, chat_tok):
+    rng = random.Random(2)
+    texts = [filler(rng, 30) for _ in range(60)]
+    texts[7] = filler(rng, 10) + " " + LONG + " " + filler(rng, 5)  # overlaps mt and qa (dev)
+    texts[30] = "Ta küsis: " + SHORT + " " + filler(rng, 3)  # overlaps qa
+    texts[31] = " ".join(LONG.split()[:12]) + " " + filler(rng, 8)  # 12 of 13 words: kept
+    corpus = tmp_path / "corpus.jsonl"
+    corpus.write_text("".join(json.dumps({"text": t}) + "\n" for t in texts))
+    chat_tok.save_pretrained(tmp_path / "tok")
+    plain = prepare([corpus], tmp_path / "tok", tmp_path / "plain", progress=False)
+    meta = prepare([corpus], tmp_path / "tok", tmp_path / "clean", workers=2, progress=False, decontaminate=[eval_dir])
+    assert plain["num_docs"] == 60 and meta["num_docs"] == 58 and meta["skipped_empty_docs"] == 0
+    assert meta["decontamination"]["per_eval_set"] == {"mt": 1, "qa": 2} and meta["decontamination"]["removed"] == 2
+    assert json.loads((tmp_path / "clean.decontamination.json").read_text()) == meta["decontamination"]
+    kept = [list(TokenShards(tmp_path / "clean").doc(i)) for i in range(58)]
+    assert kept == [chat_tok.encode(t, bos=True, eos=True) for i, t in enumerate(texts) if i not in (7, 30)]
