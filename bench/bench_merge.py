@@ -9,17 +9,18 @@ chat_vector --target A --instruct B --base C` runs in its own process, which rep
 
 Run: python bench/bench_merge.py --work /tmp/bench_merge
 """
-import argparse
 import json
 import subprocess
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
 from minillm.hf import config_to_hf, safetensors_header, to_hf_name
 from minillm.model import Llama, LlamaConfig
+from minillm.options import cli, parse_options
 
 ROOT = Path(__file__).resolve().parents[1]
 MEASURE = ("import sys, time; from minillm.merge import main; t = time.time(); main(sys.argv[1:]); "
@@ -44,13 +45,17 @@ def write_random_model(path: Path, config: LlamaConfig, seed: int) -> int:
     return (path / "model.safetensors").stat().st_size
 
 
-def main():
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--work", default="/tmp/bench_merge")
-    parser.add_argument("--dim", type=int, default=1024)
-    parser.add_argument("--layers", type=int, default=24)
-    parser.add_argument("--vocab", type=int, default=32000)
-    args = parser.parse_args()
+@dataclass(kw_only=True)
+class BenchMergeOptions:
+    work: str = "/tmp/bench_merge"  # where the three models (cached) and the merge go
+    dim: int = 1024  # model width
+    layers: int = 24  # transformer layers (24: 0.72 GB per model in float32)
+    vocab: int = 32000  # vocabulary size
+
+
+@cli
+def main(argv=None):
+    args = parse_options(BenchMergeOptions, argv, prog="python bench/bench_merge.py", description=__doc__.split("\n\n")[0])
     work = Path(args.work)
     config = LlamaConfig.from_preset("tiny", vocab_size=args.vocab, dim=args.dim, n_layers=args.layers,
                                      n_heads=args.dim // 64, n_kv_heads=args.dim // 64)
