@@ -48,7 +48,7 @@ class EvalOptions(GenerationOptions):
     tokenizer: str = ""  # tokenizer directory (tokenizer.model or tokenizer.json); '' = the model directory
     tasks: list[str] = field(default_factory=lambda: ["data/sample/eval"])  # task files or directories of them
     # how to prompt
-    prompt_format: Literal["raw", "chat", "alpaca"] = "raw"  # chat (the layout of the model's chat template, else of its tokenizer's markers: tulu, llama3, chatml), alpaca, or raw for base models
+    prompt_format: Literal["raw", "chat", "alpaca"] = "raw"  # chat (the layout of the model's chat template, else of its tokenizer's markers: tulu, llama3, chatml, mistral), alpaca, or raw for base models
     system_prompt: str = ""  # chat format only: a system turn before every prompt
     few_shot: int = -1  # demonstrations per prompt; -1 = each task file's own "few_shot"
     mc_mode: Literal["", "loglik", "generate"] = ""  # multiple choice by log-likelihood or by generating; '' = each task file's "mode"

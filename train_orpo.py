@@ -77,7 +77,7 @@ class ORPOOptions(TrainOptions):
     allow_data_change: bool = False  # resume although the training or validation files differ from the checkpoint's (recorded in the checkpoints); without it that is refused
     valid_data: str = "data/sample/preferences/valid.jsonl"  # held-out pairs; '' = no validation (the last model is exported)
     initial_can_be_best: bool = True  # the step-0 validation takes part in choosing the exported model: when no step beats it, the initial weights are exported (false: the best trained step, with a note)
-    template: Literal["auto", "tulu", "llama3", "chatml", "alpaca"] = "auto"  # how pairs are rendered (SFT's template): a chat layout, the Alpaca prompt, or auto = the chat layout whose markers the tokenizer has
+    template: Literal["auto", "tulu", "llama3", "chatml", "mistral", "alpaca"] = "auto"  # how pairs are rendered (SFT's template): a chat layout, the Alpaca prompt, or auto = the chat layout whose markers the tokenizer has
     objective: Literal["orpo", "dpo", "ipo", "kto"] = "orpo"  # the preference loss (the docstring above)
     # ORPO
     orpo_lambda: float = 0.1  # weight of L_OR (TRL's default; the ORPO paper used 0.05-0.25)

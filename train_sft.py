@@ -45,7 +45,7 @@ class SFTOptions(TrainOptions):
     train_data: str = "runs/demo/sft/train.jsonl"  # SFT records (Alpaca or chat); ';' separates curriculum stages
     allow_data_change: bool = False  # resume although the training or validation files differ from the checkpoint's (recorded in the checkpoints); without it that is refused
     valid_data: str = "runs/demo/sft/valid.jsonl"  # held-out records; '' = no validation (the last model is exported)
-    template: Literal["auto", "tulu", "llama3", "chatml", "alpaca"] = "auto"  # how records are rendered and exported as chat_template: a chat layout, the Alpaca prompt, or auto = the chat layout whose markers the tokenizer has
+    template: Literal["auto", "tulu", "llama3", "chatml", "mistral", "alpaca"] = "auto"  # how records are rendered and exported as chat_template: a chat layout, the Alpaca prompt, or auto = the chat layout whose markers the tokenizer has
     train_on: Literal["assistant", "last", "all"] = "assistant"  # the loss covers every reply, the last one, or all tokens
     truncate: Literal["right", "left", "drop"] = "right"  # too-long examples: cut the end, cut the start, or drop them
     pack: bool = True  # several examples per row, document-masked (no example sees another)

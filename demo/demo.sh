@@ -22,6 +22,8 @@ $PY train_pretrain.py --overwrite --out-dir "$RUN/pretrain" --tokenizer "$RUN/to
 echo "== 5. translation-task instructions from the bitext (25% Estonian -> English, as LLAMMAS)"
 $PY -m minillm.instructions translate --tsv "$DATA/bitext/en-et.tsv" --src-lang en --tgt-lang et \
     --reverse-share 0.25 --format chat --out "$RUN/sft_data/trtask.jsonl" --seed 0
+echo "== 5b. decontamination: translation instructions sharing a 13-gram or a whole sentence with the evaluation tasks"
+$PY -m minillm.instructions decontaminate --input "$RUN/sft_data/trtask.jsonl" --eval "$DATA/eval" --report-only
 echo "== 6. instruction tuning: translation tasks + Estonian/English instructions, loss on responses only"
 $PY train_sft.py --overwrite --init-from "$RUN/pretrain/model" --out-dir "$RUN/sft" \
     --train-data "$RUN/sft_data/trtask.jsonl,$DATA/sft/alpaca_et.jsonl,$DATA/sft/alpaca_en.jsonl,$DATA/sft/chat_en.jsonl" \

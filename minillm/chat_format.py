@@ -13,6 +13,18 @@ Four templates (`template=`; "auto" picks one from the tokenizer, see resolve_te
               <|start_header_id|>assistant<|end_header_id|>\\n\\n{reply}<|eot_id|>...
   chatml  ChatML, as Qwen2.5 (no BOS unless the tokenizer has one):
               <|im_start|>user\\n{user}<|im_end|>\\n<|im_start|>assistant\\n{reply}<|im_end|>\\n...
+  mistral Mistral's own instruct layout, exactly as mistral-common's MistralTokenizer.encode_chat_completion
+          renders it. With [INST] / [/INST] as control tokens (Tekken v3: Mistral-Nemo; sentencepiece v3:
+          Mistral-7B-Instruct-v0.3):
+              <s>[INST]{user}[/INST]{reply}</s>[INST]{user}[/INST]...
+          without them (sentencepiece v1: Mistral-7B-Instruct-v0.1) the markers are text, "[INST] {user} [/INST]".
+          Every user text and reply is encoded on its own as a text start (a sentencepiece tokenizer puts its
+          dummy-prefix '▁' before each, Tekken nothing), as mistral-common encodes each message; v3 drops the
+          trailing spaces of a reply (" " only, as mistral-common does). Mistral has no
+          system turn: the system prompt is put before the text of the LAST user message (v3; the FIRST in
+          v1), followed by a blank line. So in a multi-turn conversation with a system prompt the earlier
+          replies are trained, as Mistral trains them, without the system prompt before them, and only the
+          last reply's inference prompt is a prefix of the training ids.
   alpaca  the exact Stanford Alpaca prompt (ALPACA_PROMPT_WITH_INPUT / ALPACA_PROMPT_NO_INPUT), then the
           response and EOS.
 Contents are used verbatim except by llama3 (open-instruct strips them; we do not, so a record renders as
@@ -49,8 +61,8 @@ from __future__ import annotations
 
 ROLES = ("system", "user", "assistant")
 TRAIN_ON = ("assistant", "last", "all")
-TEMPLATES = ("auto", "tulu", "llama3", "chatml", "alpaca")
-CHAT_LAYOUTS = ("tulu", "llama3", "chatml")  # the order in which "auto" looks for a layout's markers
+TEMPLATES = ("auto", "tulu", "llama3", "chatml", "mistral", "alpaca")
+CHAT_LAYOUTS = ("tulu", "llama3", "chatml", "mistral")  # the order in which "auto" looks for a layout's markers
 
 # Stanford Alpaca (github.com/tatsu-lab/stanford_alpaca, train.py PROMPT_DICT), verbatim.
 ALPACA_PROMPT_WITH_INPUT = (
@@ -66,8 +78,9 @@ ALPACA_PROMPT_NO_INPUT = (
 TULU_MARKERS = {"system": "<|system|>", "user": "<|user|>", "assistant": "<|assistant|>"}
 HEADER_START, HEADER_END, EOT = "<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>"  # Llama-3
 IM_START, IM_END = "<|im_start|>", "<|im_end|>"  # ChatML
+INST, END_INST = "[INST]", "[/INST]"  # Mistral
 MARKERS = {"tulu": tuple(TULU_MARKERS.values()), "llama3": (HEADER_START, HEADER_END, EOT),
-           "chatml": (IM_START, IM_END), "alpaca": ()}
+           "chatml": (IM_START, IM_END), "mistral": (INST, END_INST), "alpaca": ()}
 
 
 # ============================================================================ records -> template parts
@@ -233,14 +246,48 @@ def _alpaca(record, add_generation_prompt):
     return parts
 
 
-LAYOUTS = {"tulu": _tulu, "llama3": _llama3, "chatml": _chatml}
+def _mistral(messages, add_generation_prompt, markers_as_text=False):
+    """mistral-common's InstructTokenizerV3 (control markers) or V1 (markers_as_text). Its inference prompt is
+    the conversation itself: the model answers right after [/INST]."""
+    system = messages[0]["content"] if messages and messages[0]["role"] == "system" else ""
+    turns = messages[1:] if messages and messages[0]["role"] == "system" else messages
+    users = [i for i, m in enumerate(turns) if m["role"] == "user"]
+    with_system = (users[0] if markers_as_text else users[-1]) if users and system else None
+    parts = [("special", "bos", -1)]
+    turn = 0
+    for i, m in enumerate(turns):
+        if m["role"] == "assistant":
+            reply = m["content"] if markers_as_text else m["content"].rstrip(" ")  # v3 drops a reply's trailing spaces
+            parts += [("reply", reply, turn), ("special", "eos", turn)]
+            turn += 1
+            continue
+        text = system + "\n\n" + m["content"] if i == with_system else m["content"]
+        if markers_as_text:
+            parts.append(("prompt", f"{INST} {text} {END_INST}", -1))
+        else:
+            parts += [("special", INST, -1), ("prompt", text, -1), ("special", END_INST, -1)]
+    return parts
 
 
-def template_parts(record, template: str, add_generation_prompt: bool = False) -> list[tuple[str, str, int]]:
-    """The record rendered with `template` (tulu, llama3, chatml or alpaca) as parts (see above), the
-    neighbouring prompt texts joined."""
+LAYOUTS = {"tulu": _tulu, "llama3": _llama3, "chatml": _chatml, "mistral": _mistral}
+TEXT_STARTS = ("mistral",)  # layouts whose every text is encoded as the start of a text (see the docstring)
+
+
+def mistral_markers_as_text(tokenizer) -> bool:
+    """Mistral's v1 format: the tokenizer has no [INST] / [/INST] control tokens, so they are written as text."""
+    return bool(missing_markers(tokenizer, "mistral"))
+
+
+def template_parts(record, template: str, add_generation_prompt: bool = False,
+                   markers_as_text: bool = False) -> list[tuple[str, str, int]]:
+    """The record rendered with `template` (tulu, llama3, chatml, mistral or alpaca) as parts (see above),
+    the neighbouring prompt texts joined. markers_as_text: Mistral's v1 format (mistral_markers_as_text)."""
     if template == "alpaca":
         parts = _alpaca(record, add_generation_prompt)
+    elif template == "mistral":
+        messages = as_messages(record)
+        check_messages(messages, training=False)
+        parts = _mistral(messages, add_generation_prompt, markers_as_text)
     elif template in LAYOUTS:
         messages = as_messages(record)
         check_messages(messages, training=False)
@@ -279,7 +326,7 @@ def check_template(tokenizer, template: str):
     if template not in TEMPLATES[1:]:
         raise ValueError(f"unknown template {template!r} (expected {', '.join(TEMPLATES)})")
     missing = missing_markers(tokenizer, template)
-    if missing:
+    if missing and template != "mistral":  # mistral without its control tokens is Mistral's v1 format
         usable = [t for t in CHAT_LAYOUTS if not missing_markers(tokenizer, t)]
         raise ValueError(
             f"template {template!r} needs {', '.join(missing)} as single control tokens, and {tokenizer!r} has "
@@ -287,9 +334,10 @@ def check_template(tokenizer, template: str):
             "`python -m minillm.vocab extend --add-chat-tokens`")
 
 
-def encode_parts(parts, tokenizer) -> list[list[int]]:
+def encode_parts(parts, tokenizer, texts_start: bool = False) -> list[list[int]]:
     """Token ids of every part: special parts are their id (BOS none when the tokenizer has no BOS), text
-    right after BOS (or at the start) is encoded like a text start, any other text as a continuation."""
+    right after BOS (or at the start) is encoded like a text start, any other text as a continuation
+    (texts_start: every text like a text start, as mistral-common encodes each message on its own)."""
     ids, at_start = [], True
     for kind, value, _ in parts:
         if kind == "special":
@@ -299,7 +347,7 @@ def encode_parts(parts, tokenizer) -> list[list[int]]:
                 ids.append([tokenizer.eos_id if value == "eos" else tokenizer.marker_id(value)])
             at_start = value == "bos"
         else:
-            ids.append(tokenizer.encode(value) if at_start else tokenizer.encode_continuation(value))
+            ids.append(tokenizer.encode(value) if at_start or texts_start else tokenizer.encode_continuation(value))
             at_start = False
     return ids
 
@@ -308,15 +356,16 @@ def render(record, tokenizer, template: str = "auto", train_on: str = "assistant
            add_generation_prompt: bool = False) -> tuple[list[int], list[int]]:
     """(token ids, loss mask) of one record (Alpaca dict, {"messages": [...]} or a list of messages).
 
-    template: tulu, llama3, chatml, alpaca, or auto (resolve_template). The mask is 1 on tokens the loss
+    template: tulu, llama3, chatml, mistral, alpaca, or auto (resolve_template). The mask is 1 on tokens the loss
     covers (train_on: 'assistant' = every reply + its end-of-turn token, 'last' = the last reply + its
     end-of-turn token, 'all' = everything but BOS), 0 elsewhere. add_generation_prompt=True returns the
     inference prompt: the conversation followed by the assistant's turn header (or the Alpaca prompt
     without the output). Training ids of a conversation always start with the inference prompt ids of the
     conversation up to that reply."""
     template = resolve_template(template, tokenizer)
-    parts = template_parts(record, template, add_generation_prompt)
-    part_ids = encode_parts(parts, tokenizer)
+    markers_as_text = template == "mistral" and mistral_markers_as_text(tokenizer)
+    parts = template_parts(record, template, add_generation_prompt, markers_as_text)
+    part_ids = encode_parts(parts, tokenizer, texts_start=template in TEXT_STARTS)
     mask = part_mask(parts, train_on)
     ids, loss_mask = [], []
     for p_ids, m in zip(part_ids, mask):
@@ -328,7 +377,7 @@ def render(record, tokenizer, template: str = "auto", train_on: str = "assistant
 def resolve_template(template: str, tokenizer) -> str:
     """The concrete template: `template` itself (checked: the tokenizer has its markers), or for 'auto' the
     template whose Jinja twin is the tokenizer's own chat_template (a minillm export says what it was trained
-    with), else the first chat layout whose markers the tokenizer has: tulu, llama3, chatml."""
+    with), else the first chat layout whose markers the tokenizer has: tulu, llama3, chatml, mistral."""
     if template != "auto":
         check_template(tokenizer, template)
         return template
@@ -340,7 +389,8 @@ def resolve_template(template: str, tokenizer) -> str:
     if not usable:
         raise ValueError(f"template 'auto': {tokenizer!r} has the markers of no chat layout (tulu: "
                          f"{' '.join(MARKERS['tulu'])}; llama3: {' '.join(MARKERS['llama3'])}; chatml: "
-                         f"{' '.join(MARKERS['chatml'])}); use the alpaca template, or add the Tulu markers with "
+                         f"{' '.join(MARKERS['chatml'])}; mistral: {' '.join(MARKERS['mistral'])}); use the alpaca "
+                         "or mistral (its v1 format, markers as text) template, or add the Tulu markers with "
                          "`python -m minillm.vocab extend --add-chat-tokens`")
     return usable[0]
 
@@ -359,7 +409,8 @@ def end_ids(model_eos: list[int], tokenizer, template: str) -> list[int]:
 def stop_ids(tokenizer, template: str) -> list[int]:
     """Token ids that end a generated reply: every end id the tokenizer declares and every marker of the
     layout (its end-of-turn token, or the start of a new turn, which also means the reply is over)."""
-    return list(dict.fromkeys([*tokenizer.eos_ids, *(tokenizer.marker_id(m) for m in MARKERS[template])]))
+    markers = (tokenizer.marker_id(m) for m in MARKERS[template])
+    return list(dict.fromkeys([*tokenizer.eos_ids, *(i for i in markers if i is not None)]))
 
 
 # ============================================================================ the Hugging Face chat template
@@ -418,6 +469,8 @@ def chat_template_jinja(template: str = "tulu", tokenizer=None) -> str:
                 + "{{ " + s(IM_START) + " + message['role'] + " + s("\n") + " + message['content'] + "
                 + s(IM_END + "\n") + " }}" + unknown_role + "{% endfor %}"
                 "{% if add_generation_prompt %}{{ " + s(IM_START + "assistant\n") + " }}{% endif %}")
+    if template == "mistral":
+        return _mistral_jinja(lead, tokenizer)
     if template == "alpaca":
         lead += "{{ ' ' }}" if has_bos and space_after_bos(tokenizer) else ""
         no_input_head, tail = ALPACA_PROMPT_NO_INPUT.split("{instruction}")
@@ -428,4 +481,33 @@ def chat_template_jinja(template: str = "tulu", tokenizer=None) -> str:
             "{% endif %}"
             + lead + "{{ " + s(no_input_head) + " + messages[0]['content'] + " + s(tail) + " }}"
             "{% if messages | length == 2 %}{{ messages[1]['content'] + eos_token }}{% endif %}")
-    raise ValueError(f"unknown template {template!r} (expected tulu, llama3, chatml or alpaca)")
+    raise ValueError(f"unknown template {template!r} (expected tulu, llama3, chatml, mistral or alpaca)")
+
+
+def _mistral_jinja(lead: str, tokenizer=None) -> str:
+    """The Jinja twin of _mistral. Each text is a text start in render; Hugging Face encodes text after a
+    special token with no dummy prefix, so for a sentencepiece tokenizer the template writes that prefix as a
+    space, as Mistral's published templates do ('[INST] ' + content, ' ' + reply)."""
+    s = _jinja_string
+    prefix = " " if space_after_bos(tokenizer) else ""
+    space = s(prefix) + " + " if prefix else ""
+    as_text = tokenizer is not None and mistral_markers_as_text(tokenizer)
+    if as_text:  # v1: "[INST] {text} [/INST]" is text, the system prompt goes before the first user text
+        head, tail = s(prefix + INST + " ") + " + ", " + " + s(" " + END_INST)
+    else:
+        head, tail = s(INST) + " + " + space, " + " + s(END_INST)
+    return (
+        "{% set ns = namespace(system='', offset=0, with_system=-1) %}"
+        "{% if messages | length > 0 and messages[0]['role'] == 'system' %}"
+        "{% set ns.system = messages[0]['content'] %}{% set ns.offset = 1 %}{% endif %}"
+        "{% for message in messages[ns.offset:] %}{% if message['role'] == 'user' and ns.system and "
+        + ("ns.with_system < 0" if as_text else "true") + " %}{% set ns.with_system = loop.index0 %}{% endif %}"
+        "{% endfor %}" + lead
+        + "{% for message in messages[ns.offset:] %}"
+        "{% if message['role'] == 'user' %}"
+        "{% if loop.index0 == ns.with_system %}{% set text = ns.system + " + s("\n\n") + " + message['content'] %}"
+        "{% else %}{% set text = message['content'] %}{% endif %}"
+        "{{ " + head + "text" + tail + " }}"
+        "{% elif message['role'] == 'assistant' %}{{ " + space + "message['content']" + ("" if as_text else ".rstrip(' ')")
+        + " + eos_token }}"
+        "{% else %}{{ raise_exception('unknown role: ' + message['role']) }}{% endif %}{% endfor %}")

@@ -4,7 +4,8 @@
         --reverse-share 0.25 --format alpaca --out tr.jsonl --seed 0
     python -m minillm.instructions translate --tsv en-et.tsv ...      (or --jsonl pairs.jsonl)
     python -m minillm.instructions mix --recipe recipe.json --out-dir DIR --valid-share 0.02 --seed 0 \\
-        [--tokenizer TOKENIZER_DIR]
+        [--tokenizer TOKENIZER_DIR]   (translate and mix take --decontaminate TASK_FILES; minillm.decontaminate)
+    python -m minillm.instructions decontaminate --input tr.jsonl --eval data/eval --out tr.clean.jsonl
 
 translate (LLAMMAS' translation-task instructions). Sentence pairs pass OpusFilter-style filters, in this
 order; a pair is counted under the first filter that rejects it, and the report lists kept/removed:
@@ -49,12 +50,13 @@ import math
 import random
 import re
 from collections import Counter
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, field, fields
 from decimal import Decimal
 from pathlib import Path
 from typing import Literal
 
 from minillm.chat_format import as_messages, render, resolve_template
+from minillm.decontaminate import DecontaminateOptions, decontaminate_command, decontaminate_output
 from minillm.files import atomic_write, read_jsonl, read_lines, to_json, write_jsonl
 from minillm.languages import LANGUAGE_NAMES, bitext_languages
 from minillm.options import cli, parse_options, require
@@ -348,6 +350,7 @@ def translate_command(args) -> dict:
                                              args.reverse_share, args.format, args.seed, args.inline_share,
                                              template_langs)
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    records = decontaminate_output(records, args.decontaminate, args.out) if args.decontaminate else records
     write_jsonl(args.out, records)
     report["reversed"] = round(args.reverse_share * len(kept))
     if args.report:
@@ -524,6 +527,7 @@ def mix_command(args) -> dict:
     train, valid, composition = build_mixture(sources, args.valid_share, args.seed, tokenizer, args.template)
     out = Path(args.out_dir)
     out.mkdir(parents=True, exist_ok=True)
+    train = decontaminate_output(train, args.decontaminate, out / "train.jsonl") if args.decontaminate else train
     write_jsonl(out / "train.jsonl", train)
     write_jsonl(out / "valid.jsonl", valid)
     atomic_write(out / "composition.json", to_json(composition))
@@ -549,6 +553,7 @@ class TranslateOptions:
     format: Literal["alpaca", "chat"] = "alpaca"  # record format written
     out: str  # output JSONL file
     report: str = ""  # also write the filter report as JSON here
+    decontaminate: list[str] = field(default_factory=list)  # task files / directories: drop instructions overlapping them (minillm.decontaminate)
     seed: int = 0  # seed of every random choice
     max_word_len: int = FilterConfig.max_word_len  # long_word filter: longest allowed word (characters)
     min_words: int = FilterConfig.min_words  # length filter: fewest words per side
@@ -573,8 +578,9 @@ class MixOptions:
     out_dir: str  # where train.jsonl, valid.jsonl and composition.json go
     valid_share: float = 0.02  # share of each source's selected unique examples held out for validation
     tokenizer: str = ""  # count tokens with this tokenizer ('' = count words)
-    template: Literal["auto", "tulu", "llama3", "chatml", "alpaca"] = "auto"  # with --tokenizer: the layout examples are counted in (train_sft.py's --template)
+    template: Literal["auto", "tulu", "llama3", "chatml", "mistral", "alpaca"] = "auto"  # with --tokenizer: the layout examples are counted in (train_sft.py's --template)
     seed: int = 0  # seed of sampling and shuffling
+    decontaminate: list[str] = field(default_factory=list)  # task files / directories: drop train examples overlapping them (minillm.decontaminate)
 
     def check(self):
         require(0 <= self.valid_share < 1, "valid_share", self.valid_share, "must be in [0, 1)")
@@ -582,9 +588,11 @@ class MixOptions:
 
 @cli
 def main(argv=None):
-    command, cfg = parse_options({"translate": TranslateOptions, "mix": MixOptions}, argv,
+    commands = {"translate": (TranslateOptions, translate_command), "mix": (MixOptions, mix_command),
+                "decontaminate": (DecontaminateOptions, decontaminate_command)}
+    command, cfg = parse_options({name: c[0] for name, c in commands.items()}, argv,
                                  prog="python -m minillm.instructions", description=__doc__.split("\n\n")[0])
-    return translate_command(cfg) if command == "translate" else mix_command(cfg)
+    return commands[command][1](cfg)
 
 
 if __name__ == "__main__":

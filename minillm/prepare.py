@@ -33,6 +33,7 @@ import numpy as np
 from tqdm import tqdm
 
 from minillm.corpora import CHUNK_BYTES, CorpusOptions, check_readable, chunk_texts, corpus_format, expand_inputs, iter_chunks
+from minillm.decontaminate import Decontaminator, EvalIndex, format_report, write_report
 from minillm.files import atomic_write, to_json
 from minillm.options import cli, parse_options, require
 from minillm.pretrain_data import FORMAT, FORMAT_VERSION, META_FILE, TokenShards, shard_names, token_dtype
@@ -46,10 +47,12 @@ JOBS_PER_WORKER = 2  # chunks in flight per worker process (each about corpora.C
 DEFAULT_MAX_DOC_CHARS = 1_000_000  # longer documents are split: a tokenizer needs ~50x a text's size while encoding it
 _worker_tokenizer = None
 _worker_max_doc_chars = DEFAULT_MAX_DOC_CHARS
+_worker_eval_index = None  # --decontaminate: the evaluation sets' n-gram hashes (minillm.decontaminate)
 
 
-def _init_worker(tokenizer_path: str, max_doc_chars: int, in_pool: bool = False):
-    global _worker_tokenizer, _worker_max_doc_chars
+def _init_worker(tokenizer_path: str, max_doc_chars: int, in_pool: bool = False, eval_index=None):
+    global _worker_tokenizer, _worker_max_doc_chars, _worker_eval_index
+    _worker_eval_index = eval_index
     if in_pool:  # one thread per worker process: the processes are the parallelism
         os.environ["TOKENIZERS_PARALLELISM"] = "false"
     _worker_tokenizer = load_tokenizer(tokenizer_path)  # each process loads its own copy; nothing is pickled
@@ -94,8 +97,12 @@ def _tokenize_chunk(chunk) -> dict:
     texts = chunk_texts(chunk)
     limit = _worker_max_doc_chars
     docs, record_of = [], []
+    overlap = Decontaminator(_worker_eval_index) if _worker_eval_index is not None else None
+    keep = overlap.keep_batch(texts) if overlap is not None else None  # False: shares an n-gram with an evaluation set
     for i, text in enumerate(texts):
         if not text or text.isspace():  # no strip(): it would copy every text
+            continue
+        if keep is not None and not keep[i]:
             continue
         pieces = split_long_text(text, limit) if limit and len(text) > limit else [text]
         docs += pieces
@@ -117,7 +124,8 @@ def _tokenize_chunk(chunk) -> dict:
     unk_id = getattr(_worker_tokenizer, "unk_id", None)
     words = np.fromiter((len(t.split()) for t in docs), dtype=np.int64, count=len(docs))
     return {"tokens": flat, "lengths": lengths, "words": words, "kept": np.array(record_of, dtype=np.int64),
-            "records": n_records, "unknown": int((flat == unk_id).sum()) if unk_id is not None else 0}
+            "records": n_records, "unknown": int((flat == unk_id).sum()) if unk_id is not None else 0,
+            "overlap": overlap.report() if overlap is not None else None}
 
 
 def _jobs(inputs, fmt, text_field, txt_docs):
@@ -139,19 +147,19 @@ def _docs_within_caps(lengths: np.ndarray, n_docs: int, n_tokens: int, max_docs,
     return keep
 
 
-def _run_jobs(jobs, tok, tokenizer_path: str, workers: int, max_doc_chars: int):
+def _run_jobs(jobs, tok, tokenizer_path: str, workers: int, max_doc_chars: int, eval_index=None):
     """Results of _tokenize_chunk in input order. workers <= 1: here, with `tok` (already loaded); workers > 1:
     a process pool, each loading tokenizer_path, with a bounded window of jobs in flight (Pool.imap would
     read the whole corpus into its queue)."""
-    global _worker_tokenizer, _worker_max_doc_chars
+    global _worker_tokenizer, _worker_max_doc_chars, _worker_eval_index
     if workers <= 1:
-        _worker_tokenizer, _worker_max_doc_chars = tok, max_doc_chars
+        _worker_tokenizer, _worker_max_doc_chars, _worker_eval_index = tok, max_doc_chars, eval_index
         for job, nbytes in jobs:
             yield _tokenize_chunk(job), nbytes
         return
     # spawn: workers start clean (no forked torch/OpenMP state); they import this module and load the model.
     ctx = multiprocessing.get_context("spawn")
-    with ctx.Pool(workers, initializer=_init_worker, initargs=(tokenizer_path, max_doc_chars, True)) as pool:
+    with ctx.Pool(workers, initializer=_init_worker, initargs=(tokenizer_path, max_doc_chars, True, eval_index)) as pool:
         window = deque()
         for job, nbytes in jobs:
             window.append((pool.apply_async(_tokenize_chunk, (job,)), nbytes))
@@ -331,7 +339,7 @@ def _up_to_date(out_dir: Path, fingerprint: dict) -> dict | None:
 def prepare(inputs, tokenizer, out_dir, *, fmt: str = "auto", text_field: str = "text", txt_docs: str = "line",
             workers: int = 1, name: str | None = None, dtype=None, shard_tokens: int = DEFAULT_SHARD_TOKENS,
             max_docs: int | None = None, max_tokens: int | None = None, max_doc_chars: int = DEFAULT_MAX_DOC_CHARS,
-            progress: bool = True) -> dict:
+            progress: bool = True, decontaminate=()) -> dict:
     """Tokenize `inputs` (files, directories, glob patterns: corpora.expand_inputs) with `tokenizer` (a
     tokenizer directory, or a tokenizer.model / tokenizer.json file: minillm.tokenizer.load_tokenizer) into
     shards in `out_dir`. Returns the meta dict (with "skipped": True when nothing had to be done).
@@ -341,7 +349,9 @@ def prepare(inputs, tokenizer, out_dir, *, fmt: str = "auto", text_field: str = 
     max_doc_chars: a longer document is stored as consecutive documents of at most that many characters (cut at
     whitespace; said in a warning), so that memory stays bounded whatever one line holds; 0 = never split.
     workers > 1 starts 'spawn' processes: a script calling this must guard its entry point with
-    `if __name__ == "__main__":` (the CLI does)."""
+    `if __name__ == "__main__":` (the CLI does).
+    decontaminate: task files / directories (minillm.decontaminate); documents sharing a 13-gram or a whole
+    short sentence with them are dropped, counted in meta's "decontamination" and in OUT_DIR.decontamination.json."""
     inputs = expand_inputs(inputs, fmt)
     if not inputs:
         raise ValueError("no input files given")
@@ -355,12 +365,14 @@ def prepare(inputs, tokenizer, out_dir, *, fmt: str = "auto", text_field: str = 
     for p in inputs:
         check_readable(p, fmt, text_field)
     tok = load_tokenizer(tokenizer)
+    eval_index = EvalIndex(decontaminate) if decontaminate else None  # before anything is written: bad task files stop here
+    overlap = Decontaminator(eval_index) if eval_index is not None else None
     dtype = np.dtype(dtype) if dtype is not None else token_dtype(tok.vocab_size)
     out_dir = Path(out_dir)
     name = name or out_dir.name
     fingerprint = _fingerprint(inputs, tok.sha256(), dtype, format=fmt, text_field=text_field, txt_docs=txt_docs,
                                shard_tokens=shard_tokens, max_docs=max_docs, max_tokens=max_tokens,
-                               max_doc_chars=max_doc_chars)
+                               max_doc_chars=max_doc_chars, decontaminate=sorted(map(str, decontaminate)))
     if (meta := _up_to_date(out_dir, fingerprint)) is not None:
         if progress:
             print(f"{out_dir}: up to date (same inputs, tokenizer and options); nothing to do")
@@ -378,7 +390,8 @@ def prepare(inputs, tokenizer, out_dir, *, fmt: str = "auto", text_field: str = 
     t0 = time.time()
     bar = tqdm(total=sum(f["size"] for f in fingerprint["inputs"]), unit="B", unit_scale=True,
                desc=f"tokenizing {name}", disable=not progress or not sys.stderr.isatty(), dynamic_ncols=True)
-    results = _run_jobs(_jobs(inputs, fmt, text_field, txt_docs), tok, str(tokenizer), workers, max_doc_chars)
+    results = _run_jobs(_jobs(inputs, fmt, text_field, txt_docs), tok, str(tokenizer), workers, max_doc_chars,
+                        eval_index)
     try:
         for result, nbytes in results:
             tokens, lengths, words = result["tokens"], result["lengths"], result["words"]
@@ -389,6 +402,9 @@ def prepare(inputs, tokenizer, out_dir, *, fmt: str = "auto", text_field: str = 
                 n_skipped += int(records[keep - 1]) + 1 - len(np.unique(records[:keep]))
             else:
                 n_skipped += result["records"] - len(np.unique(records))
+            if overlap is not None:  # dropped documents are not empty ones
+                overlap.merge(result["overlap"])
+                n_skipped -= result["overlap"]["overlapping"]
             n_split += int((np.unique(records[:keep], return_counts=True)[1] > 1).sum())
             n_unknown += result["unknown"] if keep == len(result["lengths"]) else int((tokens == unk_id).sum())
             writer.add(tokens, lengths)
@@ -423,7 +439,8 @@ def prepare(inputs, tokenizer, out_dir, *, fmt: str = "auto", text_field: str = 
             "num_text_tokens": text_tokens, "num_words": n_words,
             "tokens_per_word": text_tokens / max(n_words, 1), "skipped_empty_docs": n_skipped,
             "max_docs": max_docs, "max_tokens": max_tokens, "capped": capped, "max_doc_chars": max_doc_chars,
-            "split_long_docs": n_split, "unknown_tokens": n_unknown, "seconds": round(time.time() - t0, 3)}
+            "split_long_docs": n_split, "unknown_tokens": n_unknown, "seconds": round(time.time() - t0, 3),
+            "decontamination": overlap.report() if overlap is not None else None}
     commit_shards(out_dir, shards, meta)
     meta["shards"] = shards
     if n_split:
@@ -433,6 +450,9 @@ def prepare(inputs, tokenizer, out_dir, *, fmt: str = "auto", text_field: str = 
         print(f"warning: {name}: {n_unknown / max(text_tokens, 1):.1%} of the tokens are the unknown token "
               f"(id {unk_id}): the tokenizer does not cover this corpus's characters; extend it "
               "(python -m minillm.vocab extend) or use one with byte fallback")
+    if overlap is not None:
+        write_report(out_dir, meta["decontamination"])
+        print(format_report(meta["decontamination"]))
     if progress:
         print(summary_line(meta, out_dir))
     return {**meta, "skipped": False}
@@ -461,6 +481,7 @@ class PrepareOptions(CorpusOptions):
     name: str = ""  # name of this source in the summary; '' = the output directory's name
     shard_tokens: int = DEFAULT_SHARD_TOKENS  # tokens per shard (about: documents never straddle shards)
     dtype: Literal["auto", "uint16", "uint32"] = "auto"  # token dtype on disk; auto = uint16 when the vocabulary fits
+    decontaminate: list[str] = field(default_factory=list)  # task files / directories (evaluate.py --tasks): drop documents overlapping them (minillm.decontaminate)
 
     def check(self):
         require(self.workers >= 1, "workers", self.workers, "must be at least 1")
@@ -487,7 +508,7 @@ def main(argv=None):
     prepare(cfg.input, cfg.tokenizer, cfg.out, fmt=cfg.format, text_field=cfg.text_field, txt_docs=cfg.txt_docs,
             workers=cfg.workers, name=cfg.name or None, dtype=None if cfg.dtype == "auto" else cfg.dtype,
             shard_tokens=cfg.shard_tokens, max_docs=cfg.max_docs or None, max_tokens=cfg.max_tokens or None,
-            max_doc_chars=cfg.max_doc_chars)
+            max_doc_chars=cfg.max_doc_chars, decontaminate=cfg.decontaminate)
 
 
 if __name__ == "__main__":

@@ -283,6 +283,28 @@ CASES = [
                                               "--out", "/proc/minillm-results"], None, ["/proc/minillm-results"]),
     ("tokenizer-out-unwritable", ["-m", "minillm.tokenizer", "train", "--input", "{ws}/c.txt", "--vocab-size", "50",
                                   "--out", "/proc/minillm-tok"], write("c.txt", "tere\n"), ["/proc/minillm-tok"]),
+    # ---------------------------------------------------------------- minillm.merge, decontamination
+    ("merge-no-base", ["-m", "minillm.merge", "--method", "task_arithmetic", "--models", "{w}/init", "--out", "{ws}/o"],
+     None, ["task_arithmetic needs --base"]),
+    ("merge-missing-model", ["-m", "minillm.merge", "--method", "linear", "--models", "{ws}/nope", "--out", "{ws}/o"],
+     None, ["nope/config.json", "not found"]),
+    ("merge-truncated", ["-m", "minillm.merge", "--method", "linear", "--models", "{w}/init", "{ws}/m", "--out", "{ws}/o"],
+     lambda ws, w: (shutil.copytree(w / "init", ws / "m"), (ws / "m/model.safetensors").write_bytes(b"\x10" + b"\0" * 20)),
+     ["m/model.safetensors"]),
+    ("merge-dtype", ["-m", "minillm.merge", "--method", "linear", "--models", "{w}/init", "--out", "{ws}/o", "--dtype",
+                     "int8"], None, ["--dtype int8"]),
+    ("decon-task-no-data", ["-m", "minillm.instructions", "decontaminate", "--input", "{ws}/t.jsonl", "--eval",
+                            "{ws}/e.task.json", "--out", "{ws}/o.jsonl"],
+     both(jsonl("t.jsonl", GOOD_SFT), write("e.task.json", '{"type": "qa"}')), ["e.task.json", "'data'"]),
+    ("decon-eval-bad-line", ["-m", "minillm.instructions", "decontaminate", "--input", "{ws}/t.jsonl", "--eval",
+                             "{ws}/e.task.json", "--out", "{ws}/o.jsonl"],
+     both(jsonl("t.jsonl", GOOD_SFT), write("e.task.json", '{"type": "qa", "data": "e.jsonl"}'),
+          write("e.jsonl", '{"question": "a"}\n{oops\n')), ["e.jsonl:2", "JSON"]),
+    ("decon-ngram", ["-m", "minillm.instructions", "decontaminate", "--input", "{ws}/t.jsonl", "--eval", "{w}/data/eval",
+                     "--ngram", "0", "--out", "{ws}/o.jsonl"], jsonl("t.jsonl", GOOD_SFT), ["--ngram 0"]),
+    ("prepare-decon-missing", ["-m", "minillm.prepare", "prepare", "--tokenizer", "{w}/tok", "--input", "{ws}/c.txt",
+                               "--out", "{ws}/shards", "--decontaminate", "{ws}/nowhere.task.json"],
+     write("c.txt", "tere\n"), ["nowhere.task.json", "cannot read"]),
     ("instructions-out-unwritable", ["-m", "minillm.instructions", "translate", "--tsv", "{w}/data/bitext/en-et.tsv",
                                      "--out", "/proc/minillm/o.jsonl"], None, ["/proc/minillm"]),
 ]
@@ -355,7 +377,7 @@ HELP = [["train_pretrain.py"], ["train_sft.py"], ["train_orpo.py"], ["evaluate.p
         ["-m", "minillm.prepare", "info"], ["-m", "minillm.tokenizer", "train"], ["-m", "minillm.vocab", "extend"],
         ["-m", "minillm.instructions", "translate"], ["-m", "minillm.instructions", "mix"], ["-m", "minillm.chat"],
         ["demo/sample_world.py"], ["demo/heldout_check.py"], ["bench/bench_train_step.py"], ["bench/bench_loss.py"],
-        ["bench/bench_attention.py"]]
+        ["bench/bench_attention.py"], ["-m", "minillm.merge"], ["-m", "minillm.instructions", "decontaminate"]]
 
 
 @pytest.fixture(scope="module")
