@@ -157,11 +157,12 @@ _compiled_steps: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 def compiled_decode_step(model):
     """torch.compile of model.decode_step: inductor on CPU; on CUDA "reduce-overhead", which replays the step
     as a CUDA graph (one launch instead of one per kernel, what makes small-batch decoding fast on a GPU).
-    dynamic=False: a batch whose size or cache width changes (rows joining or leaving) gets its own graph,
-    which is what CUDA graphs need anyway."""
+    Shapes: the first batch compiles for its exact shapes; when a later one differs (another cache width or
+    number of rows: every evaluation batch, every row leaving), dynamo recompiles once with those sizes
+    symbolic, and that graph then serves every size (CUDA graphs still record one replay per size)."""
     if model not in _compiled_steps:
         mode = "reduce-overhead" if model.tok_embeddings.weight.is_cuda else None
-        _compiled_steps[model] = torch.compile(model.decode_step, mode=mode, dynamic=False)
+        _compiled_steps[model] = torch.compile(model.decode_step, mode=mode)
     return _compiled_steps[model]
 
 
