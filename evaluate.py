@@ -356,6 +356,7 @@ def run(cfg: EvalOptions) -> dict:
     who = "/".join(Path(cfg.model).resolve().parts[-2:])  # which model each progress line is about ("sft/model")
     for spec in specs:
         t0 = time.time()
+        ctx.generated_tokens, ctx.generation_seconds = 0, 0.0
         try:
             rows, predictions = evaluate_task(ctx, spec, judge)
         except Exception as e:  # one failing task must not cost the others their results
@@ -366,6 +367,10 @@ def run(cfg: EvalOptions) -> dict:
             results["results"].append({"task": spec["name"], "type": spec["type"], "error": message})
             (out / "predictions" / f"{safe_file_name(spec['name'])}.jsonl").unlink(missing_ok=True)  # never stale
         else:
+            for row in rows:  # generation speed of the whole task (None where it generated nothing: log-likelihoods)
+                row["generated_tokens"] = ctx.generated_tokens
+                row["tokens_per_s"] = (round(ctx.generated_tokens / ctx.generation_seconds, 1)
+                                       if ctx.generated_tokens else None)
             results["results"] += rows
             write_atomic(out / "predictions" / f"{safe_file_name(spec['name'])}.jsonl",
                          "".join(json.dumps(p, ensure_ascii=False) + "\n" for p in predictions))

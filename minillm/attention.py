@@ -98,6 +98,25 @@ def sdpa_attention(q, k, v, q_doc=None, k_doc=None):
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=gqa)
 
 
+def decode_attention(q, k, v, visible, backend: str = "auto"):
+    """One decoding step over a static KV cache: q [B, H, 1, hd], k/v [B, Hkv, S, hd] (the cache's whole
+    width), visible [B, S] bool (the columns this row's token may see). The same as attention() with the
+    visible columns as one document, without its per-call checks and backend choice (plain Python a
+    compiled step would break its graph on; no Triton kernel covers S > T anyway): math when asked for,
+    else sdpa with the mask built once per step by the caller."""
+    if backend == "math":
+        doc = visible.long()
+        return math_attention(q, k, v, q_doc=doc[:, -1:].clone().fill_(1), k_doc=doc)
+    mask = visible[:, None, None, :]
+    gqa = q.shape[1] != k.shape[1]
+    if gqa and (q.is_cuda or not SDPA_HAS_GQA):  # as in sdpa_attention: no GQA in CUDA's masked kernels
+        rep = q.shape[1] // k.shape[1]
+        k, v, gqa = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1), False
+    if gqa:
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=True)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+
+
 def triton_attention(q, k, v, q_doc=None, k_doc=None):
     return load_triton_attention().flash_attention(q, k, v, q_doc, k_doc)
 

@@ -17,6 +17,7 @@ repetition_penalty 1.2.
 """
 from __future__ import annotations
 
+import weakref
 from dataclasses import dataclass
 
 import torch
@@ -148,6 +149,23 @@ class Sequence:
         return True
 
 
+# One compiled decode step per model, kept for the model's lifetime: every generate call and every server
+# batch reuses it (dynamo's guards decide when a new shape needs a recompile).
+_compiled_steps: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def compiled_decode_step(model):
+    """torch.compile of model.decode_step: inductor on CPU; on CUDA "reduce-overhead", which replays the step
+    as a CUDA graph (one launch instead of one per kernel, what makes small-batch decoding fast on a GPU).
+    Shapes: the first batch compiles for its exact shapes; when a later one differs (another cache width or
+    number of rows: every evaluation batch, every row leaving), dynamo recompiles once with those sizes
+    symbolic, and that graph then serves every size (CUDA graphs still record one replay per size)."""
+    if model not in _compiled_steps:
+        mode = "reduce-overhead" if model.tok_embeddings.weight.is_cuda else None
+        _compiled_steps[model] = torch.compile(model.decode_step, mode=mode)
+    return _compiled_steps[model]
+
+
 class DecodeBatch:
     """Sequences decoding together through one KV cache, one token each per `step`; sequences may join
     (`add`) between any two steps and leave as soon as they finish: continuous batching.
@@ -158,10 +176,12 @@ class DecodeBatch:
     is prefilled on its own, then its cache is copied beside the running rows', the narrower side padded on
     the left; finished rows are dropped, and so are the columns that only they used."""
 
-    def __init__(self, model):
+    def __init__(self, model, compile: bool = False):
         self.model = model
         self.config = model.config
         self.device = model.tok_embeddings.weight.device
+        self.compile = compile
+        self.decode_step = compiled_decode_step(model) if compile else model.decode_step
         self.seqs: list[Sequence] = []
         self.cache = None
         self.logits = None  # [B, V] next-token logits of every row
@@ -241,9 +261,9 @@ class DecodeBatch:
             self._keep_rows(keep)
         if self.seqs:
             step_ids = torch.tensor([[picked[b]] for b in keep], device=self.device)
-            hidden = self.model.hidden_states(step_ids, position_ids=self.next_pos[:, None],
-                                              doc_ids=torch.ones_like(step_ids), cache=self.cache)
-            self.logits = self.model.output(hidden[:, -1])
+            column = torch.tensor([self.cache.length], device=self.device)
+            self.logits = self.decode_step(step_ids, self.next_pos[:, None], self.cache, column)
+            self.cache.length += 1
             self.next_pos = self.next_pos + 1
         return events
 
@@ -267,7 +287,7 @@ class DecodeBatch:
 @torch.inference_mode()
 def generate(model, prompts, max_new_tokens=128, temperature=0.0, top_k=0, top_p=1.0,
              repetition_penalty=1.0, eos_id=None, stop_strings=None, tokenizer=None, seed=None,
-             stream=None):
+             stream=None, compile=False):
     """Continue each prompt (a list of token ids); returns the new tokens of each, list[list[int]].
 
     temperature 0 = greedy. eos_id: int or list of ids that end a row, default the model's
@@ -277,7 +297,8 @@ def generate(model, prompts, max_new_tokens=128, temperature=0.0, top_k=0, top_p
     tokens from the one that starts the stop string onwards are trimmed. seed: every row samples from its
     own torch.Generator seeded with it, so a row's samples are those it gets alone, whatever else is in the
     batch. stream(row, token_id) is called for every token as it is accepted (before any stop-string
-    trimming).
+    trimming). compile: decode through torch.compile of the model's step (see `compiled_decode_step`); the first
+    call for a batch shape compiles (seconds to a minute on a CPU), later ones reuse it.
     """
     if not prompts or any(len(p) == 0 for p in prompts):
         raise ValueError("generate: every prompt needs at least one token (e.g. BOS)")
@@ -293,7 +314,7 @@ def generate(model, prompts, max_new_tokens=128, temperature=0.0, top_k=0, top_p
     was_training = model.training
     model.eval()
     try:
-        batch = DecodeBatch(model)
+        batch = DecodeBatch(model, compile=compile)
         batch.add(seqs)
         while batch.seqs:
             for seq, token in batch.step():

@@ -20,7 +20,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.checkpoint import CheckpointPolicy, checkpoint, create_selective_checkpoint_contexts, noop_context_fn
 
-from minillm.attention import attention
+from minillm.attention import attention, decode_attention
 from minillm.losses import cross_entropy_sum, token_logprobs
 
 
@@ -212,12 +212,19 @@ class Attention(nn.Module):
         self.wv = nn.Linear(config.dim, config.n_kv_heads * self.head_dim, bias=bias)
         self.wo = nn.Linear(config.n_heads * self.head_dim, config.dim, bias=False)
 
-    def forward(self, x, cos, sin, doc_ids, cache: KVCache | None):
+    def forward(self, x, cos, sin, doc_ids, cache: KVCache | None, column=None):
         B, T, _ = x.shape
         q = self.wq(x).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)
         k = self.wk(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
         v = self.wv(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
         q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+        if column is not None:  # a decoding step (Llama.decode_step): doc_ids is the [B, S] visibility mask
+            # Written in place at a tensor index and read over the cache's whole width: every step has the
+            # same shapes (what torch.compile and CUDA graphs need); unwritten columns are masked out.
+            self.cache_write(cache, column, k, v)
+            out = decode_attention(q, cache.k[self.layer_idx], cache.v[self.layer_idx], doc_ids,
+                                   backend=self.config.attn_backend)
+            return self.wo(out.transpose(1, 2).reshape(B, T, -1))
         k_doc = doc_ids
         if cache is not None:  # append this step's keys, then attend over everything cached
             start, end = cache.length, cache.length + T
@@ -228,6 +235,10 @@ class Attention(nn.Module):
         # The K/V heads stay un-repeated: the attention backends handle GQA without copying them.
         out = attention(q, k, v, q_doc=doc_ids, k_doc=k_doc, backend=self.config.attn_backend, announce=True)
         return self.wo(out.transpose(1, 2).reshape(B, T, -1))
+
+    def cache_write(self, cache: KVCache, column, k, v):
+        cache.k[self.layer_idx].index_copy_(2, column, k)
+        cache.v[self.layer_idx].index_copy_(2, column, v)
 
 
 class _SiluMulFunction(torch.autograd.Function):
@@ -271,8 +282,8 @@ class TransformerBlock(nn.Module):
         self.ffn_norm = RMSNorm(config.dim, config.norm_eps)
         self.feed_forward = FeedForward(config)
 
-    def forward(self, x, cos, sin, doc_ids, cache=None):
-        h = x + self.attention(self.attention_norm(x), cos, sin, doc_ids, cache)
+    def forward(self, x, cos, sin, doc_ids, cache=None, column=None):
+        h = x + self.attention(self.attention_norm(x), cos, sin, doc_ids, cache, column)
         return h + self.feed_forward(self.ffn_norm(h))
 
 
@@ -389,6 +400,23 @@ class Llama(nn.Module):
         if cache is not None:
             cache.length += T
         return self.norm(h)
+
+    def decode_step(self, input_ids, position_ids, cache: KVCache, column):
+        """One decoding step: input_ids/position_ids [B, 1] (one new token per row) -> next-token logits [B, V].
+
+        The static-cache counterpart of `hidden_states(..., cache=cache)` + the head, with every shape fixed
+        by the cache: the new keys/values go into cache column `column` (a 1-element long tensor, not an int,
+        so the step is one function for every column) and attention reads all cache.k.shape[3] columns,
+        masked to those holding a row's own tokens (document id != 0; rows are right-aligned, so every such
+        column is earlier than this one). Fixed shapes let `torch.compile` trace it once (and CUDA graphs
+        replay it); the caller advances cache.length. The new token gets document id 1, as in generation."""
+        cache.doc.index_fill_(1, column, 1)
+        visible = cache.doc.ne(0)
+        h = self.tok_embeddings(input_ids)
+        cos, sin = rotary_cos_sin(position_ids, self.inv_freq.to(h.device), h.dtype)
+        for layer in self.layers:
+            h = layer(h, cos, sin, visible, cache, column)
+        return self.output(self.norm(h)[:, -1])
 
     def forward(self, input_ids, labels=None, position_ids=None, doc_ids=None, cache: KVCache | None = None,
                 reduction: str = "sum"):

@@ -64,6 +64,54 @@ def test_left_padded_rows_match_unpadded_forward(model):
     assert (step[0] - alone_step).abs().max().item() < 1e-5
 
 
+@torch.no_grad()
+def greedy_without_cache(model, prompt, n):
+    """The oracle: one full, cache-free forward pass over the whole sequence per new token."""
+    ids = list(prompt)
+    for _ in range(n):
+        ids.append(int(model(torch.tensor([ids]))[0, -1].argmax()))
+    return ids[len(prompt):]
+
+
+@torch.no_grad()
+def test_static_decode_step_matches_full_forward_at_every_column(model):
+    """decode_step reads the cache's whole width (fixed shapes): the columns not yet written and a shorter
+    row's left padding must be masked out exactly, step after step."""
+    short, long = random_ids(4, seed=11), random_ids(9, seed=12)
+    ids, pos, doc = left_pad([short, long], pad_id=0, device="cpu")
+    cache = model.new_cache(2, 9 + 6)
+    model.hidden_states(ids, position_ids=pos, doc_ids=doc, cache=cache)
+    rows, next_pos = [short, long], pos[:, -1] + 1
+    for step in range(6):
+        new = torch.tensor([[20 + step], [40 + step]])
+        width = cache.k.shape[3]
+        logits = model.decode_step(new, next_pos[:, None], cache, torch.tensor([cache.length]))
+        assert cache.k.shape[3] == width and logits.shape == (2, V)
+        cache.length += 1
+        next_pos = next_pos + 1
+        rows = [r + [int(t)] for r, t in zip(rows, new[:, 0])]
+        for b, row in enumerate(rows):
+            assert (logits[b] - model(torch.tensor([row]))[0, -1]).abs().max().item() < 1e-5, (step, b)
+
+
+def test_greedy_generation_equals_cache_free_decoding(model):
+    prompts = [random_ids(n, seed=50 + n) for n in (2, 11, 6)]
+    got = generate(model, prompts, max_new_tokens=10, eos_id=[])
+    assert got == [greedy_without_cache(model, p, 10) for p in prompts]
+
+
+@pytest.mark.slow
+def test_compiled_decode_step_generates_what_eager_does(model):
+    """torch.compile of the decode step (inductor on CPU; about a minute to compile on a loaded 2-core VM, hence
+    slow and one batch shape only: equal budgets, so no row leaves early and nothing recompiles)."""
+    prompts = [random_ids(n, seed=60 + n) for n in (3, 8)]
+    eager = generate(model, prompts, max_new_tokens=8, eos_id=[])
+    assert generate(model, prompts, max_new_tokens=8, eos_id=[], compile=True) == eager
+    assert eager == [greedy_without_cache(model, p, 8) for p in prompts]
+    sampled = dict(max_new_tokens=8, eos_id=[], temperature=1.3, top_p=0.95, seed=5)
+    assert generate(model, prompts, compile=True, **sampled) == generate(model, prompts, **sampled)
+
+
 def test_batched_left_padded_generation_equals_one_by_one(model):
     prompts = [random_ids(n, seed=n) for n in (3, 9, 1, 6)]
     for kwargs in (dict(), dict(repetition_penalty=1.3)):

@@ -13,6 +13,7 @@ from __future__ import annotations
 import functools
 import random
 import sys
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -160,6 +161,7 @@ class GenerationOptions:
     repetition_penalty: float = 1.0  # > 1 makes tokens already seen less likely (CTRL)
     seed: int = 0  # sampling seed
     batch_size: int = 8  # prompts per forward pass
+    compile: bool = False  # decode through torch.compile of the model's decoding step (each new batch shape compiles first)
 
 
 @dataclass(kw_only=True)
@@ -171,6 +173,9 @@ class EvalContext(GenerationOptions):
     progress: bool = True
     few_shot: int | None = None  # overrides every task file's "few_shot" when set
     system_prompt: str | None = None  # chat format only: a system turn before the prompt
+    # Generation speed, summed over generate_texts calls (evaluate.py reports tokens/s per task from them).
+    generated_tokens: int = 0
+    generation_seconds: float = 0.0
 
     def shots(self, spec: dict) -> int:
         return spec.get("few_shot", 0) if self.few_shot is None else self.few_shot
@@ -308,11 +313,14 @@ def generate_texts(ctx: EvalContext, prompts: list[list[int]], stop: list[str] |
     with ctx.bar(len(prompts), desc) as bar:
         for batch_index, start in enumerate(range(0, len(order), ctx.batch_size)):
             batch = order[start:start + ctx.batch_size]
+            start_time = time.perf_counter()
             outs = generate(ctx.model, [prepared[i][0] for i in batch], max_new_tokens=ctx.max_new_tokens,
                             temperature=ctx.temperature, top_k=ctx.top_k, top_p=ctx.top_p,
                             repetition_penalty=ctx.repetition_penalty, eos_id=ctx.stop_ids,
                             stop_strings=stop, tokenizer=ctx.tokenizer,
-                            seed=None if ctx.temperature == 0 else ctx.seed + batch_index)
+                            seed=None if ctx.temperature == 0 else ctx.seed + batch_index, compile=ctx.compile)
+            ctx.generation_seconds += time.perf_counter() - start_time
+            ctx.generated_tokens += sum(len(tokens) for tokens in outs)
             for i, tokens in zip(batch, outs):
                 results[i] = {"text": ctx.tokenizer.decode(tokens), "n_tokens": len(tokens),
                               "truncated": prepared[i][1]}
