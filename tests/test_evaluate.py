@@ -389,7 +389,7 @@ def test_end_to_end_every_task_type(model_dir, tmp_path, capsys):
     assert "| qa | f1 |" in capsys.readouterr().out
     # generation speed per task: every generated token counted (dev runs too), nothing for log-likelihood tasks
     assert chosen["generated_tokens"] >= sum(p["n_tokens"] for p in qa_preds) and chosen["tokens_per_s"] > 0
-    assert headline[("copa", "acc")]["tokens_per_s"] is None and headline[("ppl", "perplexity")]["tokens_per_s"] is None
+    assert headline[("copa", "acc")]["tokens_per_s"] is None and headline[("ppl", "bits_per_byte")]["tokens_per_s"] is None
 
 
 def test_a_failing_task_keeps_the_others(model_dir, tmp_path, monkeypatch, capsys):
