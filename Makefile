@@ -9,6 +9,7 @@ TORCH   ?= torch==2.13.0
 BIN      = $(VENV)/bin
 RUN     ?= runs/demo
 DATA    ?= data/sample
+SEED    ?= 1337
 
 .PHONY: setup test demo reproduce bench clean
 setup: $(VENV)/.installed
@@ -25,7 +26,7 @@ test: setup
 	$(BIN)/python -m pytest -q -n 2 --dist loadfile tests
 
 demo: setup
-	bash demo/demo.sh $(BIN)/python $(DATA) $(RUN)
+	bash demo/demo.sh $(BIN)/python $(DATA) $(RUN) $(SEED)
 
 reproduce: setup
 	$(BIN)/python scripts/reproduce.py --out runs/reproduce

@@ -376,8 +376,9 @@ def test_bad_input_is_one_clear_line_and_changes_nothing(results, case):
 HELP = [["train_pretrain.py"], ["train_sft.py"], ["train_orpo.py"], ["evaluate.py"], ["-m", "minillm.prepare", "prepare"],
         ["-m", "minillm.prepare", "info"], ["-m", "minillm.tokenizer", "train"], ["-m", "minillm.vocab", "extend"],
         ["-m", "minillm.instructions", "translate"], ["-m", "minillm.instructions", "mix"], ["-m", "minillm.chat"],
-        ["demo/sample_world.py"], ["demo/heldout_check.py"], ["bench/bench_train_step.py"], ["bench/bench_loss.py"],
-        ["bench/bench_attention.py"], ["-m", "minillm.merge"], ["-m", "minillm.instructions", "decontaminate"]]
+        ["demo/sample_world.py"], ["demo/heldout_check.py"], ["demo/pretrain_as_sft.py"], ["bench/bench_train_step.py"],
+        ["bench/bench_loss.py"], ["bench/bench_attention.py"], ["-m", "minillm.merge"],
+        ["-m", "minillm.instructions", "decontaminate"]]
 
 
 @pytest.fixture(scope="module")
