@@ -282,6 +282,25 @@ def _sentences(rng, words, n_sentences):
                     for _ in range(n_sentences))
 
 
+def save_tiny_llama(model_dir: Path, tokenizer_prefix: Path, texts: list[str], vocab_size: int) -> None:
+    """A sentencepiece tokenizer trained on `texts` (its files at tokenizer_prefix.*) and a tiny random Llama with
+    its output weights scaled up 25x (larger logits than the default init: scores of different continuations
+    differ by more than noise), saved with the tokenizer in Hugging Face layout in model_dir (seed 0)."""
+    import torch
+
+    from minillm.hf import save_pretrained
+    from minillm.model import Llama, LlamaConfig
+    from minillm.tokenizer import SentencePieceTokenizer
+
+    tokenizer = SentencePieceTokenizer.train(iter(texts), tokenizer_prefix, vocab_size=vocab_size)
+    torch.manual_seed(0)
+    model = Llama(LlamaConfig.from_preset("tiny", vocab_size=tokenizer.vocab_size, max_seq_len=128,
+                                          bos_id=tokenizer.bos_id, eos_id=tokenizer.eos_id))
+    with torch.no_grad():
+        model.output.weight.mul_(25)
+    save_pretrained(model, model_dir, tokenizer=tokenizer)
+
+
 def build_pretrain_world(root: Path) -> Path:
     """A tokenizer (root/tokenizer) and token shards (root/{et,en}_{train,valid}) for two 'languages', built from
     seeded random sentences: the world of the pretraining and resume tests."""

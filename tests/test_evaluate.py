@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import save_tiny_llama
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -25,7 +26,7 @@ from minillm.tasks import TASK_TYPES  # noqa: E402
 from minillm.tasks import multiple_choice, perplexity  # noqa: E402
 from minillm.tasks.common import (EvalContext, build_prompt, continuation_logprobs, demonstrations,  # noqa: E402
                                   encode_choice, generate_texts, load_task)
-from minillm.tokenizer import SentencePieceTokenizer, load_tokenizer  # noqa: E402
+from minillm.tokenizer import load_tokenizer  # noqa: E402
 
 CORPUS = [
     "The cat sat on the mat.", "Kass istus matil.", "Tere hommikust, kuidas läheb?",
@@ -41,15 +42,7 @@ CORPUS = [
 def model_dir(tmp_path_factory):
     """A tiny random Llama and a tiny tokenizer, saved in the Hugging Face layout."""
     d = tmp_path_factory.mktemp("model")
-    tokenizer = SentencePieceTokenizer.train(iter(CORPUS * 10), d / "tok", vocab_size=320)
-    torch.manual_seed(0)
-    config = LlamaConfig.from_preset("tiny", vocab_size=tokenizer.vocab_size, max_seq_len=128,
-                                     bos_id=tokenizer.bos_id, eos_id=tokenizer.eos_id)
-    model = Llama(config)
-    with torch.no_grad():  # larger logits than the default init, so outputs vary from token to token
-        model.output.weight.mul_(25)
-    save_pretrained(model, d)
-    tokenizer.save_pretrained(d)
+    save_tiny_llama(d, d / "tok", CORPUS * 10, vocab_size=320)
     return d
 
 

@@ -22,18 +22,16 @@ import sys
 from pathlib import Path
 
 import pytest
-import torch
 from lm_eval import simple_evaluate
 from lm_eval.models.huggingface import HFLM
 from lm_eval.tasks import TaskManager
+
+from conftest import save_tiny_llama
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 import evaluate  # noqa: E402
-from minillm.hf import save_pretrained  # noqa: E402
-from minillm.model import Llama, LlamaConfig  # noqa: E402
-from minillm.tokenizer import SentencePieceTokenizer  # noqa: E402
 
 CORPUS = ["Kass istus matil.", "The cat sat on the mat.", "Tere hommikust, kuidas läheb?", "Mari elab Tartus.",
           "Koer on pruun, sest ta on vana.", "Question: What colour is snow? Answer: white", "Täna on teisipäev.",
@@ -110,14 +108,7 @@ def write_jsonl(path: Path, records):
 def world(tmp_path_factory):
     """The exported model, the task files for both tools, and evaluate.py's results (float64)."""
     root = tmp_path_factory.mktemp("parity")
-    tokenizer = SentencePieceTokenizer.train(iter(CORPUS * 10), root / "tok", vocab_size=360)
-    torch.manual_seed(0)
-    config = LlamaConfig.from_preset("tiny", vocab_size=tokenizer.vocab_size, max_seq_len=128,
-                                     bos_id=tokenizer.bos_id, eos_id=tokenizer.eos_id)
-    model = Llama(config)
-    with torch.no_grad():  # larger logits than the default init: choices' scores differ by more than noise
-        model.output.weight.mul_(25)
-    save_pretrained(model, root / "model", tokenizer=tokenizer)
+    save_tiny_llama(root / "model", root / "tok", CORPUS * 10, vocab_size=360)
     tasks, lm_tasks = root / "tasks", root / "lm_eval_tasks"
     tasks.mkdir()
     lm_tasks.mkdir()
