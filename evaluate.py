@@ -32,13 +32,17 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Literal
 
+import torch
+
 import minillm
 from minillm.files import atomic_write
+from minillm.hf import load_pretrained
 from minillm.judge import Judge
 from minillm.metrics import degenerate_outputs
 from minillm.options import cli, parse_options, require
 from minillm.tasks import TASK_TYPES
 from minillm.tasks.common import EvalContext, GenerationOptions, load_task
+from minillm.tokenizer import check_vocab_fits, load_tokenizer
 
 
 @dataclass(kw_only=True)
@@ -302,10 +306,6 @@ def read_results(path: str) -> dict:
 # ----------------------------------------------------------------------------- main
 
 def load_model(cfg: EvalOptions):
-    import torch
-
-    from minillm.hf import load_pretrained
-    from minillm.tokenizer import check_vocab_fits, load_tokenizer
     try:
         device = torch.device(cfg.device if cfg.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu"))
     except RuntimeError as e:

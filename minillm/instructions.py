@@ -61,6 +61,7 @@ from minillm.files import atomic_write, read_jsonl, read_lines, to_json, write_j
 from minillm.languages import LANGUAGE_NAMES, bitext_languages
 from minillm.options import cli, parse_options, require
 from minillm.sft_data import load_sft_jsonl
+from minillm.tokenizer import load_tokenizer
 
 # ============================================================================ reading bitext
 
@@ -522,7 +523,6 @@ def mix_command(args) -> dict:
     sources = read_recipe(args.recipe)
     tokenizer = None
     if args.tokenizer:
-        from minillm.tokenizer import load_tokenizer
         tokenizer = load_tokenizer(args.tokenizer)
     train, valid, composition = build_mixture(sources, args.valid_share, args.seed, tokenizer, args.template)
     out = Path(args.out_dir)

@@ -20,7 +20,12 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
+from minillm.chat_format import render, resolve_template
+from minillm.chat_format import stop_ids as template_stop_ids
 from minillm.files import json_object
+from minillm.generate import generate
+from minillm.losses import IGNORE_INDEX, token_logprobs
+from minillm.metrics import mean_stderr, verbosity
 from minillm.tasks.formats import FORMATS, read_records
 
 SPEC_KEYS = {"name", "type", "language", "data", "dev_data", "templates", "few_shot", "description",
@@ -184,7 +189,6 @@ class EvalContext(GenerationOptions):
     def template(self) -> str:
         """chat_format's template for the prompts: 'chat' = the layout the tokenizer's chat template or
         markers name (chat_format.resolve_template), 'alpaca' = Alpaca; '' for raw prompts."""
-        from minillm.chat_format import resolve_template
         if self.prompt_format == "raw":
             return ""
         return resolve_template("alpaca" if self.prompt_format == "alpaca" else "auto", self.tokenizer)
@@ -192,8 +196,7 @@ class EvalContext(GenerationOptions):
     @functools.cached_property
     def stop_ids(self) -> list[int]:
         """What ends a generated answer: the tokenizer's end ids, and in chat prompts the layout's markers."""
-        from minillm.chat_format import stop_ids
-        return stop_ids(self.tokenizer, self.template) if self.template else list(self.tokenizer.eos_ids)
+        return template_stop_ids(self.tokenizer, self.template) if self.template else list(self.tokenizer.eos_ids)
 
     @property
     def max_len(self) -> int:
@@ -249,7 +252,6 @@ def build_prompt(ctx: EvalContext, text: str, shots: list[tuple[str, str]] = ())
     if ctx.prompt_format == "raw":
         prefix = "".join(f"{p} {a}\n\n" for p, a in shots)
         return ctx.tokenizer.encode(prefix + text, bos=True)
-    from minillm.chat_format import render
     record = wrapped_record(ctx, text, shots)
     return list(render(record, ctx.tokenizer, template=ctx.template, add_generation_prompt=True)[0])
 
@@ -280,7 +282,6 @@ def encode_choice(ctx: EvalContext, prompt: str, shots: list[tuple[str, str]], c
     exactly the tokens chat_format.render gives a reply in training; its end-of-turn token is not scored."""
     tokenizer = ctx.tokenizer
     if ctx.prompt_format != "raw":
-        from minillm.chat_format import render
         prompt_ids = build_prompt(ctx, prompt, shots)
         record = wrapped_record(ctx, prompt, shots, reply=continuation.strip())
         ids, mask = render(record, tokenizer, template=ctx.template, train_on="last")
@@ -305,7 +306,6 @@ def generate_texts(ctx: EvalContext, prompts: list[list[int]], stop: list[str] |
     """Generate for every prompt in batches (longest first, so a batch holds similar lengths and little
     padding; generation is padding-invariant, so the order does not change any output).
     Returns per prompt {"text", "n_tokens", "truncated"} in the original order."""
-    from minillm.generate import generate
     limit = max(2, ctx.max_len - ctx.max_new_tokens)
     prepared = [truncate_left(p, limit, ctx.tokenizer.bos_id) for p in prompts]
     order = sorted(range(len(prompts)), key=lambda i: -len(prepared[i][0]))
@@ -336,7 +336,6 @@ def continuation_logprobs(ctx: EvalContext, requests: list[tuple[list[int], list
     Sequences are right-padded into batches (causal attention: padding after a sequence cannot affect
     it) and only the continuation positions go through the output layer. A context too long for the
     model loses tokens from its left (after BOS), as in lm-evaluation-harness."""
-    from minillm.losses import IGNORE_INDEX, token_logprobs
     model = ctx.model
     device = model.tok_embeddings.weight.device
     was_training = model.training
@@ -402,7 +401,6 @@ def prompt_and_generate(ctx: EvalContext, spec: dict, module, template: str, spl
 def mean_metric(scores) -> dict:
     """A metric that is the mean of per-example scores: {"value", "n", "stderr"} (the standard error of the
     mean, minillm.metrics.mean_stderr)."""
-    from minillm.metrics import mean_stderr
     scores = [float(x) for x in scores]
     return {"value": mean(scores), "n": len(scores), "stderr": mean_stderr(scores)}
 
@@ -410,7 +408,6 @@ def mean_metric(scores) -> dict:
 def verbosity_metrics(generations: list[dict]) -> dict:
     """Response length (every generative task reports it: alignment tends to lengthen answers); the means
     with their standard errors."""
-    from minillm.metrics import verbosity
     texts, tokens = [g["text"] for g in generations], [g["n_tokens"] for g in generations]
     out = verbosity(texts, tokens)
     if out:
