@@ -276,35 +276,6 @@ def _remove_leftovers(out_dir: Path):
     (out_dir / (META_FILE + ".tmp")).unlink(missing_ok=True)
 
 
-def write_shards(out_dir, docs, vocab_size: int, *, dtype=None, shard_tokens: int = DEFAULT_SHARD_TOKENS,
-                 meta: dict | None = None) -> dict:
-    """Write already-tokenized documents (an iterable of int sequences, each complete with BOS/EOS if
-    wanted) as a shard directory. For synthetic data and tests; corpora go through `prepare`."""
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    dtype = np.dtype(dtype) if dtype is not None else token_dtype(vocab_size)
-    writer = ShardWriter(out_dir, dtype, vocab_size, shard_tokens)
-    n_docs = n_tokens = 0
-    try:
-        for d in docs:
-            d = np.asarray(d, dtype=np.int64)
-            if len(d) == 0:
-                raise ValueError(f"document {n_docs} is empty")
-            writer.add(d, np.array([len(d)]))
-            n_docs, n_tokens = n_docs + 1, n_tokens + len(d)
-        if n_docs == 0:
-            raise ValueError(f"{out_dir}: no documents to write")
-        shards = writer.close()
-    except BaseException:
-        writer.abort()
-        raise
-    full = {"format": FORMAT, "version": FORMAT_VERSION, "name": out_dir.name, "dtype": dtype.name,
-            "vocab_size": vocab_size, "tokenizer": None, "num_docs": n_docs, "num_tokens": n_tokens,
-            **(meta or {})}
-    commit_shards(out_dir, shards, full)
-    return full
-
-
 # ============================================================================ prepare (the CLI's work)
 
 def _fingerprint(inputs, tokenizer_sha256: str, dtype, **options) -> dict:

@@ -212,6 +212,18 @@ class DocumentStream:
 
 # ============================================================================ packing
 
+ROW_KEYS = ("input_ids", "labels", "position_ids", "doc_ids")
+
+
+def empty_row(seq_len: int, pad_id: int) -> dict[str, np.ndarray]:
+    """A row of seq_len padding positions (input pad_id, label -100, position and doc id 0) for the packers
+    to fill: block_to_row here, sft_data.pack_examples for instruction data."""
+    return {"input_ids": np.full(seq_len, pad_id, dtype=np.int64),
+            "labels": np.full(seq_len, IGNORE_INDEX, dtype=np.int64),
+            "position_ids": np.zeros(seq_len, dtype=np.int64),
+            "doc_ids": np.zeros(seq_len, dtype=np.int64)}
+
+
 def block_to_row(tokens: np.ndarray, starts: np.ndarray, seq_len: int, mode: str = "document",
                  pad_id: int = 0) -> dict[str, np.ndarray]:
     """One row from up to seq_len + 1 consecutive tokens (and their document-start flags).
@@ -223,10 +235,7 @@ def block_to_row(tokens: np.ndarray, starts: np.ndarray, seq_len: int, mode: str
     n = len(tokens)
     assert n <= seq_len + 1
     m = min(n, seq_len)  # real input positions
-    row = {"input_ids": np.full(seq_len, pad_id, dtype=np.int64),
-           "labels": np.full(seq_len, IGNORE_INDEX, dtype=np.int64),
-           "position_ids": np.zeros(seq_len, dtype=np.int64),
-           "doc_ids": np.zeros(seq_len, dtype=np.int64)}
+    row = empty_row(seq_len, pad_id)
     row["input_ids"][:m] = tokens[:m]
     if n > 1:
         row["labels"][:n - 1] = tokens[1:]
@@ -248,25 +257,8 @@ def block_to_row(tokens: np.ndarray, starts: np.ndarray, seq_len: int, mode: str
 
 
 def stack_rows(rows: list[dict]) -> dict[str, torch.Tensor]:
-    keys = ("input_ids", "labels", "position_ids", "doc_ids")
-    return {k: torch.from_numpy(np.stack([r[k] for r in rows])) for k in keys}
-
-
-def pack_documents(docs, seq_len: int, mode: str = "document", pad_id: int = 0) -> dict[str, torch.Tensor]:
-    """All of `docs` (token sequences, in order) concatenated and cut into rows of seq_len targets:
-    row r covers stream tokens [r*seq_len, r*seq_len + seq_len + 1); the last row is padded.
-    The same row construction as PackedLoader, for a fixed list of documents."""
-    docs = [np.asarray(d, dtype=np.int64) for d in docs if len(d)]
-    if not docs:
-        raise ValueError("pack_documents: no documents")
-    tokens = np.concatenate(docs)
-    starts = np.zeros(len(tokens), dtype=bool)
-    starts[np.cumsum([0] + [len(d) for d in docs[:-1]])] = True
-    rows = []
-    for off in range(0, max(len(tokens) - 1, 1), seq_len):
-        end = min(off + seq_len + 1, len(tokens))
-        rows.append(block_to_row(tokens[off:end], starts[off:end], seq_len, mode, pad_id))
-    return stack_rows(rows)
+    """Rows (empty_row's keys, numpy) as one batch dict of LongTensors [R, T]."""
+    return {k: torch.from_numpy(np.stack([r[k] for r in rows])) for k in ROW_KEYS}
 
 
 def _open_sources(sources: dict, vocab_size: int | None) -> dict[str, TokenShards]:

@@ -25,6 +25,7 @@ import torch
 from minillm.chat_format import TRAIN_ON, check_messages, check_record, render, resolve_template
 from minillm.files import read_jsonl
 from minillm.losses import IGNORE_INDEX
+from minillm.pretrain_data import empty_row, stack_rows
 
 TRUNCATE = ("right", "left", "drop")
 
@@ -270,10 +271,7 @@ def pack_examples(examples, seq_len: int, pad_id: int = 0, pack: bool = True) ->
             bisect.insort(free, (room - n, r))
     out = []
     for members in rows:
-        row = {"input_ids": np.full(seq_len, pad_id, dtype=np.int64),
-               "labels": np.full(seq_len, IGNORE_INDEX, dtype=np.int64),
-               "position_ids": np.zeros(seq_len, dtype=np.int64),
-               "doc_ids": np.zeros(seq_len, dtype=np.int64)}
+        row = empty_row(seq_len, pad_id)
         at = 0
         for doc, i in enumerate(members):
             ids, labels = examples[i]
@@ -288,12 +286,7 @@ def pack_examples(examples, seq_len: int, pad_id: int = 0, pack: bool = True) ->
         out.append(row)
     if not out:
         raise ValueError("pack_examples: no examples")
-    return _stack(out)
-
-
-
-def _stack(rows: list[dict]) -> dict[str, torch.Tensor]:
-    return {k: torch.from_numpy(np.stack([r[k] for r in rows])) for k in ("input_ids", "labels", "position_ids", "doc_ids")}
+    return stack_rows(out)
 
 
 def epoch_order(n_items: int, epoch: int, seed: int) -> list[int]:

@@ -15,9 +15,9 @@ import pytest
 import torch
 
 from minillm.model import Llama, LlamaConfig
-from minillm.prepare import prepare, write_shards
-from minillm.pretrain_data import (PackedLoader, TokenShards, pack_documents, parse_mixture, parse_sources,
-                                   validation_batches)
+from minillm.prepare import FORMAT, FORMAT_VERSION, ShardWriter, commit_shards, prepare
+from minillm.pretrain_data import (PackedLoader, TokenShards, block_to_row, parse_mixture, parse_sources, stack_rows,
+                                   token_dtype, validation_batches)
 from minillm.tokenizer import SentencePieceTokenizer
 
 
@@ -30,6 +30,31 @@ def tok_file(tmp_path_factory):
                                  encoding="utf-8")
     SentencePieceTokenizer.train(d / "train.txt", d / "tok", vocab_size=300)
     return d / "tok.model"
+
+
+def write_shards(out_dir, docs, vocab_size: int) -> None:
+    """Already-tokenized documents (int sequences) as a shard directory, as `minillm.prepare` writes one."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    dtype = token_dtype(vocab_size)
+    writer = ShardWriter(out_dir, dtype, vocab_size)
+    for d in docs:
+        writer.add(np.asarray(d, dtype=np.int64), np.array([len(d)]))
+    commit_shards(out_dir, writer.close(), {"format": FORMAT, "version": FORMAT_VERSION, "name": out_dir.name,
+                                            "dtype": dtype.name, "vocab_size": vocab_size, "tokenizer": None,
+                                            "num_docs": len(docs), "num_tokens": sum(map(len, docs))})
+
+
+def pack_documents(docs, seq_len: int, mode: str = "document", pad_id: int = 0) -> dict[str, torch.Tensor]:
+    """All of `docs` (token sequences, in order) concatenated and cut into rows of seq_len targets: row r covers
+    stream tokens [r*seq_len, r*seq_len + seq_len + 1); the last row is padded. PackedLoader's row construction
+    (block_to_row) for a fixed list of documents."""
+    docs = [np.asarray(d, dtype=np.int64) for d in docs if len(d)]
+    tokens = np.concatenate(docs)
+    starts = np.zeros(len(tokens), dtype=bool)
+    starts[np.cumsum([0] + [len(d) for d in docs[:-1]])] = True
+    rows = [block_to_row(tokens[off:off + seq_len + 1], starts[off:off + seq_len + 1], seq_len, mode, pad_id)
+            for off in range(0, max(len(tokens) - 1, 1), seq_len)]
+    return stack_rows(rows)
 
 
 # ----------------------------------------------------------------------------- mixture and loader
