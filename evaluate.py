@@ -36,6 +36,7 @@ import torch
 
 import minillm
 from minillm.files import atomic_write
+from minillm.generate import check_sampling
 from minillm.hf import load_pretrained
 from minillm.judge import Judge
 from minillm.metrics import degenerate_outputs
@@ -84,10 +85,7 @@ class EvalOptions(GenerationOptions):
             require(getattr(self, name) >= 1, name, getattr(self, name), "must be at least 1")
         require(self.limit >= 0, "limit", self.limit, "must be >= 0 (0 = all)")
         require(self.few_shot >= -1, "few_shot", self.few_shot, "must be >= 0, or -1 for each task file's own")
-        require(self.temperature >= 0, "temperature", self.temperature, "must be >= 0 (0 = greedy)")
-        require(0 < self.top_p <= 1, "top_p", self.top_p, "must be in (0, 1]")
-        require(self.top_k >= 0, "top_k", self.top_k, "must be >= 0 (0 = all)")
-        require(self.repetition_penalty > 0, "repetition_penalty", self.repetition_penalty, "must be > 0")
+        check_sampling(self)
         require(bool(self.judge_model) or not self.judge_url, "judge_model", self.judge_model,
                 "is required with --judge-url (the model name the endpoint serves)")
         require(bool(self.judge_url) or not self.judge_model, "judge_url", self.judge_url,

@@ -21,7 +21,7 @@ from dataclasses import dataclass
 import torch
 
 from minillm.chat_format import render, resolve_template, stop_ids
-from minillm.generate import generate
+from minillm.generate import check_sampling, generate
 from minillm.hf import load_pretrained
 from minillm.options import cli, parse_options, require
 from minillm.sft_data import truncate_example
@@ -41,10 +41,7 @@ class ChatOptions:
 
     def check(self):
         require(self.max_new_tokens >= 1, "max_new_tokens", self.max_new_tokens, "must be at least 1")
-        require(self.temperature >= 0, "temperature", self.temperature, "must be >= 0 (0 = greedy)")
-        require(0 < self.top_p <= 1, "top_p", self.top_p, "must be in (0, 1]")
-        require(self.top_k >= 0, "top_k", self.top_k, "must be >= 0 (0 = all)")
-        require(self.repetition_penalty > 0, "repetition_penalty", self.repetition_penalty, "must be > 0")
+        check_sampling(self)
 
 
 MIN_REPLY_TOKENS = 32  # a conversation is cut to leave at least this much room for the reply

@@ -7,18 +7,17 @@ norm) and `all_reduce_sum` (scalars summed over ranks: every logged metric is a 
 """
 from __future__ import annotations
 
-import json
 import math
 import os
 import random
 import socket
-from pathlib import Path
 
 import numpy as np
 import torch
 import torch.distributed as dist
 import torch.nn as nn
 
+from minillm.files import read_json_object
 from minillm.hf import full_shape, load_pretrained, load_weights, read_config
 from minillm.model import Llama, LlamaConfig
 from minillm.tokenizer import check_vocab_fits, load_tokenizer
@@ -143,13 +142,7 @@ def deepspeed_config(cfg, device, model_config) -> dict:
         "zero_force_ds_cpu_optimizer": False,
     }
     if cfg.deepspeed:
-        try:
-            user = json.loads(Path(cfg.deepspeed).read_text(encoding="utf-8"))
-        except (OSError, json.JSONDecodeError) as e:
-            raise ValueError(f"{cfg.deepspeed}: cannot read DeepSpeed config ({e})") from None
-        if not isinstance(user, dict):
-            raise ValueError(f"{cfg.deepspeed}: a DeepSpeed config must be a JSON object")
-        ds = _merge(ds, user)
+        ds = _merge(ds, read_json_object(cfg.deepspeed, "DeepSpeed config"))
         for key, option, ours in (("train_micro_batch_size_per_gpu", "--micro-batch-size", cfg.micro_batch_size),
                                   ("gradient_accumulation_steps", "--grad-accum", cfg.grad_accum)):
             if ds.get(key, ours) != ours:  # the data loader and the LR schedule are built from ours

@@ -45,6 +45,20 @@ def to_json(obj, indent: int = 2) -> str:
 
 # ----------------------------------------------------------------------------- JSON Lines
 
+def read_json_object(path, what: str) -> dict:
+    """The JSON object in the file `path`; a one-line ValueError naming the file and `what` it should hold when
+    it cannot be read, is not JSON, or holds something other than an object."""
+    try:
+        value = json.loads(Path(path).read_text(encoding="utf-8"))
+    except OSError as e:
+        raise ValueError(f"{path}: cannot read {what} ({e.strerror or e})") from None
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ValueError(f"{path}: unreadable {what}, not JSON ({e})") from None
+    if not isinstance(value, dict):
+        raise ValueError(f"{path}: {what} must be a JSON object")
+    return value
+
+
 def read_jsonl(path) -> list[tuple[int, object]]:
     """(1-based line number, parsed JSON) for every non-blank line; ValueError 'path:LINE: ...'."""
     path = Path(path)

@@ -37,7 +37,7 @@ from typing import Iterable
 import torch
 from tokenizers import Tokenizer as RustTokenizer
 
-from minillm.files import atomic_write, to_json
+from minillm.files import atomic_write, read_json_object, to_json
 
 TOKENIZER_JSON = "tokenizer.json"
 CONFIG_FILE = "tokenizer_config.json"
@@ -48,15 +48,7 @@ GENERATION_CONFIG_FILE = "generation_config.json"
 
 def read_json_file(path: Path, what: str) -> dict:
     """A JSON object from `path` ({} when the file does not exist); one-line ValueError when unreadable."""
-    if not path.is_file():
-        return {}
-    try:
-        value = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise ValueError(f"{path}: unreadable {what} ({e})") from None
-    if not isinstance(value, dict):
-        raise ValueError(f"{path}: {what} must be a JSON object")
-    return value
+    return read_json_object(path, what) if path.is_file() else {}
 
 
 def chat_template_and_max_length(config: dict, directory: Path | None = None) -> tuple[str | None, int | None]:

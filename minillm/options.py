@@ -33,6 +33,8 @@ import types
 import typing
 from pathlib import Path
 
+from minillm.files import read_json_object
+
 
 class OptionError(ValueError):
     """A bad option value; str() is the whole error line's text."""
@@ -208,13 +210,9 @@ def build_options(cls, argv: list[str]):
             raise OptionError("--config takes one file")
         path = vals[0]
         try:
-            file_values = json.loads(Path(path).read_text(encoding="utf-8"))
-        except OSError as e:
-            raise OptionError(f"{path}: cannot read config file ({e.strerror or e})") from None
-        except (UnicodeDecodeError, json.JSONDecodeError) as e:
-            raise OptionError(f"{path}: not a JSON config file ({e})") from None
-        if not isinstance(file_values, dict):
-            raise OptionError(f"{path}: a config file must be a JSON object of options")
+            file_values = read_json_object(path, "config file")
+        except ValueError as e:
+            raise OptionError(str(e)) from None
         for k, v in file_values.items():
             name = k.replace("-", "_")
             if name not in names:
