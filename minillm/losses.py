@@ -276,21 +276,22 @@ def odds_ratio_loss(chosen_logps: torch.Tensor, rejected_logps: torch.Tensor, ep
 
 
 def orpo_loss(chosen_nll: torch.Tensor, chosen_logps: torch.Tensor, rejected_logps: torch.Tensor,
-              beta: float = 0.1, *, n_pairs: float | None = None, pair_mask: torch.Tensor | None = None,
+              orpo_lambda: float = 0.1, *, n_pairs: float | None = None, pair_mask: torch.Tensor | None = None,
               chosen_lengths: torch.Tensor | None = None, rejected_lengths: torch.Tensor | None = None,
               eps: float = 1e-7) -> tuple[torch.Tensor, dict[str, float]]:
-    """ORPO objective (Hong et al. 2024, arXiv:2403.07691, eq. 6):  L = NLL(chosen) + beta * mean L_OR.
+    """ORPO objective (Hong et al. 2024, arXiv:2403.07691, eq. 6):  L = NLL(chosen) + lambda * mean L_OR.
 
     chosen_nll: the NLL term, already normalised by the caller (the summed chosen-token NLL over the global
       token count); which tokens it covers (response only, or prompt too as TRL) the caller's labels decide.
     chosen_logps, rejected_logps [P]: mean response-token log-probs a, b (`pair_logprobs`).
-    beta: weight of the odds-ratio term (the paper's lambda; TRL's default 0.1).
+    orpo_lambda: weight of the odds-ratio term (the paper's lambda, --orpo-lambda; TRL calls it beta,
+      default 0.1).
     n_pairs: what the summed L_OR is divided by; default the number of real pairs here. Pass the global
       pair count of the step (and the caller scales like the NLL) so every pair weighs the same.
     pair_mask [P] bool: False for padding pairs (they add nothing; every rank needs the same number of rows).
     chosen_lengths, rejected_lengths [P]: response token counts; an empty response of a real pair raises
       ValueError (its mean log-prob would be 0/0), and the lengths are summed into the metrics.
-    eps: the clamp of `odds_ratio_loss`: near a = b = 0 the gradient is ~ beta / (P |a|), large but finite
+    eps: the clamp of `odds_ratio_loss`: near a = b = 0 the gradient is ~ lambda / (P |a|), large but finite
       (TRL's unclamped formula gives -inf / NaN there); gradient clipping bounds it.
 
     Returns (loss, sums): SUMS over the real pairs, so that means over micro-batches and ranks are exact
@@ -300,7 +301,7 @@ def orpo_loss(chosen_nll: torch.Tensor, chosen_logps: torch.Tensor, rejected_log
       log_odds         sum of log_odds                                  (TRL: log_odds_chosen)
       chosen_logps     sum of a; rejected_logps: sum of b               (TRL: logps/chosen, /rejected)
       reward_accuracy  number of pairs with a > b (ties count as wrong) (TRL: rewards/accuracies)
-      margin           sum of (a - b), nats per token                   (TRL's rewards/margins is beta * this)
+      margin           sum of (a - b), nats per token                   (TRL's rewards/margins is lambda * this)
       chosen_length, rejected_length  summed response tokens (when lengths are given)
     """
     if chosen_logps.shape != rejected_logps.shape or chosen_logps.dim() != 1:
@@ -316,7 +317,7 @@ def orpo_loss(chosen_nll: torch.Tensor, chosen_logps: torch.Tensor, rejected_log
         raise ValueError("orpo_loss: no pairs (every pair of the batch was dropped?)")
     l_or, log_odds = odds_ratio_loss(chosen_logps, rejected_logps, eps)
     l_or = torch.where(real, l_or, 0.0)
-    loss = chosen_nll + beta * l_or.sum() / (pairs if n_pairs is None else n_pairs)
+    loss = chosen_nll + orpo_lambda * l_or.sum() / (pairs if n_pairs is None else n_pairs)
     with torch.no_grad():
         a, b = chosen_logps.float()[real], rejected_logps.float()[real]
         sums = {"pairs": float(pairs), "or_loss": float(l_or.sum()), "log_odds": float(log_odds[real].sum()),
@@ -329,14 +330,14 @@ def orpo_loss(chosen_nll: torch.Tensor, chosen_logps: torch.Tensor, rejected_log
     return loss, sums
 
 
-def orpo_means(totals: dict[str, float], beta: float) -> dict[str, float]:
+def orpo_means(totals: dict[str, float], orpo_lambda: float) -> dict[str, float]:
     """Metrics from sums over a whole step or validation set (`orpo_loss`'s, plus "nll_sum" and "nll_tokens"
     of the chosen tokens scored by the NLL): per-pair quantities divided by the pair count, nll by the
-    token count, and loss = nll + beta * or_loss, exactly as the training objective."""
+    token count, and loss = nll + orpo_lambda * or_loss, exactly as the training objective."""
     pairs = max(totals["pairs"], 1.0)
     out = {k: v / pairs for k, v in totals.items() if k not in ("pairs", "nll_sum", "nll_tokens")}
     out["nll"] = totals["nll_sum"] / max(totals["nll_tokens"], 1.0)
-    out["loss"] = out["nll"] + beta * out["or_loss"]
+    out["loss"] = out["nll"] + orpo_lambda * out["or_loss"]
     out["pairs"] = totals["pairs"]
     return out
 

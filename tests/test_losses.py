@@ -299,18 +299,18 @@ def test_odds_ratio_gradient_matches_float64_finite_differences():
 
 def test_orpo_loss_and_every_metric_match_float64_and_trl():
     g = torch.Generator().manual_seed(11)
-    p, beta = 12, 0.1
+    p, lam = 12, 0.1
     a = -torch.rand(p, generator=g) * 3 - 0.01
     b = -torch.rand(p, generator=g) * 3 - 0.01
     b[0] = a[0]  # a tie: counts as not accurate
     nll = torch.tensor(1.7)
     len_c, len_r = torch.randint(1, 30, (p,), generator=g), torch.randint(1, 30, (p,), generator=g)
-    loss, sums = orpo_loss(nll, a, b, beta=beta, chosen_lengths=len_c, rejected_lengths=len_r)
-    m = orpo_means({**sums, "nll_sum": 1.7 * 40, "nll_tokens": 40.0}, beta)  # sums -> means, as the script does
+    loss, sums = orpo_loss(nll, a, b, orpo_lambda=lam, chosen_lengths=len_c, rejected_lengths=len_r)
+    m = orpo_means({**sums, "nll_sum": 1.7 * 40, "nll_tokens": 40.0}, lam)  # sums -> means, as the script does
     pairs = [f64_odds_ratio(float(x), float(y)) for x, y in zip(a, b)]
     want = {
         "nll": 1.7,
-        "loss": 1.7 + beta * sum(l for l, _ in pairs) / p,
+        "loss": 1.7 + lam * sum(l for l, _ in pairs) / p,
         "or_loss": sum(l for l, _ in pairs) / p,
         "log_odds": sum(lo for _, lo in pairs) / p,
         "chosen_logps": sum(a.double().tolist()) / p,
@@ -324,21 +324,21 @@ def test_orpo_loss_and_every_metric_match_float64_and_trl():
     for k, v in want.items():
         assert abs(float(m[k]) - v) <= 1e-5 * max(1.0, abs(v)), k
         assert k in ("nll", "loss") or isinstance(sums[k], float)  # plain numbers: nothing keeps the graph alive
-    assert abs(float(loss) - (1.7 + beta * want["or_loss"])) < 1e-5
+    assert abs(float(loss) - (1.7 + lam * want["or_loss"])) < 1e-5
     # TRL's formula in float64 (no clamp needed away from 0): same loss and the mapped metrics.
-    trl_loss, trl_m = trl_orpo_loss_f64(nll.double(), a.double(), b.double(), beta)
+    trl_loss, trl_m = trl_orpo_loss_f64(nll.double(), a.double(), b.double(), lam)
     assert abs(float(loss) - float(trl_loss)) < 1e-5
     assert abs(float(m["or_loss"]) + float(trl_m["log_odds_ratio"])) < 1e-5
     assert abs(float(m["log_odds"]) - float(trl_m["log_odds_chosen"])) < 1e-5
     assert abs(float(m["reward_accuracy"]) - float(trl_m["rewards/accuracies"])) < 1e-6
-    assert abs(beta * float(m["margin"]) - float(trl_m["rewards/margins"])) < 1e-6
+    assert abs(lam * float(m["margin"]) - float(trl_m["rewards/margins"])) < 1e-6
 
 
 def test_orpo_loss_near_zero_logps_no_nan_and_n_pairs_normaliser():
     a = torch.tensor([0.0, -1e-7, -0.5], requires_grad=True)
     b = torch.tensor([0.0, 0.0, -1e-7], requires_grad=True)
     nll = torch.tensor(0.2, requires_grad=True)
-    loss, m = orpo_loss(nll, a, b, beta=0.25, n_pairs=6.0)
+    loss, m = orpo_loss(nll, a, b, orpo_lambda=0.25, n_pairs=6.0)
     loss.backward()
     assert all(torch.isfinite(t).all() for t in (loss, a.grad, b.grad)) and all(map(math.isfinite, m.values()))
     want = 0.2 + 0.25 * sum(f64_odds_ratio(float(x), float(y))[0] for x, y in zip(a.tolist(), b.tolist())) / 6.0
@@ -411,7 +411,7 @@ class StandIn(nn.Module):
 def orpo_from_logps(token_logps, labels, resp):
     stats = pair_logprobs(token_logps, labels, resp)
     nll = stats["chosen_nll_sum"] / stats["chosen_nll_tokens"]
-    return orpo_loss(nll, stats["chosen_logps"], stats["rejected_logps"], beta=0.1,
+    return orpo_loss(nll, stats["chosen_logps"], stats["rejected_logps"], orpo_lambda=0.1,
                      chosen_lengths=stats["chosen_lengths"], rejected_lengths=stats["rejected_lengths"])
 
 
@@ -435,7 +435,7 @@ def test_one_concatenated_pass_equals_two_separate_passes():
     a_stats = [sequence_logprobs(lp, x["response_mask"]) for lp, x in zip(halves, (chosen, rejected))]
     scored = chosen["labels"] != -100
     nll = -halves[0][scored].sum() / scored.sum()
-    loss2, metrics2 = orpo_loss(nll, a_stats[0][2], a_stats[1][2], beta=0.1,
+    loss2, metrics2 = orpo_loss(nll, a_stats[0][2], a_stats[1][2], orpo_lambda=0.1,
                                 chosen_lengths=a_stats[0][1], rejected_lengths=a_stats[1][1])
     loss2.backward()
     torch.testing.assert_close(loss, loss2, rtol=1e-6, atol=1e-6)
@@ -484,7 +484,7 @@ def test_orpo_means_are_exact_means_of_the_sums():
     parts = [orpo_loss(torch.tensor(0.0), a[s], b[s])[1] for s in (slice(0, 2), slice(2, 8))]
     totals = {k: parts[0][k] + parts[1][k] for k in parts[0]}
     totals.update(nll_sum=30.0, nll_tokens=12.0)
-    means = orpo_means(totals, beta=0.5)
+    means = orpo_means(totals, orpo_lambda=0.5)
     whole = [f64_odds_ratio(float(x), float(y)) for x, y in zip(a, b)]
     assert means["or_loss"] == pytest.approx(sum(l for l, _ in whole) / 8, rel=1e-6)
     assert means["margin"] == pytest.approx(float((a.double() - b.double()).mean()), rel=1e-6)
