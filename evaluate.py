@@ -40,7 +40,7 @@ from minillm.generate import check_sampling
 from minillm.hf import load_pretrained
 from minillm.judge import Judge
 from minillm.metrics import degenerate_outputs
-from minillm.options import cli, parse_options, require
+from minillm.options import cli, parse_options, require_option
 from minillm.tasks import TASK_TYPES
 from minillm.tasks.common import EvalContext, GenerationOptions, load_task
 from minillm.tokenizer import check_vocab_fits, load_tokenizer
@@ -77,22 +77,22 @@ class EvalOptions(GenerationOptions):
 
     def check(self):
         if self.compare:
-            require(len(self.compare) >= 2, "compare", self.compare, "takes two or more results files")
+            require_option(len(self.compare) >= 2, "compare", self.compare, "takes two or more results files")
             return
-        require(bool(self.model), "model", self.model, "is required (a Hugging Face layout directory)")
-        require(bool(self.tasks), "tasks", self.tasks, "needs at least one task file or directory")
+        require_option(bool(self.model), "model", self.model, "is required (a Hugging Face layout directory)")
+        require_option(bool(self.tasks), "tasks", self.tasks, "needs at least one task file or directory")
         for name in ("batch_size", "max_new_tokens"):
-            require(getattr(self, name) >= 1, name, getattr(self, name), "must be at least 1")
-        require(self.limit >= 0, "limit", self.limit, "must be >= 0 (0 = all)")
-        require(self.few_shot >= -1, "few_shot", self.few_shot, "must be >= 0, or -1 for each task file's own")
+            require_option(getattr(self, name) >= 1, name, getattr(self, name), "must be at least 1")
+        require_option(self.limit >= 0, "limit", self.limit, "must be >= 0 (0 = all)")
+        require_option(self.few_shot >= -1, "few_shot", self.few_shot, "must be >= 0, or -1 for each task file's own")
         check_sampling(self)
-        require(bool(self.judge_model) or not self.judge_url, "judge_model", self.judge_model,
-                "is required with --judge-url (the model name the endpoint serves)")
-        require(bool(self.judge_url) or not self.judge_model, "judge_url", self.judge_url,
-                "is required with --judge-model")
-        require(self.judge_concurrency >= 1, "judge_concurrency", self.judge_concurrency, "must be at least 1")
-        require(self.judge_retries >= 0, "judge_retries", self.judge_retries, "must be >= 0")
-        require(self.judge_max_tokens >= 1, "judge_max_tokens", self.judge_max_tokens, "must be at least 1")
+        require_option(bool(self.judge_model) or not self.judge_url, "judge_model", self.judge_model,
+                       "is required with --judge-url (the model name the endpoint serves)")
+        require_option(bool(self.judge_url) or not self.judge_model, "judge_url", self.judge_url,
+                       "is required with --judge-model")
+        require_option(self.judge_concurrency >= 1, "judge_concurrency", self.judge_concurrency, "must be at least 1")
+        require_option(self.judge_retries >= 0, "judge_retries", self.judge_retries, "must be >= 0")
+        require_option(self.judge_max_tokens >= 1, "judge_max_tokens", self.judge_max_tokens, "must be at least 1")
 
 
 def task_files(paths: list[str]) -> list[Path]:

@@ -57,16 +57,16 @@ from typing import Literal
 import torch
 
 from minillm.chat_format import chat_template_jinja, end_ids, resolve_template
-from minillm.checkpoints import ExportedModel, load_checkpoint, save_checkpoint_if_due
-from minillm.engine import (all_reduce_sum, batch_to, build_engine, end_validation, engine_step, load_model_and_tokenizer, lr_at,
+from minillm.checkpoints import ExportPolicy, load_checkpoint, save_checkpoint_if_due
+from minillm.engine import (all_reduce_sum, batch_to, build_engine, end_validation, optimizer_step, load_model_and_tokenizer, lr_at,
                             model_inputs, print0, set_lr, setup_distributed, teardown_distributed)
 from minillm.files import fingerprints
 from minillm.losses import (IGNORE_INDEX, dpo_loss, ipo_loss, kto_loss, kto_reference_point, orpo_loss, orpo_means,
                             pair_logprobs, reference_means, sequence_logprobs, split_pairs)
 from minillm.monitor import RunLog, StallWatch, peak_flops, peak_memory_gb, step_flops
-from minillm.options import TrainOptions, cli, parse_options, require
+from minillm.options import cli, parse_options, require_option
 from minillm.preference import kto_batch, load_kto_files, load_reference, save_reference, score_everything
-from minillm.run_dir import Preemption, check_same_data, lock_run, run_readme, start_run
+from minillm.run_dir import Preemption, TrainOptions, check_same_data, lock_run, run_readme, start_run
 from minillm.sft_data import epoch_order, load_preference_files, pair_batch, step_slices, steps_per_epoch
 
 
@@ -99,17 +99,17 @@ class ORPOOptions(TrainOptions):
 
     def check(self):
         super().check()
-        require(self.epochs >= 1, "epochs", self.epochs, "must be at least 1")
-        require(self.max_steps >= 0, "max_steps", self.max_steps, "must be >= 0 (0 = all the epochs' steps)")
-        require(self.orpo_lambda >= 0 and math.isfinite(self.orpo_lambda), "orpo_lambda", self.orpo_lambda,
-                "must be >= 0")
-        require(bool(self.train_data.replace(",", "").strip()), "train_data", self.train_data, "names no file")
-        require(self.beta > 0 and math.isfinite(self.beta), "beta", self.beta, "must be > 0")
-        require(0 <= self.label_smoothing < 0.5, "label_smoothing", self.label_smoothing, "must be in [0, 0.5)")
-        require(self.label_smoothing == 0 or self.objective == "dpo", "label_smoothing", self.label_smoothing,
-                "applies to --objective dpo only")
+        require_option(self.epochs >= 1, "epochs", self.epochs, "must be at least 1")
+        require_option(self.max_steps >= 0, "max_steps", self.max_steps, "must be >= 0 (0 = all the epochs' steps)")
+        require_option(self.orpo_lambda >= 0 and math.isfinite(self.orpo_lambda), "orpo_lambda", self.orpo_lambda,
+                       "must be >= 0")
+        require_option(bool(self.train_data.replace(",", "").strip()), "train_data", self.train_data, "names no file")
+        require_option(self.beta > 0 and math.isfinite(self.beta), "beta", self.beta, "must be > 0")
+        require_option(0 <= self.label_smoothing < 0.5, "label_smoothing", self.label_smoothing, "must be in [0, 0.5)")
+        require_option(self.label_smoothing == 0 or self.objective == "dpo", "label_smoothing", self.label_smoothing,
+                       "applies to --objective dpo only")
         for name in ("desirable_weight", "undesirable_weight"):
-            require(getattr(self, name) >= 0, name, getattr(self, name), "must be >= 0")
+            require_option(getattr(self, name) >= 0, name, getattr(self, name), "must be >= 0")
 
 
 def sequence_sums(engine, batch) -> torch.Tensor:
@@ -262,7 +262,7 @@ def main(argv=None):
         save_reference(cfg.out_dir, new, data, rank)
         reference = new
     # the model with the best validation loss; without validation, the last one
-    result = ExportedModel(engine, model, tokenizer, cfg, chat_template, by_validation=bool(valid_set),
+    result = ExportPolicy(engine, model, tokenizer, cfg, chat_template, by_validation=bool(valid_set),
                            best=state.get("best"))
 
     def trainer_state() -> dict:  # what a checkpoint needs besides DeepSpeed's own state
@@ -291,7 +291,7 @@ def main(argv=None):
         for batch in micro_batches:
             loss, sums = objective_sums(engine, batch, n_tokens, n_items, kl, cfg)  # forward
             engine.backward(loss * world_size * cfg.grad_accum)  # backward (DeepSpeed averages; this undoes it)
-            grad_norm = engine_step(engine, model)  # the update happens after the step's last micro-batch
+            grad_norm = optimizer_step(engine, model)  # the update happens after the step's last micro-batch
             totals = {k: totals.get(k, 0.0) + v for k, v in sums.items()}
         totals = dict(zip(totals, all_reduce_sum(list(totals.values()), device)))
         step += 1

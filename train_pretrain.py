@@ -30,14 +30,14 @@ import time
 from dataclasses import asdict, dataclass
 from typing import Literal
 
-from minillm.checkpoints import ExportedModel, load_checkpoint, save_checkpoint_if_due
-from minillm.engine import (all_reduce_sum, batch_to, build_engine, engine_step, load_model_and_tokenizer, lr_at,
+from minillm.checkpoints import ExportPolicy, load_checkpoint, save_checkpoint_if_due
+from minillm.engine import (all_reduce_sum, batch_to, build_engine, optimizer_step, load_model_and_tokenizer, lr_at,
                             model_inputs, optimizer_groups, print0, set_lr, setup_distributed, teardown_distributed)
 from minillm.losses import IGNORE_INDEX, global_mean_scale
 from minillm.monitor import RunLog, StallWatch, peak_flops, peak_memory_gb, step_flops, validation_loss
-from minillm.options import TrainOptions, cli, parse_options, require
+from minillm.options import cli, parse_options, require_option
 from minillm.pretrain_data import PackedLoader, parse_mixture, parse_sources, validation_batches
-from minillm.run_dir import Preemption, lock_run, run_readme, start_run
+from minillm.run_dir import Preemption, TrainOptions, lock_run, run_readme, start_run
 
 
 @dataclass(kw_only=True)
@@ -65,12 +65,12 @@ class PretrainOptions(TrainOptions):
 
     def check(self):
         super().check()
-        require(self.max_steps >= 1, "max_steps", self.max_steps, "must be at least 1")
-        require(self.eval_tokens >= 0, "eval_tokens", self.eval_tokens, "must be >= 0 (0 = all)")
-        require(self.embedding_lr >= 0, "embedding_lr", self.embedding_lr, "must be >= 0 (0 = --lr)")
-        require(self.trainable == "all" or self.init_from, "trainable", self.trainable,
-                "needs --init-from: training only the embeddings of a random model teaches nothing (it is the first "
-                "stage after extending a trained model's vocabulary)")
+        require_option(self.max_steps >= 1, "max_steps", self.max_steps, "must be at least 1")
+        require_option(self.eval_tokens >= 0, "eval_tokens", self.eval_tokens, "must be >= 0 (0 = all)")
+        require_option(self.embedding_lr >= 0, "embedding_lr", self.embedding_lr, "must be >= 0 (0 = --lr)")
+        require_option(self.trainable == "all" or self.init_from, "trainable", self.trainable,
+                       "needs --init-from: training only the embeddings of a random model teaches nothing (it is the first "
+                       "stage after extending a trained model's vocabulary)")
 
 
 @cli
@@ -103,7 +103,7 @@ def main(argv=None):
         print0(f"nothing to do: the checkpoint is at step {step} >= --max-steps {cfg.max_steps}")
         return teardown_distributed()
     start_run(cfg, rank, step, run_readme("train_pretrain.py", cfg, "continual pretraining"))
-    result = ExportedModel(engine, model, tokenizer, cfg, by_validation=False)  # the model after the last step
+    result = ExportPolicy(engine, model, tokenizer, cfg, by_validation=False)  # the model after the last step
 
     def trainer_state() -> dict:  # what a checkpoint needs besides DeepSpeed's own state
         return {"step": step, "tokens_seen": tokens_seen, "loader": loader.state_dict(), "options": asdict(cfg),
@@ -126,7 +126,7 @@ def main(argv=None):
         for batch in micro_batches:
             nll = engine(**model_inputs(batch))  # forward: the summed NLL of this micro-batch
             engine.backward(nll * global_mean_scale(n_tokens, world_size, cfg.grad_accum))  # backward: its share
-            grad_norm = engine_step(engine, model)  # the update happens after the step's last micro-batch
+            grad_norm = optimizer_step(engine, model)  # the update happens after the step's last micro-batch
             nll_sum += nll.item()
         loss = all_reduce_sum([nll_sum], device)[0] / max(n_tokens, 1)
         step += 1

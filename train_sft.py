@@ -28,14 +28,14 @@ from dataclasses import asdict, dataclass
 from typing import Literal
 
 from minillm.chat_format import chat_template_jinja, end_ids, resolve_template
-from minillm.checkpoints import ExportedModel, load_checkpoint, save_checkpoint_if_due
-from minillm.engine import (all_reduce_sum, batch_to, build_engine, engine_step, load_model_and_tokenizer, lr_at,
+from minillm.checkpoints import ExportPolicy, load_checkpoint, save_checkpoint_if_due
+from minillm.engine import (all_reduce_sum, batch_to, build_engine, optimizer_step, load_model_and_tokenizer, lr_at,
                             model_inputs, print0, set_lr, setup_distributed, teardown_distributed)
 from minillm.files import fingerprints
 from minillm.losses import IGNORE_INDEX, global_mean_scale
 from minillm.monitor import RunLog, StallWatch, peak_flops, peak_memory_gb, step_flops, validation_loss
-from minillm.options import TrainOptions, cli, parse_options, require
-from minillm.run_dir import Preemption, check_same_data, lock_run, run_readme, start_run
+from minillm.options import cli, parse_options, require_option
+from minillm.run_dir import Preemption, TrainOptions, check_same_data, lock_run, run_readme, start_run
 from minillm.sft_data import epoch_order, load_sft_examples, pack_examples, step_slices, steps_per_epoch, take_rows
 
 
@@ -58,10 +58,10 @@ class SFTOptions(TrainOptions):
 
     def check(self):
         super().check()
-        require(self.epochs >= 1, "epochs", self.epochs, "must be at least 1")
-        require(self.seq_len >= 2, "seq_len", self.seq_len, "must hold a prompt and a reply token")
-        require(bool(self.train_data.replace(";", "").replace(",", "").strip()), "train_data", self.train_data,
-                "names no file")
+        require_option(self.epochs >= 1, "epochs", self.epochs, "must be at least 1")
+        require_option(self.seq_len >= 2, "seq_len", self.seq_len, "must hold a prompt and a reply token")
+        require_option(bool(self.train_data.replace(";", "").replace(",", "").strip()), "train_data", self.train_data,
+                       "names no file")
 
 
 @cli
@@ -118,7 +118,7 @@ def main(argv=None):
         return teardown_distributed()
     start_run(cfg, rank, step, run_readme("train_sft.py", cfg, "instruction tuning (SFT)"))
     # LLAMMAS keeps the model with the best validation loss; without validation, the last one
-    result = ExportedModel(engine, model, tokenizer, cfg, chat_template, by_validation=bool(valid), best=state.get("best"))
+    result = ExportPolicy(engine, model, tokenizer, cfg, chat_template, by_validation=bool(valid), best=state.get("best"))
 
     def trainer_state() -> dict:  # what a checkpoint needs besides DeepSpeed's own state
         return {"step": step, "best": result.best, "options": asdict(cfg), "model_config": model.config.architecture(),
@@ -146,7 +146,7 @@ def main(argv=None):
         for batch in micro_batches:
             nll = engine(**model_inputs(batch))  # forward: the summed NLL of this micro-batch's responses
             engine.backward(nll * global_mean_scale(n_tokens, world_size, cfg.grad_accum))  # backward: its share
-            grad_norm = engine_step(engine, model)  # the update happens after the step's last micro-batch
+            grad_norm = optimizer_step(engine, model)  # the update happens after the step's last micro-batch
             nll_sum += nll.item()
         loss = all_reduce_sum([nll_sum], device)[0] / max(n_tokens, 1)
         step += 1

@@ -47,7 +47,7 @@ from typing import Literal
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from minillm.files import atomic_write, to_json  # noqa: E402
-from minillm.options import parse_options, require  # noqa: E402
+from minillm.options import parse_options, require_option  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 DOCS_PER_ROW_GROUP = 1000
@@ -70,14 +70,14 @@ class BenchOptions:
     seed: int = 0  # corpus generator seed
 
     def check(self):
-        require(self.corpus_mb >= 1, "corpus_mb", self.corpus_mb, "must be at least 1")
-        require(self.files >= 1, "files", self.files, "must be at least 1")
-        require(self.workers >= 1, "workers", self.workers, "must be at least 1")
-        require(self.rounds >= 0, "rounds", self.rounds, "must be >= 0")
+        require_option(self.corpus_mb >= 1, "corpus_mb", self.corpus_mb, "must be at least 1")
+        require_option(self.files >= 1, "files", self.files, "must be at least 1")
+        require_option(self.workers >= 1, "workers", self.workers, "must be at least 1")
+        require_option(self.rounds >= 0, "rounds", self.rounds, "must be >= 0")
         for m in self.measure:
-            require(m in (*CEILINGS, "parquet", "jsonl.zst", "jsonl"), "measure", m,
-                    "choose ceiling, batch-api, parquet, jsonl.zst or jsonl")
-        require("ceiling" in self.measure, "measure", self.measure, "must include ceiling (the ratios' base)")
+            require_option(m in (*CEILINGS, "parquet", "jsonl.zst", "jsonl"), "measure", m,
+                           "choose ceiling, batch-api, parquet, jsonl.zst or jsonl")
+        require_option("ceiling" in self.measure, "measure", self.measure, "must include ceiling (the ratios' base)")
 
 
 # ----------------------------------------------------------------------------- the corpus

@@ -58,7 +58,7 @@ from minillm.engine import deepspeed_config  # noqa: E402
 from minillm.files import atomic_write, to_json  # noqa: E402
 from minillm.memory_plan import GB, parameter_counts, plan  # noqa: E402
 from minillm.model import LlamaConfig  # noqa: E402
-from minillm.options import cli, parse_options, require  # noqa: E402
+from minillm.options import cli, parse_options, require_option  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 VOCAB_SIZE = 32000
@@ -94,17 +94,17 @@ class BenchOptions:
                 good = hidden > 0 and hidden % HEAD_DIM == 0 and layers >= 1
             except ValueError:
                 good = False
-            require(good, "sizes", size, f"give HIDDENxLAYERS, hidden a multiple of {HEAD_DIM}")
+            require_option(good, "sizes", size, f"give HIDDENxLAYERS, hidden a multiple of {HEAD_DIM}")
         for name, allowed in (("ranks", None), ("stages", {0, 1, 2, 3})):
             try:
                 values = int_list(getattr(self, name))
             except ValueError:
                 values = []
-            require(bool(values) and all(v >= 1 if allowed is None else v in allowed for v in values), name,
-                    getattr(self, name), "comma-separated integers" + (", each 0-3" if allowed else ", each >= 1"))
+            require_option(bool(values) and all(v >= 1 if allowed is None else v in allowed for v in values), name,
+                           getattr(self, name), "comma-separated integers" + (", each 0-3" if allowed else ", each >= 1"))
         for name in ("seq_len", "micro_batch_size", "grad_accum", "steps", "timeout"):
-            require(getattr(self, name) >= 1, name, getattr(self, name), "must be at least 1")
-        require(self.sample_interval > 0, "sample_interval", self.sample_interval, "must be > 0")
+            require_option(getattr(self, name) >= 1, name, getattr(self, name), "must be at least 1")
+        require_option(self.sample_interval > 0, "sample_interval", self.sample_interval, "must be > 0")
 
 
 def parse_size(size: str) -> tuple[int, int]:

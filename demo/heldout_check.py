@@ -18,7 +18,7 @@ from minillm.chat_format import as_messages, render, resolve_template, stop_ids 
 from minillm.files import read_json_objects  # noqa: E402
 from minillm.generate import generate  # noqa: E402
 from minillm.hf import load_pretrained  # noqa: E402
-from minillm.options import cli, parse_options, require  # noqa: E402
+from minillm.options import cli, parse_options, require_option  # noqa: E402
 from minillm.tokenizer import load_tokenizer  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -33,7 +33,7 @@ class CheckOptions:
     max_new_tokens: int = 32  # longest reply
 
     def check(self):
-        require(self.limit >= 1, "limit", self.limit, "must be at least 1")
+        require_option(self.limit >= 1, "limit", self.limit, "must be at least 1")
 
 
 NAMES = [name for name, _ in PEOPLE] + list(TOWNS)  # inflected forms start with them: Kivila -> Kivilas

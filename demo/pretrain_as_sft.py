@@ -20,7 +20,7 @@ from typing import Literal
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
 from minillm.files import read_json_objects, write_jsonl  # noqa: E402
-from minillm.options import cli, parse_options, require  # noqa: E402
+from minillm.options import cli, parse_options, require_option  # noqa: E402
 
 PROMPTS = {"et": "Jätka teksti.", "en": "Continue the text."}
 # A sentence ends at . ! or ? before a capital letter: "12. märts" and "1,50 eurot" stay whole.
@@ -36,7 +36,7 @@ class ReplayOptions:
     seed: int = 0  # seed of the draw
 
     def check(self):
-        require(self.limit >= 0, "limit", self.limit, "must be >= 0 (0 = all)")
+        require_option(self.limit >= 0, "limit", self.limit, "must be >= 0 (0 = all)")
 
 
 def as_record(text: str, lang: str) -> dict | None:

@@ -36,7 +36,7 @@ from typing import NamedTuple
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
 from minillm.files import atomic_write  # noqa: E402
-from minillm.options import cli, parse_options, require  # noqa: E402
+from minillm.options import cli, parse_options, require_option  # noqa: E402
 
 from words import (  # noqa: E402  (the lexicon)
     ET_PARTITIVE_NUM, et_number, en_number, Colour, COLOURS, Animal, ANIMALS, PETS, FARM, HABITATS, Produce,
@@ -1356,7 +1356,7 @@ class WorldOptions:
     scale: float = 1.0  # multiplies the amount of pretraining text (tests use a small world)
 
     def check(self):
-        require(self.scale > 0, "scale", self.scale, "must be a positive number")
+        require_option(self.scale > 0, "scale", self.scale, "must be a positive number")
 
 
 @cli

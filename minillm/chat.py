@@ -23,7 +23,7 @@ import torch
 from minillm.chat_format import render, resolve_template, stop_ids
 from minillm.generate import check_sampling, generate
 from minillm.hf import load_pretrained
-from minillm.options import cli, parse_options, require
+from minillm.options import cli, parse_options, require_option
 from minillm.sft_data import truncate_example
 from minillm.tokenizer import load_tokenizer
 
@@ -40,7 +40,7 @@ class ChatOptions:
     seed: int = 0  # sampling seed
 
     def check(self):
-        require(self.max_new_tokens >= 1, "max_new_tokens", self.max_new_tokens, "must be at least 1")
+        require_option(self.max_new_tokens >= 1, "max_new_tokens", self.max_new_tokens, "must be at least 1")
         check_sampling(self)
 
 

@@ -419,9 +419,9 @@ def export_model(engine, model, out_dir, tokenizer, chat_template: str | None = 
         raise OSError(f"cannot export {out_dir}: {text}; the previous export is left as it was") from None
 
 
-class ExportedModel:
-    """OUT_DIR/model, the result of a stage: with `by_validation` the model with the best validation loss so
-    far (LLAMMAS keeps that checkpoint), else the model after the last step. `start(record)` takes the step-0
+class ExportPolicy:
+    """Which model a stage exports to OUT_DIR/model, and when: with `by_validation` the model with the best
+    validation loss so far (LLAMMAS keeps that checkpoint), else the model after the last step. `start(record)` takes the step-0
     validation: with cfg.initial_can_be_best (the default) the initial weights are exported then and stay the
     result unless a step beats them, else step 0 is only the baseline the summary compares with. `update(record,
     last)` after every step exports when the record makes it so (and marks the record "best");

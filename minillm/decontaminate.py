@@ -34,7 +34,7 @@ from pathlib import Path
 import numpy as np
 
 from minillm.files import atomic_write, read_jsonl, to_json, write_jsonl
-from minillm.options import require
+from minillm.options import require_option
 
 DEFAULT_NGRAM = 13
 DEFAULT_MIN_SENTENCE_WORDS = 8
@@ -256,10 +256,10 @@ class DecontaminateOptions:
     report_only: bool = False  # count only: keep every record, write the report (beside --input when no --out)
 
     def check(self):
-        require(self.ngram >= 1, "ngram", self.ngram, "must be >= 1")
-        require(1 <= self.min_sentence_words <= self.ngram, "min_sentence_words", self.min_sentence_words,
-                "must be between 1 and --ngram")
-        require(bool(self.out) or self.report_only, "out", self.out, "is needed unless --report-only")
+        require_option(self.ngram >= 1, "ngram", self.ngram, "must be >= 1")
+        require_option(1 <= self.min_sentence_words <= self.ngram, "min_sentence_words", self.min_sentence_words,
+                       "must be between 1 and --ngram")
+        require_option(bool(self.out) or self.report_only, "out", self.out, "is needed unless --report-only")
 
 
 def decontaminate_command(args) -> dict:

@@ -2,8 +2,9 @@
 
 The scripts hold the loop; this module holds what one loop iteration calls: `setup_distributed` (a group
 of one for `python script.py`, the torchrun group otherwise), `build_engine` (AdamW in a DeepSpeed
-engine, ZeRO 0-3), `lr_at`, `engine_step` (one micro-batch's optimizer step, reporting the gradient
-norm) and `all_reduce_sum` (scalars summed over ranks: every logged metric is a global sum / count).
+engine, ZeRO 0-3), `lr_at`, `optimizer_step` (one micro-batch's optimizer step, returning the gradient
+norm at each update) and `all_reduce_sum` (scalars summed over ranks: every logged metric is a global
+sum / count).
 """
 from __future__ import annotations
 
@@ -273,9 +274,10 @@ def end_validation(engine):
             coordinator._invalidate_trace()
 
 
-def engine_step(engine, model) -> float | None:
-    """engine.step() for one micro-batch; at the end of the accumulation window it updates the weights and
-    returns the global gradient norm before clipping (None between updates).
+def optimizer_step(engine, model) -> float | None:
+    """engine.step() after one micro-batch's backward, returning the gradient norm: at the end of the
+    accumulation window DeepSpeed updates the weights and this returns the global gradient norm before
+    clipping; between updates it returns None.
 
     DeepSpeed's ZeRO and bf16 optimizers report that norm; its plain fp32 path (ZeRO-0, as on CPU) does
     not, so there it is computed here from the averaged gradients, before the update clears them."""

@@ -22,7 +22,7 @@ from dataclasses import dataclass
 
 import torch
 
-from minillm.options import require
+from minillm.options import require_option
 
 
 def process_logits(logits, seen=None, temperature=1.0, top_k=0, top_p=1.0, repetition_penalty=1.0):
@@ -95,10 +95,10 @@ def stop_string_cut(tokens, stop_strings, tokenizer):
 def check_sampling(options):
     """The sampling options of a command (evaluate.py, minillm.chat) in range: temperature, top_p, top_k,
     repetition_penalty; OptionError naming the flag."""
-    require(options.temperature >= 0, "temperature", options.temperature, "must be >= 0 (0 = greedy)")
-    require(0 < options.top_p <= 1, "top_p", options.top_p, "must be in (0, 1]")
-    require(options.top_k >= 0, "top_k", options.top_k, "must be >= 0 (0 = all)")
-    require(options.repetition_penalty > 0, "repetition_penalty", options.repetition_penalty, "must be > 0")
+    require_option(options.temperature >= 0, "temperature", options.temperature, "must be >= 0 (0 = greedy)")
+    require_option(0 < options.top_p <= 1, "top_p", options.top_p, "must be in (0, 1]")
+    require_option(options.top_k >= 0, "top_k", options.top_k, "must be >= 0 (0 = all)")
+    require_option(options.repetition_penalty > 0, "repetition_penalty", options.repetition_penalty, "must be > 0")
 
 
 @dataclass(frozen=True, kw_only=True)

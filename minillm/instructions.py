@@ -59,7 +59,7 @@ from minillm.chat_format import as_messages, render, resolve_template
 from minillm.decontaminate import DecontaminateOptions, decontaminate_command, decontaminate_output
 from minillm.files import atomic_write, read_jsonl, read_lines, to_json, write_jsonl
 from minillm.languages import LANGUAGE_NAMES, bitext_languages
-from minillm.options import cli, parse_options, require
+from minillm.options import cli, parse_options, require_option
 from minillm.sft_data import load_sft_jsonl
 from minillm.tokenizer import load_tokenizer
 
@@ -565,10 +565,10 @@ class TranslateOptions:
 
     def check(self):
         for name in ("reverse_share", "inline_share", "min_alpha_share"):
-            require(0 <= getattr(self, name) <= 1, name, getattr(self, name), "must be between 0 and 1")
-        require(self.max_length_ratio >= 1, "max_length_ratio", self.max_length_ratio, "must be at least 1")
+            require_option(0 <= getattr(self, name) <= 1, name, getattr(self, name), "must be between 0 and 1")
+        require_option(self.max_length_ratio >= 1, "max_length_ratio", self.max_length_ratio, "must be at least 1")
         for name in ("max_word_len", "min_words", "max_words"):
-            require(getattr(self, name) >= 0, name, getattr(self, name), "must be >= 0")
+            require_option(getattr(self, name) >= 0, name, getattr(self, name), "must be >= 0")
 
 
 @dataclass(kw_only=True)
@@ -583,7 +583,7 @@ class MixOptions:
     decontaminate: list[str] = field(default_factory=list)  # task files / directories: drop train examples overlapping them (minillm.decontaminate)
 
     def check(self):
-        require(0 <= self.valid_share < 1, "valid_share", self.valid_share, "must be in [0, 1)")
+        require_option(0 <= self.valid_share < 1, "valid_share", self.valid_share, "must be in [0, 1)")
 
 
 @cli

@@ -25,7 +25,7 @@ from typing import Literal
 from minillm.hf import read_config
 from minillm.losses import default_chunk_size
 from minillm.model import LlamaConfig
-from minillm.options import cli, parse_options, require
+from minillm.options import cli, parse_options, require_option
 
 GB = 2**30
 # Measured: a rank's resident set once Python, torch, DeepSpeed and the gloo group are up, before any model
@@ -61,10 +61,10 @@ class PlanOptions:
     reference: bool = False  # print the plans for Llama-3.1-8B, Mistral-Nemo-12B and a Llama-3.1-70B-shaped model on 8, 16 and 64 GPUs instead
 
     def check(self):
-        require(self.reference or bool(self.model) != bool(self.preset), "model", self.model,
-                "give exactly one of --model DIR and --preset NAME (or --reference)")
+        require_option(self.reference or bool(self.model) != bool(self.preset), "model", self.model,
+                       "give exactly one of --model DIR and --preset NAME (or --reference)")
         for name in ("ranks", "seq_len", "micro_batch_size"):
-            require(getattr(self, name) >= 1, name, getattr(self, name), "must be at least 1")
+            require_option(getattr(self, name) >= 1, name, getattr(self, name), "must be at least 1")
 
 
 def parameter_counts(c: LlamaConfig) -> dict:

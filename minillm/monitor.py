@@ -20,7 +20,8 @@ import torch
 from tqdm import tqdm
 
 from minillm.engine import all_reduce_sum, batch_to, end_validation, model_inputs
-from minillm.options import TENSORBOARD_HINT
+
+TENSORBOARD_HINT = "--log-to tensorboard needs the tensorboard package: pip install 'minillm[tensorboard]'"
 
 # ----------------------------------------------------------------------------- MFU
 

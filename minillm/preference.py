@@ -26,7 +26,7 @@ from safetensors.torch import save
 from minillm.chat_format import render, resolve_template
 from minillm.files import atomic_write, read_jsonl
 from minillm.losses import IGNORE_INDEX
-from minillm.options import REFERENCE_LOGPS
+from minillm.run_dir import REFERENCE_LOGPS
 from minillm.sft_data import (labels_from_mask, pack_examples, prompt_messages, reply_text, step_slices,
                               steps_per_epoch)
 

@@ -35,7 +35,7 @@ from tqdm import tqdm
 from minillm.corpora import CHUNK_BYTES, CorpusOptions, check_readable, chunk_texts, corpus_format, expand_inputs, iter_chunks
 from minillm.decontaminate import Decontaminator, EvalIndex, format_report, write_report
 from minillm.files import atomic_write, to_json
-from minillm.options import cli, parse_options, require
+from minillm.options import cli, parse_options, require_option
 from minillm.pretrain_data import FORMAT, FORMAT_VERSION, META_FILE, TokenShards, shard_names, token_dtype
 from minillm.tokenizer import load_tokenizer
 
@@ -455,11 +455,11 @@ class PrepareOptions(CorpusOptions):
     decontaminate: list[str] = field(default_factory=list)  # task files / directories (evaluate.py --tasks): drop documents overlapping them (minillm.decontaminate)
 
     def check(self):
-        require(self.workers >= 1, "workers", self.workers, "must be at least 1")
-        require(self.shard_tokens >= 1, "shard_tokens", self.shard_tokens, "must be at least 1")
-        require(self.max_docs >= 0, "max_docs", self.max_docs, "must be >= 0 (0 = no cap)")
-        require(self.max_tokens >= 0, "max_tokens", self.max_tokens, "must be >= 0 (0 = no cap)")
-        require(self.max_doc_chars >= 0, "max_doc_chars", self.max_doc_chars, "must be >= 0 (0 = never split)")
+        require_option(self.workers >= 1, "workers", self.workers, "must be at least 1")
+        require_option(self.shard_tokens >= 1, "shard_tokens", self.shard_tokens, "must be at least 1")
+        require_option(self.max_docs >= 0, "max_docs", self.max_docs, "must be >= 0 (0 = no cap)")
+        require_option(self.max_tokens >= 0, "max_tokens", self.max_tokens, "must be >= 0 (0 = no cap)")
+        require_option(self.max_doc_chars >= 0, "max_doc_chars", self.max_doc_chars, "must be >= 0 (0 = never split)")
 
 
 @dataclass(kw_only=True)

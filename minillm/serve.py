@@ -33,7 +33,7 @@ from minillm.chat_format import TEMPLATES, resolve_template, stop_ids
 from minillm.generate import Sequence
 from minillm.hf import load_pretrained
 from minillm.openai_api import ApiError, GenerationRequest, chunk, new_id, parse_request, response
-from minillm.options import cli, parse_options, require
+from minillm.options import cli, parse_options, require_option
 from minillm.tokenizer import load_tokenizer
 
 PAGE = Path(__file__).parent / "static" / "chat.html"
@@ -52,9 +52,9 @@ class ServeOptions:
     max_tokens: int = 512  # reply length of a request that sets no max_tokens (capped by the context left)
 
     def check(self):
-        require(0 <= self.port <= 65535, "port", self.port, "must be in 0..65535")
-        require(self.max_batch_size >= 1, "max_batch_size", self.max_batch_size, "must be at least 1")
-        require(self.max_tokens >= 1, "max_tokens", self.max_tokens, "must be at least 1")
+        require_option(0 <= self.port <= 65535, "port", self.port, "must be in 0..65535")
+        require_option(self.max_batch_size >= 1, "max_batch_size", self.max_batch_size, "must be at least 1")
+        require_option(self.max_tokens >= 1, "max_tokens", self.max_tokens, "must be at least 1")
 
 
 class ModelServer(ThreadingHTTPServer):

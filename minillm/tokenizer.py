@@ -57,7 +57,7 @@ from minillm.hf_tokenizer import (
     CONFIG_FILE, GENERATION_CONFIG_FILE, TOKENIZER_JSON, HFTokenizer, chat_template_and_max_length, declared_eos_ids,
     read_json_file, save_generation_config,
 )
-from minillm.options import cli, parse_options, require
+from minillm.options import cli, parse_options, require_option
 from minillm.sentencepiece_model import (
     PIECE_BYTE, PIECE_CONTROL, PIECE_UNKNOWN, PIECE_USER_DEFINED, bpe_merges, read_normalizer_spec, read_pieces,
     read_trainer_spec, rewrite_model_proto,
@@ -451,19 +451,19 @@ def check_vocab_fits(tokenizer: "SentencePieceTokenizer | HFTokenizer | int", mo
 
 # ---------------------------------------------------------------------- CLI
 @dataclass(kw_only=True)
-class TrainOptions(CorpusOptions):
+class TokenizerTrainOptions(CorpusOptions):
     """Train a Llama-style BPE tokenizer (byte fallback, split digits, chat markers) on text corpora."""
     vocab_size: int  # pieces in the trained vocabulary
     out: str  # output directory, written in the Hugging Face layout (tokenizer.model, tokenizer.json, ...)
     seed: int = 0  # sentencepiece's random seed (sampling of training lines)
 
     def check(self):
-        require(self.vocab_size >= 1, "vocab_size", self.vocab_size, "must be a positive number of pieces")
+        require_option(self.vocab_size >= 1, "vocab_size", self.vocab_size, "must be a positive number of pieces")
 
 
 @cli
 def main(argv=None):
-    _, cfg = parse_options({"train": TrainOptions}, argv, prog="python -m minillm.tokenizer",
+    _, cfg = parse_options({"train": TokenizerTrainOptions}, argv, prog="python -m minillm.tokenizer",
                            description="Tokenizer tools.")
     inputs = expand_inputs(cfg.input, cfg.format)
     for path in inputs:

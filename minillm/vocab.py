@@ -48,7 +48,7 @@ from minillm.files import atomic_write, read_lines, to_json
 from minillm.hf import load_pretrained, save_pretrained
 from minillm.model import OutputHead
 from minillm.hf_tokenizer import HFTokenizer, uses_component
-from minillm.options import cli, parse_options, require
+from minillm.options import cli, parse_options, require_option
 from minillm.sentencepiece_model import PIECE_NORMAL, PIECE_USER_DEFINED, read_pieces, rewrite_model_proto
 from minillm.tokenizer import CHAT_TOKENS, SentencePieceTokenizer, check_vocab_fits, load_tokenizer
 
@@ -325,11 +325,11 @@ class ExtendOptions:
     seed: int = 0  # sentencepiece's random seed (the BPE trainer is deterministic)
 
     def check(self):
-        require(self.new_vocab_size >= 1, "new_vocab_size", self.new_vocab_size, "must be at least 1")
-        require(self.pad_to_multiple_of >= 1, "pad_to_multiple_of", self.pad_to_multiple_of, "must be at least 1")
-        require(self.eval_lines >= 1, "eval_lines", self.eval_lines, "must be at least 1")
-        require(0 < self.character_coverage <= 1, "character_coverage", self.character_coverage, "must be in (0, 1]")
-        require(self.input_sentence_size >= 0, "input_sentence_size", self.input_sentence_size, "must be >= 0")
+        require_option(self.new_vocab_size >= 1, "new_vocab_size", self.new_vocab_size, "must be at least 1")
+        require_option(self.pad_to_multiple_of >= 1, "pad_to_multiple_of", self.pad_to_multiple_of, "must be at least 1")
+        require_option(self.eval_lines >= 1, "eval_lines", self.eval_lines, "must be at least 1")
+        require_option(0 < self.character_coverage <= 1, "character_coverage", self.character_coverage, "must be in (0, 1]")
+        require_option(self.input_sentence_size >= 0, "input_sentence_size", self.input_sentence_size, "must be >= 0")
         if bool(self.model_in) != bool(self.model_out):
             raise ValueError("--model-in and --model-out go together")
 

@@ -39,7 +39,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # run from a checkout without installing
 
 from minillm.files import atomic_write, read_json_objects, to_json, write_jsonl  # noqa: E402
-from minillm.options import cli, parse_options, require  # noqa: E402
+from minillm.options import cli, parse_options, require_option  # noqa: E402
 from minillm.report import INSTALL_HINT, bar_chart, plots_available, run_report  # noqa: E402
 
 
@@ -80,7 +80,7 @@ class ReproduceOptions:
     resume: bool = False  # skip the stages an earlier run in --out finished with the same command (logs/NAME.done)
 
     def check(self):
-        require(self.seeds >= 1, "seeds", self.seeds, "must be at least 1")
+        require_option(self.seeds >= 1, "seeds", self.seeds, "must be at least 1")
 
 
 # ============================================================================ running the CLIs

@@ -307,7 +307,8 @@ def test_log_to_tensorboard_writes_the_same_scalars(world, tmp_path):
 def test_log_to_tensorboard_without_the_package_is_one_line(tmp_path, monkeypatch):
     import importlib.util
 
-    from minillm.options import OptionError, TrainOptions, parse_options
+    from minillm.options import OptionError, parse_options
+    from minillm.run_dir import TrainOptions
     real = importlib.util.find_spec
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "tensorboard" else real(name, *a))
     with pytest.raises(OptionError, match=r"^--log-to tensorboard needs the tensorboard package: "

@@ -18,7 +18,7 @@ from safetensors.torch import save_file
 from minillm.checkpoints import export_model
 from minillm.engine import build_engine, load_model_and_tokenizer, setup_distributed, teardown_distributed
 from minillm.hf import save_pretrained
-from minillm.options import TrainOptions
+from minillm.run_dir import TrainOptions
 
 
 def _kb(field: str) -> int:

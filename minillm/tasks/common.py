@@ -44,7 +44,7 @@ def _line_of_key(text: str, key: str) -> int:
     return 1
 
 
-def require(record: dict, where: str, name: str, kind, allow_empty: bool = False):
+def require_field(record: dict, where: str, name: str, kind, allow_empty: bool = False):
     """record[name], checked to exist and be of `kind` (a type or tuple of types); returns the value."""
     if name not in record:
         raise ValueError(f"{where}: missing field '{name}'")
@@ -59,7 +59,7 @@ def require(record: dict, where: str, name: str, kind, allow_empty: bool = False
 
 
 def require_str_list(record: dict, where: str, name: str) -> list[str]:
-    values = require(record, where, name, list)
+    values = require_field(record, where, name, list)
     for i, v in enumerate(values):
         if not isinstance(v, str):
             raise ValueError(f"{where}: field '{name}'[{i}] must be a string, got {type(v).__name__}")

@@ -11,7 +11,7 @@ from __future__ import annotations
 import sys
 
 from minillm.metrics import gec_bootstrap, gec_scores
-from minillm.tasks.common import default_stop, prompt_and_generate, require, require_str_list, verbosity_metrics
+from minillm.tasks.common import default_stop, prompt_and_generate, require_field, require_str_list, verbosity_metrics
 
 PRIMARY = "f0.5"
 HIGHER_IS_BETTER = {"precision": True, "recall": True, "f0.5": True}
@@ -24,7 +24,7 @@ DEFAULT_PROMPTS = {
 
 
 def check_record(record: dict, where: str, spec: dict):
-    require(record, where, "source", str)
+    require_field(record, where, "source", str)
     require_str_list(record, where, "references")
 
 

@@ -21,7 +21,7 @@ import sys
 from minillm.judge import JudgeItem
 from minillm.metrics import normalize_answer
 from minillm.tasks.common import (continuation_logprobs, default_stop, demonstrations, encode_choice,
-                                  fill_template, mean_metric, prompt_and_generate, prompt_words, require,
+                                  fill_template, mean_metric, prompt_and_generate, prompt_words, require_field,
                                   require_str_list, verbosity_metrics)
 
 PRIMARY = "acc"
@@ -55,17 +55,17 @@ def check_spec(spec: dict, where):
 
 def check_record(record: dict, where: str, spec: dict):
     if "premise" in record:
-        require(record, where, "premise", str)
-        question = require(record, where, "question", str)
+        require_field(record, where, "premise", str)
+        question = require_field(record, where, "question", str)
         if question not in ("cause", "effect"):
             raise ValueError(f"{where}: field 'question' must be 'cause' or 'effect' in a COPA record, "
                              f"got {question!r}")
     else:
-        require(record, where, "question", str)
+        require_field(record, where, "question", str)
     choices = require_str_list(record, where, "choices")
     if not 2 <= len(choices) <= len(LETTERS):
         raise ValueError(f"{where}: field 'choices' needs 2 to {len(LETTERS)} choices, got {len(choices)}")
-    label = require(record, where, "label", int)
+    label = require_field(record, where, "label", int)
     if not 0 <= label < len(choices):
         raise ValueError(f"{where}: label {label} out of range for {len(choices)} choices (0..{len(choices) - 1})")
 

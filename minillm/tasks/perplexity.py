@@ -28,7 +28,7 @@ import math
 import re
 
 from minillm.metrics import bits_per_byte, ratio_bootstrap
-from minillm.tasks.common import continuation_logprobs, fill_template, require
+from minillm.tasks.common import continuation_logprobs, fill_template, require_field
 
 PRIMARY = "bits_per_byte"
 HIGHER_IS_BETTER = {"bits_per_byte": False, "byte_perplexity": False, "word_perplexity": False,
@@ -36,9 +36,9 @@ HIGHER_IS_BETTER = {"bits_per_byte": False, "byte_perplexity": False, "word_perp
 
 
 def check_record(record: dict, where: str, spec: dict):
-    require(record, where, "text", str)
+    require_field(record, where, "text", str)
     if "language" in record:
-        require(record, where, "language", str)
+        require_field(record, where, "language", str)
 
 
 def template_fields(record: dict, spec: dict) -> dict:

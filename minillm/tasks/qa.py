@@ -10,7 +10,7 @@ import sys
 
 from minillm.judge import JudgeItem
 from minillm.metrics import exact_match, token_f1
-from minillm.tasks.common import (default_stop, mean_metric, prompt_and_generate, prompt_words, require,
+from minillm.tasks.common import (default_stop, mean_metric, prompt_and_generate, prompt_words, require_field,
                                   require_str_list, verbosity_metrics)
 
 PRIMARY = "f1"
@@ -18,8 +18,8 @@ HIGHER_IS_BETTER = {"exact_match": True, "f1": True, "judge_acc": True}
 
 
 def check_record(record: dict, where: str, spec: dict):
-    require(record, where, "context", str)
-    require(record, where, "question", str)
+    require_field(record, where, "context", str)
+    require_field(record, where, "question", str)
     require_str_list(record, where, "answers")
 
 

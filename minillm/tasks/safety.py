@@ -11,17 +11,17 @@ from __future__ import annotations
 import sys
 
 from minillm.metrics import compile_refusal, is_refusal, refusal_patterns, safety_rates
-from minillm.tasks.common import mean_metric, prompt_and_generate, require, verbosity_metrics
+from minillm.tasks.common import mean_metric, prompt_and_generate, require_field, verbosity_metrics
 
 PRIMARY = "attack_success_rate"
 HIGHER_IS_BETTER = {"attack_success_rate": False, "false_refusal_rate": False}
 
 
 def check_record(record: dict, where: str, spec: dict):
-    require(record, where, "prompt", str)
-    require(record, where, "harmful", bool)
+    require_field(record, where, "prompt", str)
+    require_field(record, where, "harmful", bool)
     if "language" in record:
-        require(record, where, "language", str)
+        require_field(record, where, "language", str)
 
 
 def check_spec(spec: dict, where):

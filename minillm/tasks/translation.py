@@ -14,7 +14,7 @@ import sys
 
 from minillm.metrics import BOOTSTRAP_RESAMPLES, bleu, chrf_pp
 from minillm.languages import language_name
-from minillm.tasks.common import (default_stop, mean, prompt_and_generate, require,
+from minillm.tasks.common import (default_stop, mean, prompt_and_generate, require_field,
                                   verbosity_metrics)
 
 PRIMARY = "chrf++"
@@ -23,7 +23,7 @@ HIGHER_IS_BETTER = {"bleu": True, "chrf++": True}
 
 def check_record(record: dict, where: str, spec: dict):
     for name in ("source", "reference", "src_lang", "tgt_lang"):
-        require(record, where, name, str)
+        require_field(record, where, name, str)
 
 
 def template_fields(record: dict, spec: dict) -> dict:
