@@ -61,8 +61,8 @@ from minillm.checkpoints import ExportPolicy, load_checkpoint, save_checkpoint_i
 from minillm.engine import (all_reduce_sum, batch_to, build_engine, end_validation, optimizer_step, load_model_and_tokenizer, lr_at,
                             model_inputs, print0, set_lr, setup_distributed, teardown_distributed)
 from minillm.files import fingerprints
-from minillm.losses import (IGNORE_INDEX, dpo_loss, ipo_loss, kto_loss, kto_reference_point, orpo_loss, orpo_means,
-                            pair_logprobs, reference_means, sequence_logprobs, split_pairs)
+from minillm.losses import (IGNORE_INDEX, dpo_loss, global_mean_scale, ipo_loss, kto_loss, kto_reference_point,
+                            orpo_loss, orpo_means, pair_logprobs, reference_means, sequence_logprobs, split_pairs)
 from minillm.monitor import RunLog, StallWatch, peak_flops, peak_memory_gb, step_flops
 from minillm.options import cli, parse_options, require_option
 from minillm.preference import kto_batch, load_kto_files, load_reference, save_reference, score_everything
@@ -290,7 +290,8 @@ def main(argv=None):
         totals: dict[str, float] = {}
         for batch in micro_batches:
             loss, sums = objective_sums(engine, batch, n_tokens, n_items, kl, cfg)  # forward
-            engine.backward(loss * world_size * cfg.grad_accum)  # backward (DeepSpeed averages; this undoes it)
+            # backward: its share (the loss is already divided by the step's global counts, hence 1)
+            engine.backward(loss * global_mean_scale(1, world_size, cfg.grad_accum))
             grad_norm = optimizer_step(engine, model)  # the update happens after the step's last micro-batch
             totals = {k: totals.get(k, 0.0) + v for k, v in sums.items()}
         totals = dict(zip(totals, all_reduce_sum(list(totals.values()), device)))

@@ -93,12 +93,12 @@ def main(argv=None):
     engine, optimizer = build_engine(model, cfg, device,
                                      optimizer_groups(model, cfg.weight_decay, cfg.trainable, embedding_lr_scale))
 
-    step, tokens_seen = 0, 0
-    if cfg.resume and (state := load_checkpoint(engine, cfg.out_dir, model.config.architecture(),
-                                                cfg.trainable)) is not None:
-        step, tokens_seen = state["step"], state["tokens_seen"]
+    step, state = 0, {}
+    if cfg.resume and (state := load_checkpoint(engine, cfg.out_dir, model.config.architecture(), cfg.trainable) or {}):
+        step = state["step"]
         loader.load_state_dict(state["loader"])
-        print0(f"resumed from step {step} ({tokens_seen:,} tokens seen)")
+        print0(f"resumed from step {step} ({state['tokens_seen']:,} tokens seen)")
+    tokens_seen = state.get("tokens_seen", 0)
     if step >= cfg.max_steps:  # a resume with nothing left to do: say so, touch no file
         print0(f"nothing to do: the checkpoint is at step {step} >= --max-steps {cfg.max_steps}")
         return teardown_distributed()

@@ -36,7 +36,7 @@ from minillm.losses import IGNORE_INDEX, global_mean_scale
 from minillm.monitor import RunLog, StallWatch, peak_flops, peak_memory_gb, step_flops, validation_loss
 from minillm.options import cli, parse_options, require_option
 from minillm.run_dir import Preemption, TrainOptions, check_same_data, lock_run, run_readme, start_run
-from minillm.sft_data import epoch_order, load_sft_examples, pack_examples, step_slices, steps_per_epoch, take_rows
+from minillm.sft_data import SFTPlan, load_sft_examples, sft_validation_batches
 
 
 @dataclass(kw_only=True)
@@ -77,36 +77,17 @@ def main(argv=None):
     render = {"truncate": cfg.truncate, "train_on": cfg.train_on, "template": template}
     stages = [load_sft_examples([f.strip() for f in files.split(",") if f.strip()], tokenizer, cfg.seq_len, print0, **render)
               for files in cfg.train_data.split(";") if files.strip()]
-    valid = {}
-    if cfg.valid_data:  # this rank's share of the validation rows, as micro-batches
-        rows = pack_examples(load_sft_examples(cfg.valid_data.split(","), tokenizer, cfg.seq_len, print0, **render),
-                             cfg.seq_len, pad_id=tokenizer.pad_id, pack=cfg.pack)
-        n_rows = rows["input_ids"].shape[0]
-        valid = {"": [take_rows(rows, idx) for s in range(steps_per_epoch(n_rows, cfg.micro_batch_size, 1, world_size))
-                      for idx in step_slices(n_rows, s, cfg.micro_batch_size, 1, rank, world_size)]}
+    # every (stage, epoch) shuffled and packed once; each optimizer step known by its number (SFTPlan)
+    plan = SFTPlan(stages, cfg.epochs, cfg.seq_len, tokenizer.pad_id, cfg.pack, cfg.seed, cfg.micro_batch_size,
+                   cfg.grad_accum, rank, world_size)
+    total_steps = len(plan.steps)
+    valid = {"": sft_validation_batches(load_sft_examples(cfg.valid_data.split(","), tokenizer, cfg.seq_len, print0,
+                                                          **render), cfg.seq_len, tokenizer.pad_id, cfg.pack,
+                                        cfg.micro_batch_size, rank, world_size)} if cfg.valid_data else {}
     data = fingerprints(f.strip() for f in f"{cfg.train_data},{cfg.valid_data}".replace(";", ",").split(",") if f.strip())
     byte_lengths = tokenizer.byte_lengths()
     engine, optimizer = build_engine(model, cfg, device)
     chat_template = chat_template_jinja(template, tokenizer)
-
-    # The whole run is planned upfront: every (stage, epoch) shuffles its examples with a seeded order and
-    # packs them into rows, so each optimizer step is known by its number alone, which is all a checkpoint
-    # needs to record. Each stage has its own LR schedule (warmup, then decay to min_lr).
-    def epoch_rows(stage: int, epoch: int) -> dict:
-        examples = stages[stage]
-        order = epoch_order(len(examples), 1000 * stage + epoch, cfg.seed)
-        return pack_examples([examples[i] for i in order], cfg.seq_len, pad_id=tokenizer.pad_id, pack=cfg.pack)
-
-    plan = []  # (stage, epoch, step within the epoch, step within the stage, steps in the stage)
-    for stage in range(len(stages)):
-        epoch_steps = [steps_per_epoch(len(epoch_rows(stage, e)["input_ids"]), cfg.micro_batch_size, cfg.grad_accum,
-                                       world_size) for e in range(cfg.epochs)]
-        stage_step = 0
-        for epoch, n in enumerate(epoch_steps):
-            for s in range(n):
-                plan.append((stage, epoch, s, stage_step, sum(epoch_steps)))
-                stage_step += 1
-    total_steps = len(plan)
 
     step, state = 0, {}
     if cfg.resume and (state := load_checkpoint(engine, cfg.out_dir, model.config.architecture()) or {}):
@@ -128,19 +109,15 @@ def main(argv=None):
                  stall_watch=StallWatch(model.config.vocab_size, cfg.warmup_steps))  # warns of a collapsed run
     if valid and step == 0:  # where instruction tuning starts from
         log.start(result.start({"step": 0, **validation_loss(engine, valid, byte_lengths, device)}))
-    peak, preemption, rows_key, rows = peak_flops(device, cfg.peak_tflops) * world_size, Preemption(), None, None
+    peak, preemption = peak_flops(device, cfg.peak_tflops) * world_size, Preemption()
     while step < total_steps and not preemption.stop:
         t0 = time.time()
-        stage, epoch, step_in_epoch, stage_step, stage_total = plan[step]
-        if rows_key != (stage, epoch):
-            rows_key, rows = (stage, epoch), epoch_rows(stage, epoch)
-        lr = lr_at(stage_step, cfg, stage_total)
+        stage, epoch = plan.steps[step].stage, plan.steps[step].epoch
+        lr = lr_at(plan.steps[step].stage_step, cfg, plan.steps[step].stage_steps)
         set_lr(optimizer, lr)
         # The loss is the mean NLL over every response token of the global batch (not a mean of per-example
         # means), so the step's token count is summed over ranks before the first backward.
-        micro_batches = [batch_to(take_rows(rows, idx), device) for idx in
-                         step_slices(len(rows["input_ids"]), step_in_epoch, cfg.micro_batch_size, cfg.grad_accum,
-                                     rank, world_size)]
+        micro_batches = [batch_to(b, device) for b in plan.micro_batches(step)]
         n_tokens = all_reduce_sum([sum((b["labels"] != IGNORE_INDEX).sum().item() for b in micro_batches)], device)[0]
         nll_sum = 0.0
         for batch in micro_batches:
@@ -161,7 +138,7 @@ def main(argv=None):
             raise ValueError(f"step {step}: the loss is {loss} (gradient norm {grad_norm}); stopped without saving "
                              "or exporting, the last checkpoint is the last finite state (lower --lr?)")
         last = step == total_steps
-        end_of_epoch = last or plan[step][:2] != (stage, epoch)
+        end_of_epoch = last or plan.steps[step][:2] != (stage, epoch)
         if valid and (end_of_epoch if not cfg.eval_interval else last or step % cfg.eval_interval == 0):
             record.update(validation_loss(engine, valid, byte_lengths, device))
         result.update(record, last)

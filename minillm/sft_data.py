@@ -18,6 +18,7 @@ without targets.
 from __future__ import annotations
 
 import bisect
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -244,12 +245,17 @@ def pack_examples(examples, seq_len: int, pad_id: int = 0, pack: bool = True) ->
     labels are aligned with ids, NOT shifted (labels[i] = ids[i] where token i is trained on, -100 where
     not, as a loss-mask renderer produces them); this function shifts them, so in the output labels[t] is
     the target of position t and each example's last position predicts nothing (never the next example).
-    Packing is best-fit in the given order (each example goes to the fullest row that still has room, or a
-    new row), so rows are well filled and no example is split; pack=False gives one example per row
-    (same labels, so packed and unpacked training see the same loss). Examples longer than seq_len are
-    the caller's to truncate or drop (ValueError here). Position ids restart at 0 for every example; the
-    padding at the end of a row has label -100 and a doc id of its own.
+    Packing is best-fit in the given order (`row_members`), so rows are well filled and no example is split;
+    pack=False gives one example per row (same labels, so packed and unpacked training see the same loss).
+    Examples longer than seq_len are the caller's to truncate or drop (ValueError here). Position ids
+    restart at 0 for every example; the padding at the end of a row has label -100 and a doc id of its own.
     """
+    return build_rows(examples, row_members(examples, seq_len, pack), seq_len, pad_id)
+
+
+def row_members(examples, seq_len: int, pack: bool = True) -> list[list[int]]:
+    """Which examples go into which row, [[example index, ...] per row]: best-fit in the given order (each
+    example goes to the fullest row that still has room, or a new row); pack=False: one example per row."""
     rows: list[list[int]] = []
     free: list[tuple[int, int]] = []  # (room left, row index), sorted: bisect finds the best fit
     for i, (ids, labels) in enumerate(examples):
@@ -269,6 +275,11 @@ def pack_examples(examples, seq_len: int, pad_id: int = 0, pack: bool = True) ->
             room, r = seq_len, len(rows) - 1
         if pack and room - n > 0:
             bisect.insort(free, (room - n, r))
+    return rows
+
+
+def build_rows(examples, rows: list[list[int]], seq_len: int, pad_id: int = 0) -> dict[str, torch.Tensor]:
+    """The [R, T] batch dict of `row_members`' rows (pack_examples' docstring tells the layout)."""
     out = []
     for members in rows:
         row = empty_row(seq_len, pad_id)
@@ -287,6 +298,58 @@ def pack_examples(examples, seq_len: int, pad_id: int = 0, pack: bool = True) ->
     if not out:
         raise ValueError("pack_examples: no examples")
     return stack_rows(out)
+
+
+class SFTStep(NamedTuple):
+    """One optimizer step of an SFT run, known by its number alone (all a checkpoint records)."""
+    stage: int  # curriculum stage, from 0
+    epoch: int  # epoch of the stage, from 0
+    step_in_epoch: int  # which of the epoch's global batches (step_slices)
+    stage_step: int  # step of the stage's LR schedule, from 0
+    stage_steps: int  # steps of the stage: its schedule's length
+
+
+class SFTPlan:
+    """The whole SFT run planned upfront: every (stage, epoch) shuffles its examples with a seeded order and is
+    packed into rows once (the row assignment is kept; the rows themselves are built when the epoch starts),
+    so `steps[i]` tells optimizer step i's stage, epoch and schedule, and `micro_batches(i)` its rows. Each
+    stage has its own LR schedule (warmup, then decay to min_lr)."""
+
+    def __init__(self, stages: list[list], epochs: int, seq_len: int, pad_id: int, pack: bool, seed: int,
+                 micro_batch_size: int, grad_accum: int, rank: int, world_size: int):
+        self.stages, self.seq_len, self.pad_id = stages, seq_len, pad_id
+        self.micro_batch_size, self.grad_accum, self.rank, self.world_size = micro_batch_size, grad_accum, rank, world_size
+        self.epochs: dict[tuple[int, int], list[list[int]]] = {}  # (stage, epoch) -> example indices per row
+        self.steps: list[SFTStep] = []
+        for stage, examples in enumerate(stages):
+            for epoch in range(epochs):
+                order = epoch_order(len(examples), 1000 * stage + epoch, seed)
+                self.epochs[stage, epoch] = [[order[i] for i in row] for row in
+                                             row_members([examples[i] for i in order], seq_len, pack)]
+            counts = [steps_per_epoch(len(self.epochs[stage, e]), micro_batch_size, grad_accum, world_size)
+                      for e in range(epochs)]
+            for epoch, n in enumerate(counts):
+                self.steps += [SFTStep(stage, epoch, s, sum(counts[:epoch]) + s, sum(counts)) for s in range(n)]
+        self._rows_of, self._rows = None, None
+
+    def micro_batches(self, step: int) -> list[dict]:
+        """This rank's micro-batches of optimizer step `step` (rows of padding past the epoch's end)."""
+        stage, epoch, step_in_epoch = self.steps[step][:3]
+        if self._rows_of != (stage, epoch):  # the epoch's rows, built once when it starts
+            self._rows_of = (stage, epoch)
+            self._rows = build_rows(self.stages[stage], self.epochs[stage, epoch], self.seq_len, self.pad_id)
+        return [take_rows(self._rows, idx) for idx in step_slices(len(self.epochs[stage, epoch]), step_in_epoch,
+                                                                   self.micro_batch_size, self.grad_accum, self.rank,
+                                                                   self.world_size)]
+
+
+def sft_validation_batches(examples, seq_len: int, pad_id: int, pack: bool, micro_batch_size: int, rank: int,
+                           world_size: int) -> list[dict]:
+    """This rank's share of the held-out rows as micro-batches: every row scored once on any number of ranks."""
+    rows = pack_examples(examples, seq_len, pad_id=pad_id, pack=pack)
+    n_rows = rows["input_ids"].shape[0]
+    return [take_rows(rows, idx) for s in range(steps_per_epoch(n_rows, micro_batch_size, 1, world_size))
+            for idx in step_slices(n_rows, s, micro_batch_size, 1, rank, world_size)]
 
 
 def epoch_order(n_items: int, epoch: int, seed: int) -> list[int]:
