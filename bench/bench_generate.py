@@ -79,7 +79,7 @@ def main():
         save_pretrained(model, tmp)
         hf_model = transformers.AutoModelForCausalLM.from_pretrained(tmp, dtype=torch.float32).eval()
     print(f"torch {torch.__version__}, transformers {transformers.__version__}, threads {torch.get_num_threads()}, "
-          f"preset {args.preset} ({model.num_params() / 1e6:.0f}M parameters), fp32, greedy", flush=True)
+          f"preset {args.preset} ({sum(p.numel() for p in model.parameters()) / 1e6:.0f}M parameters), fp32, greedy", flush=True)
     runners = {"minillm": lambda p, n: generate(model, p, max_new_tokens=n, eos_id=[]),
                "transformers": lambda p, n: transformers_generate(hf_model, p, n)}
     if args.compile:
