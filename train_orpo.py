@@ -58,8 +58,9 @@ import torch
 
 from minillm.chat_format import chat_template_jinja, end_ids, resolve_template
 from minillm.checkpoints import ExportPolicy, load_checkpoint, save_checkpoint_if_due
-from minillm.engine import (all_reduce_sum, batch_to, build_engine, end_validation, optimizer_step, load_model_and_tokenizer, lr_at,
-                            model_inputs, print0, set_lr, setup_distributed, teardown_distributed)
+from minillm.engine import (all_reduce_sum, batch_to, build_engine, end_validation, exit_distributed,
+                            load_model_and_tokenizer, lr_at, model_inputs, optimizer_step, print0, set_lr,
+                            setup_distributed)
 from minillm.files import fingerprints
 from minillm.losses import (IGNORE_INDEX, dpo_loss, global_mean_scale, ipo_loss, kto_loss, kto_reference_point,
                             orpo_loss, orpo_means, pair_logprobs, reference_means, sequence_logprobs, split_pairs)
@@ -249,7 +250,7 @@ def main(argv=None):
     data_changes = check_same_data(state, data, cfg.allow_data_change)
     if step >= total_steps:  # a resume with nothing left to do: say so, touch no file
         print0(f"nothing to do: the checkpoint is at step {step} >= the run's {total_steps} steps")
-        return teardown_distributed()
+        return exit_distributed()
     start_run(cfg, rank, step, run_readme("train_orpo.py", cfg, f"preference alignment ({cfg.objective.upper()})"))
     splits = {"train": train_set, "valid": valid_set}
     if sides and state:  # a resume: the model is no longer the reference; read what the run started with
@@ -313,7 +314,7 @@ def main(argv=None):
         log.step(record, extra=LOGGED[cfg.objective])
         save_checkpoint_if_due(engine, cfg, step, total_steps, trainer_state, preemption)  # every N steps, the last, SIGTERM
     log.close(result.summary() if step == total_steps else f"{preemption.signal}: saved step {step} to {cfg.out_dir}/checkpoints")
-    teardown_distributed()
+    exit_distributed()
 
 
 if __name__ == "__main__":

@@ -31,8 +31,8 @@ from dataclasses import asdict, dataclass
 from typing import Literal
 
 from minillm.checkpoints import ExportPolicy, load_checkpoint, save_checkpoint_if_due
-from minillm.engine import (all_reduce_sum, batch_to, build_engine, optimizer_step, load_model_and_tokenizer, lr_at,
-                            model_inputs, optimizer_groups, print0, set_lr, setup_distributed, teardown_distributed)
+from minillm.engine import (all_reduce_sum, batch_to, build_engine, exit_distributed, load_model_and_tokenizer, lr_at,
+                            model_inputs, optimizer_groups, optimizer_step, print0, set_lr, setup_distributed)
 from minillm.losses import IGNORE_INDEX, global_mean_scale
 from minillm.monitor import RunLog, StallWatch, peak_flops, peak_memory_gb, step_flops, validation_loss
 from minillm.options import cli, parse_options, require_option
@@ -101,7 +101,7 @@ def main(argv=None):
     tokens_seen = state.get("tokens_seen", 0)
     if step >= cfg.max_steps:  # a resume with nothing left to do: say so, touch no file
         print0(f"nothing to do: the checkpoint is at step {step} >= --max-steps {cfg.max_steps}")
-        return teardown_distributed()
+        return exit_distributed()
     start_run(cfg, rank, step, run_readme("train_pretrain.py", cfg, "continual pretraining"))
     result = ExportPolicy(engine, model, tokenizer, cfg, by_validation=False)  # the model after the last step
 
@@ -147,7 +147,7 @@ def main(argv=None):
         log.step(record, extra=tuple(k for k in record if k.startswith("val_loss")))
         save_checkpoint_if_due(engine, cfg, step, cfg.max_steps, trainer_state, preemption)  # every N steps, the last, SIGTERM
     log.close(result.summary() if step == cfg.max_steps else f"{preemption.signal}: saved step {step} to {cfg.out_dir}/checkpoints")
-    teardown_distributed()
+    exit_distributed()
 
 
 if __name__ == "__main__":

@@ -29,8 +29,8 @@ from typing import Literal
 
 from minillm.chat_format import chat_template_jinja, end_ids, resolve_template
 from minillm.checkpoints import ExportPolicy, load_checkpoint, save_checkpoint_if_due
-from minillm.engine import (all_reduce_sum, batch_to, build_engine, optimizer_step, load_model_and_tokenizer, lr_at,
-                            model_inputs, print0, set_lr, setup_distributed, teardown_distributed)
+from minillm.engine import (all_reduce_sum, batch_to, build_engine, exit_distributed, load_model_and_tokenizer, lr_at,
+                            model_inputs, optimizer_step, print0, set_lr, setup_distributed)
 from minillm.files import fingerprints
 from minillm.losses import IGNORE_INDEX, global_mean_scale
 from minillm.monitor import RunLog, StallWatch, peak_flops, peak_memory_gb, step_flops, validation_loss
@@ -96,7 +96,7 @@ def main(argv=None):
     data_changes = check_same_data(state, data, cfg.allow_data_change)
     if step >= total_steps:  # a resume with nothing left to do: say so, touch no file
         print0(f"nothing to do: the checkpoint is at step {step} >= the run's {total_steps} steps")
-        return teardown_distributed()
+        return exit_distributed()
     start_run(cfg, rank, step, run_readme("train_sft.py", cfg, "instruction tuning (SFT)"))
     # LLAMMAS keeps the model with the best validation loss; without validation, the last one
     result = ExportPolicy(engine, model, tokenizer, cfg, chat_template, by_validation=bool(valid), best=state.get("best"))
@@ -145,7 +145,7 @@ def main(argv=None):
         log.step(record, extra=("val_loss",))
         save_checkpoint_if_due(engine, cfg, step, total_steps, trainer_state, preemption)  # every N steps, the last, SIGTERM
     log.close(result.summary() if step == total_steps else f"{preemption.signal}: saved step {step} to {cfg.out_dir}/checkpoints")
-    teardown_distributed()
+    exit_distributed()
 
 
 if __name__ == "__main__":

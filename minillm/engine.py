@@ -8,10 +8,12 @@ sum / count).
 """
 from __future__ import annotations
 
+import atexit
 import math
 import os
 import random
 import socket
+import sys
 
 import numpy as np
 import torch
@@ -58,11 +60,23 @@ def setup_distributed(seed: int):
     return dist.get_rank(), dist.get_world_size(), device
 
 
-def teardown_distributed():
-    """Destroy the group explicitly: leaving it to interpreter exit aborts (SIGABRT) under ZeRO-3 + gloo."""
+def exit_distributed():
+    """The scripts' last call: leave the process group, then end the process without the interpreter's
+    exit-time teardown (after what `atexit` holds has run: the run directory's lock is released there).
+
+    Why not a normal exit: `deepspeed.initialize` keeps a process group referenced where nothing can release
+    it, so after `destroy_process_group` one gloo group's worker threads still run (seen in /proc/self/task:
+    a plain torch script has none left). Threads left running while the interpreter and the C++ runtime tear
+    themselves down made a rank abort now and then ("terminate called without an active exception", SIGABRT,
+    a failed run to torchrun) after everything had been written. Nothing is left to write at this point.
+    """
     if dist.is_initialized():
         dist.barrier()
         dist.destroy_process_group()
+    atexit._run_exitfuncs()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
 
 
 def all_reduce_sum(values: list[float], device) -> list[float]:

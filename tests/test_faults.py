@@ -483,3 +483,37 @@ def test_a_second_run_into_the_same_directory_is_refused_and_a_stale_lock_is_tak
     proc = run_script("train_pretrain.py", pretrain_args(tiny_world, tmp_path / "new") + ["--seq-len", "100000"],
                       check=False)
     assert "max_seq_len" in error_line(proc) and not (tmp_path / "new").exists()
+
+
+EXIT_SCRIPT = """
+import atexit, sys, torch, deepspeed
+from pathlib import Path
+from minillm.engine import exit_distributed, setup_distributed
+from minillm.files import lock_directory
+rank, world_size, device = setup_distributed(0)
+model = torch.nn.Linear(4, 4)
+engine, *_ = deepspeed.initialize(model=model, model_parameters=model.parameters(), config={
+    "train_micro_batch_size_per_gpu": 1, "zero_optimization": {"stage": 2}, "zero_allow_untested_optimizer": True,
+    "optimizer": {"type": "AdamW", "params": {"lr": 1e-3}}})
+out = Path(sys.argv[1])
+if rank == 0:
+    lock_directory(out / "run")
+atexit.register(lambda: (out / f"atexit{rank}").write_text("ran"))
+print(f"rank {rank} done", end="")  # no newline: still buffered when the process ends
+exit_distributed()
+print("after exit_distributed")
+"""
+
+
+def test_exit_distributed_ends_every_rank_cleanly_after_the_exit_handlers(tmp_path):
+    """The scripts' last call leaves the group and ends the process with os._exit (DeepSpeed keeps a gloo
+    group alive that nothing can release; its threads at interpreter teardown aborted a rank now and then):
+    exit status 0 on both ranks, buffered output flushed, atexit handlers run (the run directory's lock is
+    released there), and nothing after the call runs."""
+    script = tmp_path / "exit_script.py"
+    script.write_text(EXIT_SCRIPT)
+    proc = run_script(script, [tmp_path], nproc=2)
+    assert proc.returncode == 0
+    assert "rank 0 done" in proc.stdout and "rank 1 done" in proc.stdout and "after exit_distributed" not in proc.stdout
+    assert (tmp_path / "atexit0").read_text() == (tmp_path / "atexit1").read_text() == "ran"
+    assert not (tmp_path / "run" / ".lock").exists()

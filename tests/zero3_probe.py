@@ -16,7 +16,7 @@ import torch.distributed as dist
 from safetensors.torch import save_file
 
 from minillm.checkpoints import export_model
-from minillm.engine import build_engine, load_model_and_tokenizer, setup_distributed, teardown_distributed
+from minillm.engine import build_engine, load_model_and_tokenizer, setup_distributed, exit_distributed
 from minillm.hf import save_pretrained
 from minillm.run_dir import TrainOptions
 
@@ -59,7 +59,7 @@ def main(model_dir: str, out_dir: str, zero_stage: int, shard_size: str):
     (out / f"memory_rank{rank}.json").write_text(json.dumps(
         {"start_mb": start_mb, "export_mb": export_mb, "shards_mb": shards_mb,
          "partition_numel": sum(int(getattr(p, "ds_tensor", p).numel()) for p in model.parameters())}))
-    teardown_distributed()
+    exit_distributed()
 
 
 if __name__ == "__main__":
