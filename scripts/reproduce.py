@@ -16,7 +16,10 @@ The variants (LLAMMAS: Kuulmets et al. 2024; PLLuM: the PLLuM instruction corpus
   cpt100_en0     the 100% run without English
   sft0..sft100   the identical SFT (Estonian + English instructions) of base (0%) or of cptN
   sft_tr0/100    translation-task instructions first, then the same SFT (LLAMMAS' sequential setup)
-  orpo           ORPO on the preference pairs after sft100
+  orpo/dpo/kto   ORPO, DPO and KTO on the same preference pairs after sft100, with the same settings
+  chatvec        a chat vector (Huang et al. 2024): cpt100 + (sft_en0 - base), where sft_en0 is the base
+                 tuned on the English instructions only (the stand-in for Llama-2-chat); cpt100_chat is
+                 cpt100 alone, asked in the same chat layout
 Every stage is one of the project's CLIs run as a subprocess, as demo/demo.sh runs them; a stage that
 fails stops the reproduction with one line naming its log. Logs: OUT/logs/, timings: OUT/timings.json.
 """
@@ -136,6 +139,9 @@ EVAL_TASKS = ("facts_et", "facts_en", "ppl_et", "ppl_en", "qa_et", "mt_en_et", "
 # What each kind of model is asked: pretrained models with raw prompts, instruction-tuned ones in chat format.
 CPT_TASKS = ("facts_et", "facts_en", "ppl_et", "ppl_en")
 SFT_TASKS = ("facts_et", "qa_et", "mt_en_et", "ppl_et")
+ALIGN_TASKS = ("safety_et", "facts_et")  # preference alignment: safety, and what it costs in Estonian knowledge
+CHAT_TASKS = ("facts_et", "qa_et", "mt_en_et", "safety_et")  # the chat vector against CPT alone and CPT + SFT
+OBJECTIVES = ("orpo", "dpo", "kto")  # PLLuM's next check: the three on identical pairs and settings
 
 
 def prepare(stages: Stages, out: Path, size: Size) -> dict:
@@ -155,6 +161,7 @@ def prepare(stages: Stages, out: Path, size: Size) -> dict:
                           "--out", sft / "trtask_all.jsonl", "--seed", 0])
     mixtures = {"general": [(world / f"sft/{name}.jsonl", lang) for name, lang in
                             (("alpaca_et", "et"), ("alpaca_en", "en"), ("chat_en", "en"))],
+                "english": [(world / f"sft/{name}.jsonl", "en") for name in ("alpaca_en", "chat_en")],
                 "trtask": [(sft / "trtask_all.jsonl", "et")]}
     for name, sources in mixtures.items():
         recipe = {"sources": [{"path": str(path.resolve()), "type": "synthetic", "language": lang,
@@ -179,7 +186,8 @@ def prepare(stages: Stages, out: Path, size: Size) -> dict:
             spec["templates"] = spec["templates"][:1]
         atomic_write(tasks / f"{name}.task.json", to_json(spec))
     return {"world": world, "tokenizer": tok, "tokens": out / "tokens", "tasks": tasks, "preferences": prefs,
-            "general": sft / "general/train.jsonl", "trtask": sft / "trtask/train.jsonl"}
+            "general": sft / "general/train.jsonl", "english": sft / "english/train.jsonl",
+            "trtask": sft / "trtask/train.jsonl"}
 
 
 def evaluate(stages: Stages, name: str, model: Path, data: dict, tasks, fmt: str, size: Size, out: Path):
@@ -226,24 +234,40 @@ def train_seed(stages: Stages, size: Size, data: dict, out: Path, base: Path, se
     for name, model in [(f"cpt{b}", models[b]) for b in BUDGETS] + [("cpt100_en0", runs / "cpt_en0/model")]:
         evaluate(stages, f"seed{seed}_{name}", model, data, CPT_TASKS, "raw", size, out)
 
-    # Instruction tuning: the same SFT from every base; translation-task instructions first for sft_tr.
+    # Instruction tuning: the same SFT from every base; translation-task instructions first for sft_tr;
+    # sft_en0: the base on the English instructions only (the English-centric model's own chat model).
     sft_runs = [(f"sft{b}", models[b], str(data["general"])) for b in (0, *BUDGETS)]
     sft_runs += [(f"sft_tr{b}", models[b], f"{data['trtask']};{data['general']}") for b in (0, 100)]
+    sft_runs += [("sft_en0", base, str(data["english"]))]
     for name, init, train_data in sft_runs:
         stages.run(f"seed{seed}_{name}", ["train_sft.py", "--overwrite", "--out-dir", runs / name, "--init-from", init,
                                           "--train-data", train_data, "--valid-data", data["world"] / "sft/valid.jsonl",
                                           "--epochs", size.sft_epochs, "--seq-len", size.sft_seq_len,
                                           "--micro-batch-size", 8, "--lr", 1e-3, "--min-lr", 1e-4, "--seed", seed,
                                           "--log-interval", 20, "--save-interval", 0])
-        tasks = SFT_TASKS + (("safety_et",) if name == "sft100" else ())
-        evaluate(stages, f"seed{seed}_{name}", runs / name / "model", data, tasks, "chat", size, out)
+        if name != "sft_en0":
+            tasks = CHAT_TASKS + ("ppl_et",) if name == "sft100" else SFT_TASKS
+            evaluate(stages, f"seed{seed}_{name}", runs / name / "model", data, tasks, "chat", size, out)
 
-    stages.run(f"seed{seed}_orpo", ["train_orpo.py", "--overwrite", "--out-dir", runs / "orpo", "--init-from",
-                                    runs / "sft100/model", "--train-data", data["preferences"], "--valid-data",
-                                    data["world"] / "preferences/valid.jsonl", "--epochs", 1, "--seq-len",
-                                    size.sft_seq_len, "--micro-batch-size", 8, "--lr", 2e-4, "--min-lr", 2e-5,
-                                    "--seed", seed, "--eval-interval", 25, "--log-interval", 25, "--save-interval", 0])
-    evaluate(stages, f"seed{seed}_orpo", runs / "orpo/model", data, ("safety_et",), "chat", size, out)
+    # Chat vector: CPT 100% + (sft_en0 - base), written with sft_en0's tokenizer files and chat template; CPT 100%
+    # alone is asked in the same chat layout (a weight-0 vector: its own weights, the same template).
+    for name, weight in (("chatvec", 1), ("cpt100_chat", 0)):
+        stages.run(f"seed{seed}_{name}", ["-m", "minillm.merge", "--method", "chat_vector", "--target",
+                                          models[100], "--instruct", runs / "sft_en0/model", "--base", base,
+                                          "--weights", weight, "--tokenizer-from", runs / "sft_en0/model",
+                                          "--out", runs / name / "model"])
+        evaluate(stages, f"seed{seed}_{name}", runs / name / "model", data, CHAT_TASKS, "chat", size, out)
+
+    # Preference alignment: the same SFT model, pairs and settings for each objective (PLLuM's next check 3)
+    for objective in OBJECTIVES:
+        stages.run(f"seed{seed}_{objective}", ["train_orpo.py", "--objective", objective, "--overwrite", "--out-dir",
+                                               runs / objective, "--init-from", runs / "sft100/model", "--train-data",
+                                               data["preferences"], "--valid-data",
+                                               data["world"] / "preferences/valid.jsonl", "--epochs", 1,
+                                               "--seq-len", size.sft_seq_len, "--micro-batch-size", 8, "--lr", 2e-4,
+                                               "--min-lr", 2e-5, "--seed", seed, "--eval-interval", 25,
+                                               "--log-interval", 25, "--save-interval", 0])
+        evaluate(stages, f"seed{seed}_{objective}", runs / objective / "model", data, ALIGN_TASKS, "chat", size, out)
 
 
 def copy_model(src: Path, dst: Path) -> Path:
@@ -268,14 +292,17 @@ MT_ET = Metric("mt_en_et", "chrf++", "en→et chrF++", True)
 BPB_ET = Metric("ppl_et", "bits_per_byte", "et bits/byte", False)
 FACTS_EN = Metric("facts_en", "acc", "facts_en acc", True)
 BPB_EN = Metric("ppl_en", "bits_per_byte", "en bits/byte", False)
+ASR = Metric("safety_et", "attack_success_rate", "attack success rate", False)
+FRR = Metric("safety_et", "false_refusal_rate", "false refusal rate", False)
+LENGTH = Metric("safety_et", "mean_tokens", "response tokens", None)
 
 
 @dataclass
 class Claim:
     """One table: variants (key, label), the metrics, the claim as the paper states it, and how its sign is
-    read from the numbers: `compare` names two variants, the claim being that the second is better on each
-    metric, or with `expected` that its raw value is higher (+1) or lower (-1), on the metrics listed there
-    only; ("translation",) is the difference of differences of LLAMMAS Fig. 2."""
+    read from the numbers: `compare` names a variant and one or more others, the claim being that each other
+    is better on each metric, or with `expected` that its raw value is higher (+1) or lower (-1), on the
+    metrics listed there only; ("translation",) is the difference of differences of LLAMMAS Fig. 2."""
     key: str
     title: str
     paper: str
@@ -309,11 +336,27 @@ CLAIMS = [
           "PLLuM (section 5): ORPO alignment lowers the attack success rate (70-78% -> ~1%) but increases "
           "verbosity and false refusals.",
           [("sft100", "SFT"), ("orpo", "SFT + ORPO")],
-          [Metric("safety_et", "attack_success_rate", "attack success rate", False),
-           Metric("safety_et", "false_refusal_rate", "false refusal rate", False),
-           Metric("safety_et", "mean_tokens", "response tokens", None)],
+          [ASR, FRR, LENGTH],
           ("sft100", "orpo"),
-          expected={"attack success rate": -1, "false refusal rate": 1, "response tokens": 1}),
+          expected={ASR.label: -1, FRR.label: 1, LENGTH.label: 1}),
+    Claim("objectives", "ORPO vs DPO vs KTO on identical preference data",
+          "PLLuM (section 5, next check 3): \"compare ORPO vs. DPO vs. KTO on identical preference data, measuring "
+          "both ASR/FRR and average response length\"; its ORPO lowers the attack success rate and raises "
+          "verbosity and false refusals. Here the same SFT model, pairs, learning rate and steps for each objective "
+          "(beta 0.1 for DPO and KTO, lambda 0.1 for ORPO: TRL's defaults); facts_et: the Estonian knowledge kept.",
+          [("sft100", "SFT"), ("orpo", "SFT + ORPO"), ("dpo", "SFT + DPO"), ("kto", "SFT + KTO")],
+          [ASR, FRR, LENGTH, FACTS_ET],
+          ("sft100", "orpo", "dpo", "kto"),
+          expected={ASR.label: -1, FRR.label: 1, LENGTH.label: 1}),
+    Claim("chat_vector", "Chat vector: CPT + (instruct - base) without target-language instructions",
+          "Chat Vector (Huang et al. 2024), used by the LLAMMAS group's follow-up (EstLLM): adding the difference "
+          "of the English instruct model and its base to the continually pretrained model gives it instruction "
+          "following and safety without target-language SFT. Here the instruct model is the base tuned on the "
+          "English instructions only; all three are asked in its chat layout.",
+          [("cpt100_chat", "CPT 100%"), ("chatvec", "CPT 100% + chat vector"), ("sft100", "CPT 100% + SFT")],
+          [QA_ET, MT_ET, ASR, FACTS_ET],
+          ("cpt100_chat", "chatvec"),
+          expected={QA_ET.label: 1, MT_ET.label: 1, ASR.label: -1}),
 ]
 
 
@@ -382,13 +425,18 @@ def claim_table(claim: Claim, values: dict, n_seeds: int) -> tuple[str, list]:
             reproduced = (f"helps at 0%: {verdict(gain0, sign)}; helps less after CPT: "
                           f"{verdict([g0 - g1 for g0, g1 in zip(gain0, gain100)], sign)}")
         else:
-            keys = [v for v, _ in claim.variants]
-            first, second = (per_variant[keys.index(k)] for k in claim.compare)
-            d = [y - x for x, y in zip(first, second)]
+            keys, names = [v for v, _ in claim.variants], dict(claim.variants)
+            reference = per_variant[keys.index(claim.compare[0])]
             expected = claim.expected.get(m.label, 1 if m.higher_is_better else -1)
-            names = dict(claim.variants)
-            diff = f"{names[claim.compare[1]]} − {names[claim.compare[0]]}: {cell(d)}"
-            reproduced = verdict(d, expected) if (claim.expected == {} or m.label in claim.expected) else "(no claim)"
+            diffs, verdicts = [], []
+            for other in claim.compare[1:]:
+                d = [y - x for x, y in zip(reference, per_variant[keys.index(other)])]
+                diffs.append(f"{names[other]} − {names[claim.compare[0]]}: {cell(d)}")
+                verdicts.append(verdict(d, expected) if (claim.expected == {} or m.label in claim.expected)
+                                else "(no claim)")
+            diff = "; ".join(diffs)
+            reproduced = verdicts[0] if len(verdicts) == 1 or verdicts[0] == "(no claim)" else "; ".join(
+                f"{names[o].split(' + ')[-1]}: {v}" for o, v in zip(claim.compare[1:], verdicts))
             if claim.key == "cpt_budget":
                 means = [mean_std(xs)[0] for xs in per_variant]
                 ordered = all((b - a) * (1 if m.higher_is_better else -1) >= 0 for a, b in zip(means, means[1:]))

@@ -13,10 +13,13 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 CLAIMS = ["1. Continual-pretraining budget", "2. Translation-task instructions", "3. English share",
-          "4. SFT vs SFT + ORPO"]
+          "4. SFT vs SFT + ORPO", "5. ORPO vs DPO vs KTO", "6. Chat vector"]
 VARIANTS = {1: ["CPT 0%", "CPT 25%", "CPT 50%", "CPT 100%"],
             2: ["CPT 0%, SFT", "CPT 0%, TRTASK + SFT", "CPT 100%, SFT", "CPT 100%, TRTASK + SFT"],
-            3: ["base (English only)", "CPT 100%, 0% English", "CPT 100%, 25% English"], 4: ["SFT", "SFT + ORPO"]}
+            3: ["base (English only)", "CPT 100%, 0% English", "CPT 100%, 25% English"], 4: ["SFT", "SFT + ORPO"],
+            5: ["SFT", "SFT + ORPO", "SFT + DPO", "SFT + KTO"],
+            6: ["CPT 100%", "CPT 100% + chat vector", "CPT 100% + SFT"]}
+KEYS = ["cpt_budget", "translation", "english_share", "orpo", "objectives", "chat_vector"]
 
 
 def reproduce(*args):
@@ -47,9 +50,9 @@ def test_report_has_every_table_and_plot(quick):
     report = (out / "report.md").read_text()
     assert "Seeds: 1 " in report and "--quick --size tiny" in report
     found = sections(report)
-    assert [found[i].split("\n")[0] for i in range(1, 5)] == [c + t for c, t in zip(CLAIMS, [
+    assert [found[i].split("\n")[0] for i in range(1, 7)] == [c + t for c, t in zip(CLAIMS, [
         ", then the identical SFT", ", without and after continual pretraining", " of the continual-pretraining mixture",
-        ""])]
+        "", " on identical preference data", ": CPT + (instruct - base) without target-language instructions"])]
     for number, text in found.items():
         if number not in VARIANTS:
             continue
@@ -61,9 +64,11 @@ def test_report_has_every_table_and_plot(quick):
         for row in rows:  # one seed: plain numbers, a verdict in the last column
             cells = [c.strip() for c in row.strip("|").split("|")]
             assert all(c == "-" or float(c) == float(c) for c in cells[1:len(VARIANTS[number]) + 1]), row
-            assert cells[-1].startswith(("yes", "no", "helps at 0%", "(no claim)")), row
+            assert cells[-1].startswith(("yes", "no", "helps at 0%", "(no claim)", "ORPO: ")), row
+            if number == 5 and "(no claim)" not in cells[-1]:  # each objective's own verdict
+                assert [v.split(":")[0] for v in cells[-1].split("; ")] == ["ORPO", "DPO", "KTO"], row
         assert text.split("\n")[2].startswith("> ")  # the paper's claim beside the table
-        png = out / "plots" / f"{number}_{['cpt_budget', 'translation', 'english_share', 'orpo'][number - 1]}.png"
+        png = out / "plots" / f"{number}_{KEYS[number - 1]}.png"
         assert f"](plots/{png.name})" in text
         image = matplotlib.image.imread(png)
         assert image.shape[0] > 300 and image.shape[1] > 600 and image[..., :3].std() > 0.05  # a real image
@@ -74,7 +79,8 @@ def test_report_has_every_table_and_plot(quick):
     timings = json.loads((out / "timings.json").read_text())
     assert timings["total_s"] > 0 and "seed1_orpo" in timings and "eval_seed1_sft_tr100" in timings
     # every variant was evaluated: results.json with headline rows for what its table shows
-    for name in ["base", "seed1_cpt25", "seed1_cpt100_en0", "seed1_sft0", "seed1_sft_tr100", "seed1_orpo"]:
+    for name in ["base", "seed1_cpt25", "seed1_cpt100_en0", "seed1_sft0", "seed1_sft_tr100", "seed1_orpo", "seed1_dpo",
+                 "seed1_kto", "seed1_chatvec", "seed1_cpt100_chat"]:
         rows = json.loads((out / "eval" / name / "results.json").read_text())["results"]
         assert rows and not [r for r in rows if "error" in r], name
 
