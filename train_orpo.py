@@ -54,21 +54,17 @@ import time
 from dataclasses import asdict, dataclass
 from typing import Literal
 
-import torch
-
 from minillm.chat_format import chat_template_jinja, end_ids, resolve_template
 from minillm.checkpoints import ExportPolicy, load_checkpoint, save_checkpoint_if_due
-from minillm.engine import (all_reduce_sum, batch_to, build_engine, end_validation, exit_distributed,
-                            load_model_and_tokenizer, lr_at, model_inputs, optimizer_step, print0, set_lr,
-                            setup_distributed)
+from minillm.engine import (all_reduce_sum, build_engine, exit_distributed, load_model_and_tokenizer, lr_at,
+                            optimizer_step, print0, set_lr, setup_distributed)
 from minillm.files import fingerprints
-from minillm.losses import (IGNORE_INDEX, dpo_loss, global_mean_scale, ipo_loss, kto_loss, kto_reference_point,
-                            orpo_loss, orpo_means, pair_logprobs, reference_means, sequence_logprobs, split_pairs)
+from minillm.losses import global_mean_scale
 from minillm.monitor import RunLog, StallWatch, peak_flops, peak_memory_gb, step_flops
 from minillm.options import cli, parse_options, require_option
-from minillm.preference import kto_batch, load_kto_files, load_reference, save_reference, score_everything
+from minillm.preference import LOGGED, PreferenceObjective, load_kto_files, load_reference, save_reference
 from minillm.run_dir import Preemption, TrainOptions, check_same_data, lock_run, run_readme, start_run
-from minillm.sft_data import epoch_order, load_preference_files, pair_batch, step_slices, steps_per_epoch
+from minillm.sft_data import load_preference_files
 
 
 @dataclass(kw_only=True)
@@ -113,48 +109,6 @@ class ORPOOptions(TrainOptions):
             require_option(getattr(self, name) >= 0, name, getattr(self, name), "must be >= 0")
 
 
-def sequence_sums(engine, batch) -> torch.Tensor:
-    """Forward: the summed log-prob of each row's response tokens [rows] (DPO, IPO, KTO compare these)."""
-    return sequence_logprobs(-engine(**model_inputs(batch), reduction="none"), batch["response_mask"])[0]
-
-
-def objective_sums(engine, batch, n_tokens: float, n_items: float, kl: float | None, cfg) -> tuple[torch.Tensor, dict]:
-    """One micro-batch forward: the loss to backpropagate and the sums the metrics are made of. n_tokens: the
-    step's chosen tokens (ORPO's NLL), n_items: its pairs (KTO: examples), kl: KTO's reference point."""
-    if cfg.objective == "kto":
-        return kto_loss(sequence_sums(engine, batch), batch["ref_completion"], batch["desirable"], kl, cfg.beta,
-                        cfg.desirable_weight, cfg.undesirable_weight, n_examples=max(n_items, 1),
-                        example_mask=batch["example_mask"])
-    token_logps = -engine(**model_inputs(batch), reduction="none")  # forward: per-token log-probs [2B, T]
-    parts = pair_logprobs(token_logps, batch["labels"], batch["response_mask"])
-    real = batch["pair_mask"]
-    if cfg.objective == "dpo":
-        return dpo_loss(parts["chosen_sum_logps"], parts["rejected_sum_logps"], batch["ref_chosen"],
-                        batch["ref_rejected"], cfg.beta, cfg.label_smoothing, n_pairs=max(n_items, 1), pair_mask=real)
-    if cfg.objective == "ipo":
-        return ipo_loss(parts["chosen_sum_logps"], parts["rejected_sum_logps"], batch["ref_chosen"],
-                        batch["ref_rejected"], parts["chosen_lengths"], parts["rejected_lengths"], cfg.beta,
-                        n_pairs=max(n_items, 1), pair_mask=real)
-    loss, sums = orpo_loss(parts["chosen_nll_sum"] / max(n_tokens, 1), parts["chosen_logps"],
-                           parts["rejected_logps"], cfg.orpo_lambda, n_pairs=max(n_items, 1), pair_mask=real,
-                           chosen_lengths=parts["chosen_lengths"], rejected_lengths=parts["rejected_lengths"])
-    sums.update(nll_sum=parts["chosen_nll_sum"].item(), nll_tokens=float(parts["chosen_nll_tokens"]))
-    return loss, sums
-
-
-def means(totals: dict, kl: float | None, cfg) -> dict:
-    """The logged metrics from the sums of a step or a validation pass."""
-    if cfg.objective == "orpo":
-        return orpo_means(totals, cfg.orpo_lambda)
-    return reference_means(totals) | ({"kl": kl} if kl is not None else {})
-
-
-# what the step line shows besides loss, lr and speed (every metric is in metrics.jsonl)
-LOGGED = {"orpo": ("reward_accuracy", "margin", "val_loss", "val_reward_accuracy"),
-          "kto": ("kl", "rewards/margins", "val_loss", "val_rewards/margins")}
-LOGGED["dpo"] = LOGGED["ipo"] = ("rewards/accuracies", "rewards/margins", "val_loss", "val_rewards/accuracies")
-
-
 @cli
 def main(argv=None):
     cfg = parse_options(ORPOOptions, argv, prog="train_orpo.py", description=__doc__)
@@ -168,80 +122,14 @@ def main(argv=None):
     load = load_kto_files if cfg.objective == "kto" else load_preference_files  # KTO: unpaired examples
     train_set = load(cfg.train_data.split(","), tokenizer, cfg.seq_len, print0, template)
     valid_set = load(cfg.valid_data.split(","), tokenizer, cfg.seq_len, print0, template) if cfg.valid_data else []
+    # one seeded shuffle per epoch, whole global batches only; the micro-batches, the loss and the metrics of
+    # --objective, with the reference log-probs once they exist (PreferenceObjective)
+    objective = PreferenceObjective(cfg, {"train": train_set, "valid": valid_set}, tokenizer.pad_id, rank, world_size,
+                                    device)
+    total_steps = objective.total_steps
     data = fingerprints(f.strip() for f in f"{cfg.train_data},{cfg.valid_data}".replace(";", ",").split(",") if f.strip())
-    items_per_step = cfg.micro_batch_size * cfg.grad_accum * world_size
-    if len(train_set) < items_per_step:
-        raise ValueError(f"{cfg.train_data}: {len(train_set)} usable {'examples' if cfg.objective == 'kto' else 'pairs'}, "
-                         f"fewer than one global batch ({items_per_step} = micro_batch_size x grad_accum x ranks)")
-    # Whole global batches only: the incomplete last one of an epoch is skipped (its pairs come back in the
-    # next epoch's order), so every training step weighs the same number of pairs.
-    epoch_steps = len(train_set) // items_per_step
-    total_steps = min(cfg.epochs * epoch_steps, cfg.max_steps or cfg.epochs * epoch_steps)
     engine, optimizer = build_engine(model, cfg, device)
     chat_template = chat_template_jinja(template, tokenizer)
-    sides = {"orpo": (), "kto": ("completion", "kl")}.get(cfg.objective, ("chosen", "rejected"))
-    reference: dict[str, torch.Tensor] = {}  # "train/chosen" -> log pi_ref of every training pair's chosen response, ...
-
-    def make_batch(items, split: str, indices: list[int], mismatched: bool = False) -> dict:
-        """Rows of pairs (chosen, then rejected) or KTO examples (or their mismatched sequences), with the
-        reference log-probs of those indices once they exist (0 for padding, index -1)."""
-        batch = (kto_batch(items, indices, tokenizer.pad_id, mismatched) if cfg.objective == "kto"
-                 else pair_batch(items, indices, cfg.nll_on_prompt, tokenizer.pad_id))
-        for side in sides if reference else ():
-            batch[f"ref_{side}"] = torch.where(torch.tensor(indices) >= 0,
-                                               reference[f"{split}/{side}"][[max(i, 0) for i in indices]], 0.0)
-        return batch_to(batch, device)
-
-    def batches(items, split: str, indices_per_micro) -> tuple[list[dict], float, float]:
-        """The micro-batches of a step (or a validation slice) and the step's global chosen-token and pair (KTO:
-        example) counts."""
-        out = [make_batch(items, split, idx) for idx in indices_per_micro]
-        real = "example_mask" if cfg.objective == "kto" else "pair_mask"
-        n_tokens, n_items = all_reduce_sum([sum((split_pairs(b["labels"])[0] != IGNORE_INDEX).sum().item()
-                                                for b in out if cfg.objective != "kto"),
-                                            sum(b[real].sum().item() for b in out)], device)
-        return out, n_tokens, n_items
-
-    @torch.no_grad()
-    def reference_point(items, split: str, indices_per_micro) -> float | None:
-        """KTO's z0 over the examples of all these micro-batches on all ranks (no gradient); None otherwise."""
-        if cfg.objective != "kto":
-            return None
-        total, count = 0.0, 0.0
-        for idx in indices_per_micro:
-            batch = make_batch(items, split, idx, mismatched=True)
-            real = batch["example_mask"]
-            total += float((sequence_sums(engine, batch) - batch["ref_kl"])[real].sum())
-            count += float(real.sum())
-        return kto_reference_point(*all_reduce_sum([total, count], device))
-
-    @torch.no_grad()
-    def reference_logprobs(items, split: str) -> dict[str, torch.Tensor]:
-        """log pi_ref of every example of a split under the model as it is now (the initial one), ranks sharing."""
-        def score(indices):
-            batch = make_batch(items, split, indices)
-            if cfg.objective == "kto":
-                kl_batch = make_batch(items, split, indices, mismatched=True)
-                return {"completion": sequence_sums(engine, batch), "kl": sequence_sums(engine, kl_batch)}
-            return dict(zip(sides, split_pairs(sequence_sums(engine, batch))))
-        logps = score_everything(score, len(items), cfg.micro_batch_size, rank, world_size, device)
-        return {f"{split}/{side}": values for side, values in logps.items()}
-
-    @torch.no_grad()
-    def validate() -> dict:
-        """Every held-out pair scored once on any number of ranks and micro-batch size; exact means."""
-        engine.eval()
-        slices = [step_slices(len(valid_set), s, cfg.micro_batch_size, 1, rank, world_size)
-                  for s in range(steps_per_epoch(len(valid_set), cfg.micro_batch_size, 1, world_size))]
-        kl = reference_point(valid_set, "valid", [idx for micro in slices for idx in micro])  # KTO: over the whole set
-        totals: dict[str, float] = {}
-        for indices in slices:
-            micro, n_tokens, n_items = batches(valid_set, "valid", indices)
-            for sums in (objective_sums(engine, b, n_tokens, n_items, kl, cfg)[1] for b in micro):
-                totals = {k: totals.get(k, 0.0) + v for k, v in sums.items()}
-        end_validation(engine)
-        totals = dict(zip(totals, all_reduce_sum(list(totals.values()), device)))
-        return {f"val_{k}": v for k, v in means(totals, kl, cfg).items()}
 
     step, state = 0, {}
     if cfg.resume and (state := load_checkpoint(engine, cfg.out_dir, model.config.architecture()) or {}):
@@ -252,16 +140,11 @@ def main(argv=None):
         print0(f"nothing to do: the checkpoint is at step {step} >= the run's {total_steps} steps")
         return exit_distributed()
     start_run(cfg, rank, step, run_readme("train_orpo.py", cfg, f"preference alignment ({cfg.objective.upper()})"))
-    splits = {"train": train_set, "valid": valid_set}
-    if sides and state:  # a resume: the model is no longer the reference; read what the run started with
-        reference = load_reference(cfg.out_dir, data, {f"{split}/{side}": len(items) for split, items in splits.items()
-                                                       for side in sides if items})
-    elif sides:  # once, before the first step: the initial model is the reference
-        engine.eval()
-        new = {k: v for split, items in splits.items() if items for k, v in reference_logprobs(items, split).items()}
-        end_validation(engine)
-        save_reference(cfg.out_dir, new, data, rank)
-        reference = new
+    if objective.sides and state:  # a resume: the model is no longer the reference; read what the run started with
+        objective.reference = load_reference(cfg.out_dir, data, objective.reference_sizes())
+    elif objective.sides:  # DPO, IPO, KTO, once before the first step: the initial model is the reference
+        objective.reference = objective.reference_logprobs(engine)
+        save_reference(cfg.out_dir, objective.reference, data, rank)
     # the model with the best validation loss; without validation, the last one
     result = ExportPolicy(engine, model, tokenizer, cfg, chat_template, by_validation=bool(valid_set),
                            best=state.get("best"))
@@ -273,24 +156,20 @@ def main(argv=None):
     log = RunLog(cfg.out_dir, rank, total_steps, step, cfg.log_interval, cfg.objective, log_to=cfg.log_to,
                  stall_watch=StallWatch(model.config.vocab_size, cfg.warmup_steps))  # warns of a collapsed run
     if valid_set and step == 0:  # where alignment starts from
-        log.start(result.start({"step": 0, **validate()}))
-    peak, preemption, order_epoch, order = peak_flops(device, cfg.peak_tflops) * world_size, Preemption(), None, None
+        log.start(result.start({"step": 0, **objective.validate(engine)}))
+    peak, preemption = peak_flops(device, cfg.peak_tflops) * world_size, Preemption()
     while step < total_steps and not preemption.stop:
         t0 = time.time()
-        epoch, step_in_epoch = divmod(step, epoch_steps)
-        if order_epoch != epoch:  # one seeded shuffle per epoch
-            order_epoch, order = epoch, epoch_order(len(train_set), epoch, cfg.seed)
+        epoch, indices = objective.step_indices(step)  # this rank's pairs of each micro-batch
         lr = lr_at(step, cfg, total_steps)
         set_lr(optimizer, lr)
         # NLL: a mean over every chosen token of the global batch; L_OR (and DPO's, IPO's, KTO's loss): a mean over
         # its pairs (KTO: examples). Both counts, and KTO's reference point, are summed over ranks before the first backward.
-        slices = step_slices(len(train_set), step_in_epoch, cfg.micro_batch_size, cfg.grad_accum, rank, world_size)
-        indices = [[order[i] for i in idx] for idx in slices]
-        micro_batches, n_tokens, n_items = batches(train_set, "train", indices)
-        kl = reference_point(train_set, "train", indices)  # KTO: z0 of the step, a forward without gradient
+        micro_batches, n_tokens, n_items = objective.batches("train", indices)
+        kl = objective.reference_point(engine, "train", indices)  # KTO: z0 of the step, a forward without gradient
         totals: dict[str, float] = {}
         for batch in micro_batches:
-            loss, sums = objective_sums(engine, batch, n_tokens, n_items, kl, cfg)  # forward
+            loss, sums = objective.loss_and_sums(engine, batch, n_tokens, n_items, kl)  # forward
             # backward: its share (the loss is already divided by the step's global counts, hence 1)
             engine.backward(loss * global_mean_scale(1, world_size, cfg.grad_accum))
             grad_norm = optimizer_step(engine, model)  # the update happens after the step's last micro-batch
@@ -301,7 +180,7 @@ def main(argv=None):
 
         tokens, flops = all_reduce_sum([sum(b["input_ids"].numel() for b in micro_batches),
                                         step_flops(model.config, micro_batches)], device)
-        record = {"step": step, "epoch": epoch + 1, "lr": lr, **means(totals, kl, cfg),
+        record = {"step": step, "epoch": epoch + 1, "lr": lr, **objective.means(totals, kl),
                   "grad_norm": grad_norm, "tokens_per_s": tokens / dt, "mfu": flops / dt / peak,
                   "peak_memory_gb": peak_memory_gb(device)}
         if not math.isfinite(record["loss"]) or (grad_norm is not None and not math.isfinite(grad_norm)):
@@ -309,7 +188,7 @@ def main(argv=None):
                              "saving or exporting, the last checkpoint is the last finite state (lower --lr?)")
         last = step == total_steps
         if valid_set and (last or (cfg.eval_interval and step % cfg.eval_interval == 0)):
-            record.update(validate())
+            record.update(objective.validate(engine))
         result.update(record, last)
         log.step(record, extra=LOGGED[cfg.objective])
         save_checkpoint_if_due(engine, cfg, step, total_steps, trainer_state, preemption)  # every N steps, the last, SIGTERM

@@ -1,4 +1,5 @@
-"""What DPO, IPO and KTO need besides ORPO's pairs: KTO's unpaired examples, and the reference log-probs.
+"""Preference alignment's data and objective besides ORPO's pairs: KTO's unpaired examples, the reference
+log-probs, and `PreferenceObjective`, what train_orpo.py's loop calls for --objective orpo|dpo|ipo|kto.
 
 Reference log-probs (log pi_ref of every example under the initial model) are computed ONCE, before the first
 training step, by the model that is about to be trained: one no-grad pass over the training and validation
@@ -12,6 +13,12 @@ assistant message, "label": true (desirable) | false (undesirable)}; a preferenc
 (x_i, y'_i): as TRL, y'_i is the completion of the example before i (here in file order, skipping examples
 with the same prompt, so a pair's two halves are never each other's partner). They are fixed when the data is
 read, so their reference log-probs are computed with the others.
+
+PreferenceObjective holds the training and validation sets, the options and the reference log-probs, and gives
+the loop the pairs of each step (one seeded shuffle per epoch, whole global batches only), their micro-batches
+with the steps' global token and pair counts, KTO's reference point, each micro-batch's loss and metric sums
+(minillm/losses.py writes the objectives out), the logged means and a validation pass; the loop itself
+(forward, backward, optimizer step) stays in train_orpo.py.
 """
 from __future__ import annotations
 
@@ -24,11 +31,13 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save
 
 from minillm.chat_format import render, resolve_template
+from minillm.engine import all_reduce_sum, batch_to, end_validation, model_inputs
 from minillm.files import atomic_write, read_jsonl
-from minillm.losses import IGNORE_INDEX
+from minillm.losses import (IGNORE_INDEX, dpo_loss, ipo_loss, kto_loss, kto_reference_point, orpo_loss, orpo_means,
+                            pair_logprobs, reference_means, sequence_logprobs, split_pairs)
 from minillm.run_dir import REFERENCE_LOGPS
-from minillm.sft_data import (labels_from_mask, pack_examples, prompt_messages, reply_text, step_slices,
-                              steps_per_epoch)
+from minillm.sft_data import (epoch_order, labels_from_mask, pack_examples, pair_batch, prompt_messages, reply_text,
+                              step_slices, steps_per_epoch)
 
 
 # ============================================================================ KTO examples
@@ -187,3 +196,159 @@ def load_reference(out_dir, data: dict[str, dict], sizes: dict[str, int]) -> dic
             got = tuple(tensors[name].shape) if name in tensors else "nothing"
             raise ValueError(f"{path}: '{name}' holds {got}, expected {n} examples (other --seq-len or --template?)")
     return tensors
+
+
+# ============================================================================ the objective of a step (train_orpo.py)
+
+# what the step line shows besides loss, lr and speed (every metric is in metrics.jsonl)
+LOGGED = {"orpo": ("reward_accuracy", "margin", "val_loss", "val_reward_accuracy"),
+          "kto": ("kl", "rewards/margins", "val_loss", "val_rewards/margins")}
+LOGGED["dpo"] = LOGGED["ipo"] = ("rewards/accuracies", "rewards/margins", "val_loss", "val_rewards/accuracies")
+
+
+def sequence_sums(engine, batch) -> torch.Tensor:
+    """Forward: the summed log-prob of each row's response tokens [rows] (DPO, IPO, KTO compare these)."""
+    return sequence_logprobs(-engine(**model_inputs(batch), reduction="none"), batch["response_mask"])[0]
+
+
+class PreferenceObjective:
+    """train_orpo.py's data and --objective: `splits` {"train": items, "valid": items} (pairs, or KTO's examples),
+    cfg (the ORPOOptions: objective, its weights, micro_batch_size, grad_accum, epochs, max_steps, seed), the
+    tokenizer's pad id, this rank, the number of ranks and the device. `reference` ("train/chosen" -> log pi_ref
+    of every training pair's chosen response, ...) is empty until the run computes or reads it (DPO, IPO, KTO;
+    `sides` names what is kept per example, nothing for ORPO)."""
+
+    def __init__(self, cfg, splits: dict[str, list], pad_id: int, rank: int, world_size: int, device):
+        self.cfg, self.splits, self.pad_id, self.device = cfg, splits, pad_id, device
+        self.rank, self.world_size = rank, world_size
+        self.sides = {"orpo": (), "kto": ("completion", "kl")}.get(cfg.objective, ("chosen", "rejected"))
+        self.reference: dict[str, torch.Tensor] = {}
+        items_per_step = cfg.micro_batch_size * cfg.grad_accum * world_size
+        if len(splits["train"]) < items_per_step:
+            raise ValueError(f"{cfg.train_data}: {len(splits['train'])} usable "
+                             f"{'examples' if cfg.objective == 'kto' else 'pairs'}, fewer than one global batch "
+                             f"({items_per_step} = micro_batch_size x grad_accum x ranks)")
+        # Whole global batches only: the incomplete last one of an epoch is skipped (its pairs come back in the
+        # next epoch's order), so every training step weighs the same number of pairs.
+        self.epoch_steps = len(splits["train"]) // items_per_step
+        self.total_steps = min(cfg.epochs * self.epoch_steps, cfg.max_steps or cfg.epochs * self.epoch_steps)
+        self._order_epoch, self._order = None, None
+
+    def step_indices(self, step: int) -> tuple[int, list[list[int]]]:
+        """(epoch, the training items of this rank's micro-batches) of optimizer step `step`: one seeded shuffle
+        per epoch, the same on every rank and after a resume."""
+        epoch, step_in_epoch = divmod(step, self.epoch_steps)
+        if self._order_epoch != epoch:
+            self._order_epoch, self._order = epoch, epoch_order(len(self.splits["train"]), epoch, self.cfg.seed)
+        slices = step_slices(len(self.splits["train"]), step_in_epoch, self.cfg.micro_batch_size, self.cfg.grad_accum,
+                             self.rank, self.world_size)
+        return epoch, [[self._order[i] for i in idx] for idx in slices]
+
+    def batch(self, split: str, indices: list[int], mismatched: bool = False) -> dict:
+        """Rows of pairs (chosen, then rejected) or KTO examples (or their mismatched sequences), with the
+        reference log-probs of those indices once they exist (0 for padding, index -1)."""
+        items = self.splits[split]
+        batch = (kto_batch(items, indices, self.pad_id, mismatched) if self.cfg.objective == "kto"
+                 else pair_batch(items, indices, self.cfg.nll_on_prompt, self.pad_id))
+        for side in self.sides if self.reference else ():
+            batch[f"ref_{side}"] = torch.where(torch.tensor(indices) >= 0,
+                                               self.reference[f"{split}/{side}"][[max(i, 0) for i in indices]], 0.0)
+        return batch_to(batch, self.device)
+
+    def batches(self, split: str, indices_per_micro) -> tuple[list[dict], float, float]:
+        """The micro-batches of a step (or a validation slice) and the step's global chosen-token and pair (KTO:
+        example) counts."""
+        out = [self.batch(split, idx) for idx in indices_per_micro]
+        real = "example_mask" if self.cfg.objective == "kto" else "pair_mask"
+        n_tokens, n_items = all_reduce_sum([sum((split_pairs(b["labels"])[0] != IGNORE_INDEX).sum().item()
+                                                for b in out if self.cfg.objective != "kto"),
+                                            sum(b[real].sum().item() for b in out)], self.device)
+        return out, n_tokens, n_items
+
+    @torch.no_grad()
+    def reference_point(self, engine, split: str, indices_per_micro) -> float | None:
+        """KTO's z0 over the examples of all these micro-batches on all ranks (no gradient); None otherwise."""
+        if self.cfg.objective != "kto":
+            return None
+        total, count = 0.0, 0.0
+        for idx in indices_per_micro:
+            batch = self.batch(split, idx, mismatched=True)
+            real = batch["example_mask"]
+            total += float((sequence_sums(engine, batch) - batch["ref_kl"])[real].sum())
+            count += float(real.sum())
+        return kto_reference_point(*all_reduce_sum([total, count], self.device))
+
+    def reference_sizes(self) -> dict[str, int]:
+        """The reference tensors a run keeps and their lengths ("train/chosen" -> training pairs, ...)."""
+        return {f"{split}/{side}": len(items) for split, items in self.splits.items() for side in self.sides if items}
+
+    @torch.no_grad()
+    def reference_logprobs(self, engine) -> dict[str, torch.Tensor]:
+        """log pi_ref of every example of every split under the model as it is now (the initial one), ranks
+        sharing: {"train/chosen": [n_train], ...}. Computed without reference columns (`reference` is not set)."""
+        engine.eval()
+        out = {}
+        for split, items in self.splits.items():
+            if not items:
+                continue
+
+            def score(indices, split=split):
+                batch = self.batch(split, indices)
+                if self.cfg.objective == "kto":
+                    kl_batch = self.batch(split, indices, mismatched=True)
+                    return {"completion": sequence_sums(engine, batch), "kl": sequence_sums(engine, kl_batch)}
+                return dict(zip(self.sides, split_pairs(sequence_sums(engine, batch))))
+            logps = score_everything(score, len(items), self.cfg.micro_batch_size, self.rank, self.world_size,
+                                     self.device)
+            out |= {f"{split}/{side}": values for side, values in logps.items()}
+        end_validation(engine)
+        return out
+
+    def loss_and_sums(self, engine, batch, n_tokens: float, n_items: float, kl: float | None
+                      ) -> tuple[torch.Tensor, dict]:
+        """One micro-batch forward: the loss to backpropagate and the sums the metrics are made of. n_tokens: the
+        step's chosen tokens (ORPO's NLL), n_items: its pairs (KTO: examples), kl: KTO's reference point."""
+        cfg = self.cfg
+        if cfg.objective == "kto":
+            return kto_loss(sequence_sums(engine, batch), batch["ref_completion"], batch["desirable"], kl, cfg.beta,
+                            cfg.desirable_weight, cfg.undesirable_weight, n_examples=max(n_items, 1),
+                            example_mask=batch["example_mask"])
+        token_logps = -engine(**model_inputs(batch), reduction="none")  # forward: per-token log-probs [2B, T]
+        parts = pair_logprobs(token_logps, batch["labels"], batch["response_mask"])
+        real = batch["pair_mask"]
+        if cfg.objective == "dpo":
+            return dpo_loss(parts["chosen_sum_logps"], parts["rejected_sum_logps"], batch["ref_chosen"],
+                            batch["ref_rejected"], cfg.beta, cfg.label_smoothing, n_pairs=max(n_items, 1),
+                            pair_mask=real)
+        if cfg.objective == "ipo":
+            return ipo_loss(parts["chosen_sum_logps"], parts["rejected_sum_logps"], batch["ref_chosen"],
+                            batch["ref_rejected"], parts["chosen_lengths"], parts["rejected_lengths"], cfg.beta,
+                            n_pairs=max(n_items, 1), pair_mask=real)
+        loss, sums = orpo_loss(parts["chosen_nll_sum"] / max(n_tokens, 1), parts["chosen_logps"],
+                               parts["rejected_logps"], cfg.orpo_lambda, n_pairs=max(n_items, 1), pair_mask=real,
+                               chosen_lengths=parts["chosen_lengths"], rejected_lengths=parts["rejected_lengths"])
+        sums.update(nll_sum=parts["chosen_nll_sum"].item(), nll_tokens=float(parts["chosen_nll_tokens"]))
+        return loss, sums
+
+    def means(self, totals: dict, kl: float | None) -> dict:
+        """The logged metrics from the sums of a step or a validation pass."""
+        if self.cfg.objective == "orpo":
+            return orpo_means(totals, self.cfg.orpo_lambda)
+        return reference_means(totals) | ({"kl": kl} if kl is not None else {})
+
+    @torch.no_grad()
+    def validate(self, engine) -> dict:
+        """Every held-out pair scored once on any number of ranks and micro-batch size; exact means ("val_*")."""
+        engine.eval()
+        n, micro_batch_size = len(self.splits["valid"]), self.cfg.micro_batch_size
+        slices = [step_slices(n, s, micro_batch_size, 1, self.rank, self.world_size)
+                  for s in range(steps_per_epoch(n, micro_batch_size, 1, self.world_size))]
+        kl = self.reference_point(engine, "valid", [idx for micro in slices for idx in micro])  # KTO: the whole set
+        totals: dict[str, float] = {}
+        for indices in slices:
+            micro, n_tokens, n_items = self.batches("valid", indices)
+            for sums in (self.loss_and_sums(engine, b, n_tokens, n_items, kl)[1] for b in micro):
+                totals = {k: totals.get(k, 0.0) + v for k, v in sums.items()}
+        end_validation(engine)
+        totals = dict(zip(totals, all_reduce_sum(list(totals.values()), self.device)))
+        return {f"val_{k}": v for k, v in self.means(totals, kl).items()}
