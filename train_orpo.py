@@ -146,8 +146,7 @@ def main(argv=None):
         objective.reference = objective.reference_logprobs(engine)
         save_reference(cfg.out_dir, objective.reference, data, rank)
     # the model with the best validation loss; without validation, the last one
-    result = ExportPolicy(engine, model, tokenizer, cfg, chat_template, by_validation=bool(valid_set),
-                           best=state.get("best"))
+    result = ExportPolicy(engine, model, tokenizer, cfg, chat_template, by_validation=bool(valid_set), best=state.get("best"))
 
     def trainer_state() -> dict:  # what a checkpoint needs besides DeepSpeed's own state
         return {"step": step, "best": result.best, "options": asdict(cfg), "model_config": model.config.architecture(),
