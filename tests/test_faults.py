@@ -36,7 +36,7 @@ def latest(out) -> str:
 
 def finite_checkpoint(path) -> bool:
     """Every tensor of a ZeRO-0 checkpoint's model states is finite (test-side read of our own file)."""
-    states = torch.load(path / "mp_rank_00_model_states.pt", weights_only=False)["module"]
+    states = torch.load(path / "mp_rank_00_model_states.pt", weights_only=True)["module"]
     return all(torch.isfinite(t).all() for t in states.values())
 
 
