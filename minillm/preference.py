@@ -36,8 +36,8 @@ from minillm.files import atomic_write, read_jsonl
 from minillm.losses import (IGNORE_INDEX, dpo_loss, ipo_loss, kto_loss, kto_reference_point, orpo_loss, orpo_means,
                             pair_logprobs, reference_means, sequence_logprobs, split_pairs)
 from minillm.run_dir import REFERENCE_LOGPS
-from minillm.sft_data import (epoch_order, labels_from_mask, pack_examples, pair_batch, prompt_messages, reply_text,
-                              step_slices, steps_per_epoch)
+from minillm.sft_data import (epoch_order, every_item_once, labels_from_mask, pack_examples, pair_batch,
+                              prompt_messages, reply_text, step_slices)
 
 
 # ============================================================================ KTO examples
@@ -147,8 +147,7 @@ def score_everything(score, n_items: int, micro_batch_size: int, rank: int, worl
     scored once by one rank (the validation's slicing: every rank runs the same number of batches, padded
     with index -1, whose scores are dropped), then summed over ranks: zeros plus one value is exact."""
     out: dict[str, torch.Tensor] = {}
-    for s in range(steps_per_epoch(n_items, micro_batch_size, 1, world_size)):
-        indices = step_slices(n_items, s, micro_batch_size, 1, rank, world_size)[0]
+    for indices in every_item_once(n_items, micro_batch_size, rank, world_size):
         for name, values in score(indices).items():
             column = out.setdefault(name, torch.zeros(n_items, dtype=torch.float32, device=device))
             for i, v in zip(indices, values.float()):
@@ -340,13 +339,11 @@ class PreferenceObjective:
     def validate(self, engine) -> dict:
         """Every held-out pair scored once on any number of ranks and micro-batch size; exact means ("val_*")."""
         engine.eval()
-        n, micro_batch_size = len(self.splits["valid"]), self.cfg.micro_batch_size
-        slices = [step_slices(n, s, micro_batch_size, 1, self.rank, self.world_size)
-                  for s in range(steps_per_epoch(n, micro_batch_size, 1, self.world_size))]
-        kl = self.reference_point(engine, "valid", [idx for micro in slices for idx in micro])  # KTO: the whole set
+        micros = every_item_once(len(self.splits["valid"]), self.cfg.micro_batch_size, self.rank, self.world_size)
+        kl = self.reference_point(engine, "valid", micros)  # KTO: over the whole set
         totals: dict[str, float] = {}
-        for indices in slices:
-            micro, n_tokens, n_items = self.batches("valid", indices)
+        for micro_indices in micros:
+            micro, n_tokens, n_items = self.batches("valid", [micro_indices])
             for sums in (self.loss_and_sums(engine, b, n_tokens, n_items, kl)[1] for b in micro):
                 totals = {k: totals.get(k, 0.0) + v for k, v in sums.items()}
         end_validation(engine)

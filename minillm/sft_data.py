@@ -348,8 +348,7 @@ def sft_validation_batches(examples, seq_len: int, pad_id: int, pack: bool, micr
     """This rank's share of the held-out rows as micro-batches: every row scored once on any number of ranks."""
     rows = pack_examples(examples, seq_len, pad_id=pad_id, pack=pack)
     n_rows = rows["input_ids"].shape[0]
-    return [take_rows(rows, idx) for s in range(steps_per_epoch(n_rows, micro_batch_size, 1, world_size))
-            for idx in step_slices(n_rows, s, micro_batch_size, 1, rank, world_size)]
+    return [take_rows(rows, idx) for idx in every_item_once(n_rows, micro_batch_size, rank, world_size)]
 
 
 def epoch_order(n_items: int, epoch: int, seed: int) -> list[int]:
@@ -376,6 +375,13 @@ def step_slices(n_items: int, step: int, micro_batch_size: int, grad_accum: int,
         first = step * micro_batch_size * grad_accum * world_size + k * per_micro + rank * micro_batch_size
         out.append([i if i < n_items else -1 for i in range(first, first + micro_batch_size)])
     return out
+
+
+def every_item_once(n_items: int, micro_batch_size: int, rank: int, world_size: int) -> list[list[int]]:
+    """This rank's micro-batches of a pass that scores each of n_items once on any number of ranks (validation,
+    reference log-probs): every rank gets the same number of micro-batches, padded with -1."""
+    return [step_slices(n_items, s, micro_batch_size, 1, rank, world_size)[0]
+            for s in range(steps_per_epoch(n_items, micro_batch_size, 1, world_size))]
 
 
 def take_rows(rows: dict, indices: list[int]) -> dict:
