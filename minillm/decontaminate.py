@@ -17,8 +17,10 @@ sentence gives its n-grams, or itself when short.
 
 Bounded memory: only 64-bit hashes of the evaluation n-grams are held (and which evaluation sets they come
 from); training text is streamed. A word's hash is a polynomial of its UTF-8 bytes modulo 2^64 (stable across
-processes), an n-gram's a polynomial of its words' hashes; both are computed with numpy for a whole batch of
-texts at once (prepare: a chunk), so the Python work per text is a few C calls.
+processes), an n-gram's a polynomial of its words' hashes. Both come from prefix sums (polynomial_prefixes),
+computed with numpy for a whole batch of texts at once (prepare: a chunk): a few passes over the bytes and the
+words whatever the n-gram length, and one bitmap read per window (HashTable). The Python work per text is a
+few C calls; the cost is measured in bench/bench_decontaminate.py.
 
 Report (JSON next to the output, `<output>.decontamination.json`): per evaluation set how many training
 items overlapped it (an item may overlap several sets), and how many were removed in all (none with
@@ -38,47 +40,68 @@ from minillm.options import require_option
 
 DEFAULT_NGRAM = 13
 DEFAULT_MIN_SENTENCE_WORDS = 8
-MULTIPLIER = np.uint64(0x9E3779B97F4A7C15)  # odd 64-bit constant of the n-gram polynomial
+MULTIPLIER = np.uint64(0x9E3779B97F4A7C15)  # odd 64-bit constant of the polynomial hashes
 SENTENCE_END = re.compile(r"(?<=[.!?。])\s+|\n+")
 
 
+INVERSE = np.uint64(pow(int(MULTIPLIER), -1, 1 << 64))  # MULTIPLIER is odd, so it has an inverse modulo 2^64
 ASCII_SPACE = np.zeros(256, dtype=bool)
 ASCII_SPACE[[9, 10, 11, 12, 13, 32]] = True  # the separators between words
-MAX_WORD_BYTES = 1 << 12  # byte positions in a word beyond this reuse the powers from the start (hash only)
-with np.errstate(over="ignore"):
-    BYTE_POWERS = np.cumprod(np.concatenate([[np.uint64(1)], np.full(MAX_WORD_BYTES - 1, MULTIPLIER)]), dtype=np.uint64)
+CACHED_POWERS = 1 << 22  # power tables up to this length are kept (32 MB each); longer batches compute their own
+_power_tables: dict[int, np.ndarray] = {}
+
+
+def powers(base: np.uint64, n: int) -> np.ndarray:
+    """base^0 .. base^(n-1) modulo 2^64."""
+    table = _power_tables.get(int(base))
+    if table is None or len(table) < n:
+        size = max(n, 1 << 16, 2 * len(table) if table is not None else 0)
+        with np.errstate(over="ignore"):
+            table = np.cumprod(np.concatenate([[np.uint64(1)], np.full(size - 1, base, dtype=np.uint64)]),
+                               dtype=np.uint64)
+        if size <= CACHED_POWERS:
+            _power_tables[int(base)] = table
+    return table[:n]
+
+
+def polynomial_prefixes(values: np.ndarray) -> np.ndarray:
+    """P[k] = sum over t < k of values[t] * INVERSE^t; then the polynomial hash of values[i:j] (first value
+    the highest power, sum of values[t] * MULTIPLIER^(j-1-t)) is (P[j] - P[i]) * MULTIPLIER^(j-1): every span's
+    hash from one cumulative sum, with no loop over the span's length."""
+    prefixes = np.zeros(len(values) + 1, dtype=np.uint64)
+    with np.errstate(over="ignore"):
+        np.cumsum(values.astype(np.uint64) * powers(INVERSE, len(values)), out=prefixes[1:])
+    return prefixes
 
 
 def words_of(texts: list[str]) -> tuple[np.ndarray, np.ndarray]:
     """(uint64 hash of every word, index of the text it is in) for texts lower-cased and split at ASCII whitespace,
-    all texts at once: the per-text cost is a few C calls, the rest is numpy over the bytes."""
+    all texts at once: the per-text cost is two C calls, the rest is a few numpy passes over the bytes."""
     encoded = [t.lower().encode() for t in texts]
     data = np.frombuffer(b"\n".join(encoded), dtype=np.uint8)
-    text_starts = np.cumsum([0] + [len(e) + 1 for e in encoded[:-1]])
-    word = ~ASCII_SPACE[data]
-    first = word & np.concatenate([[True], ~word[:-1]]) if len(data) else word
-    starts = np.flatnonzero(first)
+    word = np.concatenate([[False], ~ASCII_SPACE[data], [False]])
+    edges = np.flatnonzero(word[1:] != word[:-1])  # a word's first byte, then one past its last, alternating
+    starts, ends = edges[0::2], edges[1::2]
     if not len(starts):
         return np.empty(0, dtype=np.uint64), np.empty(0, dtype=np.int64)
-    positions = np.flatnonzero(word)
-    word_of_byte = np.cumsum(first[positions]) - 1
-    offset = positions - starts[word_of_byte]
-    with np.errstate(over="ignore"):
-        contributions = data[positions].astype(np.uint64) * BYTE_POWERS[offset % MAX_WORD_BYTES]
-    hashes = np.add.reduceat(contributions, np.flatnonzero(first[positions]))
-    with np.errstate(over="ignore"):  # the word's length too, so "a" and "a\0" differ
-        hashes = hashes * MULTIPLIER + np.bincount(word_of_byte).astype(np.uint64)
-    return hashes, np.searchsorted(text_starts, starts, side="right") - 1
+    prefixes = polynomial_prefixes(data)
+    with np.errstate(over="ignore"):  # then the word's length, so "a" and "\0a" differ
+        hashes = (prefixes[ends] - prefixes[starts]) * powers(MULTIPLIER, len(data))[ends - 1]
+        hashes = hashes * MULTIPLIER + (ends - starts).astype(np.uint64)
+    text_starts = np.cumsum([0] + [len(e) + 1 for e in encoded])
+    words_per_text = np.diff(np.searchsorted(starts, text_starts))
+    return hashes, np.repeat(np.arange(len(texts)), words_per_text)
 
 
-def window_hashes(words: np.ndarray, n: int) -> np.ndarray:
-    """The polynomial hash of every run of n consecutive word hashes (empty when fewer than n words)."""
-    if len(words) < n:
-        return np.empty(0, dtype=np.uint64)
-    out = np.zeros(len(words) - n + 1, dtype=np.uint64)
+def window_hashes(words: np.ndarray, lengths) -> dict[int, np.ndarray]:
+    """For each n in lengths, the polynomial hash of every run of n consecutive word hashes (sum of
+    words[i+j] * MULTIPLIER^(n-1-j); empty when fewer than n words)."""
+    prefixes = polynomial_prefixes(words)
+    scale = powers(MULTIPLIER, len(words))
+    out = {}
     with np.errstate(over="ignore"):  # arithmetic modulo 2^64 is the point
-        for j in range(n):
-            out = out * MULTIPLIER + words[j:len(words) - n + 1 + j]
+        for n in lengths:
+            out[n] = (prefixes[n:] - prefixes[:-n]) * scale[n - 1:] if len(words) >= n else np.empty(0, np.uint64)
     return out
 
 
@@ -115,6 +138,32 @@ def task_data_files(paths) -> list[tuple[str, Path]]:
     return out
 
 
+class HashTable:
+    """The evaluation n-gram hashes of one window length and the evaluation sets each comes from.
+
+    Nearly every training window is in no evaluation set, so membership is first tested in a bitmap of the
+    hashes' top bits (about 64 bits per key: about 1 random window in 64 passes; one read per window, against
+    a binary search's six or more), then the few that pass are looked up exactly in the sorted keys."""
+
+    def __init__(self, sets_of_hash: dict[int, set]):
+        self.keys = np.array(sorted(sets_of_hash), dtype=np.uint64)
+        self.owners = [sorted(sets_of_hash[h]) for h in self.keys.tolist()]
+        bits = min(24, max(16, (64 * len(self.keys)).bit_length()))
+        self.shift = np.uint64(64 - bits)
+        self.bitmap = np.zeros(1 << bits, dtype=bool)
+        self.bitmap[self.keys >> self.shift] = True
+
+    def maybe_in(self, hashes: np.ndarray) -> np.ndarray:
+        """False where a hash is surely not a key (True: maybe)."""
+        return self.bitmap[hashes >> self.shift]
+
+    def find(self, hashes: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(positions in `hashes` of the keys among them, their indices into self.keys / self.owners)."""
+        at = np.minimum(np.searchsorted(self.keys, hashes), len(self.keys) - 1)
+        hit = np.flatnonzero(self.keys[at] == hashes)
+        return hit, at[hit]
+
+
 class EvalIndex:
     """Hashes of the evaluation sets' n-grams and short sentences; `overlaps(text)` names the sets a text
     shares one with."""
@@ -137,14 +186,12 @@ class EvalIndex:
                         n = min(ngram, len(words))
                         if n < min_sentence_words:
                             continue
-                        for h in window_hashes(words, n).tolist():
+                        for h in window_hashes(words, [n])[n].tolist():
                             sets.setdefault(n, {}).setdefault(h, set()).add(index)
-        # Sorted hash arrays per window length (searchsorted), and each hash's evaluation sets.
-        self.tables = {n: (np.array(sorted(table), dtype=np.uint64), [sorted(table[h]) for h in sorted(table)])
-                       for n, table in sets.items()}
+        self.tables = {n: HashTable(table) for n, table in sets.items()}
 
     def __len__(self) -> int:
-        return sum(len(keys) for keys, _ in self.tables.values())
+        return sum(len(table.keys) for table in self.tables.values())
 
     def overlaps(self, text: str) -> set[int]:
         """Indices (into self.names) of the evaluation sets `text` shares an n-gram or a short sentence with."""
@@ -154,14 +201,13 @@ class EvalIndex:
         """overlaps() of each text, computed for all of them at once (windows never span two texts)."""
         words, text_of = words_of(texts)
         found = [set() for _ in texts]
-        for n, (keys, owners) in self.tables.items():
-            windows = window_hashes(words, n)
-            if not len(windows):
-                continue
-            at = np.minimum(np.searchsorted(keys, windows), len(keys) - 1)
-            hit = (keys[at] == windows) & (text_of[:len(windows)] == text_of[n - 1:])
-            for i in np.flatnonzero(hit).tolist():
-                found[text_of[i]].update(owners[at[i]])
+        for n, windows in window_hashes(words, self.tables).items():
+            table = self.tables[n]
+            starts = np.flatnonzero(table.maybe_in(windows))
+            starts = starts[text_of[starts] == text_of[starts + n - 1]]  # windows never span two texts
+            hit, key = table.find(windows[starts])
+            for i, k in zip(starts[hit].tolist(), key.tolist()):
+                found[text_of[i]].update(table.owners[k])
         return found
 
 

@@ -4,13 +4,16 @@ translate --decontaminate): planted overlaps are found and removed, near-misses 
 Run: .venv/bin/python -m pytest -q tests/test_decontaminate.py
 Oracle: the planted records themselves: which evaluation set each one shares 13 words (or a whole short
 sentence) with is known by construction; near-misses share 12 of 13 words, or 8 of a 9-word sentence.
+The vectorised hashes (prefix sums of powers of the multiplier's inverse) against their definition in plain
+Python integers modulo 2^64, word by word and window by window.
 """
 import json
 import random
 
 import pytest
 
-from minillm.decontaminate import EvalIndex, decontaminate_records
+from minillm import decontaminate
+from minillm.decontaminate import EvalIndex, decontaminate_records, window_hashes, words_of
 from minillm.instructions import main as instructions_main
 from minillm.prepare import prepare
 from minillm.pretrain_data import TokenShards
@@ -111,3 +114,46 @@ def test_prepare_drops_overlapping_documents(eval_dir, tmp_path, chat_tok):
     assert json.loads((tmp_path / "clean.decontamination.json").read_text()) == meta["decontamination"]
     kept = [list(TokenShards(tmp_path / "clean").doc(i)) for i in range(58)]
     assert kept == [chat_tok.encode(t, bos=True, eos=True) for i, t in enumerate(texts) if i not in (7, 30)]
+
+
+M = int(decontaminate.MULTIPLIER)
+
+
+def polynomial(values) -> int:
+    """sum of values[t] * M^(len-1-t) modulo 2^64: the hashes' definition, in Python integers."""
+    h = 0
+    for v in values:
+        h = (h * M + int(v)) % (1 << 64)
+    return h
+
+
+@pytest.mark.parametrize("cached", [True, False])
+def test_hashes_equal_their_definition_in_python_integers(monkeypatch, cached):
+    if not cached:  # batches longer than the cached power tables compute their own
+        monkeypatch.setattr(decontaminate, "CACHED_POWERS", 16)
+        monkeypatch.setattr(decontaminate, "_power_tables", {})
+    rng = random.Random(3)
+    alphabet = ["a", "Ü", "õ", "Z", "9", ".", "\u4e2d", "\0", " ", "\t", "\n", "\r\n", "\x0b", "\x0c", "  "]
+    texts = ["".join(rng.choice(alphabet) for _ in range(rng.randrange(0, 60))) for _ in range(50)]
+    texts[5] = "x" * 70_000 + " y"  # longer than the first power table
+    hashes, text_of = words_of(texts)
+    expected, owners = [], []
+    for i, t in enumerate(texts):
+        for w in t.lower().encode().split():  # bytes.split(): ASCII whitespace, as words_of
+            expected.append((polynomial(w) * M + len(w)) % (1 << 64))
+            owners.append(i)
+    assert hashes.tolist() == expected and text_of.tolist() == owners
+    windows = window_hashes(hashes, [1, 2, 13])
+    for n in (1, 2, 13):
+        assert windows[n].tolist() == [polynomial(expected[i:i + n]) for i in range(len(expected) - n + 1)]
+    assert window_hashes(hashes[:5], [13])[13].tolist() == []
+
+
+def test_a_batch_finds_what_each_text_finds_alone(eval_dir):
+    rng = random.Random(4)
+    cases = planted(rng) * 3
+    rng.shuffle(cases)
+    texts = ["\n".join(str(v) for v in r.values()) for r, _ in cases]
+    index = EvalIndex([eval_dir])
+    assert index.batch_overlaps(texts) == [index.overlaps(t) for t in texts]
+    assert sum(map(bool, index.batch_overlaps(texts))) == 9
