@@ -233,11 +233,11 @@ class DecodeBatch:
     def _merged(self, joining, room: int):
         """One cache of the running rows then the joining ones, right-aligned, with `room` columns to grow."""
         old, width = self.cache, max(self.cache.length, joining.length)
-        merged = self.model.new_cache(len(self.seqs) + joining.k.shape[1], width + room)
+        merged = self.model.new_cache(len(self.seqs) + joining.doc.shape[0], width + room)
         for source, rows in ((old, slice(0, len(self.seqs))), (joining, slice(len(self.seqs), None))):
             n = source.length
-            merged.k[:, rows, :, width - n:width] = source.k[:, :, :, :n]
-            merged.v[:, rows, :, width - n:width] = source.v[:, :, :, :n]
+            for merged_layer, source_layer in zip(merged.k + merged.v, source.k + source.v):
+                merged_layer[rows, :, width - n:width] = source_layer[:, :, :n]
             merged.doc[rows, width - n:width] = source.doc[:, :n]
         merged.length = width
         return merged
@@ -288,8 +288,8 @@ class DecodeBatch:
         cache = self.cache
         used = cache.doc[rows, :cache.length].ne(0).any(0)
         first = int(used.nonzero()[0].item())
-        cache.k = cache.k[:, rows, :, first:]
-        cache.v = cache.v[:, rows, :, first:]
+        cache.k = [k[rows, :, first:] for k in cache.k]
+        cache.v = [v[rows, :, first:] for v in cache.v]
         cache.doc = cache.doc[rows, first:]
         cache.length -= first
         self.next_pos = self.next_pos[rows]

@@ -191,14 +191,23 @@ def apply_rotary(x, cos, sin):
 
 
 class KVCache:
-    """Keys/values (and document ids) of every layer for incremental decoding, preallocated."""
+    """Keys/values (and document ids) of every layer for incremental decoding, preallocated.
+
+    One tensor per layer, not one [n_layers, ...] tensor: a compiled decode step writes each layer's new column
+    in place (index_copy_) into its own input tensor, where a write into a view of one shared tensor is
+    functionalised into a copy of the whole cache layer, twice, every step (measured: 4x the step's cache time)."""
 
     def __init__(self, config: LlamaConfig, batch_size: int, max_len: int, dtype, device):
-        shape = (config.n_layers, batch_size, config.n_kv_heads, max_len, config.head_dim)
-        self.k = torch.zeros(shape, dtype=dtype, device=device)
-        self.v = torch.zeros(shape, dtype=dtype, device=device)
+        shape = (batch_size, config.n_kv_heads, max_len, config.head_dim)
+        self.k = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(config.n_layers)]
+        self.v = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(config.n_layers)]
         self.doc = torch.zeros(batch_size, max_len, dtype=torch.long, device=device)
         self.length = 0  # positions filled so far; the model advances it after each forward
+
+    @property
+    def width(self) -> int:
+        """Positions the cache holds (filled or not)."""
+        return self.doc.shape[1]
 
 
 class Attention(nn.Module):
@@ -228,9 +237,9 @@ class Attention(nn.Module):
         k_doc = doc_ids
         if cache is not None:  # append this step's keys, then attend over everything cached
             start, end = cache.length, cache.length + T
-            cache.k[self.layer_idx, :, :, start:end] = k
-            cache.v[self.layer_idx, :, :, start:end] = v
-            k, v = cache.k[self.layer_idx, :, :, :end], cache.v[self.layer_idx, :, :, :end]
+            cache.k[self.layer_idx][:, :, start:end] = k
+            cache.v[self.layer_idx][:, :, start:end] = v
+            k, v = cache.k[self.layer_idx][:, :, :end], cache.v[self.layer_idx][:, :, :end]
             k_doc = cache.doc[:, :end]
         # The K/V heads stay un-repeated: the attention backends handle GQA without copying them.
         out = attention(q, k, v, q_doc=doc_ids, k_doc=k_doc, backend=self.config.attn_backend, announce=True)
@@ -380,8 +389,8 @@ class Llama(nn.Module):
         if position_ids is None:
             position_ids = torch.arange(start, start + T, device=input_ids.device).expand(B, T)
         if cache is not None:
-            if start + T > cache.k.shape[3]:
-                raise ValueError(f"KV cache holds {cache.k.shape[3]} positions; {start + T} needed")
+            if start + T > cache.width:
+                raise ValueError(f"KV cache holds {cache.width} positions; {start + T} needed")
             if doc_ids is None:
                 doc_ids = cache.doc[:, start:start + T]  # zeros: one document
             else:
@@ -406,7 +415,7 @@ class Llama(nn.Module):
 
         The static-cache counterpart of `hidden_states(..., cache=cache)` + the head, with every shape fixed
         by the cache: the new keys/values go into cache column `column` (a 1-element long tensor, not an int,
-        so the step is one function for every column) and attention reads all cache.k.shape[3] columns,
+        so the step is one function for every column) and attention reads all cache.width columns,
         masked to those holding a row's own tokens (document id != 0; rows are right-aligned, so every such
         column is earlier than this one). Fixed shapes let `torch.compile` trace it once (and CUDA graphs
         replay it); the caller advances cache.length. The new token gets document id 1, as in generation."""

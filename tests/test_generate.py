@@ -84,9 +84,10 @@ def test_static_decode_step_matches_full_forward_at_every_column(model):
     rows, next_pos = [short, long], pos[:, -1] + 1
     for step in range(6):
         new = torch.tensor([[20 + step], [40 + step]])
-        width = cache.k.shape[3]
+        width = cache.width
         logits = model.decode_step(new, next_pos[:, None], cache, torch.tensor([cache.length]))
-        assert cache.k.shape[3] == width and logits.shape == (2, V)
+        assert cache.width == width and [k.shape[2] for k in cache.k] == [width] * len(cache.k)
+        assert logits.shape == (2, V)
         cache.length += 1
         next_pos = next_pos + 1
         rows = [r + [int(t)] for r, t in zip(rows, new[:, 0])]
@@ -182,7 +183,7 @@ def test_a_sequence_finished_from_outside_leaves_at_the_next_step(model):
     cancel.finish("cancelled")
     events = batch.step()
     assert (cancel, None) in events and batch.seqs == [keep] and len(cancel.tokens) == 1
-    assert batch.cache.k.shape[1] == 1
+    assert [k.shape[0] for k in batch.cache.k] == [1] * len(batch.cache.k)
     while batch.seqs:
         batch.step()
     assert keep.tokens == generate(model, [keep.prompt], max_new_tokens=8, eos_id=[])[0]
