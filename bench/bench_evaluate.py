@@ -56,32 +56,26 @@ class BenchEvaluateOptions:
     max_new_tokens: int = 128  # longest translation, both tools
     dtype: Literal["float32", "float64"] = "float32"  # both tools
     rounds: int = 2  # timed calls of each tool, alternating
-    random_preset: str = ""  # a random model of this shape (minillm/model.py PRESETS, e.g. small) with --model's tokenizer, instead of --model's weights
+    random_preset: str = ""  # instead of --model's weights: random ones of this shape (PRESETS, e.g. small), its tokenizer
     json: str = ""  # also write the figures to this file
 
 
-MC_YAML = """task: {name}
+DATA_YAML = """task: {name}
 dataset_path: json
 dataset_kwargs:
   data_files:
     test: {data}
   cache_dir: {cache}
 test_split: test
-output_type: multiple_choice
+"""  # an lm-eval task over one local JSONL file
+MC_YAML = DATA_YAML + """output_type: multiple_choice
 doc_to_text: "{{{{question}}}}"
 doc_to_choice: "{{{{choices}}}}"
 doc_to_target: label
 metric_list:
   - metric: acc
 """
-MT_YAML = """task: {name}
-dataset_path: json
-dataset_kwargs:
-  data_files:
-    test: {data}
-  cache_dir: {cache}
-test_split: test
-output_type: generate_until
+MT_YAML = DATA_YAML + """output_type: generate_until
 doc_to_text: {prompt}
 doc_to_target: "{{{{reference}}}}"
 generation_kwargs:
