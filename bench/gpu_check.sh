@@ -19,6 +19,8 @@ export PYTHONUNBUFFERED=1 PYTHONPATH=$PWD
 
 # 1. correctness of the compiled kernels (fp32 and bf16, GQA, documents, odd lengths, head dims 64/128)
 timeout 150 $py -m pytest -q -rs tests/test_attention.py -k cuda 2>&1 | tee "$out/tests.txt"
+# 1b. the compiled decode step replays CUDA graphs ("reduce-overhead": none skipped) and generates what eager does
+timeout 120 $py -m pytest -q -rs tests/test_generate.py -k cuda_graphs 2>&1 | tee -a "$out/tests.txt"
 # 2. attention fwd+bwd TFLOP/s per backend, causal vs document-masked, head dim 128 (target: triton
 #    >= 300 TFLOP/s causal at 4K; docs' useful TFLOP/s within 5% of causal)
 timeout 180 $py bench/bench_attention.py --device cuda --seq-lens 1024,2048,4096,8192 --doc-len 1024 \

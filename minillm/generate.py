@@ -21,6 +21,7 @@ import weakref
 from dataclasses import dataclass
 
 import torch
+import torch._dynamo
 
 from minillm.options import require_option
 
@@ -177,6 +178,16 @@ def compiled_decode_step(model):
     return _compiled_steps[model]
 
 
+def mark_cache_static(cache):
+    """Tell torch.compile that the cache's tensors are static inputs (torch._dynamo.mark_static_address, as
+    transformers' StaticCache does). The step writes into them in place, and CUDA graphs skip any graph that
+    mutates an input unless that input is static ("skipping cudagraphs due to mutated inputs"), so without this
+    "reduce-overhead" would run without graphs. Unguarded: a new cache (a new batch, rows leaving) does not
+    recompile; its graph is recorded again for the new addresses."""
+    for tensor in cache.k + cache.v + [cache.doc]:
+        torch._dynamo.mark_static_address(tensor)
+
+
 class DecodeBatch:
     """Sequences decoding together through one KV cache, one token each per `step`; sequences may join
     (`add`) between any two steps and leave as soon as they finish: continuous batching.
@@ -273,6 +284,8 @@ class DecodeBatch:
         if self.seqs:
             step_ids = torch.tensor([[picked[b]] for b in keep], device=self.device)
             column = torch.tensor([self.cache.length], device=self.device)
+            if self.compile:
+                mark_cache_static(self.cache)
             self.logits = self.decode_step(step_ids, self.next_pos[:, None], self.cache, column)
             self.cache.length += 1
             self.next_pos = self.next_pos + 1

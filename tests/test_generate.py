@@ -10,6 +10,7 @@ import math
 import pytest
 import torch
 import transformers
+from torch._dynamo.utils import counters
 
 from minillm.generate import DecodeBatch, Sampling, Sequence, generate, left_pad, process_logits
 from minillm.model import Llama, LlamaConfig
@@ -111,6 +112,21 @@ def test_compiled_decode_step_generates_what_eager_does(model):
     assert eager == [greedy_without_cache(model, p, 8) for p in prompts]
     sampled = dict(max_new_tokens=8, eos_id=[], temperature=1.3, top_p=0.95, seed=5)
     assert generate(model, prompts, compile=True, **sampled) == generate(model, prompts, **sampled)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(),
+                    reason="no CUDA device: the compiled decode step's CUDA graphs are NOT covered (bench/gpu_check.sh)")
+def test_compiled_decode_step_replays_cuda_graphs(model):
+    """On a GPU: "reduce-overhead" really records CUDA graphs (none skipped: the cache the step writes into is
+    marked static) and the compiled step, rows leaving included, generates what eager does."""
+    gpu = Llama(model.config).cuda().eval()
+    gpu.load_state_dict(model.state_dict())
+    prompts = [random_ids(n, seed=70 + n) for n in (3, 8, 5)]
+    counters.clear()
+    for budget in (6, 9):  # the second call: a new cache (new addresses) and rows that leave at an end id
+        eager = generate(gpu, prompts, max_new_tokens=budget, eos_id=[7])
+        assert generate(gpu, prompts, max_new_tokens=budget, eos_id=[7], compile=True) == eager
+    assert counters["inductor"]["cudagraph_skips"] == 0, dict(counters["inductor"])
 
 
 def test_batched_left_padded_generation_equals_one_by_one(model):
