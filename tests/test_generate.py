@@ -13,7 +13,7 @@ import transformers
 from torch._dynamo.utils import counters
 
 from minillm.generate import DecodeBatch, Sampling, Sequence, generate, left_pad, process_logits
-from minillm.model import Llama, LlamaConfig
+from minillm.model import Llama, LlamaConfig, OutputHead
 
 V = 96
 
@@ -127,6 +127,17 @@ def test_compiled_decode_step_replays_cuda_graphs(model):
         eager = generate(gpu, prompts, max_new_tokens=budget, eos_id=[7])
         assert generate(gpu, prompts, max_new_tokens=budget, eos_id=[7], compile=True) == eager
     assert counters["inductor"]["cudagraph_skips"] == 0, dict(counters["inductor"])
+
+
+def test_decoding_head_in_vocabulary_blocks_is_bit_identical():
+    """OutputHead computes a decoding batch's logits (2-64 rows, CPU) block by block of weight rows: the same dot
+    products, so the same bits as one product (transformers' logits), for every row count and a partial block."""
+    torch.manual_seed(0)
+    head = OutputHead(512, 5000, bias=False)  # 1,024 rows per 2 MB block: four whole blocks and a partial one
+    with torch.inference_mode():
+        for rows in (1, 2, 8, 33, 64, 65):
+            hidden = torch.randn(rows, 512)
+            assert torch.equal(head(hidden), torch.nn.functional.linear(hidden, head.weight)), rows
 
 
 def test_batched_left_padded_generation_equals_one_by_one(model):
