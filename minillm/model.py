@@ -210,16 +210,48 @@ class KVCache:
         return self.doc.shape[1]
 
 
+# Inference products on CPU go through oneDNN's matmul (shipped inside torch, the kernel inductor's CPU
+# backend calls) instead of aten's default, MKL's sgemm. On this project's AMD EPYC machines oneDNN's
+# JIT kernels read the weights 1.3-2.4x faster for decoding's few rows and ~1.1-1.5x for prefill-sized ones
+# (BENCHMARKS.md, Generation), with no extra memory: it takes the plain [out, in] weight. The two round
+# differently in the last bits (sums in another order), so training, whose backward needs autograd, keeps F.linear.
+ONEDNN_LINEAR = torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
+
+
+@torch.library.custom_op("minillm::onednn_linear", mutates_args=())
+def onednn_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """oneDNN's x @ weight.T + bias, opaque to torch.compile: inductor lowers the mkldnn op itself only for
+    frozen (constant) weights, and this way a compiled step runs the very kernel eager does, bit for bit."""
+    return torch.ops.mkldnn._linear_pointwise(x, weight, bias, "none", [], "")
+
+
+@onednn_linear.register_fake
+def _onednn_linear_shape(x, weight, bias):
+    return x.new_empty(*x.shape[:-1], weight.shape[0])
+
+
+class Linear(nn.Linear):
+    """nn.Linear whose fp32 CPU forward, when autograd records nothing, is oneDNN's matmul (see above)."""
+
+    def forward(self, x):
+        if (ONEDNN_LINEAR and x.device.type == "cpu" and x.dtype == torch.float32 == self.weight.dtype
+                and not (torch.is_grad_enabled() and (x.requires_grad or self.weight.requires_grad))):
+            if torch.compiler.is_compiling():
+                return onednn_linear(x, self.weight, self.bias)
+            return torch.ops.mkldnn._linear_pointwise(x, self.weight, self.bias, "none", [], "")  # no Python hop
+        return super().forward(x)
+
+
 class Attention(nn.Module):
     def __init__(self, config: LlamaConfig, layer_idx: int):
         super().__init__()
         self.config, self.layer_idx = config, layer_idx
         self.n_heads, self.n_kv_heads, self.head_dim = config.n_heads, config.n_kv_heads, config.head_dim
         bias = config.attention_bias  # heads are head_dim wide, so n_heads * head_dim need not equal dim
-        self.wq = nn.Linear(config.dim, config.n_heads * self.head_dim, bias=bias)
-        self.wk = nn.Linear(config.dim, config.n_kv_heads * self.head_dim, bias=bias)
-        self.wv = nn.Linear(config.dim, config.n_kv_heads * self.head_dim, bias=bias)
-        self.wo = nn.Linear(config.n_heads * self.head_dim, config.dim, bias=False)
+        self.wq = Linear(config.dim, config.n_heads * self.head_dim, bias=bias)
+        self.wk = Linear(config.dim, config.n_kv_heads * self.head_dim, bias=bias)
+        self.wv = Linear(config.dim, config.n_kv_heads * self.head_dim, bias=bias)
+        self.wo = Linear(config.n_heads * self.head_dim, config.dim, bias=False)
 
     def forward(self, x, cos, sin, doc_ids, cache: KVCache | None, column=None):
         B, T, _ = x.shape
@@ -273,9 +305,9 @@ class FeedForward(nn.Module):
 
     def __init__(self, config: LlamaConfig):
         super().__init__()
-        self.w1 = nn.Linear(config.dim, config.hidden_dim, bias=False)
-        self.w2 = nn.Linear(config.hidden_dim, config.dim, bias=False)
-        self.w3 = nn.Linear(config.dim, config.hidden_dim, bias=False)
+        self.w1 = Linear(config.dim, config.hidden_dim, bias=False)
+        self.w2 = Linear(config.hidden_dim, config.dim, bias=False)
+        self.w3 = Linear(config.dim, config.hidden_dim, bias=False)
 
     def forward(self, x):
         return self.w2(_SiluMulFunction.apply(self.w1(x), self.w3(x)))
@@ -296,11 +328,7 @@ class TransformerBlock(nn.Module):
         return h + self.feed_forward(self.ffn_norm(h))
 
 
-DECODE_ROWS = 64  # up to this many rows of hidden states, OutputHead computes logits block by block (CPU)
-VOCAB_BLOCK_BYTES = 2 << 20  # weight per block: fits in a core's cache (1,024 rows at dim 512 in fp32)
-
-
-class OutputHead(nn.Linear):
+class OutputHead(Linear):
     """The output projection (dim -> vocab_size): logits, or with labels the loss straight from the hidden
     states through the chunked fused head of minillm/losses.py, so the [B, T, vocab] logits never exist at
     once. Being a module call either way matters under ZeRO-3: DeepSpeed gathers the weight for this call
@@ -309,13 +337,6 @@ class OutputHead(nn.Linear):
 
     def forward(self, hidden, labels=None, reduction: str = "sum"):
         if labels is None:
-            if hidden.dim() == 2 and 1 < len(hidden) <= DECODE_ROWS and hidden.device.type == "cpu":
-                # A decoding batch's next-token logits (a few rows): the vocabulary in blocks of weight rows.
-                # Every logit is the same dot product, so the numbers are identical; on CPU, MKL packs the
-                # whole [vocab, dim] weight for one skinny product, and blocks that stay in cache made the
-                # head of a batch of 8 ~30% faster, a tenth of the decoding step (BENCHMARKS.md, Generation).
-                rows = max(64, VOCAB_BLOCK_BYTES // (self.weight.shape[1] * self.weight.element_size()))
-                return torch.cat([F.linear(hidden, block) for block in self.weight.split(rows)], dim=1)
             return super().forward(hidden)
         if reduction == "sum":
             return cross_entropy_sum(hidden, self.weight, labels)[0]

@@ -11,9 +11,10 @@ import pytest
 import torch
 import transformers
 from torch._dynamo.utils import counters
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from minillm.generate import DecodeBatch, Sampling, Sequence, generate, left_pad, process_logits
-from minillm.model import Llama, LlamaConfig, OutputHead
+from minillm.model import ONEDNN_LINEAR, Linear, Llama, LlamaConfig
 
 V = 96
 
@@ -129,15 +130,45 @@ def test_compiled_decode_step_replays_cuda_graphs(model):
     assert counters["inductor"]["cudagraph_skips"] == 0, dict(counters["inductor"])
 
 
-def test_decoding_head_in_vocabulary_blocks_is_bit_identical():
-    """OutputHead computes a decoding batch's logits (2-64 rows, CPU) block by block of weight rows: the same dot
-    products, so the same bits as one product (transformers' logits), for every row count and a partial block."""
+class OpsCalled(TorchDispatchMode):
+    """The aten/mkldnn ops a block of code ran, by name."""
+
+    def __enter__(self):
+        self.names = []
+        return super().__enter__()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.names.append(str(func.overloadpacket))
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.skipif(not ONEDNN_LINEAR, reason="this torch build has no oneDNN")
+def test_inference_linear_is_onednn_and_training_linear_is_f_linear():
+    """Linear (every projection of the model, the head included) runs oneDNN's matmul when autograd records
+    nothing on CPU in fp32 -- rows 1 to 65, a bias, a non-contiguous input, a [B, 1, dim] decoding input --
+    and the products equal a float64 re-derivation to fp32 rounding; with autograd (training) or in bf16 it is
+    F.linear, bit for bit, gradients included."""
     torch.manual_seed(0)
-    head = OutputHead(512, 5000, bias=False)  # 1,024 rows per 2 MB block: four whole blocks and a partial one
-    with torch.inference_mode():
-        for rows in (1, 2, 8, 33, 64, 65):
-            hidden = torch.randn(rows, 512)
-            assert torch.equal(head(hidden), torch.nn.functional.linear(hidden, head.weight)), rows
+    layer = Linear(512, 700, bias=True)
+    for shape in [(1, 512), (2, 512), (8, 1, 512), (33, 512), (65, 512), (8, 1024)]:
+        x = torch.randn(shape)[..., :512]  # (8, 1024) -> a non-contiguous [8, 512] view
+        exact = torch.nn.functional.linear(x.double(), layer.weight.double(), layer.bias.double())
+        with torch.inference_mode(), OpsCalled() as ops:
+            fast = layer(x)
+        assert "mkldnn._linear_pointwise" in ops.names, (shape, ops.names)
+        assert fast.shape == exact.shape and fast.dtype == torch.float32
+        torch.testing.assert_close(fast.double(), exact, rtol=0, atol=2e-5)  # |y| ~ 13: a few fp32 ulps
+    x = torch.randn(8, 512, requires_grad=True)
+    with OpsCalled() as ops:
+        y = layer(x)
+    assert "mkldnn._linear_pointwise" not in ops.names
+    assert torch.equal(y, torch.nn.functional.linear(x, layer.weight, layer.bias))
+    y.sum().backward()
+    assert layer.weight.grad is not None and x.grad is not None
+    half = Linear(64, 32).to(torch.bfloat16)
+    h = torch.randn(4, 64, dtype=torch.bfloat16)
+    with torch.no_grad():
+        assert torch.equal(half(h), torch.nn.functional.linear(h, half.weight, half.bias))
 
 
 def test_batched_left_padded_generation_equals_one_by_one(model):

@@ -59,8 +59,11 @@ def test_partitioned_start_gives_the_plain_start_logits(runs):
     plain = load_pretrained(root / "hf").eval()
     with torch.no_grad():
         expected = plain(torch.arange(12).view(1, 12) % SHAPE["vocab_size"])
-    torch.testing.assert_close(zero3, zero0, rtol=1e-5, atol=1e-5)  # (summation order may differ)
-    torch.testing.assert_close(zero3, expected, rtol=1e-6, atol=1e-6)
+    # Equal to fp32 rounding: under ZeRO-3 the attention's output already differs from the plain forward's in
+    # the last bits (9e-7 on these logits, measured), which the projections after it carry on; ZeRO-0 is exact.
+    torch.testing.assert_close(zero3, zero0, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(zero3, expected, rtol=1e-5, atol=1e-5)
+    assert torch.equal(zero0, expected)
     # Each rank really held half of the weights, not a replica.
     total = sum(p.numel() for p in plain.parameters())
     assert [m["partition_numel"] for m in memory(out[3])] == [pytest.approx(total / 2, rel=0.01)] * 2
