@@ -130,6 +130,7 @@ def test_greedy_generation_matches_transformers_and_stops_on_every_eos_id(tmp_pa
     model = load_pretrained(tmp_path)
     assert model.config.eos_ids == eos and model.config.eos_id == unused
     got = generate(model, prompts, max_new_tokens=20, temperature=0.0)  # the model's own EOS ids by default
+    assert generate(model, prompts, max_new_tokens=20, temperature=0.0, compile=True) == got  # the compiled step
     for prompt, tokens in zip(prompts, got):
         out = ref.generate(torch.tensor([prompt]), max_new_tokens=20, do_sample=False, pad_token_id=0,
                            attention_mask=torch.ones(1, len(prompt), dtype=torch.long))[0, len(prompt):].tolist()
