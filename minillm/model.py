@@ -210,11 +210,12 @@ class KVCache:
         return self.doc.shape[1]
 
 
-# Inference products on CPU go through oneDNN's matmul (shipped inside torch, the kernel inductor's CPU
-# backend calls) instead of aten's default, MKL's sgemm. On this project's AMD EPYC machines oneDNN's
-# JIT kernels read the weights 1.3-2.4x faster for decoding's few rows and ~1.1-1.5x for prefill-sized ones
-# (BENCHMARKS.md, Generation), with no extra memory: it takes the plain [out, in] weight. The two round
-# differently in the last bits (sums in another order), so training, whose backward needs autograd, keeps F.linear.
+# Inference products on CPU go through oneDNN's matmul (part of torch; what inductor's CPU backend calls)
+# instead of aten's default, MKL's sgemm: on this project's AMD EPYC machines oneDNN reads the weights up to
+# 2.2x faster for a decoding batch's few rows (the head the most) and 1.05-1.35x faster for a prefill's
+# (bench/bench_linear.py, BENCHMARKS.md), from the plain [out, in] weight, so with no copy. It has no backward:
+# whatever autograd records (training) stays on F.linear. The two sum in another order, so their results
+# differ in the last bits, as any two BLAS libraries' do.
 ONEDNN_LINEAR = torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
 
 
