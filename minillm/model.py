@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import platform
 from dataclasses import asdict, dataclass
 
 import torch
@@ -215,8 +216,10 @@ class KVCache:
 # 2.2x faster for a decoding batch's few rows (the head the most) and 1.05-1.35x faster for a prefill's
 # (bench/bench_linear.py, BENCHMARKS.md), from the plain [out, in] weight, so with no copy. It has no backward:
 # whatever autograd records (training) stays on F.linear. The two sum in another order, so their results
-# differ in the last bits, as any two BLAS libraries' do.
-ONEDNN_LINEAR = torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
+# differ in the last bits, as any two BLAS libraries' do. x86 only: that is where it was measured (on ARM
+# torch's oneDNN goes through other kernels, and MKL is not what F.linear uses there).
+ONEDNN_LINEAR = (platform.machine().lower() in ("x86_64", "amd64") and torch.backends.mkldnn.is_available()
+                 and hasattr(torch.ops.mkldnn, "_linear_pointwise"))
 
 
 @torch.library.custom_op("minillm::onednn_linear", mutates_args=())
