@@ -40,7 +40,8 @@ class BenchOptions:
 
 def shapes(config: LlamaConfig) -> dict[str, tuple[int, int]]:
     """[out, in] of every kind of projection in the model."""
-    return {"q": (config.n_heads * config.head_dim, config.dim), "k/v": (config.n_kv_heads * config.head_dim, config.dim),
+    return {"q": (config.n_heads * config.head_dim, config.dim),
+            "k/v": (config.n_kv_heads * config.head_dim, config.dim),
             "o": (config.dim, config.n_heads * config.head_dim), "gate/up": (config.hidden_dim, config.dim),
             "down": (config.dim, config.hidden_dim), "head": (config.vocab_size, config.dim)}
 

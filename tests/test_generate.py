@@ -165,6 +165,18 @@ def test_inference_linear_is_onednn_and_training_linear_is_f_linear():
     assert torch.equal(y, torch.nn.functional.linear(x, layer.weight, layer.bias))
     y.sum().backward()
     assert layer.weight.grad is not None and x.grad is not None
+    graphs = []  # compiled: the graph torch.compile hands its backend calls the same kernel, as one opaque op
+
+    def recording_backend(graph_module, example_inputs):
+        graphs.append(graph_module)
+        return graph_module.forward
+
+    x = torch.randn(8, 512)
+    with torch.inference_mode():
+        compiled = torch.compile(layer, backend=recording_backend, fullgraph=True)(x)
+        assert torch.equal(compiled, layer(x))
+    calls = [str(node.target) for node in graphs[0].graph.nodes if node.op == "call_function"]
+    assert calls == ["minillm.onednn_linear.default"]
     half = Linear(64, 32).to(torch.bfloat16)
     h = torch.randn(4, 64, dtype=torch.bfloat16)
     with torch.no_grad():
