@@ -63,14 +63,15 @@ TEXTS = [{"text": "Kass istus matil."}, {"text": "Tere hommikust, kuidas läheb?
 
 # lm-eval task configs over the same files: the prompts minillm's defaults use (generic: "Question: ...\n
 # Answer:", COPA: lm-eval's own copa prompt, premise without its final mark + connector, the choice lowercased).
-MC_YAML = """task: {name}
+DATA_YAML = """task: {name}
 dataset_path: json
 dataset_kwargs:
   data_files:
     test: {data}
   cache_dir: {cache}
 test_split: test
-output_type: multiple_choice
+"""  # an lm-eval task over one local JSONL file
+MC_YAML = DATA_YAML + """output_type: multiple_choice
 doc_to_text: "{text}"
 doc_to_choice: "{choices}"
 doc_to_target: label
@@ -79,14 +80,7 @@ metric_list:
   - metric: acc_norm
   - metric: acc_bytes
 """
-PPL_YAML = """task: mini_ppl
-dataset_path: json
-dataset_kwargs:
-  data_files:
-    test: {data}
-  cache_dir: {cache}
-test_split: test
-output_type: loglikelihood_rolling
+PPL_YAML = DATA_YAML + """output_type: loglikelihood_rolling
 doc_to_text: ""
 doc_to_target: "{{{{text}}}}"
 metric_list:
@@ -123,7 +117,7 @@ def world(tmp_path_factory):
     write_jsonl(tasks / "mini_ppl.jsonl", TEXTS)
     (tasks / "mini_ppl.task.json").write_text(json.dumps({"name": "mini_ppl", "type": "perplexity",
                                                           "data": "mini_ppl.jsonl"}))
-    (lm_tasks / "mini_ppl.yaml").write_text(PPL_YAML.format(data=tasks / "mini_ppl.jsonl", cache=root / "hf_cache"))
+    (lm_tasks / "mini_ppl.yaml").write_text(PPL_YAML.format(name="mini_ppl", data=tasks / "mini_ppl.jsonl", cache=root / "hf_cache"))
     out = root / "results"
     evaluate.main(["--model", str(root / "model"), "--tasks", str(tasks), "--out", str(out), "--dtype", "float64",
                    "--batch-size", "8", "--progress", "false"])
